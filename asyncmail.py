@@ -1,0 +1,3159 @@
+#!/usr/bin/env python3
+"""asyncmail: a durable mail queue daemon with a small REST API.
+
+Applications POST messages to the HTTP API; asyncmail stores them in SQLite
+(committed to disk before the request is answered), delivers them through
+per-account SMTP relays with priorities, scheduling, rate limits, retries and
+connection reuse, and POSTs delivery reports back to the application.
+
+Threads (each named, owned by AsyncMailCore, stopped by an Event, joined with a
+bound):
+
+- ``asyncmail-http``: the accept loop of the HTTP server; each client
+  connection gets its own daemon thread (``ThreadingMixIn``).
+- ``asyncmail-dispatcher``: finds due messages and hands each account's work to
+  a bounded pool (``asyncmail-smtp-N``), so accounts deliver in parallel while
+  one account's messages go in order over its reused connection.
+- ``asyncmail-reporter``: POSTs delivery reports upstream and purges reported,
+  finished messages.
+
+Exit codes: 0 on a clean stop (SIGTERM/SIGINT), 1 on an unexpected error,
+78 (EX_CONFIG) on a configuration error.
+
+Standard library only; CPython 3.8 or newer. ``certifi`` is used for the CA
+bundle when importable.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncMailCore", "Config", "load_config", "main",
+    "AsyncmailError", "ConfigError", "StoreError", "ApiError",
+    "ValidationError", "NotFoundError", "ConflictError",
+    "TemporaryError", "PermanentError",
+]
+
+import argparse
+import base64
+import binascii
+import contextlib
+import datetime
+import email.errors
+import email.utils
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import queue
+import re
+import signal
+import socket
+import socketserver
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+try:  # zoneinfo arrived in 3.9; on 3.8 only UTC and fixed offsets are accepted
+    import zoneinfo as _zoneinfo
+except ImportError:  # pragma: no cover - exercised on 3.8 only
+    _zoneinfo = None
+
+
+# ####################################################################### #
+# ###########################  Constants and SQL  ####################### #
+# ####################################################################### #
+
+EX_CONFIG = 78          # sysexits.h: configuration error
+MAX_BATCH_MESSAGES = 1000   # SPEC: larger add-messages batches are refused
+MAX_DELETE_IDS = 10000      # bounds one delete-messages transaction
+MAX_ID_CHARS = 256
+MAX_LIST_LIMIT = 10000      # GET /messages page size ceiling
+REQUEST_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
+REQUEST_BODY_DEADLINE = 60.0  # seconds to receive a whole request body
+SQLITE_BUSY_TIMEOUT_MS = 15000
+SQL_CHUNK = 500         # stays under SQLite's historic 999-variable limit
+LATEST_TS = 253402300799    # 9999-12-31T23:59:59Z: later deferred_ts is garbage
+
+PRIORITY_NAMES = {"immediate": 0, "high": 1, "medium": 2, "low": 3}
+STATUSES = ("pending", "deferred", "sending", "sent", "error")
+ACTIVE_STATUSES = ("pending", "deferred", "sending")
+FINISHED_STATUSES = ("sent", "error")
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+SCHEMA_VERSION = 1
+
+# Schema version 1.  Messages move pending -> sending -> sent/error, or to
+# deferred (waiting for deferred_ts) and back to pending when due, the way
+# Postfix moves mail between its deferred and active queues: finding the next
+# due message never has to look at messages scheduled for later.
+SQL_SCHEMA_V1 = (
+    """CREATE TABLE accounts (
+        id TEXT PRIMARY KEY,
+        settings TEXT NOT NULL,
+        updated_ts REAL NOT NULL)""",
+    """CREATE TABLE messages (
+        pk INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        account_id TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        created_ts REAL NOT NULL,
+        deferred_ts REAL,
+        sent_ts REAL,
+        error_ts REAL,
+        error TEXT,
+        retry_count INTEGER NOT NULL DEFAULT 0,
+        reported_ts REAL,
+        subject TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        refused TEXT,
+        message_id TEXT NOT NULL,
+        payload TEXT NOT NULL)""",
+    # the dispatcher: next pending message of one account, by priority then age
+    "CREATE INDEX messages_dispatch ON messages (status, account_id, priority, pk)",
+    # promotion of deferred messages whose time has come
+    "CREATE INDEX messages_wait ON messages (status, deferred_ts)",
+    # age of the oldest unfinished message (metrics)
+    "CREATE INDEX messages_age ON messages (status, created_ts)",
+    # retention purge of reported, finished messages
+    "CREATE INDEX messages_reported ON messages (reported_ts) WHERE reported_ts IS NOT NULL",
+    # report events: state changes waiting to be acknowledged by the upstream
+    """CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        message_pk INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        sent_ts REAL,
+        error_ts REAL,
+        error TEXT,
+        deferred_ts REAL,
+        reason TEXT,
+        refused TEXT)""",
+    "CREATE INDEX events_message ON events (message_pk)",
+    # successful sends, for the per-account rate windows (pruned after a day)
+    """CREATE TABLE send_log (
+        account_id TEXT NOT NULL,
+        ts REAL NOT NULL)""",
+    "CREATE INDEX send_log_account ON send_log (account_id, ts)",
+    # queue depth per status, kept by triggers so /status never counts rows
+    """CREATE TABLE queue_counts (
+        status TEXT PRIMARY KEY,
+        n INTEGER NOT NULL)""",
+    "INSERT INTO queue_counts (status, n) VALUES "
+    "('pending', 0), ('deferred', 0), ('sending', 0), ('sent', 0), ('error', 0)",
+    """CREATE TRIGGER messages_count_insert AFTER INSERT ON messages BEGIN
+        UPDATE queue_counts SET n = n + 1 WHERE status = NEW.status; END""",
+    """CREATE TRIGGER messages_count_delete AFTER DELETE ON messages BEGIN
+        UPDATE queue_counts SET n = n - 1 WHERE status = OLD.status; END""",
+    """CREATE TRIGGER messages_count_update AFTER UPDATE OF status ON messages
+        WHEN OLD.status <> NEW.status BEGIN
+        UPDATE queue_counts SET n = n - 1 WHERE status = OLD.status;
+        UPDATE queue_counts SET n = n + 1 WHERE status = NEW.status; END""",
+)
+
+SQL_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, account_id, priority, status, created_ts,"
+    " deferred_ts, subject, recipients, message_id, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+SQL_EXISTING_IDS = "SELECT id FROM messages WHERE id IN ({marks})"
+SQL_RECORD_COLUMNS = (
+    "id, account_id, priority, status, created_ts, deferred_ts, sent_ts,"
+    " error_ts, error, retry_count, reported_ts, subject, recipients, refused")
+SQL_GET_MESSAGE = "SELECT " + SQL_RECORD_COLUMNS + " FROM messages WHERE id = ?"
+SQL_LIST_MESSAGES = (
+    "SELECT " + SQL_RECORD_COLUMNS + " FROM messages ORDER BY pk LIMIT ? OFFSET ?")
+SQL_LIST_ACTIVE_MESSAGES = (
+    "SELECT " + SQL_RECORD_COLUMNS + " FROM messages"
+    " WHERE status IN ('pending', 'deferred', 'sending') ORDER BY pk LIMIT ? OFFSET ?")
+SQL_DELETE_MESSAGE_EVENTS = (
+    "DELETE FROM events WHERE message_pk IN"
+    " (SELECT pk FROM messages WHERE id IN ({marks}))")
+SQL_DELETE_MESSAGES = "DELETE FROM messages WHERE id IN ({marks})"
+SQL_QUEUE_COUNTS = "SELECT status, n FROM queue_counts"
+SQL_OLDEST_ACTIVE = (
+    "SELECT MIN(created_ts) FROM messages WHERE status = ?")
+SQL_UPSERT_ACCOUNT = (
+    "INSERT OR REPLACE INTO accounts (id, settings, updated_ts) VALUES (?, ?, ?)")
+SQL_LIST_ACCOUNTS = "SELECT settings FROM accounts ORDER BY id"
+SQL_GET_ACCOUNT = "SELECT settings FROM accounts WHERE id = ?"
+SQL_DELETE_ACCOUNT = "DELETE FROM accounts WHERE id = ?"
+SQL_ACCOUNT_ACTIVE_MESSAGES = (
+    "SELECT pk, id, priority FROM messages WHERE status = ? AND account_id = ?")
+SQL_PURGE_REPORTED = (
+    "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages"
+    " WHERE reported_ts IS NOT NULL AND reported_ts < ?"
+    " AND status IN ('sent', 'error') LIMIT ?)")
+SQL_INSERT_EVENT = (
+    "INSERT INTO events (message_pk, message_id, account_id, priority, kind,"
+    " sent_ts, error_ts, error, deferred_ts, reason, refused)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+SQL_PENDING_EVENTS = (
+    "SELECT seq, message_pk, message_id, account_id, priority, kind, sent_ts,"
+    " error_ts, error, deferred_ts, reason, refused FROM events ORDER BY seq LIMIT ?")
+SQL_DELETE_EVENTS = "DELETE FROM events WHERE seq IN ({marks})"
+SQL_MARK_REPORTED = (
+    "UPDATE messages SET reported_ts = ? WHERE pk IN ({marks})"
+    " AND status IN ('sent', 'error')")
+SQL_COUNT_EVENTS = "SELECT COUNT(*) FROM events"
+SQL_FAIL_MESSAGE = (
+    "UPDATE messages SET status = 'error', error_ts = ?, error = ?, reported_ts = ?"
+    " WHERE pk = ?")
+SQL_SENT_MESSAGE = (
+    "UPDATE messages SET status = 'sent', sent_ts = ?, refused = ?, reported_ts = ?"
+    " WHERE pk = ?")
+SQL_DEFER_MESSAGE = (
+    "UPDATE messages SET status = 'deferred', deferred_ts = ?, error = ?,"
+    " retry_count = ? WHERE pk = ?")
+SQL_RELEASE_MESSAGE = "UPDATE messages SET status = 'pending' WHERE pk = ? AND status = 'sending'"
+SQL_RECOVER_SENDING = "UPDATE messages SET status = 'pending' WHERE status = 'sending'"
+SQL_PROMOTE_DUE = (
+    "UPDATE messages SET status = 'pending' WHERE status = 'deferred' AND deferred_ts <= ?")
+SQL_NEXT_DUE_TS = (
+    "SELECT MIN(deferred_ts) FROM messages WHERE status = 'deferred'")
+SQL_HAS_PENDING = (
+    "SELECT 1 FROM messages WHERE status = 'pending' AND account_id = ?"
+    " AND priority <= ? LIMIT 1")
+SQL_CLAIM_SELECT = (
+    "SELECT pk, id, account_id, priority, retry_count, message_id, payload FROM messages"
+    " WHERE status = 'pending' AND account_id = ? AND priority <= ?"
+    " ORDER BY priority, pk LIMIT ?")
+SQL_CLAIM_UPDATE = "UPDATE messages SET status = 'sending' WHERE pk IN ({marks})"
+SQL_SELECT_PENDING = (
+    "SELECT pk, id, account_id, priority, retry_count FROM messages"
+    " WHERE status = 'pending' AND account_id = ? AND priority <= ?"
+    " ORDER BY priority, pk LIMIT ?")
+SQL_INSERT_SEND = "INSERT INTO send_log (account_id, ts) VALUES (?, ?)"
+SQL_SENDS_SINCE = "SELECT ts FROM send_log WHERE account_id = ? AND ts > ? ORDER BY ts"
+SQL_PRUNE_SEND_LOG = "DELETE FROM send_log WHERE ts <= ?"
+
+
+# ####################################################################### #
+# ###############################  Errors  ############################## #
+# ####################################################################### #
+
+class AsyncmailError(Exception):
+    """Root of every error asyncmail raises on purpose."""
+
+
+class ConfigError(AsyncmailError):
+    """A configuration value is missing, unknown or malformed.
+
+    ``key`` names the offending ``section.key`` when there is one.
+    """
+
+    def __init__(self, message, key=None):
+        super().__init__("%s: %s" % (key, message) if key else message)
+        self.key = key
+
+
+class StoreError(AsyncmailError):
+    """The SQLite store failed (disk full, locked past the busy timeout...)."""
+
+
+class ApiError(AsyncmailError):
+    """A request that cannot be honoured; ``status`` is its HTTP status code
+    and ``detail`` an optional JSON-able object added to the answer."""
+
+    status = 400
+
+    def __init__(self, message, detail=None, status=None):
+        super().__init__(message)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+
+
+class ValidationError(ApiError):
+    """The request body or a field of it is malformed (HTTP 400)."""
+
+
+class NotFoundError(ApiError):
+    """The path, command, message or account does not exist (HTTP 404)."""
+    status = 404
+
+
+class ConflictError(ApiError):
+    """The request conflicts with the queue's state (HTTP 409)."""
+    status = 409
+
+
+class TemporaryError(AsyncmailError):
+    """A delivery step failed in a way worth retrying (SMTP 4xx, network).
+
+    ``smtp_code`` is the server's reply code when there is one.
+    """
+
+    def __init__(self, message, smtp_code=None):
+        super().__init__(message)
+        self.smtp_code = smtp_code
+
+
+class PermanentError(AsyncmailError):
+    """A delivery step failed for good (SMTP 5xx, attachment gone)."""
+
+    def __init__(self, message, smtp_code=None):
+        super().__init__(message)
+        self.smtp_code = smtp_code
+
+
+# ####################################################################### #
+# ###########################  Small helpers  ########################### #
+# ####################################################################### #
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_CRLF = re.compile(r"[\r\n]")
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")   # RFC 5322 ftext: printable, no colon
+_MIME_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LOCAL_PART = re.compile(
+    r'^(?:%s+(?:\.%s+)*|"(?:[^"\\\r\n]|\\[^\r\n])*")$' % (_ATEXT, _ATEXT))
+_DOMAIN = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    r"|\[[A-Za-z0-9:.]+\])$")
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}
+_DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_SECRET_KEYS = frozenset(["api_token", "client_sync_password", "client_sync_token",
+                          "secret_access_key", "session_token", "password"])
+
+
+def _parse_bool(value):
+    """True/False from a bool or one of true/false/yes/no/on/off/1/0.
+
+    Raises ValueError for anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ValueError("expected a boolean (true/false/yes/no/on/off/1/0)")
+
+
+def _is_number(value):
+    """A JSON number that is finite (bools are not numbers here)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _parse_priority(value):
+    """0..3 from a number, a digit string or a name (immediate/high/medium/low).
+
+    Raises ValueError otherwise.
+    """
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in PRIORITY_NAMES:
+            return PRIORITY_NAMES[name]
+        if name.isdigit() and len(name) == 1:
+            value = int(name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 3:
+        return value
+    raise ValueError("priority must be 0-3 or immediate/high/medium/low")
+
+
+def _split_addresses(text):
+    """Split a comma-separated address list, respecting quotes and <...>."""
+    parts, current, quoted, angle, escaped = [], [], False, False, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"' and not angle:
+            quoted = not quoted
+        elif char == "<" and not quoted:
+            angle = True
+        elif char == ">" and not quoted:
+            angle = False
+        elif char == "," and not quoted and not angle:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+_NAMED_ADDRESS = re.compile(r'^\s*(?P<name>"(?:[^"\\]|\\.)*"|[^<>"]*?)\s*<(?P<addr>[^<>]*)>\s*$')
+
+
+def _check_addr_spec(addr):
+    """Return ``addr`` (domain IDNA-encoded) if it is a valid addr-spec.
+
+    Raises ValueError naming what is wrong.
+    """
+    if "@" not in addr:
+        raise ValueError("invalid address %r: no @" % addr)
+    local, _, domain = addr.rpartition("@")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii") if domain else ""
+    except UnicodeError:
+        raise ValueError("invalid address %r: bad domain" % addr)
+    if not _LOCAL_PART.match(local) or len(local) > 64:
+        raise ValueError("invalid address %r" % addr)
+    if not _DOMAIN.match(ascii_domain) or len(ascii_domain) > 253:
+        raise ValueError("invalid address %r" % addr)
+    return local + "@" + ascii_domain
+
+
+def _parse_address(text):
+    """Parse one ``addr``, ``<addr>`` or ``Name <addr>`` into (name, addr).
+
+    Raises ValueError for anything else, including CR/LF (header injection).
+    """
+    if not isinstance(text, str):
+        raise ValueError("address must be a string")
+    if _CONTROL_CHARS.search(text):
+        raise ValueError("address contains a control character (CR/LF?)")
+    named = _NAMED_ADDRESS.match(text)
+    if named:
+        name = named.group("name").strip()
+        if name.startswith('"') and name.endswith('"') and len(name) >= 2:
+            name = re.sub(r"\\(.)", r"\1", name[1:-1])
+        return name, _check_addr_spec(named.group("addr").strip())
+    return "", _check_addr_spec(text.strip())
+
+
+def _parse_address_list(value, field):
+    """Addresses from a list of strings or one comma-separated string.
+
+    Returns a list of (name, addr); raises ValueError naming ``field``.
+    """
+    if isinstance(value, str):
+        items = [part for part in _split_addresses(value) if part.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValueError("%s must be a list of addresses or a comma-separated string" % field)
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(_parse_address(item))
+        except ValueError as exc:
+            raise ValueError("%s: %s" % (field, exc))
+    return parsed
+
+
+def _format_address(name, addr):
+    """``Name <addr>`` (name quoted when needed) or the bare address."""
+    if not name:
+        return addr
+    if re.search(r'[()<>\[\]:;@\\,."]', name):
+        name = '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
+    return "%s <%s>" % (name, addr)
+
+
+def _is_loopback_host(host):
+    """True for loopback names and addresses (127.0.0.0/8, ::1)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _mask(key, value):
+    """A printable value with secrets masked."""
+    return "********" if key in _SECRET_KEYS and value else value
+
+
+# ####################################################################### #
+# ###########################  Configuration  ########################### #
+# ####################################################################### #
+
+def _conf_str(value):
+    return str(value)
+
+
+def _conf_int(low=None, high=None):
+    def parse(value):
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if isinstance(value, str):
+            value = value.strip()
+            if not re.match(r"^[+-]?\d+$", value):
+                raise ValueError("expected an integer")
+        number = int(value)
+        if low is not None and number < low:
+            raise ValueError("must be at least %d" % low)
+        if high is not None and number > high:
+            raise ValueError("must be at most %d" % high)
+        return number
+    return parse
+
+
+def _conf_duration(allow_zero=False):
+    def parse(value):
+        if isinstance(value, bool):
+            raise ValueError("expected seconds")
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected seconds (a number, may be fractional)")
+        if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+            raise ValueError("expected a positive number of seconds")
+        return seconds
+    return parse
+
+
+def _conf_delays(value):
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [item for item in str(value).split(",") if item.strip()]
+    if not items:
+        raise ValueError("expected a comma-separated list of seconds")
+    parse = _conf_duration(allow_zero=True)
+    return tuple(parse(item) for item in items)
+
+
+def _conf_level(value):
+    level = str(value).strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _conf_url(value):
+    url = str(value).strip()
+    if url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL")
+    return url
+
+
+def _conf_priority(value):
+    return _parse_priority(value)
+
+
+class _FixedOffset(datetime.tzinfo):
+    """A fixed UTC offset, the zone 3.8 can offer without zoneinfo."""
+
+    def __init__(self, minutes, name):
+        self._offset = datetime.timedelta(minutes=minutes)
+        self._name = name
+
+    def utcoffset(self, dt):
+        return self._offset
+
+    def dst(self, dt):
+        return datetime.timedelta(0)
+
+    def tzname(self, dt):
+        return self._name
+
+
+def _conf_timezone(value):
+    name = str(value).strip() or "UTC"
+    if name.upper() in ("UTC", "Z", "GMT"):
+        return _FixedOffset(0, "UTC")
+    offset = re.match(r"^(?:UTC)?([+-])(\d\d):?(\d\d)$", name)
+    if offset:
+        minutes = int(offset.group(2)) * 60 + int(offset.group(3))
+        if minutes > 18 * 60:
+            raise ValueError("offset out of range")
+        return _FixedOffset(minutes if offset.group(1) == "+" else -minutes, name)
+    if _zoneinfo is None:
+        raise ValueError("named zones need Python 3.9+ (zoneinfo); "
+                         "on this Python use UTC or a fixed offset like +02:00")
+    try:
+        return _zoneinfo.ZoneInfo(name)
+    except (ValueError, _zoneinfo.ZoneInfoNotFoundError):
+        raise ValueError("unknown time zone %r" % name)
+
+
+class SendingWindow:
+    """``DAYS HH:MM-HH:MM``: the days and hours when priorities 2-3 may go.
+
+    An end before the start wraps past midnight and belongs to the start day
+    (``fri 22:00-06:00`` covers Saturday 03:00); equal start and end mean the
+    whole day.
+    """
+
+    def __init__(self, days, start, end, text):
+        self.days, self.start, self.end, self.text = days, start, end, text
+
+    @classmethod
+    def parse(cls, text):
+        """A window from its text, or None for an empty text; ValueError if bad."""
+        text = str(text).strip()
+        if not text:
+            return None
+        match = re.match(r"^(\S+)\s+(\d{1,2}):(\d\d)\s*-\s*(\d{1,2}):(\d\d)$", text)
+        if not match:
+            raise ValueError("expected 'DAYS HH:MM-HH:MM', e.g. 'mon-fri 08:00-18:00'")
+        days = set()
+        for part in match.group(1).lower().split(","):
+            first, _, last = part.partition("-")
+            if first not in _DAY_NAMES or (last and last not in _DAY_NAMES):
+                raise ValueError("unknown day in %r (use mon..sun)" % part)
+            begin, stop = _DAY_NAMES.index(first), _DAY_NAMES.index(last or first)
+            day = begin
+            while True:
+                days.add(day)
+                if day == stop:
+                    break
+                day = (day + 1) % 7
+        hours = [int(match.group(i)) for i in (2, 3, 4, 5)]
+        if hours[0] > 23 or hours[2] > 24 or hours[1] > 59 or hours[3] > 59:
+            raise ValueError("bad time of day in %r" % text)
+        return cls(frozenset(days), hours[0] * 60 + hours[1], hours[2] * 60 + hours[3], text)
+
+    def contains(self, moment):
+        """Whether the aware datetime ``moment`` falls inside the window."""
+        minute = moment.hour * 60 + moment.minute
+        day = moment.weekday()
+        if self.start == self.end:
+            return day in self.days
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        return ((day in self.days and minute >= self.start)
+                or ((day - 1) % 7 in self.days and minute < self.end))
+
+
+def _conf_window(value):
+    return SendingWindow.parse(value)
+
+
+# (section, key) -> (parser, default as written in config.ini)
+CONFIG_SCHEMA = {
+    ("storage", "db_path"): (_conf_str, "asyncmail.db"),
+    ("server", "host"): (_conf_str, "127.0.0.1"),
+    ("server", "port"): (_conf_int(0, 65535), "8000"),
+    ("server", "api_token"): (_conf_str, ""),
+    ("server", "max_request_bytes"): (_conf_int(1024), "33554432"),
+    ("client", "client_sync_url"): (_conf_url, ""),
+    ("client", "client_sync_user"): (_conf_str, ""),
+    ("client", "client_sync_password"): (_conf_str, ""),
+    ("client", "client_sync_token"): (_conf_str, ""),
+    ("client", "batch_size"): (_conf_int(1), "1000"),
+    ("client", "timeout_seconds"): (_conf_duration(), "30"),
+    ("client", "sync_interval_seconds"): (_conf_duration(), "300"),
+    ("scheduler", "active"): (_parse_bool, "true"),
+    ("scheduler", "timezone"): (_conf_timezone, "UTC"),
+    ("scheduler", "window"): (_conf_window, ""),
+    ("delivery", "send_interval_seconds"): (_conf_duration(), "1"),
+    ("delivery", "test_mode"): (_parse_bool, "false"),
+    ("delivery", "default_priority"): (_conf_priority, "2"),
+    ("delivery", "delivery_report_retention_seconds"): (_conf_duration(True), "604800"),
+    ("delivery", "max_retries"): (_conf_int(0), "5"),
+    ("delivery", "retry_delays"): (_conf_delays, "60,300,900,3600,7200"),
+    ("delivery", "max_workers"): (_conf_int(1, 256), "4"),
+    ("delivery", "smtp_timeout_seconds"): (_conf_duration(), "30"),
+    ("delivery", "default_account"): (_conf_str, ""),
+    ("attachments", "max_bytes"): (_conf_int(1), "26214400"),
+    ("attachments", "timeout_seconds"): (_conf_duration(), "30"),
+    ("attachments", "allow_private_urls"): (_parse_bool, "false"),
+    ("s3", "region"): (_conf_str, "us-east-1"),
+    ("s3", "endpoint_url"): (_conf_url, ""),
+    ("s3", "access_key_id"): (_conf_str, ""),
+    ("s3", "secret_access_key"): (_conf_str, ""),
+    ("s3", "session_token"): (_conf_str, ""),
+    ("logging", "level"): (_conf_level, "INFO"),
+    ("logging", "delivery_activity"): (_parse_bool, "false"),
+}
+
+_S3_ENV_FALLBACK = {
+    "access_key_id": "AWS_ACCESS_KEY_ID",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "session_token": "AWS_SESSION_TOKEN",
+    "region": "AWS_REGION",
+}
+
+
+class _Section:
+    """Read-only attribute view of one configuration section."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("configuration is read-only")
+
+
+class Config:
+    """The effective configuration: ``config.delivery.max_retries`` and so on.
+
+    Build it with ``Config(overrides)`` where ``overrides`` maps section ->
+    key -> value (strings as in the ini file, or already typed values);
+    everything not given takes its default.  Raises ConfigError naming
+    ``section.key`` for unknown keys and bad values.
+    """
+
+    def __init__(self, overrides=None, state_directory=None):
+        raw = {key: default for key, (_, default) in CONFIG_SCHEMA.items()}
+        self.sources = {}
+        for section, values in (overrides or {}).items():
+            if not isinstance(values, dict):
+                raise ConfigError("expected a mapping of keys", key=section)
+            for key, value in values.items():
+                if (section, key) not in CONFIG_SCHEMA:
+                    raise ConfigError("unknown setting", key="%s.%s" % (section, key))
+                raw[(section, key)] = value
+        typed = {}
+        for (section, key), value in raw.items():
+            parser = CONFIG_SCHEMA[(section, key)][0]
+            try:
+                typed[(section, key)] = parser(value)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise ConfigError("bad value %r: %s" % (_mask(key, value), exc),
+                                  key="%s.%s" % (section, key))
+        db_path = typed[("storage", "db_path")]
+        if state_directory and not os.path.isabs(db_path):
+            typed[("storage", "db_path")] = os.path.join(state_directory, db_path)
+        self._raw = raw
+        for section in sorted({s for s, _ in CONFIG_SCHEMA}):
+            setattr(self, section, _Section(
+                {k: v for (s, k), v in typed.items() if s == section}))
+        host = self.server.host
+        if not _is_loopback_host(host) and not self.server.api_token:
+            raise ConfigError("a non-loopback host (%r) needs server.api_token" % host,
+                              key="server.api_token")
+
+    def describe(self):
+        """``[(section, key, printable value)]`` with secrets masked."""
+        rows = []
+        for section, key in CONFIG_SCHEMA:
+            value = getattr(getattr(self, section), key)
+            if isinstance(value, tuple):
+                value = ",".join("%g" % v for v in value)
+            elif isinstance(value, SendingWindow):
+                value = value.text
+            elif isinstance(value, datetime.tzinfo):
+                value = str(self._raw[(section, key)]) or "UTC"
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, float):
+                value = "%g" % value
+            rows.append((section, key, _mask(key, "" if value is None else str(value))))
+        return rows
+
+
+def load_config(path=None, environ=None):
+    """The configuration from the ini file and the environment.
+
+    The file is ``path``, else ``$ASYNC_MAIL_CONFIG``, else ``config.ini`` in
+    the working directory (missing: all defaults; a named file that is missing
+    is an error).  ``ASYNC_MAIL_<SECTION>_<KEY>`` variables win over the file;
+    ``[s3]`` credentials fall back to the standard ``AWS_*`` variables.
+    Raises ConfigError.
+    """
+    import configparser
+    environ = os.environ if environ is None else environ
+    named = path or environ.get("ASYNC_MAIL_CONFIG")
+    path = named or "config.ini"
+    overrides = {}
+    if os.path.exists(path):
+        parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+        parser.optionxform = str
+        try:
+            with open(path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+            raise ConfigError("cannot read %s: %s" % (path, exc))
+        known_sections = {s for s, _ in CONFIG_SCHEMA}
+        for section in parser.sections():
+            if section not in known_sections:
+                raise ConfigError("unknown section in %s" % path, key=section)
+            for key, value in parser.items(section):
+                if (section, key) not in CONFIG_SCHEMA:
+                    raise ConfigError("unknown setting in %s" % path,
+                                      key="%s.%s" % (section, key))
+                overrides.setdefault(section, {})[key] = value
+    elif named:
+        raise ConfigError("configuration file %s does not exist" % path)
+    env_names = {"ASYNC_MAIL_%s_%s" % (s.upper(), k.upper()): (s, k) for s, k in CONFIG_SCHEMA}
+    for name, value in environ.items():
+        if not name.startswith("ASYNC_MAIL_") or name == "ASYNC_MAIL_CONFIG":
+            continue
+        if name not in env_names:
+            raise ConfigError("unknown environment variable %s" % name, key=name)
+        section, key = env_names[name]
+        overrides.setdefault(section, {})[key] = value
+    for key, variable in _S3_ENV_FALLBACK.items():
+        if key not in overrides.get("s3", {}) and environ.get(variable):
+            overrides.setdefault("s3", {})[key] = environ[variable]
+    return Config(overrides, state_directory=environ.get("STATE_DIRECTORY"))
+
+
+# ####################################################################### #
+# ###########################  Store (SQLite)  ########################## #
+# ####################################################################### #
+
+class Store:
+    """The SQLite queue.  All SQL of asyncmail runs through this class.
+
+    Connections: a small pool, one connection checked out per operation, so
+    any thread may call any method; SQLite's own locking (WAL, a busy timeout,
+    ``BEGIN IMMEDIATE`` for every write) serialises writers.  Intake commits
+    with ``synchronous=FULL`` (a 200 means the batch is on disk); delivery
+    bookkeeping commits with ``synchronous=NORMAL``: a power cut can only roll
+    those back to an earlier state, which at-least-once delivery tolerates.
+
+    Every ``sqlite3.Error`` is turned into StoreError here and nowhere else.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._pool = queue.LifoQueue()
+        self._all = []
+        self._lock = threading.Lock()
+        self._closed = False
+        if path != ":memory:":
+            self._create_private_file(path)
+        with self._connection() as conn:
+            self._migrate(conn)
+
+    @staticmethod
+    def _create_private_file(path):
+        """Create the database file mode 0600 before SQLite opens it (SQLite
+        gives its -wal and -shm files the same mode)."""
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StoreError("cannot create database %s: %s" % (path, exc))
+
+    @contextlib.contextmanager
+    def _connection(self, durable=True):
+        """Check a connection out of the pool for one operation."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        try:
+            try:
+                conn, mode = self._pool.get_nowait()
+            except queue.Empty:
+                conn, mode = self._open_connection(), "FULL"
+            wanted = "FULL" if durable else "NORMAL"
+            if mode != wanted:
+                conn.execute("PRAGMA synchronous = " + wanted)
+                mode = wanted
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.rollback()
+                self._pool.put((conn, mode))
+        except sqlite3.Error as exc:
+            raise StoreError("database error: %s" % exc)
+
+    def _open_connection(self):
+        conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = %d" % SQLITE_BUSY_TIMEOUT_MS)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self, durable=True):
+        """A write transaction (BEGIN IMMEDIATE): commits on success, rolls
+        back on any exception."""
+        with self._connection(durable) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def _migrate(self, conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError("database %s has schema version %d; this asyncmail "
+                             "knows up to %d" % (self.path, version, SCHEMA_VERSION))
+        if version == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in SQL_SCHEMA_V1:
+                conn.execute(statement)
+            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            conn.commit()
+
+    def close(self):
+        """Close every connection; later calls raise StoreError."""
+        self._closed = True
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    # -- intake -------------------------------------------------------------
+
+    def insert_messages(self, rows, claim_ids):
+        """Insert message rows in one durable transaction, skipping ids that
+        are already queued.
+
+        ``rows`` are tuples in SQL_INSERT_MESSAGE order with the id first.
+        Returns the set of ids that were already present (not inserted).
+        """
+        with self._transaction(durable=True) as conn:
+            existing = set()
+            for start in range(0, len(claim_ids), SQL_CHUNK):
+                chunk = claim_ids[start:start + SQL_CHUNK]
+                sql = SQL_EXISTING_IDS.format(marks=",".join("?" * len(chunk)))
+                existing.update(row[0] for row in conn.execute(sql, chunk))
+            conn.executemany(SQL_INSERT_MESSAGE,
+                             [row for row in rows if row[0] not in existing])
+        return existing
+
+    # -- reading ------------------------------------------------------------
+
+    @staticmethod
+    def _record(row):
+        record = dict(zip(("id", "account_id", "priority", "status", "created_ts",
+                           "deferred_ts", "sent_ts", "error_ts", "error", "retry_count",
+                           "reported_ts", "subject", "to", "refused"), row))
+        record["to"] = json.loads(record["to"])
+        record["refused"] = json.loads(record["refused"]) if record["refused"] else None
+        return record
+
+    def get_message(self, message_id):
+        """The record of one message, or None."""
+        with self._connection() as conn:
+            row = conn.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
+        return self._record(row) if row else None
+
+    def list_messages(self, active_only, limit, offset):
+        """Records oldest first."""
+        sql = SQL_LIST_ACTIVE_MESSAGES if active_only else SQL_LIST_MESSAGES
+        with self._connection() as conn:
+            rows = conn.execute(sql, (limit, offset)).fetchall()
+        return [self._record(row) for row in rows]
+
+    def queue_counts(self):
+        """``{status: n}`` from the trigger-maintained counters (no row scan)."""
+        with self._connection() as conn:
+            return dict(conn.execute(SQL_QUEUE_COUNTS).fetchall())
+
+    def oldest_active_created_ts(self):
+        """created_ts of the oldest unfinished message, or None (index seeks)."""
+        with self._connection() as conn:
+            found = [conn.execute(SQL_OLDEST_ACTIVE, (status,)).fetchone()[0]
+                     for status in ACTIVE_STATUSES]
+        found = [ts for ts in found if ts is not None]
+        return min(found) if found else None
+
+    # -- deletion -----------------------------------------------------------
+
+    def delete_messages(self, ids):
+        """Delete messages (and their unsent report events) by id.
+
+        Returns the list of ids that were not found.
+        """
+        with self._transaction(durable=True) as conn:
+            existing = set()
+            for start in range(0, len(ids), SQL_CHUNK):
+                chunk = ids[start:start + SQL_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                existing.update(row[0] for row in conn.execute(
+                    SQL_EXISTING_IDS.format(marks=marks), chunk))
+                conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
+                conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
+        return [i for i in ids if i not in existing]
+
+    def purge_reported(self, before, limit):
+        """Delete up to ``limit`` finished messages reported before ``before``.
+
+        Returns how many were deleted; small batches keep the write lock short.
+        """
+        with self._transaction(durable=False) as conn:
+            return conn.execute(SQL_PURGE_REPORTED, (before, limit)).rowcount
+
+    # -- accounts -----------------------------------------------------------
+
+    def upsert_account(self, account, now):
+        with self._transaction(durable=True) as conn:
+            conn.execute(SQL_UPSERT_ACCOUNT, (account["id"], json.dumps(account), now))
+
+    def list_accounts(self):
+        """Every account's settings (with password: callers must strip it)."""
+        with self._connection() as conn:
+            return [json.loads(row[0]) for row in conn.execute(SQL_LIST_ACCOUNTS)]
+
+    def get_account(self, account_id):
+        with self._connection() as conn:
+            row = conn.execute(SQL_GET_ACCOUNT, (account_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def delete_account(self, account_id, force, now):
+        """Delete an account.
+
+        Returns None when it does not exist, else the number of its
+        undelivered messages: when that is not 0 and ``force`` is false
+        nothing is deleted (the caller answers 409); with ``force`` they fail
+        with error ``account deleted`` (and are reported like any error).
+        """
+        with self._transaction(durable=True) as conn:
+            if conn.execute(SQL_GET_ACCOUNT, (account_id,)).fetchone() is None:
+                return None
+            undelivered = []
+            for status in ACTIVE_STATUSES:
+                undelivered.extend(conn.execute(
+                    SQL_ACCOUNT_ACTIVE_MESSAGES, (status, account_id)).fetchall())
+            if undelivered and not force:
+                return len(undelivered)
+            for pk, message_id, priority in undelivered:
+                self._fail(conn, (pk, message_id, account_id, priority), now,
+                           "account deleted")
+            conn.execute(SQL_DELETE_ACCOUNT, (account_id,))
+            return len(undelivered)
+
+    # -- report events ------------------------------------------------------
+    # A message is (pk, id, account_id, priority).  Each state change that the
+    # upstream must hear about becomes one row of ``events`` when reporting is
+    # on; without reporting a finished message counts as reported at once.
+
+    reporting = True
+
+    def _event(self, conn, msg, kind, sent_ts=None, error_ts=None, error=None,
+               deferred_ts=None, reason=None, refused=None):
+        if self.reporting:
+            conn.execute(SQL_INSERT_EVENT, (
+                msg[0], msg[1], msg[2], msg[3], kind, sent_ts, error_ts, error,
+                deferred_ts, reason, json.dumps(refused) if refused else None))
+
+    def _fail(self, conn, msg, now, error):
+        conn.execute(SQL_FAIL_MESSAGE, (now, error, None if self.reporting else now, msg[0]))
+        self._event(conn, msg, "error", error_ts=now, error=error)
+
+    def pending_events(self, limit):
+        """Up to ``limit`` unacknowledged report events, oldest first."""
+        with self._connection() as conn:
+            rows = conn.execute(SQL_PENDING_EVENTS, (limit,)).fetchall()
+        keys = ("seq", "message_pk", "id", "account_id", "priority", "kind", "sent_ts",
+                "error_ts", "error", "deferred_ts", "reason", "refused")
+        events = [dict(zip(keys, row)) for row in rows]
+        for event in events:
+            event["refused"] = json.loads(event["refused"]) if event["refused"] else None
+        return events
+
+    def acknowledge_events(self, events, now):
+        """Forget exactly these events; a final one marks its message reported."""
+        with self._transaction(durable=False) as conn:
+            for start in range(0, len(events), SQL_CHUNK):
+                chunk = events[start:start + SQL_CHUNK]
+                seqs = [e["seq"] for e in chunk]
+                conn.execute(SQL_DELETE_EVENTS.format(marks=",".join("?" * len(seqs))), seqs)
+                final = [e["message_pk"] for e in chunk if e["kind"] in FINISHED_STATUSES]
+                if final:
+                    conn.execute(SQL_MARK_REPORTED.format(marks=",".join("?" * len(final))),
+                                 [now] + final)
+
+    def count_events(self):
+        with self._connection() as conn:
+            return conn.execute(SQL_COUNT_EVENTS).fetchone()[0]
+
+    # -- delivery -----------------------------------------------------------
+
+    def recover_interrupted(self):
+        """Put messages left in ``sending`` by a crash back to ``pending``
+        (their Message-ID is stored, so the retry carries the same one)."""
+        with self._transaction(durable=False) as conn:
+            return conn.execute(SQL_RECOVER_SENDING).rowcount
+
+    def promote_due(self, now):
+        """Move deferred messages whose deferred_ts has come to ``pending``."""
+        with self._transaction(durable=False) as conn:
+            return conn.execute(SQL_PROMOTE_DUE, (now,)).rowcount
+
+    def next_due_ts(self):
+        """The earliest deferred_ts still waiting, or None."""
+        with self._connection() as conn:
+            return conn.execute(SQL_NEXT_DUE_TS).fetchone()[0]
+
+    def has_pending(self, account_id, max_priority):
+        with self._connection() as conn:
+            return conn.execute(SQL_HAS_PENDING, (account_id, max_priority)).fetchone() is not None
+
+    def claim(self, account_id, max_priority, limit):
+        """Atomically move up to ``limit`` pending messages of one account,
+        by priority then age, to ``sending`` and return them as dicts."""
+        with self._transaction(durable=False) as conn:
+            rows = conn.execute(SQL_CLAIM_SELECT, (account_id, max_priority, limit)).fetchall()
+            if rows:
+                pks = [row[0] for row in rows]
+                conn.execute(SQL_CLAIM_UPDATE.format(marks=",".join("?" * len(pks))), pks)
+        keys = ("pk", "id", "account_id", "priority", "retry_count", "message_id", "payload")
+        return [dict(zip(keys, row)) for row in rows]
+
+    @staticmethod
+    def _key(message):
+        return (message["pk"], message["id"], message["account_id"], message["priority"])
+
+    def mark_sent(self, message, now, refused=None):
+        """The server accepted the message (``refused``: recipients it refused)."""
+        with self._transaction(durable=False) as conn:
+            conn.execute(SQL_SENT_MESSAGE, (
+                now, json.dumps(refused) if refused else None,
+                None if self.reporting else now, message["pk"]))
+            conn.execute(SQL_INSERT_SEND, (message["account_id"], now))
+            self._event(conn, self._key(message), "sent", sent_ts=now, refused=refused)
+
+    def mark_failed(self, message, now, error):
+        """A permanent failure: the message is finished with ``error``."""
+        with self._transaction(durable=False) as conn:
+            self._fail(conn, self._key(message), now, error)
+
+    def mark_deferred(self, message, now, until, reason, error=None, retry_count=None):
+        """Wait until ``until``; ``error`` is the temporary failure if any."""
+        if retry_count is None:
+            retry_count = message["retry_count"]
+        with self._transaction(durable=False) as conn:
+            conn.execute(SQL_DEFER_MESSAGE, (until, error, retry_count, message["pk"]))
+            self._event(conn, self._key(message), "deferred", deferred_ts=until,
+                        reason=reason, error=None)
+
+    def release(self, messages):
+        """Return claimed but unattempted messages to ``pending``."""
+        with self._transaction(durable=False) as conn:
+            for message in messages:
+                conn.execute(SQL_RELEASE_MESSAGE, (message["pk"],))
+
+    def sends_since(self, account_id, since):
+        """Timestamps of successful sends of one account after ``since``."""
+        with self._connection() as conn:
+            return [row[0] for row in conn.execute(SQL_SENDS_SINCE, (account_id, since))]
+
+    def prune_send_log(self, before):
+        with self._transaction(durable=False) as conn:
+            return conn.execute(SQL_PRUNE_SEND_LOG, (before,)).rowcount
+
+
+# ####################################################################### #
+# ####################  Messages: validation and MIME  ################## #
+# ####################################################################### #
+
+# Headers that the message's own fields produce; a custom header may not
+# replace them (Bcc in particular must never reach the headers).
+_RESERVED_HEADERS = frozenset([
+    "from", "to", "cc", "bcc", "subject", "reply-to", "return-path", "message-id",
+    "date", "mime-version", "content-type", "content-transfer-encoding", "sender"])
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$", re.IGNORECASE)
+
+
+def _check_text(value, field, required=False, max_chars=None, single_line=False):
+    """A string field: None when absent and optional; ValueError otherwise."""
+    if value is None:
+        if required:
+            raise ValueError("%s is required" % field)
+        return None
+    if not isinstance(value, str):
+        raise ValueError("%s must be a string" % field)
+    if single_line and _CRLF.search(value):
+        raise ValueError("%s must not contain CR or LF" % field)
+    if "\x00" in value:
+        raise ValueError("%s must not contain NUL" % field)
+    if max_chars is not None and len(value) > max_chars:
+        raise ValueError("%s is longer than %d characters" % (field, max_chars))
+    return value
+
+
+def _check_identifier(value, field):
+    """An id: 1-256 characters, no control characters."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("%s must be a non-empty string" % field)
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError("%s is longer than %d characters" % (field, MAX_ID_CHARS))
+    if _CONTROL_CHARS.search(value):
+        raise ValueError("%s must not contain control characters" % field)
+    return value
+
+
+def _check_timestamp(value, field):
+    if value is None:
+        return None
+    if not _is_number(value) or value < 0 or value > LATEST_TS:
+        raise ValueError("%s must be epoch seconds (a number between 0 and %d)"
+                         % (field, LATEST_TS))
+    return value
+
+
+def _check_attachment(raw, index):
+    field = "attachments[%d]" % index
+    if not isinstance(raw, dict):
+        raise ValueError("%s must be an object" % field)
+    filename = _check_text(raw.get("filename"), field + ".filename", required=True,
+                           max_chars=255, single_line=True)
+    if not filename.strip() or _CONTROL_CHARS.search(filename):
+        raise ValueError("%s.filename must be a non-empty name without control characters"
+                         % field)
+    if "/" in filename or "\\" in filename:
+        raise ValueError("%s.filename must be a bare name, not a path" % field)
+    attachment = {"filename": filename}
+    mime_type = raw.get("mime_type")
+    if mime_type is not None:
+        if not isinstance(mime_type, str) or not _MIME_TYPE.match(mime_type):
+            raise ValueError("%s.mime_type must look like type/subtype" % field)
+        attachment["mime_type"] = mime_type.lower()
+    sources = [key for key in ("content", "url", "s3") if raw.get(key) is not None]
+    if len(sources) != 1:
+        raise ValueError("%s needs exactly one of content, url or s3" % field)
+    source = sources[0]
+    value = raw[source]
+    if source == "content":
+        if not isinstance(value, str):
+            raise ValueError("%s.content must be a base64 string" % field)
+        compact = "".join(value.split())
+        try:
+            base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("%s.content is not valid base64" % field)
+        attachment["content"] = compact
+    elif source == "url":
+        if not isinstance(value, str) or _CONTROL_CHARS.search(value) or " " in value:
+            raise ValueError("%s.url must be an http or https URL" % field)
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("%s.url must be an http or https URL" % field)
+        attachment["url"] = value
+    else:
+        if not isinstance(value, dict):
+            raise ValueError("%s.s3 must be an object with bucket and key" % field)
+        bucket = value.get("bucket")
+        key = value.get("key")
+        if not isinstance(bucket, str) or not _S3_BUCKET.match(bucket):
+            raise ValueError("%s.s3.bucket must be a bucket name" % field)
+        if not isinstance(key, str) or not key or len(key) > 1024 or "\x00" in key:
+            raise ValueError("%s.s3.key must be a non-empty object key" % field)
+        s3 = {"bucket": bucket, "key": key}
+        region = value.get("region")
+        if region is not None:
+            if not isinstance(region, str) or not re.match(r"^[a-z0-9-]{1,64}$", region):
+                raise ValueError("%s.s3.region must be a region name" % field)
+            s3["region"] = region
+        attachment["s3"] = s3
+    return attachment
+
+
+def validate_message(raw, default_priority, resolve_account):
+    """Check one message of an add-messages batch and normalise it.
+
+    ``resolve_account(account_id_or_None)`` returns the account id to use or
+    raises ValueError.  Returns the normalised message (a JSON-able dict);
+    raises ValueError with the reason the message is rejected.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("message must be an object")
+    message = {"id": _check_identifier(raw.get("id"), "id")}
+    account_id = raw.get("account_id")
+    if account_id is not None:
+        _check_identifier(account_id, "account_id")
+    message["account_id"] = resolve_account(account_id)
+    sender = raw.get("from")
+    if sender is None:
+        raise ValueError("from is required")
+    message["from"] = list(_parse_address(sender)) if isinstance(sender, str) else None
+    if message["from"] is None:
+        raise ValueError("from must be a string")
+    for field in ("to", "cc", "bcc"):
+        value = raw.get(field)
+        message[field] = ([list(pair) for pair in _parse_address_list(value, field)]
+                          if value is not None else [])
+    if not message["to"]:
+        raise ValueError("to must name at least one recipient")
+    reply_to = raw.get("reply_to")
+    message["reply_to"] = ([list(p) for p in _parse_address_list(reply_to, "reply_to")]
+                           if reply_to is not None else [])
+    return_path = raw.get("return_path")
+    if return_path is not None:
+        if not isinstance(return_path, str):
+            raise ValueError("return_path must be a string")
+        message["return_path"] = _parse_address(return_path)[1]
+    else:
+        message["return_path"] = None
+    message["subject"] = _check_text(raw.get("subject"), "subject", required=True,
+                                     single_line=True)
+    message["body"] = _check_text(raw.get("body"), "body", required=True)
+    content_type = raw.get("content_type", "plain")
+    if content_type is None:
+        content_type = "plain"
+    if not isinstance(content_type, str) or content_type.lower() not in (
+            "plain", "html", "text/plain", "text/html"):
+        raise ValueError("content_type must be plain or html")
+    message["content_type"] = "html" if content_type.lower().endswith("html") else "plain"
+    message["body_text"] = _check_text(raw.get("body_text"), "body_text")
+    headers = raw.get("headers")
+    message["headers"] = {}
+    if headers is not None:
+        if not isinstance(headers, dict):
+            raise ValueError("headers must be an object of name: value strings")
+        for name, value in headers.items():
+            if not _HEADER_NAME.match(name) or len(name) > 76:
+                raise ValueError("header name %r is not a valid field name" % name[:80])
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError("header %s comes from its own field and cannot be set" % name)
+            _check_text(value, "header %s" % name, required=True, single_line=True)
+            message["headers"][name] = value
+    message_id = raw.get("message_id")
+    if message_id is not None:
+        if (not isinstance(message_id, str) or _CONTROL_CHARS.search(message_id)
+                or " " in message_id or "@" not in message_id or len(message_id) > 250):
+            raise ValueError("message_id must look like <unique@domain>")
+        message_id = message_id.strip("<>")
+        if not message_id or "<" in message_id or ">" in message_id:
+            raise ValueError("message_id must look like <unique@domain>")
+        message["message_id"] = "<%s>" % message_id
+    else:
+        domain = message["from"][1].rpartition("@")[2]
+        message["message_id"] = "<%s@%s>" % (uuid.uuid4().hex, domain)
+    priority = raw.get("priority")
+    message["priority"] = default_priority if priority is None else _parse_priority(priority)
+    message["deferred_ts"] = _check_timestamp(raw.get("deferred_ts"), "deferred_ts")
+    attachments = raw.get("attachments")
+    if attachments is None:
+        attachments = []
+    if not isinstance(attachments, list):
+        raise ValueError("attachments must be a list")
+    message["attachments"] = [_check_attachment(a, i) for i, a in enumerate(attachments)]
+    return message
+
+
+def validate_account(raw):
+    """Check an account object of POST /account and fill in its defaults.
+
+    Returns the normalised account; raises ValueError with the reason.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("account must be an object")
+    known = {"id", "host", "port", "user", "password", "use_tls", "use_ssl", "tls_verify",
+             "limit_per_minute", "limit_per_hour", "limit_per_day", "batch_size", "ttl",
+             "ca_file"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError("unknown account field %s" % unknown[0][:80])
+    account = {"id": _check_identifier(raw.get("id"), "id")}
+    host = raw.get("host")
+    if not isinstance(host, str) or not host or len(host) > 253 or re.search(r"[\s/@]", host) \
+            or _CONTROL_CHARS.search(host):
+        raise ValueError("host must be a host name or address")
+    account["host"] = host
+    port = raw.get("port", 587)
+    port = 587 if port is None else port
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError("port must be 1-65535")
+    account["port"] = port
+    for field in ("user", "password"):
+        value = raw.get(field)
+        if value is not None and (not isinstance(value, str) or _CRLF.search(value)):
+            raise ValueError("%s must be a string without CR/LF" % field)
+        account[field] = value or None
+    defaults = {"use_tls": False, "use_ssl": port == 465, "tls_verify": True}
+    for field, default in defaults.items():
+        value = raw.get(field)
+        try:
+            account[field] = default if value is None else _parse_bool(value)
+        except ValueError:
+            raise ValueError("%s must be a boolean" % field)
+    if account["use_tls"] and account["use_ssl"]:
+        raise ValueError("use_tls (STARTTLS) and use_ssl (implicit TLS) exclude each other")
+    for field in ("limit_per_minute", "limit_per_hour", "limit_per_day"):
+        value = raw.get(field)
+        if value is None:
+            account[field] = 0
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10 ** 9:
+            account[field] = value
+        else:
+            raise ValueError("%s must be a whole number >= 0 (0 or null: no limit)" % field)
+    batch_size = raw.get("batch_size")
+    if batch_size is None:
+        batch_size = 100
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) \
+            or not 1 <= batch_size <= 100000:
+        raise ValueError("batch_size must be 1-100000")
+    account["batch_size"] = batch_size
+    ttl = raw.get("ttl")
+    if ttl is None:
+        ttl = 300
+    if not _is_number(ttl) or not 0 <= ttl <= 86400:
+        raise ValueError("ttl must be 0-86400 seconds")
+    account["ttl"] = ttl
+    ca_file = raw.get("ca_file")
+    if ca_file is not None and (not isinstance(ca_file, str) or _CONTROL_CHARS.search(ca_file)):
+        raise ValueError("ca_file must be a path")
+    account["ca_file"] = ca_file or None
+    return account
+
+
+def public_account(account):
+    """An account as the API shows it: never the password."""
+    shown = {key: value for key, value in account.items() if key != "password"}
+    return shown
+
+
+def _address_objects(pairs):
+    from email.headerregistry import Address
+    objects = []
+    for name, addr in pairs:
+        local, _, domain = addr.rpartition("@")
+        if local.startswith('"') and local.endswith('"'):
+            local = re.sub(r"\\(.)", r"\1", local[1:-1])
+        objects.append(Address(display_name=name or "", username=local, domain=domain))
+    return objects
+
+
+def build_mime(message, attachments, now):
+    """The message as bytes ready for DATA: CRLF line ends, 7-bit clean
+    (non-ASCII text goes quoted-printable or base64, headers RFC 2047), no
+    line longer than 78 octets, Bcc nowhere in the headers.
+
+    ``attachments`` is a list of (filename, mime_type, bytes).  Raises
+    PermanentError when the message cannot be represented.
+    """
+    import email.policy
+    from email.message import EmailMessage
+    policy = email.policy.SMTP.clone(cte_type="7bit", max_line_length=78)
+    mime = EmailMessage(policy=policy)
+    try:
+        mime["From"] = _address_objects([message["from"]])
+        mime["To"] = _address_objects(message["to"])
+        if message["cc"]:
+            mime["Cc"] = _address_objects(message["cc"])
+        if message["reply_to"]:
+            mime["Reply-To"] = _address_objects(message["reply_to"])
+        mime["Subject"] = message["subject"]
+        mime["Date"] = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
+        mime["Message-ID"] = message["message_id"]
+        for name, value in message["headers"].items():
+            mime[name] = value
+        if message["content_type"] == "html":
+            if message.get("body_text") is not None:
+                mime.set_content(message["body_text"], subtype="plain", charset="utf-8")
+                mime.add_alternative(message["body"], subtype="html", charset="utf-8")
+            else:
+                mime.set_content(message["body"], subtype="html", charset="utf-8")
+        else:
+            mime.set_content(message["body"], subtype="plain", charset="utf-8")
+        for filename, mime_type, data in attachments:
+            maintype, _, subtype = mime_type.partition("/")
+            mime.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+        return mime.as_bytes(policy=policy)
+    except (ValueError, TypeError, IndexError, email.errors.MessageError) as exc:
+        raise PermanentError("cannot build the message: %s" % exc)
+
+
+def _guess_mime_type(filename):
+    import mimetypes
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def envelope(message):
+    """(sender, [recipients]) for the SMTP envelope: return_path or From;
+    To, Cc and Bcc without duplicates."""
+    sender = message["return_path"] or message["from"][1]
+    recipients = []
+    for field in ("to", "cc", "bcc"):
+        for _, addr in message[field]:
+            if addr.lower() not in (r.lower() for r in recipients):
+                recipients.append(addr)
+    return sender, recipients
+
+
+# ####################################################################### #
+# ##############################  Metrics  ############################## #
+# ####################################################################### #
+
+def _escape_label(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """In-memory counters and histograms, rendered in Prometheus text format
+    0.0.4.  Thread-safe: every change takes the lock briefly; rendering copies
+    under the lock and formats outside it."""
+
+    SMTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    COUNTERS = (
+        ("asyncmail_sent_total", "Messages accepted by the SMTP relay.", "account_id"),
+        ("asyncmail_errors_total", "Messages failed permanently.", "account_id"),
+        ("asyncmail_deferred_total",
+         "Deferrals (rate limit, temporary failure, retry).", "account_id"),
+        ("asyncmail_rate_limited_total", "Deferrals caused by an account rate limit.",
+         "account_id"),
+        ("asyncmail_report_posts_total", "Delivery report POSTs acknowledged by the upstream.",
+         None),
+        ("asyncmail_report_failures_total", "Delivery report POSTs that failed.", None),
+        ("asyncmail_report_entries_total", "Delivery report entries acknowledged.", None),
+        ("asyncmail_http_requests_total", "HTTP requests answered, by status code.", "code"),
+    )
+    PER_ACCOUNT = ("asyncmail_sent_total", "asyncmail_errors_total",
+                   "asyncmail_deferred_total", "asyncmail_rate_limited_total")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = {name: {} for name, _, _ in self.COUNTERS}
+        self._smtp_counts = [0] * (len(self.SMTP_BUCKETS) + 1)
+        self._smtp_sum = 0.0
+
+    def add_account(self, account_id):
+        """Make the per-account series exist at 0 from now on."""
+        with self._lock:
+            for name in self.PER_ACCOUNT:
+                self._counters[name].setdefault(account_id, 0)
+
+    def inc(self, name, label=None, amount=1):
+        with self._lock:
+            series = self._counters[name]
+            series[label] = series.get(label, 0) + amount
+
+    def value(self, name, label=None):
+        with self._lock:
+            return self._counters[name].get(label, 0)
+
+    def observe_smtp(self, seconds):
+        with self._lock:
+            for index, bound in enumerate(self.SMTP_BUCKETS):
+                if seconds <= bound:
+                    self._smtp_counts[index] += 1
+                    break
+            else:
+                self._smtp_counts[-1] += 1
+            self._smtp_sum += seconds
+
+    def render(self, gauges):
+        """The exposition text; ``gauges`` is [(name, help, value)] read by the
+        caller from the store."""
+        with self._lock:
+            counters = {name: dict(series) for name, series in self._counters.items()}
+            smtp_counts = list(self._smtp_counts)
+            smtp_sum = self._smtp_sum
+        lines = []
+        for name, help_text, label in self.COUNTERS:
+            lines.append("# HELP %s %s" % (name, help_text))
+            lines.append("# TYPE %s counter" % name)
+            for key in sorted(counters[name], key=str):
+                value = counters[name][key]
+                if label and key is not None:
+                    lines.append('%s{%s="%s"} %d' % (name, label, _escape_label(key), value))
+                elif not label:
+                    lines.append("%s %d" % (name, value))
+            if not label and not counters[name]:
+                lines.append("%s 0" % name)
+        name = "asyncmail_smtp_send_duration_seconds"
+        lines.append("# HELP %s Duration of SMTP transactions." % name)
+        lines.append("# TYPE %s histogram" % name)
+        cumulative = 0
+        for bound, count in zip(self.SMTP_BUCKETS, smtp_counts):
+            cumulative += count
+            lines.append('%s_bucket{le="%g"} %d' % (name, bound, cumulative))
+        cumulative += smtp_counts[-1]
+        lines.append('%s_bucket{le="+Inf"} %d' % (name, cumulative))
+        lines.append("%s_sum %r" % (name, smtp_sum))
+        lines.append("%s_count %d" % (name, cumulative))
+        for gauge_name, help_text, value in gauges:
+            lines.append("# HELP %s %s" % (gauge_name, help_text))
+            lines.append("# TYPE %s gauge" % gauge_name)
+            if isinstance(value, dict):
+                for labels, number in value.items():
+                    text = ",".join('%s="%s"' % (k, _escape_label(v)) for k, v in labels)
+                    lines.append("%s{%s} %s" % (gauge_name, text, _format_number(number)))
+            else:
+                lines.append("%s %s" % (gauge_name, _format_number(value)))
+        return "\n".join(lines) + "\n"
+
+
+def _format_number(value):
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+# ####################################################################### #
+# ####################  SMTP: relays and rate limits  ################### #
+# ####################################################################### #
+
+REUSE_CHECK_IDLE = 2.0   # seconds idle after which a cached connection gets a NOOP
+
+
+class SmtpFailure(AsyncmailError):
+    """Raised by SmtpRelay: ``temporary`` says whether to retry and
+    ``account_level`` whether the relay itself (connect, TLS, AUTH) failed,
+    so the account's other messages should wait instead of trying too."""
+
+    def __init__(self, message, temporary, account_level=False, smtp_code=None):
+        super().__init__(message)
+        self.temporary = temporary
+        self.account_level = account_level
+        self.smtp_code = smtp_code
+
+
+def _reply_text(code, reply):
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8", "replace")
+    return ("%s %s" % (code, " ".join(str(reply).split()))).strip()[:500]
+
+
+def _ssl_context(account):
+    """A client TLS context: verified against ``ca_file`` if the account
+    names one, else the system store plus certifi when importable."""
+    import ssl
+    if account.get("ca_file"):
+        context = ssl.create_default_context(cafile=account["ca_file"])
+    else:
+        context = ssl.create_default_context()
+        try:
+            import certifi
+            context.load_verify_locations(certifi.where())
+        except (ImportError, OSError):
+            pass
+    if not account.get("tls_verify", True):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _smtp_connect(account, timeout, local_hostname):
+    """Open, greet, secure and authenticate one SMTP connection.
+
+    The default ``smtp_connect`` seam; returns an ``smtplib.SMTP``.  Raises
+    SmtpFailure (account-level, temporary) for every failure: a relay that
+    cannot be reached, refuses TLS or rejects the credentials is not the
+    message's fault.  smtplib's and ssl's exceptions are translated here.
+    """
+    import smtplib
+    import ssl
+    host, port = account["host"], account["port"]
+    where = "%s:%d" % (host, port)
+    conn = None
+    try:
+        if account["use_ssl"]:
+            conn = smtplib.SMTP_SSL(host, port, local_hostname=local_hostname,
+                                    timeout=timeout, context=_ssl_context(account))
+        else:
+            conn = smtplib.SMTP(host, port, local_hostname=local_hostname, timeout=timeout)
+        conn.ehlo_or_helo_if_needed()
+        if account["use_tls"]:
+            if not conn.has_extn("starttls"):
+                raise SmtpFailure("%s does not offer STARTTLS and use_tls is set: refusing "
+                                  "to send in plain text" % where, True, True)
+            conn.starttls(context=_ssl_context(account))
+            conn.ehlo()
+        if account.get("user"):
+            conn.login(account["user"], account.get("password") or "")
+        return conn
+    except SmtpFailure:
+        _close_quietly(conn)
+        raise
+    except smtplib.SMTPAuthenticationError as exc:
+        _close_quietly(conn)
+        raise SmtpFailure("authentication failed at %s: %s"
+                          % (where, _reply_text(exc.smtp_code, exc.smtp_error)),
+                          True, True, exc.smtp_code)
+    except smtplib.SMTPResponseException as exc:
+        _close_quietly(conn)
+        raise SmtpFailure("%s refused the session: %s"
+                          % (where, _reply_text(exc.smtp_code, exc.smtp_error)),
+                          True, True, exc.smtp_code)
+    except ssl.SSLError as exc:
+        _close_quietly(conn)
+        raise SmtpFailure("TLS with %s failed: %s" % (where, exc), True, True)
+    except (smtplib.SMTPException, OSError) as exc:
+        _close_quietly(conn)
+        raise SmtpFailure("cannot connect to %s: %s" % (where, exc or type(exc).__name__),
+                          True, True)
+
+
+def _close_quietly(conn):
+    if conn is None:
+        return
+    try:
+        conn.quit()
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+class SmtpRelay:
+    """One account's SMTP connection, reused for up to ``ttl`` seconds.
+
+    Used by one delivery thread at a time (the dispatcher never runs two jobs
+    of one account at once).  A connection idle for a while is checked with
+    NOOP before reuse; one the server dropped is replaced transparently when
+    the drop shows before any recipient was accepted.
+    """
+
+    def __init__(self, account, timeout, connect, local_hostname, clock=time.monotonic):
+        self.account = account
+        self.timeout = timeout
+        self._connect = connect
+        self._local_hostname = local_hostname
+        self._clock = clock
+        self._conn = None
+        self._opened = 0.0
+        self._used = 0.0
+
+    def _connection(self):
+        """(connection, reused)."""
+        now = self._clock()
+        if self._conn is not None:
+            if now - self._opened > self.account["ttl"]:
+                self.close()
+            elif now - self._used >= REUSE_CHECK_IDLE and not self._alive():
+                self.close()
+        if self._conn is not None:
+            return self._conn, True
+        self._conn = self._connect(self.account, self.timeout, self._local_hostname)
+        self._opened = self._used = self._clock()
+        return self._conn, False
+
+    def _alive(self):
+        try:
+            return self._conn.noop()[0] == 250
+        except Exception:
+            return False
+
+    def idle_for(self):
+        return self._clock() - self._used if self._conn is not None else None
+
+    def close(self):
+        conn, self._conn = self._conn, None
+        _close_quietly(conn)
+
+    def send(self, sender, recipients, data):
+        """One transaction.  Returns ``{recipient: "code text"}`` of refused
+        recipients when others were accepted; raises SmtpFailure."""
+        import smtplib
+        for attempt in (1, 2):
+            conn, reused = self._connection()
+            try:
+                return self._transaction(conn, sender, recipients, data)
+            except _StaleConnection as exc:
+                self.close()
+                if not reused or attempt == 2:
+                    raise SmtpFailure("connection to %s:%d lost: %s" % (
+                        self.account["host"], self.account["port"], exc.reason), True, True)
+            except SmtpFailure:
+                self._reset()
+                raise
+            except (smtplib.SMTPException, OSError) as exc:
+                self.close()
+                raise SmtpFailure("connection to %s:%d lost during the transaction: %s" % (
+                    self.account["host"], self.account["port"],
+                    exc or type(exc).__name__), True)
+            finally:
+                self._used = self._clock()
+            if self.account["ttl"] <= 0:
+                self.close()
+
+    def _reset(self):
+        if self._conn is None:
+            return
+        try:
+            self._conn.rset()
+        except Exception:
+            self.close()
+
+    def _transaction(self, conn, sender, recipients, data):
+        import smtplib
+        try:
+            code, reply = conn.mail(sender)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            raise _StaleConnection(str(exc) or type(exc).__name__)
+        if code == 421:
+            raise _StaleConnection(_reply_text(code, reply))
+        if code != 250:
+            raise SmtpFailure("MAIL FROM refused: %s" % _reply_text(code, reply),
+                              code < 500, smtp_code=code)
+        refused = {}
+        for recipient in recipients:
+            code, reply = conn.rcpt(recipient)
+            if code not in (250, 251):
+                refused[recipient] = (code, _reply_text(code, reply))
+        if len(refused) == len(recipients):
+            temporary = any(code < 500 for code, _ in refused.values())
+            detail = "; ".join("%s: %s" % (r, text) for r, (_, text) in refused.items())
+            raise SmtpFailure("all recipients refused: %s" % detail[:900], temporary,
+                              smtp_code=min(code for code, _ in refused.values()))
+        code, reply = conn.data(data)
+        if code != 250:
+            raise SmtpFailure("message refused after DATA: %s" % _reply_text(code, reply),
+                              code < 500, smtp_code=code)
+        if self.account["ttl"] <= 0:
+            self.close()
+        return {r: text for r, (_, text) in refused.items()}
+
+
+class _StaleConnection(Exception):
+    """Internal: the connection failed before the transaction took effect."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RateLimiter:
+    """Per-account sliding windows of 60 s, 1 h and 24 h over successful sends.
+
+    The send log lives in the store (so a restart does not reset it); this
+    keeps each account's last day of sends in memory, loaded on first use.
+    Thread-safe.
+    """
+
+    WINDOWS = (("limit_per_minute", 60.0), ("limit_per_hour", 3600.0),
+               ("limit_per_day", 86400.0))
+
+    def __init__(self, store):
+        self._store = store
+        self._sends = {}
+        self._lock = threading.Lock()
+
+    def _log(self, account_id, now):
+        sends = self._sends.get(account_id)
+        if sends is None:
+            loaded = self._store.sends_since(account_id, now - 86400.0)
+            with self._lock:
+                sends = self._sends.setdefault(account_id, loaded)
+        cutoff = now - 86400.0
+        with self._lock:
+            drop = 0
+            while drop < len(sends) and sends[drop] <= cutoff:
+                drop += 1
+            if drop:
+                del sends[:drop]
+            return list(sends)
+
+    def allowance(self, account, now):
+        """(messages that may be sent now or None for unlimited, instant the
+        next slot frees when none may)."""
+        limits = [(account.get(key) or 0, span) for key, span in self.WINDOWS]
+        limits = [(limit, span) for limit, span in limits if limit > 0]
+        if not limits:
+            return None, None
+        sends = self._log(account["id"], now)
+        allowed, free_at = None, None
+        import bisect
+        for limit, span in limits:
+            start = bisect.bisect_right(sends, now - span)
+            used = len(sends) - start
+            room = limit - used
+            if room <= 0:
+                moment = sends[start + used - limit] + span
+                free_at = moment if free_at is None else max(free_at, moment)
+                room = 0
+            allowed = room if allowed is None else min(allowed, room)
+        return allowed, free_at
+
+    def record(self, account_id, ts):
+        with self._lock:
+            sends = self._sends.get(account_id)
+            if sends is not None:
+                sends.append(ts)
+
+    def forget(self, account_id):
+        with self._lock:
+            self._sends.pop(account_id, None)
+
+
+# ####################################################################### #
+# ######################  Workers: dispatch, reports  ################### #
+# ####################################################################### #
+
+class _Controls:
+    """Suspension state, global and per account, shared by the API and the
+    dispatcher.  Starts as ``[scheduler] active`` says."""
+
+    def __init__(self, active):
+        self._lock = threading.Lock()
+        self.active = bool(active)
+        self._suspended = set()
+
+    def suspend(self, account_id=None):
+        with self._lock:
+            if account_id is None:
+                self.active = False
+            else:
+                self._suspended.add(account_id)
+
+    def activate(self, account_id=None):
+        with self._lock:
+            if account_id is None:
+                self.active = True
+            else:
+                self._suspended.discard(account_id)
+
+    def may_send(self, account_id=None):
+        with self._lock:
+            return self.active and (account_id is None or account_id not in self._suspended)
+
+
+class _Worker:
+    """A loop thread: ``cycle(now)`` runs when woken or every ``interval()``
+    seconds; in test mode only ``run_now`` wakes it.  Exceptions from a
+    cycle are logged with their traceback and the loop carries on."""
+
+    name = "asyncmail-worker"
+
+    def __init__(self, core):
+        self.core = core
+        self.log = core.log
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._thread = None
+        self.heartbeat = time.monotonic()
+
+    def interval(self):
+        raise NotImplementedError
+
+    def cycle(self, now):
+        raise NotImplementedError
+
+    def shutdown(self):
+        pass
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def wake(self):
+        """Ask for a cycle soon (ignored in test mode, where only run-now counts)."""
+        if not self.core.test_mode:
+            self._wake.set()
+
+    def run_now(self, wait=None):
+        """Request a cycle; with ``wait`` seconds, block until it has run."""
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+        self._wake.set()
+        if wait:
+            with self._cond:
+                self._cond.wait_for(lambda: self._done >= ticket or self._stop.is_set(), wait)
+
+    def stop(self, timeout):
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.shutdown()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._wake.wait(None if self.core.test_mode else self.interval())
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            with self._cond:
+                ticket = self._requested
+            try:
+                self.cycle(self.core.now())
+            except Exception:
+                self.log.exception("%s: cycle failed", self.name)
+            self.heartbeat = time.monotonic()
+            with self._cond:
+                self._done = max(self._done, ticket)
+                self._cond.notify_all()
+
+
+class _Pool:
+    """A fixed set of named daemon threads running submitted callables."""
+
+    def __init__(self, size, name, log):
+        self._jobs = queue.Queue()
+        self._log = log
+        self._threads = [threading.Thread(target=self._run, name="%s-%d" % (name, i),
+                                          daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job):
+        """Run ``job()`` on a pool thread; returns an Event set when it ends."""
+        done = threading.Event()
+        self._jobs.put((job, done))
+        return done
+
+    def _run(self):
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, done = item
+            try:
+                job()
+            except Exception:
+                self._log.exception("delivery job failed")
+            finally:
+                done.set()
+
+    def stop(self, timeout):
+        """Let running jobs finish within ``timeout``; queued ones are dropped
+        (their messages stay pending in the store)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Dispatcher(_Worker):
+    """Finds due messages and delivers them, one job per account at a time,
+    on a pool of ``max_workers`` threads."""
+
+    name = "asyncmail-dispatcher"
+    PRUNE_EVERY = 300.0   # seconds between send-log prunes
+
+    def __init__(self, core, smtp_connect=None):
+        super().__init__(core)
+        config = core.config
+        self.delivery = config.delivery
+        self.window = config.scheduler.window
+        self.timezone = config.scheduler.timezone
+        self.activity = config.logging.delivery_activity
+        self._connect = smtp_connect or _smtp_connect
+        self._local_hostname = socket.gethostname() or "localhost"
+        self._lock = threading.Lock()
+        self._busy = set()
+        self._relays = {}
+        self._backoff = {}
+        self._last_prune = None
+        self.rate = RateLimiter(core.store)
+        self._pool = None
+
+    def start(self):
+        self._pool = _Pool(self.delivery.max_workers, "asyncmail-smtp", self.log)
+        super().start()
+
+    def interval(self):
+        return self.delivery.send_interval_seconds
+
+    def account_changed(self, account_id):
+        """An account was added, replaced or deleted: drop its connection."""
+        with self._lock:
+            relay = None if account_id in self._busy else self._relays.pop(account_id, None)
+            self._backoff.pop(account_id, None)
+        if relay is not None:
+            relay.close()
+        self.rate.forget(account_id)
+        self.wake()
+
+    def _max_priority(self, now):
+        if self.window is None:
+            return 3
+        moment = datetime.datetime.fromtimestamp(now, self.timezone)
+        return 3 if self.window.contains(moment) else 1
+
+    def cycle(self, now):
+        store = self.core.store
+        if self._last_prune is None or now - self._last_prune >= self.PRUNE_EVERY:
+            store.prune_send_log(now - 86400.0)
+            self._last_prune = now
+        self._close_idle_relays()
+        if not self.core.controls.active:
+            return
+        store.promote_due(now)
+        max_priority = self._max_priority(now)
+        jobs = []
+        for account in store.list_accounts():
+            account_id = account["id"]
+            with self._lock:
+                if account_id in self._busy or self._backoff.get(account_id, 0) > now:
+                    continue
+            if not self.core.controls.may_send(account_id):
+                continue
+            if not store.has_pending(account_id, max_priority):
+                continue
+            with self._lock:
+                self._busy.add(account_id)
+            jobs.append(self._pool.submit(
+                lambda account=account: self._deliver_account(account, max_priority)))
+        if self.core.test_mode:
+            for done in jobs:
+                done.wait(self.delivery.smtp_timeout_seconds * 4 + 10)
+
+    def _close_idle_relays(self):
+        with self._lock:
+            idle = [(k, r) for k, r in self._relays.items()
+                    if k not in self._busy and (r.idle_for() or 0) > r.account["ttl"]]
+            for key, _ in idle:
+                del self._relays[key]
+        for _, relay in idle:
+            relay.close()
+
+    def _relay(self, account):
+        with self._lock:
+            relay = self._relays.get(account["id"])
+            if relay is None or relay.account != account:
+                if relay is not None:
+                    relay.close()
+                relay = SmtpRelay(account, self.delivery.smtp_timeout_seconds,
+                                  self._connect, self._local_hostname)
+                self._relays[account["id"]] = relay
+            return relay
+
+    def _deliver_account(self, account, max_priority):
+        """Send up to the account's batch_size due messages over its relay."""
+        account_id = account["id"]
+        delivered = 0
+        try:
+            budget = account["batch_size"]
+            relay = self._relay(account)
+            while budget > 0 and not self._stop.is_set():
+                if not self.core.controls.may_send(account_id):
+                    break
+                now = self.core.now()
+                allowed, free_at = self.rate.allowance(account, now)
+                if allowed == 0:
+                    self._rate_limited(account, max_priority, budget, free_at, now)
+                    break
+                chunk = min(budget, 20 if allowed is None else allowed)
+                messages = self.core.store.claim(account_id, max_priority, chunk)
+                if not messages:
+                    break
+                budget -= len(messages)
+                for index, message in enumerate(messages):
+                    if self._stop.is_set() or not self.core.controls.may_send(account_id):
+                        self.core.store.release(messages[index:])
+                        return
+                    outcome = self._attempt(relay, account, message)
+                    delivered += 1
+                    if outcome == "account down":
+                        self.core.store.release(messages[index + 1:])
+                        return
+        finally:
+            with self._lock:
+                self._busy.discard(account_id)
+            if delivered:
+                self.core.reporter.wake()
+                self.wake()
+
+    def _rate_limited(self, account, max_priority, budget, free_at, now):
+        """Defer the messages this cycle would have sent to the instant a
+        slot frees, and skip the account until then."""
+        account_id = account["id"]
+        store = self.core.store
+        messages = store.claim(account_id, max_priority, budget)
+        for message in messages:
+            store.mark_deferred(message, now, free_at, "rate limit")
+            self.core.metrics.inc("asyncmail_deferred_total", account_id)
+            self.core.metrics.inc("asyncmail_rate_limited_total", account_id)
+        with self._lock:
+            self._backoff[account_id] = free_at
+        if messages:
+            self.log.info("account %s over its rate limit: %d message(s) deferred until %s",
+                          account_id, len(messages), _iso(free_at))
+            self.core.reporter.wake()
+
+    def _attempt(self, relay, account, message):
+        """One delivery attempt of a claimed message; records the outcome.
+
+        Returns "sent", "failed", "deferred" or "account down".
+        """
+        store, metrics = self.core.store, self.core.metrics
+        account_id = account["id"]
+        payload = json.loads(message["payload"])
+        started = time.monotonic()
+        try:
+            attachments = [self._attachment(a) for a in payload["attachments"]]
+            data = build_mime(payload, attachments, self.core.now())
+            del attachments
+            sender, recipients = envelope(payload)
+            refused = relay.send(sender, recipients, data)
+        except SmtpFailure as exc:
+            metrics.observe_smtp(time.monotonic() - started)
+            now = self.core.now()
+            if not exc.temporary:
+                return self._fail(message, now, str(exc))
+            outcome = self._retry(message, now, str(exc))
+            if exc.account_level:
+                self.log.error("account %s: %s", account_id, exc)
+                with self._lock:
+                    self._backoff[account_id] = now + self._delay(message["retry_count"])
+                return "account down"
+            return outcome
+        except TemporaryError as exc:
+            return self._retry(message, self.core.now(), str(exc))
+        except PermanentError as exc:
+            return self._fail(message, self.core.now(), str(exc))
+        metrics.observe_smtp(time.monotonic() - started)
+        now = self.core.now()
+        store.mark_sent(message, now, refused or None)
+        self.rate.record(account_id, now)
+        metrics.inc("asyncmail_sent_total", account_id)
+        if self.activity:
+            self.log.info("sent %s via account %s%s", message["id"], account_id,
+                          " (refused: %s)" % ", ".join(sorted(refused)) if refused else "")
+        return "sent"
+
+    def _attachment(self, attachment):
+        """(filename, mime type, bytes) of one attachment."""
+        filename = attachment["filename"]
+        mime_type = attachment.get("mime_type") or _guess_mime_type(filename)
+        if "content" in attachment:
+            return filename, mime_type, base64.b64decode(attachment["content"])
+        raise PermanentError("attachment %s: url and s3 sources are not supported by "
+                             "this version" % filename)
+
+    def _delay(self, retry_count):
+        delays = self.delivery.retry_delays
+        return delays[min(retry_count, len(delays) - 1)]
+
+    def _retry(self, message, now, error):
+        retries = message["retry_count"]
+        if retries >= self.delivery.max_retries:
+            return self._fail(message, now, "gave up after %d retries: %s" % (retries, error))
+        until = now + self._delay(retries)
+        self.core.store.mark_deferred(message, now, until, "temporary failure",
+                                      error=error, retry_count=retries + 1)
+        self.core.metrics.inc("asyncmail_deferred_total", message["account_id"])
+        if self.activity:
+            self.log.info("deferred %s via account %s until %s: %s", message["id"],
+                          message["account_id"], _iso(until), error)
+        return "deferred"
+
+    def _fail(self, message, now, error):
+        self.core.store.mark_failed(message, now, error)
+        self.core.metrics.inc("asyncmail_errors_total", message["account_id"])
+        if self.activity:
+            self.log.info("failed %s via account %s: %s", message["id"],
+                          message["account_id"], error)
+        return "failed"
+
+    def shutdown(self):
+        if self._pool is not None:
+            self._pool.stop(self.delivery.smtp_timeout_seconds)
+        with self._lock:
+            relays, self._relays = list(self._relays.values()), {}
+        for relay in relays:
+            relay.close()
+
+
+def _iso(ts):
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Reporter(_Worker):
+    """POSTs delivery report events upstream and purges reported, finished
+    messages past their retention.
+
+    A 2xx answer acknowledges exactly the entries of that POST.  Anything
+    else leaves them queued and backs off (5 s doubling to 5 min; run-now
+    retries at once).  With nothing to report it still POSTs an empty list
+    every ``sync_interval_seconds`` so the upstream can push new work.
+    """
+
+    name = "asyncmail-reporter"
+    POLL = 1.0            # seconds between checks for new events
+    PURGE_EVERY = 60.0    # seconds between retention purges
+    BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0
+    MAX_ANSWER_BYTES = 1 << 20
+
+    def __init__(self, core):
+        super().__init__(core)
+        client = core.config.client
+        self.client = client
+        self.retention = core.config.delivery.delivery_report_retention_seconds
+        self.activity = core.config.logging.delivery_activity
+        self._last_post = None
+        self._last_purge = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._forced = False
+        self._safe_url = _redact_url(client.client_sync_url)
+
+    def interval(self):
+        return min(self.POLL, self.client.sync_interval_seconds)
+
+    def run_now(self, wait=None):
+        self._forced = True
+        super().run_now(wait)
+
+    def cycle(self, now):
+        forced, self._forced = self._forced, False
+        if forced or self._last_purge is None or now - self._last_purge >= self.PURGE_EVERY:
+            self._last_purge = now
+            removed = self.core.purge_reported(now - self.retention)
+            if removed:
+                self.log.info("purged %d reported message(s) past retention", removed)
+        if not self.client.client_sync_url:
+            return
+        if not forced and now < self._retry_at:
+            return
+        heartbeat_due = (self._last_post is None
+                         or now - self._last_post >= self.client.sync_interval_seconds)
+        posted = False
+        while not self._stop.is_set():
+            events = self.core.store.pending_events(self.client.batch_size)
+            if not events and (posted or not (forced or heartbeat_due)):
+                return
+            if not self._post(events, now):
+                return
+            posted = True
+            if len(events) < self.client.batch_size:
+                return
+            now = self.core.now()
+
+    def _post(self, events, now):
+        """One report POST; True when the upstream acknowledged it."""
+        import urllib.request
+        import urllib.error
+        entries = [_report_entry(event) for event in events]
+        body = json.dumps({"delivery_report": entries}).encode("utf-8")
+        request = urllib.request.Request(self.client.client_sync_url, data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        request.add_header("User-Agent", "asyncmail/" + __version__)
+        if self.client.client_sync_token:
+            request.add_header("Authorization", "Bearer " + self.client.client_sync_token)
+        elif self.client.client_sync_user:
+            pair = "%s:%s" % (self.client.client_sync_user, self.client.client_sync_password)
+            request.add_header("Authorization", "Basic " + base64.b64encode(
+                pair.encode("utf-8")).decode("ascii"))
+        status, answer = None, b""
+        try:
+            with urllib.request.urlopen(request, timeout=self.client.timeout_seconds,
+                                        context=self._tls_context()) as response:
+                status = response.status
+                answer = response.read(self.MAX_ANSWER_BYTES)
+            ok = 200 <= status < 300
+            problem = None if ok else "HTTP %d" % status
+        except urllib.error.HTTPError as exc:
+            ok, status, problem = False, exc.code, "HTTP %d" % exc.code
+            exc.close()
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            ok, problem = False, str(getattr(exc, "reason", exc)) or type(exc).__name__
+        except Exception as exc:   # http.client raises odd things on garbage answers
+            ok, problem = False, "%s: %s" % (type(exc).__name__, exc)
+        if not ok:
+            self._failures += 1
+            delay = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2 ** (self._failures - 1))
+            self._retry_at = now + delay
+            self.core.metrics.inc("asyncmail_report_failures_total")
+            self.log.warning("delivery report to %s failed (%s); %d entr%s kept, retry in %gs",
+                             self._safe_url, problem, len(entries),
+                             "y" if len(entries) == 1 else "ies", delay)
+            return False
+        self.core.store.acknowledge_events(events, self.core.now())
+        self._failures, self._retry_at, self._last_post = 0, 0.0, now
+        self.core.metrics.inc("asyncmail_report_posts_total")
+        self.core.metrics.inc("asyncmail_report_entries_total", amount=len(events))
+        summary = _parse_summary(answer)
+        if self.activity or summary:
+            self.log.info("delivery report to %s: %d entr%s acknowledged (HTTP %d)%s",
+                          self._safe_url, len(entries), "y" if len(entries) == 1 else "ies",
+                          status, "; upstream summary %s" % summary if summary else "")
+        return True
+
+    def _tls_context(self):
+        if not self.client.client_sync_url.startswith("https:"):
+            return None
+        return _ssl_context({"tls_verify": True})
+
+
+def _report_entry(event):
+    entry = {"id": event["id"], "account_id": event["account_id"],
+             "priority": event["priority"], "status": event["kind"],
+             "sent_ts": event["sent_ts"], "error_ts": event["error_ts"],
+             "error": event["error"], "deferred_ts": event["deferred_ts"]}
+    if event["reason"]:
+        entry["deferred_reason"] = event["reason"]
+    if event["refused"]:
+        entry["refused"] = event["refused"]
+    return entry
+
+
+def _parse_summary(answer):
+    """The upstream's ``{"sent": n, "error": n, "deferred": n}`` or None."""
+    try:
+        data = json.loads(answer.decode("utf-8")) if answer else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    summary = {k: data[k] for k in ("sent", "error", "deferred") if _is_number(data.get(k))}
+    return summary or None
+
+
+def _redact_url(url):
+    """The URL without user:password (safe for logs)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += ":%d" % parts.port
+        parts = parts._replace(netloc=host)
+    return urllib.parse.urlunsplit(parts._replace(query=""))
+
+
+# ####################################################################### #
+# ##############################  HTTP API  ############################# #
+# ####################################################################### #
+
+# HTTP routes: (method, path pattern) -> command name.  ``{id}`` matches one
+# percent-decoded path segment.
+_COMMAND_PATHS = {
+    "run-now": "run now", "suspend": "suspend", "activate": "activate",
+    "add-messages": "add messages", "delete-messages": "delete messages",
+    "cleanup-messages": "cleanup messages",
+}
+_ROUTES = (
+    ("GET", ("status",), "status"),
+    ("GET", ("metrics",), "metrics"),
+    ("POST", ("commands", "{name}"), None),
+    ("POST", ("account",), "add account"),
+    ("GET", ("accounts",), "list accounts"),
+    ("DELETE", ("account", "{id}"), "delete account"),
+    ("GET", ("messages",), "list messages"),
+    ("GET", ("messages", "{id}"), "get message"),
+)
+
+
+def _match_route(segments):
+    """[(method, command, params)] of the routes whose path matches."""
+    found = []
+    for method, pattern, command in _ROUTES:
+        if len(pattern) != len(segments):
+            continue
+        params = {}
+        for expected, actual in zip(pattern, segments):
+            if expected.startswith("{"):
+                params[expected[1:-1]] = actual
+            elif expected != actual:
+                break
+        else:
+            found.append((method, command, params))
+    return found
+
+
+class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
+    """The HTTP listener: one daemon thread per client connection."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, core, api_token, max_request_bytes, metrics, log):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.core = core
+        self.api_token = api_token.encode("utf-8") if api_token else None
+        self.max_request_bytes = max_request_bytes
+        self.metrics = metrics
+        self.log = log
+        HTTPServer.__init__(self, address, _ApiHandler)
+
+    def handle_error(self, request, client_address):
+        self.log.exception("unexpected error on a connection from %s", client_address[0])
+
+
+class _ApiHandler(BaseHTTPRequestHandler):
+    """One client connection: keep-alive HTTP/1.1, JSON in and out.
+
+    Every answer is JSON (``ok`` plus ``error`` on failure); malformed
+    requests get a 4xx, never a 500, and always an answer before the
+    connection closes.  Runs in the connection's own thread.
+    """
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True   # else keep-alive answers wait ~40 ms (Nagle + delayed ACK)
+    timeout = REQUEST_IDLE_TIMEOUT    # an idle or stalled client releases its thread
+    server_version = "asyncmail/" + __version__
+    sys_version = ""
+    # http.server assumes HTTP/0.9 until the request line parses, and answers
+    # 0.9 requests without a status line: errors would come back headless.
+    default_request_version = "HTTP/1.0"
+
+    def version_string(self):
+        return self.server_version
+
+    # -- plumbing -----------------------------------------------------------
+
+    def log_message(self, format, *args):
+        self.server.log.debug("http %s: " + format, self.address_string(), *args)
+
+    def log_request(self, code="-", size="-"):
+        pass
+
+    def _send(self, status, body, content_type="application/json; charset=utf-8",
+              extra_headers=()):
+        self.server.metrics.inc("asyncmail_http_requests_total", str(status))
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in extra_headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status, payload, extra_headers=()):
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self._send(status, body, extra_headers=extra_headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, unknown method, huge
+        headers) as JSON; an unknown method is 405 and no parse failure of a
+        client's bytes is answered with a 5xx."""
+        if code == 501:
+            code, message = 405, "method not allowed"
+        elif code >= 500:
+            code = 400
+        self.close_connection = True
+        if not getattr(self, "command", None):
+            self.command = "GET"
+        self._send_json(code, {"ok": False, "error": message or "bad request"})
+
+    def handle_expect_100(self):
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.max_request_bytes:
+            self.send_error(413, "request body larger than %d bytes"
+                            % self.server.max_request_bytes)
+            return False
+        return BaseHTTPRequestHandler.handle_expect_100(self)
+
+    def _read_body(self):
+        """The request body as bytes (Content-Length or chunked).
+
+        Raises ApiError (400/411/413); on any of them the connection closes
+        because the rest of the body was not read.
+        """
+        limit = self.server.max_request_bytes
+        deadline = time.monotonic() + REQUEST_BODY_DEADLINE
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limit, deadline)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        length = length.strip()
+        if not length.isdigit() or len(length) > 15:
+            self.close_connection = True
+            raise ApiError("invalid Content-Length", status=400)
+        length = int(length)
+        if length > limit:
+            self.close_connection = True
+            raise ApiError("request body larger than %d bytes" % limit, status=413)
+        return self._read_exact(length, deadline)
+
+    def _read_exact(self, length, deadline):
+        chunks, remaining = [], length
+        while remaining:
+            if time.monotonic() > deadline:
+                self.close_connection = True
+                raise ApiError("request body too slow", status=408)
+            try:
+                chunk = self.rfile.read(min(remaining, 65536))
+            except (socket.timeout, OSError):
+                chunk = b""
+            if not chunk:
+                self.close_connection = True
+                raise ApiError("request body shorter than Content-Length", status=400)
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _read_chunked(self, limit, deadline):
+        chunks, total = [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError("malformed chunked body", status=400)
+            if size < 0:
+                self.close_connection = True
+                raise ApiError("malformed chunked body", status=400)
+            if size == 0:
+                while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
+                    pass   # trailers are ignored
+                return b"".join(chunks)
+            total += size
+            if total > limit:
+                self.close_connection = True
+                raise ApiError("request body larger than %d bytes" % limit, status=413)
+            chunks.append(self._read_exact(size, deadline))
+            self.rfile.readline(1026)
+
+    def _authorized(self):
+        token = self.server.api_token
+        if token is None:
+            return True
+        given = self.headers.get("X-API-Token")
+        if given is None:
+            auth = self.headers.get("Authorization", "")
+            if auth[:7].lower() == "bearer ":
+                given = auth[7:].strip()
+        if given is None:
+            return False
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token)
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _handle(self):
+        try:
+            self._route()
+        except ApiError as exc:
+            payload = {"ok": False, "error": str(exc)}
+            if exc.detail is not None:
+                payload["detail"] = exc.detail
+            headers = [("Allow", exc.detail["allow"])] if exc.status == 405 else []
+            self._send_json(exc.status, payload, headers)
+        except StoreError as exc:
+            self.server.log.error("store error answering %s %s: %s",
+                                  self.command, self.path[:200], exc)
+            self._send_json(503, {"ok": False, "error": "storage unavailable, retry later"})
+        except Exception:
+            self.server.log.exception("internal error answering %s %s",
+                                      self.command, self.path[:200])
+            self.close_connection = True
+            self._send_json(500, {"ok": False, "error": "internal error"})
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _handle
+
+    def _route(self):
+        if not self._authorized():
+            if self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+                self.close_connection = True   # the body is not read
+            raise ApiError("Invalid or missing API token", status=401)
+        parts = urllib.parse.urlsplit(self.path)
+        segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
+        matches = _match_route(segments)
+        if not matches:
+            self._discard_body()
+            raise NotFoundError("no such endpoint: %s" % parts.path[:200])
+        for method, command, params in matches:
+            if method == self.command:
+                break
+        else:
+            self._discard_body()
+            allowed = ", ".join(sorted({m for m, _, _ in matches}))
+            raise ApiError("method not allowed; use %s" % allowed, status=405,
+                           detail={"allow": allowed})
+        if command == "metrics":
+            body = self.server.core.render_metrics().encode("utf-8")
+            self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
+            return
+        if command is None:
+            command = _COMMAND_PATHS.get(params["name"])
+            if command is None:
+                self._discard_body()
+                raise NotFoundError("unknown command")
+        payload = dict(params)
+        if method == "POST":
+            payload = self._json_body()
+        elif parts.query:
+            try:
+                query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
+                                              strict_parsing=False, max_num_fields=50)
+            except ValueError:
+                raise ValidationError("malformed query string")
+            for key, values in query.items():
+                payload.setdefault(key, values[-1])
+        status, answer = self.server.core.execute(command, payload)
+        self._send_json(status, answer)
+
+    def _discard_body(self):
+        """Read (bounded) or give up on the body of a request that failed
+        before its body mattered, so keep-alive stays in sync."""
+        length = self.headers.get("Content-Length", "0").strip()
+        if length.isdigit() and int(length) <= 65536:
+            with contextlib.suppress(ApiError):
+                self._read_exact(int(length), time.monotonic() + REQUEST_BODY_DEADLINE)
+        elif length not in ("", "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
+    def _json_body(self):
+        body = self._read_body()
+        if not body.strip():
+            return {}
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValidationError("body is not UTF-8")
+        try:
+            payload = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ValidationError("body is not valid JSON: %s" % str(exc)[:200])
+        if not isinstance(payload, dict):
+            raise ValidationError("body must be a JSON object")
+        return payload
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+# ####################################################################### #
+# ##############################  The core  ############################# #
+# ####################################################################### #
+
+class AsyncMailCore:
+    """Builds and owns everything: store, workers, HTTP server, metrics.
+
+    ``AsyncMailCore(config=None)`` uses the defaults without reading a file or
+    the environment; ``config`` may also be a Config or a mapping of
+    section -> key -> value.  ``now`` is the clock (epoch seconds) used for
+    every timestamp and delay, so tests drive time; ``smtp_connect`` is the
+    seam that opens SMTP connections.  ``test_mode`` (or ``[delivery]
+    test_mode``): the loops run only on run-now, which then returns after the
+    cycle finished.
+
+    ``handle_command(name, payload)`` is safe from any thread.
+    """
+
+    def __init__(self, config=None, test_mode=False, now=None, smtp_connect=None,
+                 logger=None):
+        if config is None:
+            config = Config()
+        elif isinstance(config, dict):
+            config = Config(config)
+        self.config = config
+        self.test_mode = bool(test_mode or config.delivery.test_mode)
+        self.now = now or time.time
+        self.log = logger or logging.getLogger("asyncmail")
+        self.metrics = Metrics()
+        self.store = Store(config.storage.db_path)
+        self.store.reporting = bool(config.client.client_sync_url)
+        self.controls = _Controls(config.scheduler.active)
+        self._http = None
+        self._http_thread = None
+        self._started = False
+        for account in self.store.list_accounts():
+            self.metrics.add_account(account["id"])
+        recovered = self.store.recover_interrupted()
+        if recovered:
+            self.log.warning("%d message(s) were being sent when asyncmail last stopped; "
+                             "they will be retried with their Message-ID", recovered)
+        self.dispatcher = _Dispatcher(self, smtp_connect)
+        self.reporter = _Reporter(self)
+        self._commands = {
+            "status": self._cmd_status,
+            "run now": self._cmd_run_now,
+            "suspend": self._cmd_suspend,
+            "activate": self._cmd_activate,
+            "add messages": self._cmd_add_messages,
+            "delete messages": self._cmd_delete_messages,
+            "cleanup messages": self._cmd_cleanup_messages,
+            "add account": self._cmd_add_account,
+            "list accounts": self._cmd_list_accounts,
+            "delete account": self._cmd_delete_account,
+            "list messages": self._cmd_list_messages,
+            "get message": self._cmd_get_message,
+        }
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self, serve_http=True):
+        """Start the workers and (unless ``serve_http`` is false) the HTTP
+        server on ``[server] host/port``.  Returns self."""
+        if self._started:
+            return self
+        self._started = True
+        self.dispatcher.start()
+        self.reporter.start()
+        if serve_http:
+            server = self.config.server
+            self._http = _ApiServer((server.host, server.port), self, server.api_token,
+                                    server.max_request_bytes, self.metrics, self.log)
+            self._http_thread = threading.Thread(
+                target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
+                name="asyncmail-http", daemon=True)
+            self._http_thread.start()
+            self.log.info("asyncmail %s listening on http://%s:%d (database %s)",
+                          __version__, self.http_address[0], self.http_address[1],
+                          self.store.path)
+        return self
+
+    @property
+    def http_address(self):
+        """(host, port) the HTTP server is bound to, or None."""
+        return self._http.server_address[:2] if self._http else None
+
+    def stop(self):
+        """Stop accepting requests, let in-flight SMTP transactions finish
+        (at most ``smtp_timeout_seconds``), close the store.  Idempotent."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http_thread.join(5)
+            self._http = None
+        grace = self.config.delivery.smtp_timeout_seconds + 1
+        self.dispatcher.stop(grace)
+        self.reporter.stop(self.config.client.timeout_seconds + 1)
+        self.store.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # -- commands -----------------------------------------------------------
+
+    def execute(self, name, payload=None):
+        """Run a command: returns (HTTP status, answer); raises ApiError."""
+        handler = self._commands.get(name)
+        if handler is None:
+            raise NotFoundError("unknown command")
+        if payload is None:
+            payload = {}
+        if not isinstance(payload, dict):
+            raise ValidationError("payload must be an object")
+        return 200, handler(payload)
+
+    def handle_command(self, name, payload=None):
+        """Run a command and return its answer as a dict (``ok`` false and an
+        ``error`` on failure)."""
+        try:
+            return self.execute(name, payload)[1]
+        except ApiError as exc:
+            answer = {"ok": False, "error": str(exc)}
+            if exc.detail is not None:
+                answer["detail"] = exc.detail
+            return answer
+
+    def _cmd_status(self, payload):
+        counts = self.store.queue_counts()
+        return {"ok": True, "active": self.controls.active, "version": __version__,
+                "queue": {status: counts.get(status, 0) for status in STATUSES}}
+
+    def _cmd_run_now(self, payload):
+        wait = self.config.delivery.smtp_timeout_seconds * 4 + 10 if self.test_mode else None
+        self.dispatcher.run_now(wait)
+        self.reporter.run_now(wait)
+        return {"ok": True}
+
+    def _account_argument(self, payload):
+        account_id = payload.get("account_id")
+        if account_id is None:
+            return None
+        if not isinstance(account_id, str) or self.store.get_account(account_id) is None:
+            raise NotFoundError("unknown account")
+        return account_id
+
+    def _cmd_suspend(self, payload):
+        account_id = self._account_argument(payload)
+        self.controls.suspend(account_id)
+        self.log.info("dispatching suspended%s", " for account %s" % account_id
+                      if account_id else "")
+        return self._activity(account_id)
+
+    def _cmd_activate(self, payload):
+        account_id = self._account_argument(payload)
+        self.controls.activate(account_id)
+        self.log.info("dispatching activated%s", " for account %s" % account_id
+                      if account_id else "")
+        self.dispatcher.wake()
+        return self._activity(account_id)
+
+    def _activity(self, account_id):
+        answer = {"ok": True, "active": self.controls.may_send(account_id)}
+        if account_id is not None:
+            answer["account_id"] = account_id
+        return answer
+
+    def _cmd_add_messages(self, payload):
+        messages = payload.get("messages")
+        if not isinstance(messages, list):
+            raise self._batch_error("body must be an object with a messages list", [])
+        if len(messages) > MAX_BATCH_MESSAGES:
+            raise self._batch_error("a batch holds at most %d messages" % MAX_BATCH_MESSAGES, [])
+        default_priority = self.config.delivery.default_priority
+        if payload.get("default_priority") is not None:
+            try:
+                default_priority = _parse_priority(payload["default_priority"])
+            except ValueError as exc:
+                raise self._batch_error("default_priority: %s" % exc, [])
+        accounts = {account["id"] for account in self.store.list_accounts()}
+        resolve = _AccountResolver(accounts, self.config.delivery.default_account)
+        now = self.now()
+        rejected, rows, seen = [], [], set()
+        for raw in messages:
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            try:
+                message = validate_message(raw, default_priority, resolve)
+            except ValueError as exc:
+                rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
+                                 "reason": str(exc)})
+                continue
+            if message["id"] in seen:
+                rejected.append({"id": message["id"], "reason": "duplicate id"})
+                continue
+            seen.add(message["id"])
+            deferred_ts = message["deferred_ts"]
+            status = "deferred" if deferred_ts is not None and deferred_ts > now else "pending"
+            recipients = [_format_address(*pair) for pair in message["to"]]
+            rows.append((message["id"], message["account_id"], message["priority"], status,
+                         now, deferred_ts, message["subject"], json.dumps(recipients),
+                         message["message_id"], json.dumps(message, separators=(",", ":"))))
+        duplicates = self.store.insert_messages(rows, [row[0] for row in rows]) if rows else set()
+        for message_id in sorted(duplicates):
+            rejected.append({"id": message_id, "reason": "duplicate id"})
+        queued = len(rows) - len(duplicates)
+        if queued == 0:
+            raise self._batch_error("no message was accepted", rejected)
+        if any(row[2] == 0 and row[3] == "pending" and row[0] not in duplicates for row in rows):
+            self.dispatcher.wake()
+        return {"ok": True, "queued": queued, "rejected": rejected}
+
+    @staticmethod
+    def _batch_error(message, rejected):
+        return ValidationError(message, detail={"error": message, "rejected": rejected})
+
+    def _cmd_delete_messages(self, payload):
+        ids = payload.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValidationError("ids must be a list of message ids")
+        if len(ids) > MAX_DELETE_IDS:
+            raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
+        unique = list(dict.fromkeys(ids))
+        not_found = self.store.delete_messages(unique) if unique else []
+        return {"ok": True, "removed": len(unique) - len(not_found), "not_found": not_found}
+
+    def _cmd_cleanup_messages(self, payload):
+        older_than = payload.get("older_than_seconds")
+        if older_than is None:
+            older_than = self.config.delivery.delivery_report_retention_seconds
+        elif not _is_number(older_than) or older_than < 0:
+            raise ValidationError("older_than_seconds must be a number >= 0")
+        return {"ok": True, "removed": self.purge_reported(self.now() - older_than)}
+
+    def purge_reported(self, before):
+        """Delete finished messages reported before ``before``, in small
+        transactions so intake and dispatch never wait long.  Returns the count."""
+        removed = 0
+        while True:
+            batch = self.store.purge_reported(before, 500)
+            removed += batch
+            if batch < 500:
+                return removed
+
+    def _cmd_add_account(self, payload):
+        try:
+            account = validate_account(payload)
+        except ValueError as exc:
+            raise ValidationError(str(exc))
+        self.store.upsert_account(account, self.now())
+        self.metrics.add_account(account["id"])
+        self.dispatcher.account_changed(account["id"])
+        return {"ok": True}
+
+    def _cmd_list_accounts(self, payload):
+        return {"ok": True, "accounts": [public_account(a) for a in self.store.list_accounts()]}
+
+    def _cmd_delete_account(self, payload):
+        account_id = payload.get("id")
+        if not isinstance(account_id, str):
+            raise ValidationError("id must be a string")
+        try:
+            force = _parse_bool(payload.get("force", False))
+        except ValueError:
+            raise ValidationError("force must be true or false")
+        undelivered = self.store.delete_account(account_id, force, self.now())
+        if undelivered is None:
+            raise NotFoundError("unknown account")
+        if undelivered and not force:
+            raise ConflictError("account has %d undelivered message(s); use ?force=true "
+                                "to fail them" % undelivered)
+        if undelivered:
+            self.log.warning("account %s deleted with force: %d message(s) failed",
+                             account_id, undelivered)
+            self.reporter.wake()
+        self.dispatcher.account_changed(account_id)
+        return {"ok": True}
+
+    def _cmd_list_messages(self, payload):
+        try:
+            active_only = _parse_bool(payload.get("active_only", False))
+        except ValueError:
+            raise ValidationError("active_only must be true or false")
+        limit = _query_int(payload, "limit", 1000, 0, MAX_LIST_LIMIT)
+        offset = _query_int(payload, "offset", 0, 0, 2 ** 62)
+        return {"ok": True, "messages": self.store.list_messages(active_only, limit, offset)}
+
+    def _cmd_get_message(self, payload):
+        message_id = payload.get("id")
+        record = self.store.get_message(message_id) if isinstance(message_id, str) else None
+        if record is None:
+            raise NotFoundError("unknown message")
+        return {"ok": True, "message": record}
+
+    # -- metrics ------------------------------------------------------------
+
+    def render_metrics(self):
+        """The Prometheus exposition: counters plus gauges read with index
+        seeks only (no table scan), so scraping stays cheap at any queue size."""
+        counts = self.store.queue_counts()
+        oldest = self.store.oldest_active_created_ts()
+        age = max(0.0, self.now() - oldest) if oldest is not None else 0.0
+        gauges = [
+            ("asyncmail_pending_messages", "Messages not yet sent or failed.",
+             sum(counts.get(s, 0) for s in ACTIVE_STATUSES)),
+            ("asyncmail_queue_messages", "Messages in the queue by status.",
+             {(("status", s),): counts.get(s, 0) for s in STATUSES}),
+            ("asyncmail_oldest_pending_age_seconds",
+             "Age of the oldest message not yet sent or failed.", age),
+            ("asyncmail_active", "1 when dispatching is active, 0 when suspended.",
+             1 if self.controls.active else 0),
+            ("asyncmail_build_info", "Version of asyncmail.",
+             {(("version", __version__),): 1}),
+        ]
+        return self.metrics.render(gauges)
+
+
+def _query_int(payload, name, default, low, high):
+    value = payload.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, str) and re.match(r"^\d{1,19}$", value.strip()):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValidationError("%s must be a whole number between %d and %d" % (name, low, high))
+    return value
+
+
+class _AccountResolver:
+    """Picks the account of a message: its own, else ``default_account``,
+    else the only account when there is exactly one."""
+
+    def __init__(self, accounts, default_account):
+        self.accounts = accounts
+        self.default = default_account or (next(iter(accounts)) if len(accounts) == 1 else None)
+
+    def __call__(self, account_id):
+        if account_id is None:
+            if self.default is None:
+                raise ValueError("no account_id and no default account")
+            account_id = self.default
+        if account_id not in self.accounts:
+            raise ValueError("unknown account %s" % account_id[:80])
+        return account_id
+
+
+# ####################################################################### #
+# ######################  systemd, CLI and main()  ###################### #
+# ####################################################################### #
+
+def _setup_logging(config, stream=None):
+    """Log to stderr; under systemd (JOURNAL_STREAM set) without timestamps
+    and with ``<N>`` syslog priority prefixes that journald understands."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("asyncmail")
+    logger.handlers[:] = [handler]
+    logger.setLevel(config.logging.level)
+    logger.propagate = False
+    return logger
+
+
+class _JournalFormatter(logging.Formatter):
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                  logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record):
+        text = super().format(record)
+        prefix = "<%d>" % self.PRIORITIES.get(record.levelno, 6)
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+def _sd_notify(message, environ=None):
+    """Send ``message`` to systemd's notification socket; a no-op without
+    ``$NOTIFY_SOCKET``.  Never raises."""
+    environ = os.environ if environ is None else environ
+    address = environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode("utf-8"))
+        return True
+    except OSError:
+        return False
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="asyncmail.py",
+        description="asyncmail %s: a durable mail queue daemon with a REST API. "
+                    "Without options it reads config.ini from the working directory "
+                    "(or $ASYNC_MAIL_CONFIG) if present and listens on 127.0.0.1:8000."
+                    % __version__)
+    parser.add_argument("--config", metavar="PATH",
+                        help="configuration file (default: $ASYNC_MAIL_CONFIG, "
+                             "else ./config.ini if it exists)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print it with secrets "
+                             "masked, and exit (0 valid, 78 invalid)")
+    parser.add_argument("--version", action="version", version="asyncmail " + __version__)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print("asyncmail: configuration error: %s" % exc, file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        for section, key, value in config.describe():
+            print("%s.%s = %s" % (section, key, value))
+        return 0
+    log = _setup_logging(config)
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        core = AsyncMailCore(config, logger=log).start()
+    except (StoreError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    _sd_notify("READY=1\nSTATUS=listening on %s:%d" % core.http_address)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        _sd_notify("STOPPING=1")
+        log.info("stopping: finishing in-flight deliveries")
+        core.stop()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
