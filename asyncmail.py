@@ -1788,7 +1788,10 @@ class SmtpRelay:
             detail = "; ".join("%s: %s" % (r, text) for r, (_, text) in refused.items())
             raise SmtpFailure("all recipients refused: %s" % detail[:900], temporary,
                               smtp_code=min(code for code, _ in refused.values()))
-        code, reply = conn.data(data)
+        try:
+            code, reply = conn.data(data)
+        except smtplib.SMTPDataError as exc:   # DATA itself refused (no 354)
+            code, reply = exc.smtp_code, exc.smtp_error
         if code != 250:
             raise SmtpFailure("message refused after DATA: %s" % _reply_text(code, reply),
                               code < 500, smtp_code=code)

@@ -79,7 +79,10 @@ class SmtpServer:
     greeting); the reply "DROP" closes the connection instead.
     ``rcpt_replies[address]`` answers RCPT for one address every time."""
 
-    def __init__(self, ehlo_extensions=("8BITMIME", "PIPELINING")):
+    def __init__(self, ehlo_extensions=("8BITMIME", "PIPELINING", "AUTH PLAIN"),
+                 credentials=None):
+        self.credentials = credentials   # (user, password) or None: any AUTH passes
+        self.auths = []
         self.messages = []
         self.connections = 0
         self.commands = []
@@ -159,7 +162,9 @@ class SmtpServer:
                 verb = text[:4].upper()
                 with self._lock:
                     self.commands.append((connection, text))
-                reply = self._scripted(verb)
+                # "DATA" scripts the reply after the body; "DATA-CMD" the
+                # reply to the DATA command itself.
+                reply = self._scripted("DATA-CMD" if verb == "DATA" else verb)
                 if reply == "DROP":
                     return
                 if verb == "EHLO":
@@ -200,6 +205,17 @@ class SmtpServer:
                                                   "connection": connection})
                             self.received.notify_all()
                     write((after or "250 queued").encode() + b"\r\n")
+                elif verb == "AUTH":
+                    words = text.split()
+                    try:
+                        _, user, password = base64.b64decode(words[2]).decode().split("\0")
+                    except (IndexError, ValueError):
+                        write(b"501 5.5.2 malformed AUTH\r\n")
+                        continue
+                    with self._lock:
+                        self.auths.append(user)
+                    ok = self.credentials is None or self.credentials == (user, password)
+                    write(b"235 2.7.0 ok\r\n" if ok else b"535 5.7.8 bad credentials\r\n")
                 elif verb == "QUIT":
                     write(b"221 bye\r\n")
                     return
@@ -989,3 +1005,630 @@ class AuthTests(CoreCase):
         status, body = client.request("POST", "/commands/add-messages",
                                       {"messages": [message("x")]})
         self.assertEqual(status, 401)
+
+
+# ==========================================================================
+# Delivery over real SMTP sockets
+# ==========================================================================
+
+def parse_mail(data):
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+class DeliveryTests(CoreCase):
+
+    def setUp(self):
+        self.smtp = self.smtp_server()
+        self.core = self.make_core({"delivery": {"retry_delays": "60,300", "max_retries": "2"}})
+        self.add_account(self.core, self.smtp)
+
+    def test_delivers_with_headers_envelope_and_no_bcc(self):
+        self.add(self.core, message(
+            "m1", **{"from": "Jörg Müller <jorg@example.com>"}, to="a@x.com, \"Doe, J\" <j@x.com>",
+            cc=["c@x.com"], bcc=["hidden@x.com"], reply_to="r@x.com",
+            return_path="bounces@example.com", subject="Grüße ✓ " + "long " * 40,
+            body="Ünïcode body\n" + "x" * 3000, headers={"X-Campaign": "c42"}))
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        got = self.smtp.messages[0]
+        self.assertEqual(got["from"], "bounces@example.com")
+        self.assertEqual(got["rcpts"], ["a@x.com", "j@x.com", "c@x.com", "hidden@x.com"])
+        raw = got["data"]
+        self.assertNotIn(b"hidden@x.com", raw)
+        self.assertNotIn(b"Bcc", raw)
+        for line in raw.split(b"\r\n"):
+            self.assertLessEqual(len(line), 998)
+            self.assertNotIn(b"\n", line)
+        self.assertEqual(raw.count(b"\n"), raw.count(b"\r\n"))
+        parsed = parse_mail(raw)
+        self.assertEqual(str(parsed["Subject"]), "Grüße ✓ " + "long " * 40)
+        self.assertEqual(parsed["From"].addresses[0].display_name, "Jörg Müller")
+        self.assertEqual(parsed["X-Campaign"], "c42")
+        self.assertEqual(str(parsed["Reply-To"]), "r@x.com")
+        self.assertTrue(parsed["Date"])
+        self.assertEqual(parsed.get_content().replace("\r\n", "\n"),
+                         "Ünïcode body\n" + "x" * 3000 + "\n")
+        record = self.record(self.core, "m1")
+        self.assertEqual(record["status"], "sent")
+        self.assertEqual(record["sent_ts"], self.clock())
+        self.assertEqual(self.core.handle_command("status")["queue"]["sent"], 1)
+
+    def test_html_with_text_alternative_and_attachment(self):
+        payload = bytes(range(256)) * 40
+        self.add(self.core, message(
+            "m2", content_type="html", body="<p>Hi</p>", body_text="Hi",
+            attachments=[{"filename": "data é.bin", "content": base64.b64encode(payload).decode()},
+                         {"filename": "note.txt", "content": "aGVsbG8=",
+                          "mime_type": "text/plain"}]))
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        parsed = parse_mail(self.smtp.messages[0]["data"])
+        body = parsed.get_body(("html",))
+        self.assertEqual(body.get_content().strip(), "<p>Hi</p>")
+        self.assertEqual(parsed.get_body(("plain",)).get_content().strip(), "Hi")
+        attachments = list(parsed.iter_attachments())
+        self.assertEqual([a.get_filename() for a in attachments], ["data é.bin", "note.txt"])
+        self.assertEqual(attachments[0].get_content(), payload)
+        self.assertEqual(attachments[0].get_content_type(), "application/octet-stream")
+        self.assertEqual(attachments[1].get_content_type(), "text/plain")
+
+    def test_priority_order_then_age(self):
+        self.add(self.core, message("low", priority=3), message("med1"),
+                 message("high", priority="high"), message("med2"),
+                 message("now", priority=0))
+        self.run_now(self.core)
+        self.smtp.wait_messages(5)
+        subjects = [parse_mail(m["data"])["Subject"] for m in self.smtp.messages]
+        self.assertEqual(subjects, ["subject now", "subject high", "subject med1",
+                                    "subject med2", "subject low"])
+
+    def test_connection_is_reused_across_messages_and_cycles(self):
+        self.add(self.core, *[message("r%d" % i) for i in range(10)])
+        self.run_now(self.core)
+        self.add(self.core, message("r-later"))
+        self.run_now(self.core)
+        self.smtp.wait_messages(11)
+        self.assertEqual({m["connection"] for m in self.smtp.messages}, {1})
+
+    def test_dropped_idle_connection_is_replaced_transparently(self):
+        self.add(self.core, message("d1"))
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.smtp.drop_all()
+        self.add(self.core, message("d2"))
+        self.run_now(self.core)
+        self.smtp.wait_messages(2)
+        self.assertEqual(self.record(self.core, "d2")["status"], "sent")
+        self.assertEqual(self.record(self.core, "d2")["retry_count"], 0)
+        self.assertEqual(self.smtp.messages[1]["connection"], 2)
+
+    def test_deferred_ts_is_respected(self):
+        self.add(self.core, message("later", deferred_ts=self.clock() + 600))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "later")["status"], "deferred")
+        self.assertEqual(self.smtp.messages, [])
+        self.clock.advance(600)
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.assertEqual(self.record(self.core, "later")["status"], "sent")
+
+    def test_permanent_failure(self):
+        self.smtp.script("DATA", "554 5.7.1 rejected as spam")
+        self.add(self.core, message("spam"))
+        self.run_now(self.core)
+        record = self.record(self.core, "spam")
+        self.assertEqual(record["status"], "error")
+        self.assertIn("554", record["error"])
+        self.assertEqual(record["error_ts"], self.clock())
+        self.assertEqual(self.core.metrics.value("asyncmail_errors_total", "acct"), 1)
+
+    def test_data_command_refused(self):
+        # smtplib raises (instead of returning) when DATA gets no 354
+        self.smtp.script("DATA-CMD", "554 5.3.4 no data for you", "452 4.3.1 full")
+        self.add(self.core, message("nodata"), message("full"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "nodata")["status"], "error")
+        self.assertIn("554", self.record(self.core, "nodata")["error"])
+        self.assertEqual(self.record(self.core, "full")["status"], "deferred")
+        self.assertIn("452", self.record(self.core, "full")["error"])
+
+    def test_temporary_failure_retries_then_succeeds_with_same_message_id(self):
+        self.smtp.script("DATA", "451 4.3.0 try later")
+        self.add(self.core, message("t1"))
+        self.run_now(self.core)
+        record = self.record(self.core, "t1")
+        self.assertEqual((record["status"], record["retry_count"]), ("deferred", 1))
+        self.assertEqual(record["deferred_ts"], self.clock() + 60)
+        self.assertIn("451", record["error"])
+        self.clock.advance(59)
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "t1")["status"], "deferred")
+        self.clock.advance(1)
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.assertEqual(self.record(self.core, "t1")["status"], "sent")
+        mails = [c for c in self.smtp.commands if c[1].upper().startswith("MAIL")]
+        self.assertEqual(len(mails), 2)
+        data_ids = parse_mail(self.smtp.messages[0]["data"])["Message-ID"]
+        import sqlite3
+        with contextlib.closing(sqlite3.connect(self.db_path)) as conn:
+            stored = json.loads(conn.execute(
+                "SELECT payload FROM messages WHERE id='t1'").fetchone()[0])["message_id"]
+        self.assertEqual(data_ids, stored)
+        self.assertTrue(stored.startswith("<") and stored.endswith("@example.com>"))
+
+    def test_gives_up_after_max_retries(self):
+        self.smtp.script("RCPT", *["450 4.2.0 mailbox busy"] * 3)
+        self.add(self.core, message("busy"))
+        for delay in (0, 60, 300):
+            self.clock.advance(delay)
+            self.run_now(self.core)
+        record = self.record(self.core, "busy")
+        self.assertEqual(record["status"], "error")
+        self.assertIn("gave up after 2 retries", record["error"])
+        self.assertIn("450", record["error"])
+
+    def test_partial_refusal_keeps_refusals(self):
+        self.smtp.rcpt_replies["nobody@x.com"] = "550 5.1.1 no such user"
+        self.add(self.core, message("p1", to=["ok@x.com", "nobody@x.com"]))
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        record = self.record(self.core, "p1")
+        self.assertEqual(record["status"], "sent")
+        self.assertEqual(record["refused"], {"nobody@x.com": "550 5.1.1 no such user"})
+        self.assertEqual(self.smtp.messages[0]["rcpts"], ["ok@x.com"])
+
+    def test_all_recipients_refused_permanently(self):
+        self.smtp.rcpt_replies["nobody@x.com"] = "550 5.1.1 no such user"
+        self.add(self.core, message("p2", to=["nobody@x.com"]))
+        self.run_now(self.core)
+        record = self.record(self.core, "p2")
+        self.assertEqual(record["status"], "error")
+        self.assertIn("550", record["error"])
+
+    def test_connection_refused_is_temporary_and_holds_the_account(self):
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        self.add_account(self.core, id="down", port=port)
+        self.add(self.core, message("x1", account_id="down"), message("x2", account_id="down"))
+        self.run_now(self.core)
+        first, second = self.record(self.core, "x1"), self.record(self.core, "x2")
+        self.assertEqual((first["status"], first["retry_count"]), ("deferred", 1))
+        self.assertIn("cannot connect", first["error"])
+        self.assertEqual((second["status"], second["retry_count"]), ("pending", 0))
+
+    def test_dropped_mid_data_is_temporary(self):
+        self.smtp.script("DATA", "DROP")
+        self.add(self.core, message("mid"))
+        self.run_now(self.core)
+        record = self.record(self.core, "mid")
+        self.assertEqual((record["status"], record["retry_count"]), ("deferred", 1))
+        self.clock.advance(60)
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.assertEqual(self.record(self.core, "mid")["status"], "sent")
+
+    def test_suspend_global_and_per_account(self):
+        self.add(self.core, message("s1"))
+        self.core.handle_command("suspend", {})
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "s1")["status"], "pending")
+        self.core.handle_command("activate", {})
+        self.core.handle_command("suspend", {"account_id": "acct"})
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "s1")["status"], "pending")
+        self.core.handle_command("activate", {"account_id": "acct"})
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.assertEqual(self.record(self.core, "s1")["status"], "sent")
+
+    def test_restart_retries_message_left_in_sending(self):
+        self.add(self.core, message("crash"))
+        claimed = self.core.store.claim("acct", 3, 10)
+        self.assertEqual([m["id"] for m in claimed], ["crash"])
+        self.assertEqual(self.record(self.core, "crash")["status"], "sending")
+        expected_id = json.loads(claimed[0]["payload"])["message_id"]
+        self.core.stop()
+        again = self.make_core(db=self.db_path)
+        self.assertEqual(self.record(again, "crash")["status"], "pending")
+        self.run_now(again)
+        self.smtp.wait_messages(1)
+        self.assertEqual(parse_mail(self.smtp.messages[0]["data"])["Message-ID"], expected_id)
+
+    def test_auth_plain(self):
+        self.smtp.credentials = ("user1", "pass1")
+        self.add_account(self.core, self.smtp, user="user1", password="pass1")
+        self.add(self.core, message("authed"))
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.assertEqual(self.smtp.auths, ["user1"])
+
+    def test_auth_failure_defers_and_holds_the_account(self):
+        self.smtp.credentials = ("user1", "right")
+        self.add_account(self.core, self.smtp, user="user1", password="wrong")
+        self.add(self.core, message("a1"), message("a2"), message("a3"))
+        self.run_now(self.core)
+        statuses = [self.record(self.core, m)["status"] for m in ("a1", "a2", "a3")]
+        self.assertEqual(statuses, ["deferred", "pending", "pending"])
+        self.assertIn("authentication failed", self.record(self.core, "a1")["error"])
+        self.assertIn("535", self.record(self.core, "a1")["error"])
+        self.assertEqual(self.smtp.auths, ["user1"])
+
+    def test_test_mode_ignores_priority_zero_wake(self):
+        self.add(self.core, message("urgent", priority=0))
+        self.assertEqual(self.record(self.core, "urgent")["status"], "pending")
+        self.assertEqual(self.smtp.connections, 0)
+
+
+class RateLimitTests(CoreCase):
+
+    def setUp(self):
+        self.smtp = self.smtp_server()
+        self.core = self.make_core()
+
+    def check_window(self, key, span):
+        self.add_account(self.core, self.smtp, **{key: 2})
+        self.add(self.core, *[message("w%d" % i) for i in range(3)])
+        self.run_now(self.core)
+        self.smtp.wait_messages(2)
+        third = self.record(self.core, "w2")
+        self.assertEqual(third["status"], "deferred")
+        self.assertEqual(third["deferred_ts"], self.clock() + span)
+        self.assertEqual(third["retry_count"], 0)
+        self.assertEqual(self.core.metrics.value("asyncmail_rate_limited_total", "acct"), 1)
+        self.clock.advance(span - 1)
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "w2")["status"], "deferred")
+        self.clock.advance(1)
+        self.run_now(self.core)
+        self.smtp.wait_messages(3)
+        self.assertEqual(self.record(self.core, "w2")["status"], "sent")
+
+    def test_per_minute(self):
+        self.check_window("limit_per_minute", 60)
+
+    def test_per_hour(self):
+        self.check_window("limit_per_hour", 3600)
+
+    def test_per_day(self):
+        self.check_window("limit_per_day", 86400)
+
+    def test_slot_frees_at_the_oldest_send_plus_window(self):
+        self.add_account(self.core, self.smtp, limit_per_minute=2)
+        self.add(self.core, message("a"))
+        self.run_now(self.core)
+        self.clock.advance(20)
+        self.add(self.core, message("b"), message("c"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "c")["deferred_ts"], self.clock() - 20 + 60)
+
+    def test_restart_does_not_reset_the_window(self):
+        self.add_account(self.core, self.smtp, limit_per_hour=1)
+        self.add(self.core, message("a"), message("b"))
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.core.stop()
+        again = self.make_core(db=self.db_path)
+        self.clock.advance(10)
+        again.handle_command("add messages", {"messages": [message("c")]})
+        self.run_now(again)
+        self.assertEqual(len(self.smtp.messages), 1)
+        self.assertEqual(self.record(again, "c")["status"], "deferred")
+
+
+class WindowTests(CoreCase):
+
+    def test_outside_the_window_only_priority_0_and_1_go(self):
+        import datetime
+        # 2027-01-04 is a Monday; the clock starts at 20:00 UTC, outside 08-18.
+        start = datetime.datetime(2027, 1, 4, 20, 0, tzinfo=datetime.timezone.utc).timestamp()
+        smtp = self.smtp_server()
+        core = self.make_core({"scheduler": {"window": "mon-fri 08:00-18:00"}},
+                              clock=FakeClock(start))
+        self.add_account(core, smtp)
+        self.add(core, message("bulk"), message("urgent", priority="high"))
+        self.run_now(core)
+        smtp.wait_messages(1)
+        self.assertEqual(self.record(core, "bulk")["status"], "pending")
+        self.clock.advance(12 * 3600)   # Tuesday 08:00
+        self.run_now(core)
+        smtp.wait_messages(2)
+        self.assertEqual(self.record(core, "bulk")["status"], "sent")
+
+
+# ==========================================================================
+# Delivery reports
+# ==========================================================================
+
+class ReportTests(CoreCase):
+
+    def setUp(self):
+        self.smtp = self.smtp_server()
+        self.upstream = Upstream()
+        self.addCleanup(self.upstream.close)
+        self.logs = io.StringIO()
+
+    def reporting_core(self, **client):
+        settings = {"client_sync_url": self.upstream.url, "timeout_seconds": "2"}
+        settings.update(client)
+        core = self.make_core({"client": settings,
+                               "delivery": {"retry_delays": "60", "max_retries": "1"},
+                               "logging": {"delivery_activity": "true"}})
+        handler = logging.StreamHandler(self.logs)
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.DEBUG)
+        self.addCleanup(core.log.removeHandler, handler)
+        self.add_account(core, self.smtp, password="smtp-pass-SECRET", user="u")
+        return core
+
+    def test_sent_error_and_deferred_entries_with_spec_fields(self):
+        core = self.reporting_core(client_sync_user="genro", client_sync_password="pw-SECRET")
+        self.smtp.script("DATA", "250 ok", "550 5.1.1 gone", "451 4.0.0 later")
+        self.add(core, message("ok"), message("bad"), message("slow"))
+        self.run_now(core)
+        entries = {e["id"]: e for e in self.upstream.entries()}
+        self.assertEqual(set(entries), {"ok", "bad", "slow"})
+        for entry in entries.values():
+            for field in ("id", "account_id", "priority", "sent_ts", "error_ts", "error",
+                          "deferred_ts"):
+                self.assertIn(field, entry)
+        self.assertEqual(entries["ok"]["sent_ts"], self.clock())
+        self.assertIsNone(entries["ok"]["error_ts"])
+        self.assertEqual(entries["bad"]["error_ts"], self.clock())
+        self.assertIn("550", entries["bad"]["error"])
+        self.assertIsNone(entries["slow"]["sent_ts"])
+        self.assertIsNone(entries["slow"]["error"])
+        self.assertEqual(entries["slow"]["deferred_ts"], self.clock() + 60)
+        self.assertEqual(entries["slow"]["deferred_reason"], "temporary failure")
+        post = self.upstream.posts[-1]
+        self.assertEqual(post["headers"]["Authorization"],
+                         "Basic " + base64.b64encode(b"genro:pw-SECRET").decode())
+        self.assertEqual(post["headers"]["Content-Type"], "application/json")
+        self.assertIsNotNone(self.record(core, "ok")["reported_ts"])
+        self.assertIsNone(self.record(core, "slow")["reported_ts"])
+        logs = self.logs.getvalue()
+        self.assertIn("acknowledged", logs)
+        self.assertNotIn("SECRET", logs)
+
+    def test_bearer_token_wins_over_basic(self):
+        core = self.reporting_core(client_sync_user="u", client_sync_password="p",
+                                   client_sync_token="tok-SECRET")
+        self.run_now(core)
+        self.assertEqual(self.upstream.posts[-1]["headers"]["Authorization"], "Bearer tok-SECRET")
+        self.assertNotIn("SECRET", self.logs.getvalue())
+
+    def test_deferred_twice_then_sent_reports_in_order(self):
+        core = self.reporting_core()
+        core.handle_command("add account", {"id": "acct", "host": "127.0.0.1",
+                                            "port": self.smtp.port, "limit_per_minute": 1})
+        self.add(core, message("first"), message("second"))
+        self.run_now(core)                     # first sent, second rate-limited
+        self.clock.advance(30)
+        self.run_now(core)                     # still limited: nothing new
+        self.clock.advance(30)
+        self.run_now(core)                     # second sent
+        events = [(e["id"], "sent" if e["sent_ts"] else "deferred")
+                  for e in self.upstream.entries()]
+        self.assertEqual(events, [("first", "sent"), ("second", "deferred"),
+                                  ("second", "sent")])
+
+    def test_failed_post_keeps_entries_and_backs_off(self):
+        core = self.reporting_core()
+        self.upstream.answers = [(500, "oops")]
+        self.add(core, message("m"))
+        self.run_now(core)
+        self.assertEqual(len(self.upstream.posts), 1)
+        self.assertIsNone(self.record(core, "m")["reported_ts"])
+        self.assertEqual(core.metrics.value("asyncmail_report_failures_total"), 1)
+        core.reporter.cycle(self.clock())      # backoff: no POST yet
+        self.assertEqual(len(self.upstream.posts), 1)
+        self.clock.advance(5)
+        core.reporter.cycle(self.clock())
+        self.assertEqual(len(self.upstream.posts), 2)
+        self.assertEqual([e["id"] for e in self.upstream.posts[1]["body"]["delivery_report"]],
+                         ["m"])
+        self.assertIsNotNone(self.record(core, "m")["reported_ts"])
+
+    def test_garbage_answer_is_tolerated(self):
+        core = self.reporting_core()
+        self.upstream.answers = [(200, "not json at all {")]
+        self.add(core, message("g"))
+        self.run_now(core)
+        self.assertIsNotNone(self.record(core, "g")["reported_ts"])
+
+    def test_hanging_upstream_times_out_and_keeps_entries(self):
+        core = self.reporting_core(timeout_seconds="0.3")
+        self.upstream.hang.set()
+        self.add(core, message("h"))
+        self.run_now(core)
+        self.assertIsNone(self.record(core, "h")["reported_ts"])
+        self.upstream.hang.clear()
+        self.upstream.release.set()
+        self.run_now(core)                     # run-now retries at once
+        self.assertIsNotNone(self.record(core, "h")["reported_ts"])
+        ids = [e["id"] for e in self.upstream.entries()]
+        self.assertEqual(ids, ["h", "h"])
+
+    def test_only_the_posted_entries_are_acknowledged(self):
+        core = self.reporting_core(batch_size="2")
+        self.add(core, *[message("b%d" % i) for i in range(5)])
+        self.upstream.answers = [(200, "{}"), (503, "busy")]
+        self.run_now(core)
+        self.assertEqual(len(self.upstream.posts), 2)
+        reported = [self.record(core, "b%d" % i)["reported_ts"] is not None for i in range(5)]
+        self.assertEqual(reported, [True, True, False, False, False])
+        self.run_now(core)
+        reported = [self.record(core, "b%d" % i)["reported_ts"] is not None for i in range(5)]
+        self.assertEqual(reported, [True] * 5)
+        self.assertEqual(sorted(e["id"] for e in self.upstream.entries()),
+                         ["b0", "b1", "b2", "b2", "b3", "b3", "b4"])
+
+    def test_heartbeat_posts_empty_list(self):
+        core = self.reporting_core(sync_interval_seconds="300")
+        self.run_now(core)
+        self.assertEqual(self.upstream.posts[-1]["body"], {"delivery_report": []})
+        count = len(self.upstream.posts)
+        core.reporter.cycle(self.clock())
+        self.assertEqual(len(self.upstream.posts), count)
+        self.clock.advance(300)
+        core.reporter.cycle(self.clock())
+        self.assertEqual(len(self.upstream.posts), count + 1)
+
+    def test_retention_purge(self):
+        core = self.reporting_core()
+        self.add(core, message("old"))
+        self.run_now(core)
+        self.assertEqual(self.record(core, "old")["status"], "sent")
+        self.clock.advance(604800 - 1)
+        self.run_now(core)
+        self.assertIsNotNone(core.handle_command("get message", {"id": "old"}).get("message"))
+        self.clock.advance(2)
+        self.run_now(core)
+        self.assertEqual(core.handle_command("get message", {"id": "old"})["ok"], False)
+
+    def test_without_sync_url_finished_messages_count_as_reported(self):
+        core = self.make_core()
+        self.add_account(core, self.smtp)
+        self.add(core, message("solo"))
+        self.run_now(core)
+        self.assertEqual(self.record(core, "solo")["reported_ts"], self.clock())
+        self.assertEqual(core.store.count_events(), 0)
+
+    def test_forced_account_deletion_is_reported(self):
+        core = self.reporting_core()
+        core.handle_command("suspend", {})
+        self.add(core, message("orphan"))
+        self.assertEqual(core.handle_command("delete account", {"id": "acct", "force": "true"}),
+                         {"ok": True})
+        self.run_now(core)
+        entry = self.upstream.entries()[-1]
+        self.assertEqual((entry["id"], entry["error"]), ("orphan", "account deleted"))
+
+
+# ==========================================================================
+# The daemon as a process: kill -9, SIGTERM, sd_notify
+# ==========================================================================
+
+class Daemon:
+    """``python3 asyncmail.py`` in its own process on a free port."""
+
+    def __init__(self, test, directory, env=None, config=""):
+        self.test = test
+        self.directory = directory
+        self.config_path = os.path.join(directory, "config.ini")
+        with open(self.config_path, "w") as handle:
+            handle.write("[storage]\ndb_path = %s\n[server]\nport = 0\n%s"
+                         % (os.path.join(directory, "queue.db"), config))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")}
+        self.env.update(env or {})
+        self.process = None
+        self.address = None
+
+    def start(self):
+        self.stderr = open(os.path.join(self.directory, "stderr.log"), "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "asyncmail.py"), "--config", self.config_path],
+            stderr=self.stderr, stdout=subprocess.DEVNULL, env=self.env, cwd=self.directory)
+        self.test.addCleanup(self.kill)
+        offset = self.stderr.tell()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            with open(self.stderr.name, "rb") as handle:
+                handle.seek(offset)
+                text = handle.read().decode("utf-8", "replace")
+            if "listening on http://" in text:
+                port = int(text.split("listening on http://")[1].split(" ")[0].rsplit(":", 1)[1])
+                self.address = ("127.0.0.1", port)
+                return self
+            if self.process.poll() is not None:
+                raise AssertionError("daemon exited: %s" % text)
+            time.sleep(0.02)
+        raise AssertionError("daemon did not start")
+
+    def client(self):
+        client = Client(self.address)
+        self.test.addCleanup(client.close)
+        return client
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(WAIT)
+        if getattr(self, "stderr", None):
+            self.stderr.close()
+        return self.process.returncode if self.process else None
+
+
+class ProcessTests(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="asyncmail-proc-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def test_accepted_messages_survive_kill_9(self):
+        daemon = Daemon(self, self.dir, config="[scheduler]\nactive = false\n").start()
+        client = daemon.client()
+        client.request("POST", "/account", {"id": "a", "host": "127.0.0.1", "port": 9})
+        accepted = []
+        for batch in range(5):
+            ids = ["k%d-%d" % (batch, i) for i in range(100)]
+            status, body = client.request("POST", "/commands/add-messages",
+                                          {"messages": [message(i) for i in ids]})
+            self.assertEqual((status, body["queued"]), (200, 100))
+            accepted.extend(ids)
+        daemon.kill(signal.SIGKILL)
+        again = Daemon(self, self.dir, config="[scheduler]\nactive = false\n").start()
+        status, body = again.client().request("GET", "/messages?limit=10000")
+        self.assertEqual([m["id"] for m in body["messages"]], accepted)
+
+    def test_delivery_resumes_after_kill_9(self):
+        smtp = SmtpServer()
+        self.addCleanup(smtp.close)
+        config = "[delivery]\nsend_interval_seconds = 0.05\n"
+        daemon = Daemon(self, self.dir, config=config).start()
+        client = daemon.client()
+        client.request("POST", "/account", {"id": "a", "host": "127.0.0.1", "port": smtp.port})
+        ids = ["d%d" % i for i in range(300)]
+        for start in range(0, 300, 100):
+            client.request("POST", "/commands/add-messages",
+                           {"messages": [message(i) for i in ids[start:start + 100]]})
+        smtp.wait_messages(10)
+        daemon.kill(signal.SIGKILL)
+        again = Daemon(self, self.dir, config=config).start()
+        smtp.wait_messages(300)
+        client = again.client()
+        wait_until(lambda: client.request("GET", "/status")[1]["queue"]["sent"] == 300,
+                   message="all 300 marked sent")
+        delivered = {parse_mail(m["data"])["Subject"].split()[-1] for m in smtp.messages}
+        self.assertEqual(delivered, set(ids))
+
+    def test_sigterm_exits_zero_and_notifies_systemd(self):
+        notify_path = os.path.join(self.dir, "notify.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(notify_path)
+        sock.settimeout(WAIT)
+        daemon = Daemon(self, self.dir, env={"NOTIFY_SOCKET": notify_path}).start()
+        self.assertIn(b"READY=1", sock.recv(4096))
+        self.assertEqual(daemon.kill(signal.SIGTERM), 0)
+        received = b""
+        while b"STOPPING=1" not in received:
+            received += sock.recv(4096)
+
+
+class NotifyTests(unittest.TestCase):
+
+    def test_sd_notify_without_socket_is_a_no_op(self):
+        self.assertFalse(asyncmail._sd_notify("READY=1", environ={}))
+
+    def test_sd_notify_sends_datagram(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "n.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        self.assertTrue(asyncmail._sd_notify("WATCHDOG=1", environ={"NOTIFY_SOCKET": path}))
+        self.assertEqual(sock.recv(100), b"WATCHDOG=1")
