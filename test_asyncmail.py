@@ -1632,3 +1632,248 @@ class NotifyTests(unittest.TestCase):
         sock.bind(path)
         self.assertTrue(asyncmail._sd_notify("WATCHDOG=1", environ={"NOTIFY_SOCKET": path}))
         self.assertEqual(sock.recv(100), b"WATCHDOG=1")
+
+
+# ==========================================================================
+# Integration with real peers (skip when missing; fail under REQUIRE_PEERS)
+# ==========================================================================
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_certificate(directory):
+    """A self-signed certificate for 127.0.0.1/localhost (openssl CLI)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=WAIT)
+    return cert, key
+
+
+try:
+    import aiosmtpd.controller
+    import aiosmtpd.smtp
+except ImportError:   # the stdlib suite runs without it
+    aiosmtpd = None
+
+
+class AiosmtpdPeerTests(CoreCase):
+    """aiosmtpd with STARTTLS on a self-signed certificate, implicit TLS,
+    AUTH PLAIN/LOGIN and scripted 4xx/5xx replies."""
+
+    def setUp(self):
+        require_peer(self, aiosmtpd is not None, "aiosmtpd (pip install aiosmtpd)")
+        require_peer(self, shutil.which("openssl"), "openssl")
+        # refused handshakes are expected here; aiosmtpd would print each one
+        quiet = logging.getLogger("mail.log")
+        self.addCleanup(quiet.setLevel, quiet.level)
+        quiet.setLevel(logging.CRITICAL)
+        self.dir = tempfile.mkdtemp(prefix="asyncmail-tls-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.cert, self.key = make_certificate(self.dir)
+        self.received = []
+        self.replies = []
+        self.sessions = []
+        self.core = self.make_core({"delivery": {"retry_delays": "60", "max_retries": "3"}})
+
+    def start_server(self, starttls=True, implicit=False, auth=True, exclude=()):
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        outer = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                outer.sessions.append(session)
+                if outer.replies:
+                    return outer.replies.pop(0)
+                outer.received.append(envelope)
+                return "250 OK"
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            ok = auth_data.login == b"mailer" and auth_data.password == b"p4ss"
+            # handled=False: aiosmtpd itself answers 535 on failure
+            return aiosmtpd.smtp.AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+        port = free_port()
+        kwargs = dict(hostname="127.0.0.1", port=port, ready_timeout=WAIT)
+        if auth:
+            # aiosmtpd counts only STARTTLS as TLS for auth_require_tls, so on
+            # an implicit-TLS port it would hide AUTH: the session is TLS anyway.
+            kwargs.update(authenticator=authenticator, auth_require_tls=not implicit,
+                          auth_exclude_mechanism=list(exclude))
+        if implicit:
+            kwargs["ssl_context"] = context
+        elif starttls:
+            kwargs.update(tls_context=context, require_starttls=True)
+        controller = aiosmtpd.controller.Controller(Handler(), **kwargs)
+        controller.start()
+        self.addCleanup(controller.stop)
+        return port
+
+    def account(self, port, **fields):
+        account = {"id": "tls", "host": "127.0.0.1", "port": port, "use_tls": True,
+                   "ca_file": self.cert, "user": "mailer", "password": "p4ss"}
+        account.update(fields)
+        self.assertTrue(self.core.handle_command("add account", account)["ok"])
+
+    def test_starttls_verified_with_ca_file_and_auth_plain(self):
+        self.account(self.start_server())
+        self.add(self.core, message("tls1"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "tls1")["status"], "sent")
+        self.assertEqual(len(self.received), 1)
+        self.assertIsNotNone(self.sessions[0].ssl)
+        self.assertEqual(self.sessions[0].auth_data.login, b"mailer")
+
+    def test_auth_login(self):
+        self.account(self.start_server(exclude=("PLAIN",)))
+        self.add(self.core, message("login1"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "login1")["status"], "sent")
+
+    def test_untrusted_certificate_is_refused_not_downgraded(self):
+        self.account(self.start_server(), ca_file=None)
+        self.add(self.core, message("untrusted"))
+        self.run_now(self.core)
+        record = self.record(self.core, "untrusted")
+        self.assertEqual(record["status"], "deferred")
+        self.assertIn("TLS", record["error"])
+        self.assertEqual(self.received, [])
+
+    def test_tls_verify_false_accepts_self_signed(self):
+        self.account(self.start_server(), ca_file=None, tls_verify=False)
+        self.add(self.core, message("noverify"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "noverify")["status"], "sent")
+
+    def test_missing_starttls_offer_is_temporary(self):
+        self.account(self.start_server(starttls=False, auth=False), user=None, password=None)
+        self.add(self.core, message("plain"))
+        self.run_now(self.core)
+        record = self.record(self.core, "plain")
+        self.assertEqual(record["status"], "deferred")
+        self.assertIn("STARTTLS", record["error"])
+        self.assertEqual(self.received, [])
+
+    def test_implicit_tls(self):
+        self.account(self.start_server(implicit=True, starttls=False), use_tls=False,
+                     use_ssl=True)
+        self.add(self.core, message("smtps"))
+        self.run_now(self.core)
+        record = self.record(self.core, "smtps")
+        self.assertEqual(record["status"], "sent", record["error"])
+
+    def test_wrong_password_defers(self):
+        self.account(self.start_server(), password="wrong")
+        self.add(self.core, message("badpw"))
+        self.run_now(self.core)
+        record = self.record(self.core, "badpw")
+        self.assertEqual(record["status"], "deferred")
+        self.assertIn("535", record["error"])
+
+    def test_scripted_451_then_550(self):
+        self.account(self.start_server())
+        self.replies[:] = ["451 4.7.1 greylisted", "550 5.7.1 policy"]
+        self.add(self.core, message("grey"), message("policy"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "grey")["status"], "deferred")
+        self.assertEqual(self.record(self.core, "policy")["status"], "error")
+        self.clock.advance(60)
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "grey")["status"], "sent")
+
+
+class SmtpSinkPeerTests(CoreCase):
+    """Postfix's smtp-sink: a burst over reused connections, and its -q/-Q
+    fault flags for servers that drop mid-session."""
+
+    SINK = "/usr/sbin/smtp-sink"
+
+    def setUp(self):
+        require_peer(self, os.path.exists(self.SINK), "smtp-sink (apt-get install postfix)")
+        self.dir = tempfile.mkdtemp(prefix="asyncmail-sink-")
+        os.chmod(self.dir, 0o777)
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def start_sink(self, *flags, port=None):
+        port = port or free_port()
+        dump = os.path.join(self.dir, "dump")
+        out = open(os.path.join(self.dir, "counters-%d.txt" % port), "wb")
+        self.addCleanup(out.close)
+        process = subprocess.Popen([self.SINK, "-u", "nobody", "-c", "-D", dump] + list(flags)
+                                   + ["127.0.0.1:%d" % port, "256"], stdout=out,
+                                   stderr=subprocess.STDOUT)
+
+        def stop():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(WAIT)
+        self.addCleanup(stop)
+        wait_until(lambda: self._listening(port), message="smtp-sink listening")
+        return port, process, dump, stop
+
+    @staticmethod
+    def _listening(port):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            s.recv(100)
+            s.sendall(b"QUIT\r\n")
+            return True
+        return False
+
+    @staticmethod
+    def dumped(dump):
+        if not os.path.exists(dump):
+            return 0
+        with open(dump, "rb") as handle:
+            return handle.read().count(b"X-Client-Addr:")
+
+    def test_burst_over_reused_connections(self):
+        port, _, dump, _ = self.start_sink()
+        core = self.make_core({"delivery": {"send_interval_seconds": "0.05"}},
+                              test_mode=False, clock=time.time)
+        self.add_account(core, port=port, batch_size=500)
+        total = 2000
+        for start in range(0, total, 1000):
+            self.add(core, *[message("burst%d" % i) for i in range(start, start + 1000)])
+        wait_until(lambda: core.handle_command("status")["queue"]["sent"] == total,
+                   timeout=120, message="burst delivered")
+        wait_until(lambda: self.dumped(dump) >= total, message="sink dump")
+        self.assertEqual(self.dumped(dump) - 1, total - 1)   # minus the probe: none
+        with open(dump, "rb") as handle:
+            sessions = handle.read().count(b"X-Helo-Args")
+        self.assertEqual(sessions, total)   # one HELO line per dumped transaction
+        self.assertLessEqual(core.metrics.value("asyncmail_sent_total", "acct"), total)
+
+    def test_disconnect_mid_session_then_recovery(self):
+        for flag in ("-q", "-Q"):
+            with self.subTest(flag=flag):
+                port, _, dump, stop = self.start_sink(flag, "DATA")
+                core = self.make_core({"delivery": {"retry_delays": "30"}})
+                self.add_account(core, port=port)
+                self.add(core, message("drop1"), message("drop2"))
+                self.run_now(core)
+                first = self.record(core, "drop1")
+                self.assertEqual((first["status"], first["retry_count"]), ("deferred", 1))
+                self.assertEqual(self.dumped(dump), 0)
+                stop()
+                self.start_sink(port=port)
+                self.clock.advance(30)
+                self.run_now(core)
+                self.assertEqual(self.record(core, "drop1")["status"], "sent")
+                self.assertEqual(self.record(core, "drop2")["status"], "sent")
+                os.remove(dump)
+
+    def test_soft_rejection_is_retried(self):
+        port, _, dump, _ = self.start_sink("-r", "RCPT")
+        core = self.make_core()
+        self.add_account(core, port=port)
+        self.add(core, message("soft"))
+        self.run_now(core)
+        record = self.record(core, "soft")
+        self.assertEqual(record["status"], "deferred")
+        self.assertRegex(record["error"], r"\b4\d\d\b")
