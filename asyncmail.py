@@ -40,7 +40,9 @@ import contextlib
 import datetime
 import email.errors
 import email.utils
+import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -469,6 +471,38 @@ def _is_loopback_host(host):
 def _mask(key, value):
     """A printable value with secrets masked."""
     return "********" if key in _SECRET_KEYS and value else value
+
+
+def _ssl_context(account):
+    """A client TLS context: verified against ``ca_file`` if the account
+    names one, else the system store plus certifi when importable."""
+    import ssl
+    if account.get("ca_file"):
+        context = ssl.create_default_context(cafile=account["ca_file"])
+    else:
+        context = ssl.create_default_context()
+        try:
+            import certifi
+            context.load_verify_locations(certifi.where())
+        except (ImportError, OSError):
+            pass
+    if not account.get("tls_verify", True):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _redact_url(url):
+    """The URL without user:password (safe for logs)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += ":%d" % parts.port
+        parts = parts._replace(netloc=host)
+    return urllib.parse.urlunsplit(parts._replace(query=""))
 
 
 # ####################################################################### #
@@ -1141,7 +1175,7 @@ class Store:
 
 
 # ####################################################################### #
-# ####################  Messages: validation and MIME  ################## #
+# ##############  Messages: validation, MIME, attachments  ############## #
 # ####################################################################### #
 
 # Headers that the message's own fields produce; a custom header may not
@@ -1472,6 +1506,263 @@ def envelope(message):
     return sender, recipients
 
 
+# -- attachments: URL and S3 sources -----------------------------------------
+
+MAX_REDIRECTS = 5
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def _aws_quote(text, keep_slash):
+    """URI-encode as SigV4 wants: RFC 3986 unreserved characters stay, every
+    other byte of the UTF-8 form becomes %XX (uppercase hex)."""
+    return urllib.parse.quote(text, safe="-_.~" + ("/" if keep_slash else ""))
+
+
+def sigv4_sign(method, path, query, headers, payload_sha256, access_key, secret_key,
+               region, service, amz_date):
+    """AWS Signature Version 4 of one request; a pure function.
+
+    ``path`` is the raw (not yet encoded) path, encoded once here with ``/``
+    kept (S3 semantics: no normalisation); ``query`` a list of raw (name,
+    value) pairs; ``headers`` a mapping that includes ``host`` (and
+    ``x-amz-date``, ``x-amz-content-sha256``, ``x-amz-security-token`` when
+    they are sent).  Returns a dict with ``canonical_request``,
+    ``string_to_sign``, ``signature`` and ``authorization``.
+    """
+    canonical_query = "&".join(
+        "%s=%s" % pair for pair in sorted(
+            (_aws_quote(name, False), _aws_quote(value, False)) for name, value in query))
+    folded = {}
+    for name, value in headers.items():
+        folded.setdefault(name.strip().lower(), []).append(" ".join(str(value).split()))
+    names = sorted(folded)
+    canonical_headers = "".join("%s:%s\n" % (n, ",".join(folded[n])) for n in names)
+    signed_headers = ";".join(names)
+    canonical_request = "\n".join([method, _aws_quote(path, True) or "/", canonical_query,
+                                   canonical_headers, signed_headers, payload_sha256])
+    scope = "%s/%s/%s/aws4_request" % (amz_date[:8], region, service)
+    string_to_sign = "\n".join([
+        "AWS4-HMAC-SHA256", amz_date, scope,
+        hashlib.sha256(canonical_request.encode("utf-8")).hexdigest()])
+    key = ("AWS4" + secret_key).encode("utf-8")
+    for part in (amz_date[:8], region, service, "aws4_request"):
+        key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
+    signature = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    authorization = "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+        access_key, scope, signed_headers, signature)
+    return {"canonical_request": canonical_request, "string_to_sign": string_to_sign,
+            "signature": signature, "authorization": authorization}
+
+
+def _is_public_address(address):
+    """False for loopback, private, link-local (169.254/16: cloud metadata),
+    multicast, unspecified, reserved and shared (100.64/10) addresses."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                or ip.is_unspecified or ip.is_reserved or not ip.is_global)
+
+
+class AttachmentFetcher:
+    """Fetches URL and S3 attachments at send time.
+
+    Every fetch connects to an address that was resolved and checked (the SSRF
+    guard) and pins the connection to it, so a DNS answer cannot change
+    between check and connect; redirects are followed by hand, at most
+    MAX_REDIRECTS, each hop re-checked.  The body is read in chunks and
+    refused as soon as it passes ``max_bytes``.  Raises TemporaryError
+    (network, timeout, 5xx) or PermanentError (403/404, too large, refused
+    target, missing credentials), always naming the attachment and never a
+    secret.  Thread-safe (no shared state).
+    """
+
+    def __init__(self, attachments, s3, now, resolve=None, address_allowed=None):
+        """``resolve(host, port) -> [address]`` and ``address_allowed(address)``
+        are the network seams (defaults: getaddrinfo, and public addresses
+        only unless ``allow_private_urls``)."""
+        self.max_bytes = attachments.max_bytes
+        self.timeout = attachments.timeout_seconds
+        self.s3 = s3
+        self.now = now
+        self._resolve = resolve or self._getaddrinfo
+        if address_allowed is None:
+            address_allowed = ((lambda address: True) if attachments.allow_private_urls
+                               else _is_public_address)
+        self._allowed = address_allowed
+
+    @staticmethod
+    def _getaddrinfo(host, port):
+        return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+    def fetch(self, attachment):
+        """(filename, mime type, bytes) of one attachment."""
+        filename = attachment["filename"]
+        if "content" in attachment:
+            data, content_type = base64.b64decode(attachment["content"]), None
+        elif "url" in attachment:
+            data, content_type = self._fetch_url(filename, attachment["url"])
+        else:
+            data, content_type = self._fetch_s3(filename, attachment["s3"])
+        mime_type = (attachment.get("mime_type") or content_type
+                     or _guess_mime_type(filename))
+        return filename, mime_type, data
+
+    # -- URL ----------------------------------------------------------------
+
+    def _fetch_url(self, filename, url):
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise PermanentError("attachment %s: redirected to a non-http(s) URL" % filename)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            address = self._checked_address(filename, parts.hostname, port)
+            path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+            status, headers, body = self._get(filename, parts.scheme, parts.hostname, port,
+                                              address, path, {}, _redact_url(url))
+            if status in (301, 302, 303, 307, 308) and headers.get("location"):
+                url = urllib.parse.urljoin(url, headers["location"])
+                continue
+            return body, _content_type(headers)
+        raise PermanentError("attachment %s: more than %d redirects" % (filename, MAX_REDIRECTS))
+
+    def _checked_address(self, filename, host, port):
+        try:
+            addresses = self._resolve(host, port)
+        except (OSError, UnicodeError) as exc:
+            raise TemporaryError("attachment %s: cannot resolve %s: %s" % (filename, host, exc))
+        if not addresses:
+            raise TemporaryError("attachment %s: %s has no address" % (filename, host))
+        for address in addresses:
+            if not self._allowed(address):
+                raise PermanentError(
+                        "attachment %s: refused target %s (%s is not a public address; "
+                        "see [attachments] allow_private_urls)" % (filename, host, address))
+        return addresses[0]
+
+    # -- S3 -----------------------------------------------------------------
+
+    def _fetch_s3(self, filename, source):
+        s3 = self.s3
+        if not s3.access_key_id or not s3.secret_access_key:
+            raise PermanentError("attachment %s: no S3 credentials configured ([s3] or "
+                                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)" % filename)
+        region = source.get("region") or s3.region
+        bucket, key = source["bucket"], source["key"]
+        if s3.endpoint_url:
+            endpoint = urllib.parse.urlsplit(s3.endpoint_url)
+            scheme, host, port = endpoint.scheme, endpoint.hostname, endpoint.port
+            base = endpoint.path.rstrip("/")
+            raw_path = "%s/%s/%s" % (base, bucket, key)
+        elif "." in bucket:   # virtual-hosted names with dots break TLS hostnames
+            scheme, host, port = "https", "s3.%s.amazonaws.com" % region, None
+            raw_path = "/%s/%s" % (bucket, key)
+        else:
+            scheme, host, port = "https", "%s.s3.%s.amazonaws.com" % (bucket, region), None
+            raw_path = "/" + key
+        port = port or (443 if scheme == "https" else 80)
+        host_header = host if port in (80, 443) else "%s:%d" % (host, port)
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.now()))
+        headers = {"host": host_header, "x-amz-date": amz_date,
+                   "x-amz-content-sha256": _EMPTY_SHA256}
+        if s3.session_token:
+            headers["x-amz-security-token"] = s3.session_token
+        signed = sigv4_sign("GET", raw_path, [], headers, _EMPTY_SHA256, s3.access_key_id,
+                            s3.secret_access_key, region, "s3", amz_date)
+        headers["authorization"] = signed["authorization"]
+        try:
+            addresses = self._resolve(host, port)
+        except (OSError, UnicodeError) as exc:
+            raise TemporaryError("attachment %s: cannot resolve %s: %s" % (filename, host, exc))
+        where = "s3://%s/%s" % (bucket, key)
+        status, response_headers, body = self._get(
+            filename, scheme, host, port, addresses[0], _aws_quote(raw_path, True), headers,
+            where)
+        if status in (301, 302, 303, 307, 308):
+            raise PermanentError("attachment %s: %s answered a redirect (HTTP %d): wrong "
+                                 "region?" % (filename, where, status))
+        return body, _content_type(response_headers)
+
+    # -- one HTTP exchange --------------------------------------------------
+
+    def _get(self, filename, scheme, host, port, address, path, headers, where):
+        """GET over a connection pinned to ``address``.  Returns (status,
+        lower-case headers, body) for 2xx and redirects; raises otherwise."""
+        connection = _pinned_connection(scheme, host, port, address, self.timeout)
+        request_headers = {"User-Agent": "asyncmail/" + __version__, "Accept": "*/*"}
+        request_headers.update(headers)
+        try:
+            connection.request("GET", path, headers=request_headers)
+            response = connection.getresponse()
+            response_headers = {k.lower(): v for k, v in response.getheaders()}
+            status = response.status
+            if 300 <= status < 400:
+                return status, response_headers, b""
+            if status >= 500 or status in (408, 429):
+                raise TemporaryError("attachment %s: HTTP %d from %s" % (filename, status, where))
+            if status >= 400 or status < 200:
+                raise PermanentError("attachment %s: HTTP %d from %s" % (filename, status, where))
+            length = response_headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_bytes:
+                raise PermanentError("attachment %s: %s bytes at %s exceed max_bytes %d"
+                                     % (filename, length, where, self.max_bytes))
+            chunks, total = [], 0
+            deadline = time.monotonic() + self.timeout * 10
+            while True:
+                chunk = response.read(65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise PermanentError("attachment %s: %s is larger than max_bytes %d"
+                                         % (filename, where, self.max_bytes))
+                if time.monotonic() > deadline:
+                    raise TemporaryError("attachment %s: %s too slow" % (filename, where))
+                chunks.append(chunk)
+            return status, response_headers, b"".join(chunks)
+        except (TemporaryError, PermanentError):
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise TemporaryError("attachment %s: fetching %s failed: %s"
+                                 % (filename, where, exc or type(exc).__name__))
+        finally:
+            connection.close()
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to a pre-checked address, whatever DNS says by now."""
+
+    def __init__(self, host, port, address, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self.pinned_address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """TLS to a pre-checked address, verifying the certificate for ``host``."""
+
+    def __init__(self, host, port, address, timeout):
+        super().__init__(host, port, timeout=timeout, context=_ssl_context({"tls_verify": True}))
+        self.pinned_address = address
+
+    def connect(self):
+        sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _pinned_connection(scheme, host, port, address, timeout):
+    """An http.client connection to ``host`` that connects to ``address``."""
+    cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+    return cls(host, port, address, timeout)
+
+
+def _content_type(headers):
+    value = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return value if _MIME_TYPE.match(value) else None
+
+
 # ####################################################################### #
 # ##############################  Metrics  ############################## #
 # ####################################################################### #
@@ -1605,25 +1896,6 @@ def _reply_text(code, reply):
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
     return ("%s %s" % (code, " ".join(str(reply).split()))).strip()[:500]
-
-
-def _ssl_context(account):
-    """A client TLS context: verified against ``ca_file`` if the account
-    names one, else the system store plus certifi when importable."""
-    import ssl
-    if account.get("ca_file"):
-        context = ssl.create_default_context(cafile=account["ca_file"])
-    else:
-        context = ssl.create_default_context()
-        try:
-            import certifi
-            context.load_verify_locations(certifi.where())
-        except (ImportError, OSError):
-            pass
-    if not account.get("tls_verify", True):
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _smtp_connect(account, timeout, local_hostname):
@@ -2175,7 +2447,7 @@ class _Dispatcher(_Worker):
         payload = json.loads(message["payload"])
         started = time.monotonic()
         try:
-            attachments = [self._attachment(a) for a in payload["attachments"]]
+            attachments = [self.core.fetcher.fetch(a) for a in payload["attachments"]]
             data = build_mime(payload, attachments, self.core.now())
             del attachments
             sender, recipients = envelope(payload)
@@ -2205,15 +2477,6 @@ class _Dispatcher(_Worker):
             self.log.info("sent %s via account %s%s", message["id"], account_id,
                           " (refused: %s)" % ", ".join(sorted(refused)) if refused else "")
         return "sent"
-
-    def _attachment(self, attachment):
-        """(filename, mime type, bytes) of one attachment."""
-        filename = attachment["filename"]
-        mime_type = attachment.get("mime_type") or _guess_mime_type(filename)
-        if "content" in attachment:
-            return filename, mime_type, base64.b64decode(attachment["content"])
-        raise PermanentError("attachment %s: url and s3 sources are not supported by "
-                             "this version" % filename)
 
     def _delay(self, retry_count):
         delays = self.delivery.retry_delays
@@ -2393,19 +2656,6 @@ def _parse_summary(answer):
         return None
     summary = {k: data[k] for k in ("sent", "error", "deferred") if _is_number(data.get(k))}
     return summary or None
-
-
-def _redact_url(url):
-    """The URL without user:password (safe for logs)."""
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += ":%d" % parts.port
-        parts = parts._replace(netloc=host)
-    return urllib.parse.urlunsplit(parts._replace(query=""))
 
 
 # ####################################################################### #
@@ -2741,6 +2991,7 @@ class AsyncMailCore:
         self.store = Store(config.storage.db_path)
         self.store.reporting = bool(config.client.client_sync_url)
         self.controls = _Controls(config.scheduler.active)
+        self.fetcher = AttachmentFetcher(config.attachments, config.s3, self.now)
         self._http = None
         self._http_thread = None
         self._started = False

@@ -1877,3 +1877,320 @@ class SmtpSinkPeerTests(CoreCase):
         record = self.record(core, "soft")
         self.assertEqual(record["status"], "deferred")
         self.assertRegex(record["error"], r"\b4\d\d\b")
+
+
+# ==========================================================================
+# Attachments from URLs (stdlib) and S3 (moto), and the SigV4 signer
+# ==========================================================================
+
+class FileServer:
+    """An http.server on 127.0.0.1:0 serving scripted routes:
+    ``routes[path] = (status, headers, body)``; a list of those is served in
+    turn (the last one repeats)."""
+
+    def __init__(self):
+        self.routes = {}
+        self.hits = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.hits.append(self.path)
+                route = outer.routes.get(self.path, (404, {}, b"not found"))
+                if isinstance(route, list):
+                    route = route.pop(0) if len(route) > 1 else route[0]
+                status, headers, body = route
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(socketserver.ThreadingMixIn, HTTPServer):
+            daemon_threads = True
+            block_on_close = False
+
+            def handle_error(self, request, client_address):
+                pass   # clients hanging up early (size cap) are expected
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.base = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class UrlAttachmentTests(CoreCase):
+
+    def setUp(self):
+        self.files = FileServer()
+        self.addCleanup(self.files.close)
+        self.smtp = self.smtp_server()
+        self.core = self.make_core({"attachments": {"allow_private_urls": "true",
+                                                    "max_bytes": "100000"},
+                                    "delivery": {"retry_delays": "60"}})
+        self.add_account(self.core, self.smtp)
+
+    def send(self, mid, *attachments):
+        self.add(self.core, message(mid, attachments=list(attachments)))
+        self.run_now(self.core)
+        return self.record(self.core, mid)
+
+    def test_content_and_type_from_response(self):
+        payload = os.urandom(5000)
+        self.files.routes["/report"] = (200, {"Content-Type": "application/pdf"}, payload)
+        self.files.routes["/typed"] = (200, {"Content-Type": "application/pdf"}, b"x")
+        self.files.routes["/untyped.csv"] = (200, {}, b"a,b")
+        record = self.send("u1",
+                           {"filename": "r.pdf", "url": self.files.base + "/report"},
+                           {"filename": "t.bin", "url": self.files.base + "/typed",
+                            "mime_type": "image/png"},
+                           {"filename": "u.csv", "url": self.files.base + "/untyped.csv"})
+        self.assertEqual(record["status"], "sent", record["error"])
+        parts = list(parse_mail(self.smtp.messages[0]["data"]).iter_attachments())
+        self.assertEqual(parts[0].get_content(), payload)
+        self.assertEqual([p.get_content_type() for p in parts],
+                         ["application/pdf", "image/png", "text/csv"])
+
+    def test_size_cap_is_permanent(self):
+        self.files.routes["/big"] = (200, {}, b"x" * 100001)
+        record = self.send("big", {"filename": "big.bin", "url": self.files.base + "/big"})
+        self.assertEqual(record["status"], "error")
+        self.assertIn("big.bin", record["error"])
+        self.assertIn("max_bytes", record["error"])
+        self.assertEqual(self.smtp.messages, [])
+
+    def test_404_is_permanent(self):
+        record = self.send("gone", {"filename": "g.txt", "url": self.files.base + "/nothing"})
+        self.assertEqual(record["status"], "error")
+        self.assertIn("HTTP 404", record["error"])
+        self.assertIn("g.txt", record["error"])
+
+    def test_500_is_temporary_then_succeeds(self):
+        self.files.routes["/flaky"] = [(500, {}, b"oops"), (200, {}, b"finally")]
+        record = self.send("flaky", {"filename": "f.txt", "url": self.files.base + "/flaky"})
+        self.assertEqual(record["status"], "deferred")
+        self.assertIn("HTTP 500", record["error"])
+        self.assertEqual(self.smtp.messages, [])
+        self.clock.advance(60)
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "flaky")["status"], "sent")
+        part = next(parse_mail(self.smtp.messages[0]["data"]).iter_attachments())
+        self.assertEqual(part.get_payload(decode=True), b"finally")
+
+    def test_redirect_followed(self):
+        self.files.routes["/old"] = (302, {"Location": "/new"}, b"")
+        self.files.routes["/new"] = (200, {"Content-Type": "text/plain"}, b"moved")
+        record = self.send("redir", {"filename": "m.txt", "url": self.files.base + "/old"})
+        self.assertEqual(record["status"], "sent", record["error"])
+
+    def test_secret_query_string_never_reaches_the_error(self):
+        url = self.files.base + "/nothing?X-Amz-Signature=topsecret&token=hunter2"
+        record = self.send("q", {"filename": "q.txt", "url": url})
+        self.assertEqual(record["status"], "error")
+        self.assertNotIn("topsecret", record["error"])
+        self.assertNotIn("hunter2", record["error"])
+
+    def test_loopback_refused_unless_allowed(self):
+        strict = self.make_core()
+        self.add_account(strict, self.smtp)
+        self.files.routes["/x"] = (200, {}, b"x")
+        strict.handle_command("add messages", {"messages": [
+            message("ssrf", attachments=[{"filename": "x", "url": self.files.base + "/x"}])]})
+        self.run_now(strict)
+        record = self.record(strict, "ssrf")
+        self.assertEqual(record["status"], "error")
+        self.assertIn("refused target", record["error"])
+        self.assertEqual(self.files.hits, [])
+
+    def test_redirect_to_private_address_is_refused_per_hop(self):
+        self.files.routes["/hop"] = (302, {"Location": "http://metadata.test/latest"}, b"")
+        config = asyncmail.Config({"attachments": {"max_bytes": "1000"}})
+        fetcher = asyncmail.AttachmentFetcher(
+            config.attachments, config.s3, self.clock,
+            resolve=lambda host, port: ["169.254.169.254" if host == "metadata.test"
+                                        else "127.0.0.1"],
+            address_allowed=lambda address: address == "127.0.0.1")
+        with self.assertRaises(asyncmail.PermanentError) as caught:
+            fetcher.fetch({"filename": "h", "url": self.files.base + "/hop"})
+        self.assertIn("169.254.169.254", str(caught.exception))
+        self.assertEqual(self.files.hits, ["/hop"])
+
+    def test_non_http_redirect_is_refused(self):
+        self.files.routes["/ftp"] = (302, {"Location": "ftp://example.com/x"}, b"")
+        record = self.send("ftp", {"filename": "f", "url": self.files.base + "/ftp"})
+        self.assertEqual(record["status"], "error")
+        self.assertIn("non-http", record["error"])
+
+    def test_address_classes(self):
+        for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+                        "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::",
+                        "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"):
+            self.assertFalse(asyncmail._is_public_address(address), address)
+        for address in ("8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "::ffff:8.8.8.8"):
+            self.assertTrue(asyncmail._is_public_address(address), address)
+
+
+class SigV4Tests(unittest.TestCase):
+    """The signer against AWS's published vectors."""
+
+    SUITE_KEY = ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    S3_KEY = ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+
+    def test_s3_get_object_example(self):
+        # Amazon S3 docs, "Signature Calculations for the Authorization Header:
+        # Transferring Payload in a Single Chunk", GET Object example.
+        signed = asyncmail.sigv4_sign(
+            "GET", "/test.txt", [],
+            {"Host": "examplebucket.s3.amazonaws.com", "Range": "bytes=0-9",
+             "x-amz-content-sha256": asyncmail._EMPTY_SHA256,
+             "x-amz-date": "20130524T000000Z"},
+            asyncmail._EMPTY_SHA256, *self.S3_KEY, "us-east-1", "s3", "20130524T000000Z")
+        self.assertEqual(signed["canonical_request"], "\n".join([
+            "GET", "/test.txt", "", "host:examplebucket.s3.amazonaws.com",
+            "range:bytes=0-9",
+            "x-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "x-amz-date:20130524T000000Z", "", "host;range;x-amz-content-sha256;x-amz-date",
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]))
+        self.assertEqual(signed["string_to_sign"], "\n".join([
+            "AWS4-HMAC-SHA256", "20130524T000000Z", "20130524/us-east-1/s3/aws4_request",
+            "7344ae5b7ee6c3e7e6b0fe0640412a37625d1fbfff95c48bbb2dc43964946972"]))
+        self.assertEqual(signed["signature"],
+                         "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
+
+    def test_suite_get_vanilla(self):
+        signed = asyncmail.sigv4_sign(
+            "GET", "/", [], {"Host": "example.amazonaws.com", "X-Amz-Date": "20150830T123600Z"},
+            asyncmail._EMPTY_SHA256, *self.SUITE_KEY, "us-east-1", "service", "20150830T123600Z")
+        self.assertEqual(signed["authorization"],
+                         "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/"
+                         "aws4_request, SignedHeaders=host;x-amz-date, Signature="
+                         "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31")
+
+    def test_key_encoding(self):
+        cases = {
+            "dir/sub/file name.txt": "/dir/sub/file%20name.txt",
+            "a+b=c&d!e*f(g)h.txt": "/a%2Bb%3Dc%26d%21e%2Af%28g%29h.txt",
+            "ünï/çødé ✓.pdf": "/%C3%BCn%C3%AF/%C3%A7%C3%B8d%C3%A9%20%E2%9C%93.pdf",
+            "tilde~dash-under_dot.": "/tilde~dash-under_dot.",
+        }
+        for key, expected in cases.items():
+            signed = asyncmail.sigv4_sign("GET", "/" + key, [], {"host": "h"},
+                                          asyncmail._EMPTY_SHA256, "A", "S", "us-east-1", "s3",
+                                          "20130524T000000Z")
+            self.assertEqual(signed["canonical_request"].split("\n")[1], expected, key)
+
+
+try:
+    import boto3    # arrives with moto[server]; used only to set the S3 peer up
+except ImportError:
+    boto3 = None
+
+
+class S3PeerTests(CoreCase):
+    """moto's S3 server with authentication on: it verifies SigV4 signatures
+    and IAM credentials, answering 403 to a bad one."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = None
+        command = shutil.which("moto_server")
+        if command is None or boto3 is None:
+            return
+        cls.port = free_port()
+        cls.server = subprocess.Popen([command, "-H", "127.0.0.1", "-p", str(cls.port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cls.endpoint = "http://127.0.0.1:%d" % cls.port
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", cls.port), 1).close()
+                break
+            time.sleep(0.1)
+        session = dict(endpoint_url=cls.endpoint, region_name="us-east-1",
+                       aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam = boto3.client("iam", **session)
+        iam.create_user(UserName="mailer")
+        iam.put_user_policy(UserName="mailer", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="mailer")["AccessKey"]
+        cls.key_id, cls.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        s3 = boto3.client("s3", **session)
+        s3.create_bucket(Bucket="attachments")
+        cls.payload = os.urandom(300000)
+        s3.put_object(Bucket="attachments", Key="invoices/2026/inv 42.pdf", Body=cls.payload,
+                      ContentType="application/pdf")
+        # From now on moto checks every signature (INITIAL_NO_AUTH_ACTION_COUNT=0).
+        conn = http.client.HTTPConnection("127.0.0.1", cls.port, timeout=WAIT)
+        conn.request("POST", "/moto-api/reset-auth", body=b"0",
+                     headers={"Content-Type": "text/plain"})
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.server is not None:
+            cls.server.terminate()
+            cls.server.wait(WAIT)
+
+    def setUp(self):
+        require_peer(self, self.server is not None, "moto server (pip install 'moto[server]')")
+        self.smtp = self.smtp_server()
+
+    def core_with(self, secret):
+        core = self.make_core({"s3": {"endpoint_url": self.endpoint,
+                                      "access_key_id": self.key_id,
+                                      "secret_access_key": secret}})
+        self.add_account(core, self.smtp)
+        return core
+
+    def test_signed_fetch_arrives_byte_for_byte(self):
+        core = self.core_with(self.secret)
+        self.add(core, message("s3ok", attachments=[{
+            "filename": "inv 42.pdf",
+            "s3": {"bucket": "attachments", "key": "invoices/2026/inv 42.pdf"}}]))
+        self.run_now(core)
+        record = self.record(core, "s3ok")
+        self.assertEqual(record["status"], "sent", record["error"])
+        part = next(parse_mail(self.smtp.messages[0]["data"]).iter_attachments())
+        self.assertEqual(part.get_payload(decode=True), self.payload)
+        self.assertEqual(part.get_content_type(), "application/pdf")
+
+    def test_wrong_secret_is_a_permanent_error_without_the_secret(self):
+        core = self.core_with("not-the-secret-XYZ")
+        self.add(core, message("s3bad", attachments=[{
+            "filename": "inv.pdf", "s3": {"bucket": "attachments", "key": "invoices/2026/inv 42.pdf"}}]))
+        self.run_now(core)
+        record = self.record(core, "s3bad")
+        self.assertEqual(record["status"], "error")
+        self.assertIn("HTTP 403", record["error"])
+        self.assertIn("inv.pdf", record["error"])
+        self.assertNotIn("not-the-secret", record["error"])
+        self.assertEqual(self.smtp.messages, [])
+
+    def test_missing_object_is_permanent(self):
+        core = self.core_with(self.secret)
+        self.add(core, message("s3gone", attachments=[{
+            "filename": "x", "s3": {"bucket": "attachments", "key": "nope"}}]))
+        self.run_now(core)
+        record = self.record(core, "s3gone")
+        self.assertEqual(record["status"], "error")
+        self.assertRegex(record["error"], r"HTTP 40[34]")
+
+    def test_missing_credentials_is_permanent(self):
+        core = self.make_core({"s3": {"endpoint_url": self.endpoint}})
+        self.add_account(core, self.smtp)
+        self.add(core, message("nocreds", attachments=[{
+            "filename": "x", "s3": {"bucket": "attachments", "key": "k"}}]))
+        self.run_now(core)
+        self.assertIn("no S3 credentials", self.record(core, "nocreds")["error"])
