@@ -2040,41 +2040,369 @@ class UrlAttachmentTests(CoreCase):
             self.assertTrue(asyncmail._is_public_address(address), address)
 
 
+# Published AWS Signature Version 4 vectors: the aws-sig-v4-test-suite
+# (credentials AKIDEXAMPLE, service "service", 20150830T123600Z; raw .req, .creq,
+# .sts, .authz as published) and the four worked examples of the Amazon S3
+# documentation "Signature Calculations for the Authorization Header:
+# Transferring Payload in a Single Chunk".
+SIGV4_SUITE = {'get-header-value-trim': {'authz': 'AWS4-HMAC-SHA256 '
+                                    'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                                    'SignedHeaders=host;my-header1;my-header2;x-amz-date, '
+                                    'Signature=acc3ed3afb60bb290fc8d2dd0098b9911fcaa05412b367055dee359757a9c736',
+                           'creq': 'GET\n'
+                                   '/\n'
+                                   '\n'
+                                   'host:example.amazonaws.com\n'
+                                   'my-header1:value1\n'
+                                   'my-header2:"a b c"\n'
+                                   'x-amz-date:20150830T123600Z\n'
+                                   '\n'
+                                   'host;my-header1;my-header2;x-amz-date\n'
+                                   'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                           'req': 'GET / HTTP/1.1\n'
+                                  'Host:example.amazonaws.com\n'
+                                  'My-Header1: value1\n'
+                                  'My-Header2: "a   b   c"\n'
+                                  'X-Amz-Date:20150830T123600Z',
+                           'sts': 'AWS4-HMAC-SHA256\n'
+                                  '20150830T123600Z\n'
+                                  '20150830/us-east-1/service/aws4_request\n'
+                                  'a726db9b0df21c14f559d0a978e563112acb1b9e05476f0a6a1c7d68f28605c7'},
+ 'get-space': {'authz': 'AWS4-HMAC-SHA256 '
+                        'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                        'SignedHeaders=host;x-amz-date, '
+                        'Signature=652487583200325589f1fba4c7e578f72c47cb61beeca81406b39ddec1366741',
+               'creq': 'GET\n'
+                       '/example%20space/\n'
+                       '\n'
+                       'host:example.amazonaws.com\n'
+                       'x-amz-date:20150830T123600Z\n'
+                       '\n'
+                       'host;x-amz-date\n'
+                       'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+               'req': 'GET /example space/ HTTP/1.1\n'
+                      'Host:example.amazonaws.com\n'
+                      'X-Amz-Date:20150830T123600Z',
+               'sts': 'AWS4-HMAC-SHA256\n'
+                      '20150830T123600Z\n'
+                      '20150830/us-east-1/service/aws4_request\n'
+                      '63ee75631ed7234ae61b5f736dfc7754cdccfedbff4b5128a915706ee9390d86'},
+ 'get-unreserved': {'authz': 'AWS4-HMAC-SHA256 '
+                             'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                             'SignedHeaders=host;x-amz-date, '
+                             'Signature=07ef7494c76fa4850883e2b006601f940f8a34d404d0cfa977f52a65bbf5f24f',
+                    'creq': 'GET\n'
+                            '/-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\n'
+                            '\n'
+                            'host:example.amazonaws.com\n'
+                            'x-amz-date:20150830T123600Z\n'
+                            '\n'
+                            'host;x-amz-date\n'
+                            'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                    'req': 'GET '
+                           '/-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz '
+                           'HTTP/1.1\n'
+                           'Host:example.amazonaws.com\n'
+                           'X-Amz-Date:20150830T123600Z',
+                    'sts': 'AWS4-HMAC-SHA256\n'
+                           '20150830T123600Z\n'
+                           '20150830/us-east-1/service/aws4_request\n'
+                           '6a968768eefaa713e2a6b16b589a8ea192661f098f37349f4e2c0082757446f9'},
+ 'get-utf8': {'authz': 'AWS4-HMAC-SHA256 '
+                       'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                       'SignedHeaders=host;x-amz-date, '
+                       'Signature=8318018e0b0f223aa2bbf98705b62bb787dc9c0e678f255a891fd03141be5d85',
+              'creq': 'GET\n'
+                      '/%E1%88%B4\n'
+                      '\n'
+                      'host:example.amazonaws.com\n'
+                      'x-amz-date:20150830T123600Z\n'
+                      '\n'
+                      'host;x-amz-date\n'
+                      'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+              'req': 'GET /ሴ HTTP/1.1\nHost:example.amazonaws.com\nX-Amz-Date:20150830T123600Z',
+              'sts': 'AWS4-HMAC-SHA256\n'
+                     '20150830T123600Z\n'
+                     '20150830/us-east-1/service/aws4_request\n'
+                     '2a0a97d02205e45ce2e994789806b19270cfbbb0921b278ccf58f5249ac42102'},
+ 'get-vanilla': {'authz': 'AWS4-HMAC-SHA256 '
+                          'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                          'SignedHeaders=host;x-amz-date, '
+                          'Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31',
+                 'creq': 'GET\n'
+                         '/\n'
+                         '\n'
+                         'host:example.amazonaws.com\n'
+                         'x-amz-date:20150830T123600Z\n'
+                         '\n'
+                         'host;x-amz-date\n'
+                         'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                 'req': 'GET / HTTP/1.1\n'
+                        'Host:example.amazonaws.com\n'
+                        'X-Amz-Date:20150830T123600Z',
+                 'sts': 'AWS4-HMAC-SHA256\n'
+                        '20150830T123600Z\n'
+                        '20150830/us-east-1/service/aws4_request\n'
+                        'bb579772317eb040ac9ed261061d46c1f17a8133879d6129b6e1c25292927e63'},
+ 'get-vanilla-query-order-key-case': {'authz': 'AWS4-HMAC-SHA256 '
+                                               'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                                               'SignedHeaders=host;x-amz-date, '
+                                               'Signature=b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500',
+                                      'creq': 'GET\n'
+                                              '/\n'
+                                              'Param1=value1&Param2=value2\n'
+                                              'host:example.amazonaws.com\n'
+                                              'x-amz-date:20150830T123600Z\n'
+                                              '\n'
+                                              'host;x-amz-date\n'
+                                              'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                                      'req': 'GET /?Param2=value2&Param1=value1 HTTP/1.1\n'
+                                             'Host:example.amazonaws.com\n'
+                                             'X-Amz-Date:20150830T123600Z',
+                                      'sts': 'AWS4-HMAC-SHA256\n'
+                                             '20150830T123600Z\n'
+                                             '20150830/us-east-1/service/aws4_request\n'
+                                             '816cd5b414d056048ba4f7c5386d6e0533120fb1fcfa93762cf0fc39e2cf19e0'},
+ 'get-vanilla-query-unreserved': {'authz': 'AWS4-HMAC-SHA256 '
+                                           'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                                           'SignedHeaders=host;x-amz-date, '
+                                           'Signature=9c3e54bfcdf0b19771a7f523ee5669cdf59bc7cc0884027167c21bb143a40197',
+                                  'creq': 'GET\n'
+                                          '/\n'
+                                          '-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz=-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\n'
+                                          'host:example.amazonaws.com\n'
+                                          'x-amz-date:20150830T123600Z\n'
+                                          '\n'
+                                          'host;x-amz-date\n'
+                                          'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                                  'req': 'GET '
+                                         '/?-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz=-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz '
+                                         'HTTP/1.1\n'
+                                         'Host:example.amazonaws.com\n'
+                                         'X-Amz-Date:20150830T123600Z',
+                                  'sts': 'AWS4-HMAC-SHA256\n'
+                                         '20150830T123600Z\n'
+                                         '20150830/us-east-1/service/aws4_request\n'
+                                         'c30d4703d9f799439be92736156d47ccfb2d879ddf56f5befa6d1d6aab979177'},
+ 'get-vanilla-utf8-query': {'authz': 'AWS4-HMAC-SHA256 '
+                                     'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                                     'SignedHeaders=host;x-amz-date, '
+                                     'Signature=2cdec8eed098649ff3a119c94853b13c643bcf08f8b0a1d91e12c9027818dd04',
+                            'creq': 'GET\n'
+                                    '/\n'
+                                    '%E1%88%B4=bar\n'
+                                    'host:example.amazonaws.com\n'
+                                    'x-amz-date:20150830T123600Z\n'
+                                    '\n'
+                                    'host;x-amz-date\n'
+                                    'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                            'req': 'GET /?ሴ=bar HTTP/1.1\n'
+                                   'Host:example.amazonaws.com\n'
+                                   'X-Amz-Date:20150830T123600Z',
+                            'sts': 'AWS4-HMAC-SHA256\n'
+                                   '20150830T123600Z\n'
+                                   '20150830/us-east-1/service/aws4_request\n'
+                                   'eb30c5bed55734080471a834cc727ae56beb50e5f39d1bff6d0d38cb192a7073'},
+ 'post-header-key-sort': {'authz': 'AWS4-HMAC-SHA256 '
+                                   'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                                   'SignedHeaders=host;my-header1;x-amz-date, '
+                                   'Signature=c5410059b04c1ee005303aed430f6e6645f61f4dc9e1461ec8f8916fdf18852c',
+                          'creq': 'POST\n'
+                                  '/\n'
+                                  '\n'
+                                  'host:example.amazonaws.com\n'
+                                  'my-header1:value1\n'
+                                  'x-amz-date:20150830T123600Z\n'
+                                  '\n'
+                                  'host;my-header1;x-amz-date\n'
+                                  'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                          'req': 'POST / HTTP/1.1\n'
+                                 'Host:example.amazonaws.com\n'
+                                 'My-Header1:value1\n'
+                                 'X-Amz-Date:20150830T123600Z',
+                          'sts': 'AWS4-HMAC-SHA256\n'
+                                 '20150830T123600Z\n'
+                                 '20150830/us-east-1/service/aws4_request\n'
+                                 '9368318c2967cf6de74404b30c65a91e8f6253e0a8659d6d5319f1a812f87d65'},
+ 'post-sts-header-before': {'authz': 'AWS4-HMAC-SHA256 '
+                                     'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                                     'SignedHeaders=host;x-amz-date;x-amz-security-token, '
+                                     'Signature=85d96828115b5dc0cfc3bd16ad9e210dd772bbebba041836c64533a82be05ead',
+                            'creq': 'POST\n'
+                                    '/\n'
+                                    '\n'
+                                    'host:example.amazonaws.com\n'
+                                    'x-amz-date:20150830T123600Z\n'
+                                    'x-amz-security-token:AQoDYXdzEPT//////////wEXAMPLEtc764bNrC9SAPBSM22wDOk4x4HIZ8j4FZTwdQWLWsKWHGBuFqwAeMicRXmxfpSPfIeoIYRqTflfKD8YUuwthAx7mSEI/qkPpKPi/kMcGdQrmGdeehM4IC1NtBmUpp2wUE8phUZampKsburEDy0KPkyQDYwT7WZ0wq5VSXDvp75YU9HFvlRd8Tx6q6fE8YQcHNVXAkiY9q6d+xo0rKwT38xVqr7ZD0u0iPPkUL64lIZbqBAz+scqKmlzm8FDrypNC9Yjc8fPOLn9FX9KSYvKTr4rvx3iSIlTJabIQwj2ICCR/oLxBA==\n'
+                                    '\n'
+                                    'host;x-amz-date;x-amz-security-token\n'
+                                    'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                            'req': 'POST / HTTP/1.1\n'
+                                   'Host:example.amazonaws.com\n'
+                                   'X-Amz-Date:20150830T123600Z\n'
+                                   'X-Amz-Security-Token:AQoDYXdzEPT//////////wEXAMPLEtc764bNrC9SAPBSM22wDOk4x4HIZ8j4FZTwdQWLWsKWHGBuFqwAeMicRXmxfpSPfIeoIYRqTflfKD8YUuwthAx7mSEI/qkPpKPi/kMcGdQrmGdeehM4IC1NtBmUpp2wUE8phUZampKsburEDy0KPkyQDYwT7WZ0wq5VSXDvp75YU9HFvlRd8Tx6q6fE8YQcHNVXAkiY9q6d+xo0rKwT38xVqr7ZD0u0iPPkUL64lIZbqBAz+scqKmlzm8FDrypNC9Yjc8fPOLn9FX9KSYvKTr4rvx3iSIlTJabIQwj2ICCR/oLxBA==',
+                            'sts': 'AWS4-HMAC-SHA256\n'
+                                   '20150830T123600Z\n'
+                                   '20150830/us-east-1/service/aws4_request\n'
+                                   'c237e1b440d4c63c32ca95b5b99481081cb7b13c7e40434868e71567c1a882f6'},
+ 'post-x-www-form-urlencoded': {'authz': 'AWS4-HMAC-SHA256 '
+                                         'Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, '
+                                         'SignedHeaders=content-type;host;x-amz-date, '
+                                         'Signature=ff11897932ad3f4e8b18135d722051e5ac45fc38421b1da7b9d196a0fe09473a',
+                                'creq': 'POST\n'
+                                        '/\n'
+                                        '\n'
+                                        'content-type:application/x-www-form-urlencoded\n'
+                                        'host:example.amazonaws.com\n'
+                                        'x-amz-date:20150830T123600Z\n'
+                                        '\n'
+                                        'content-type;host;x-amz-date\n'
+                                        '9095672bbd1f56dfc5b65f3e153adc8731a4a654192329106275f4c7b24d0b6e',
+                                'req': 'POST / HTTP/1.1\n'
+                                       'Content-Type:application/x-www-form-urlencoded\n'
+                                       'Host:example.amazonaws.com\n'
+                                       'X-Amz-Date:20150830T123600Z\n'
+                                       '\n'
+                                       'Param1=value1',
+                                'sts': 'AWS4-HMAC-SHA256\n'
+                                       '20150830T123600Z\n'
+                                       '20150830/us-east-1/service/aws4_request\n'
+                                       '42a5e5bb34198acb3e84da4f085bb7927f2bc277ca766e6d19c73c2154021281'}}
+
+SIGV4_S3_EXAMPLES = {'get-bucket-lifecycle': {'creq': 'GET\n'
+                                  '/\n'
+                                  'lifecycle=\n'
+                                  'host:examplebucket.s3.amazonaws.com\n'
+                                  'x-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n'
+                                  'x-amz-date:20130524T000000Z\n'
+                                  '\n'
+                                  'host;x-amz-content-sha256;x-amz-date\n'
+                                  'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                          'headers': {'Host': 'examplebucket.s3.amazonaws.com',
+                                      'x-amz-content-sha256': 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                                      'x-amz-date': '20130524T000000Z'},
+                          'method': 'GET',
+                          'path': '/',
+                          'payload_sha256': 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                          'query': {'lifecycle': ''},
+                          'signature': 'fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543',
+                          'sts': 'AWS4-HMAC-SHA256\n'
+                                 '20130524T000000Z\n'
+                                 '20130524/us-east-1/s3/aws4_request\n'
+                                 '9766c798316ff2757b517bc739a67f6213b4ab36dd5da2f94eaebf79c77395ca'},
+ 'get-bucket-list-objects': {'creq': 'GET\n'
+                                     '/\n'
+                                     'max-keys=2&prefix=J\n'
+                                     'host:examplebucket.s3.amazonaws.com\n'
+                                     'x-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n'
+                                     'x-amz-date:20130524T000000Z\n'
+                                     '\n'
+                                     'host;x-amz-content-sha256;x-amz-date\n'
+                                     'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                             'headers': {'Host': 'examplebucket.s3.amazonaws.com',
+                                         'x-amz-content-sha256': 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                                         'x-amz-date': '20130524T000000Z'},
+                             'method': 'GET',
+                             'path': '/',
+                             'payload_sha256': 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                             'query': {'max-keys': '2', 'prefix': 'J'},
+                             'signature': '34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7',
+                             'sts': 'AWS4-HMAC-SHA256\n'
+                                    '20130524T000000Z\n'
+                                    '20130524/us-east-1/s3/aws4_request\n'
+                                    'df57d21db20da04d7fa30298dd4488ba3a2b47ca3a489c74750e0f1e7df1b9b7'},
+ 'get-object': {'creq': 'GET\n'
+                        '/test.txt\n'
+                        '\n'
+                        'host:examplebucket.s3.amazonaws.com\n'
+                        'range:bytes=0-9\n'
+                        'x-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n'
+                        'x-amz-date:20130524T000000Z\n'
+                        '\n'
+                        'host;range;x-amz-content-sha256;x-amz-date\n'
+                        'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                'headers': {'Host': 'examplebucket.s3.amazonaws.com',
+                            'Range': 'bytes=0-9',
+                            'x-amz-content-sha256': 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                            'x-amz-date': '20130524T000000Z'},
+                'method': 'GET',
+                'path': '/test.txt',
+                'payload_sha256': 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+                'query': {},
+                'signature': 'f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41',
+                'sts': 'AWS4-HMAC-SHA256\n'
+                       '20130524T000000Z\n'
+                       '20130524/us-east-1/s3/aws4_request\n'
+                       '7344ae5b7ee6c3e7e6b0fe0640412a37625d1fbfff95c48bbb2dc43964946972'},
+ 'put-object': {'creq': 'PUT\n'
+                        '/test%24file.text\n'
+                        '\n'
+                        'date:Fri, 24 May 2013 00:00:00 GMT\n'
+                        'host:examplebucket.s3.amazonaws.com\n'
+                        'x-amz-content-sha256:44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072\n'
+                        'x-amz-date:20130524T000000Z\n'
+                        'x-amz-storage-class:REDUCED_REDUNDANCY\n'
+                        '\n'
+                        'date;host;x-amz-content-sha256;x-amz-date;x-amz-storage-class\n'
+                        '44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072',
+                'headers': {'Date': 'Fri, 24 May 2013 00:00:00 GMT',
+                            'Host': 'examplebucket.s3.amazonaws.com',
+                            'x-amz-content-sha256': '44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072',
+                            'x-amz-date': '20130524T000000Z',
+                            'x-amz-storage-class': 'REDUCED_REDUNDANCY'},
+                'method': 'PUT',
+                'path': '/test$file.text',
+                'payload_sha256': '44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072',
+                'query': {},
+                'signature': '98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd',
+                'sts': 'AWS4-HMAC-SHA256\n'
+                       '20130524T000000Z\n'
+                       '20130524/us-east-1/s3/aws4_request\n'
+                       '9e0e90d9c76de8fa5b200d8c849cd5b8dc7a3be3951ddb7f6a76b4158342019d'}}
+
+
 class SigV4Tests(unittest.TestCase):
     """The signer against AWS's published vectors."""
 
     SUITE_KEY = ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
     S3_KEY = ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
 
-    def test_s3_get_object_example(self):
-        # Amazon S3 docs, "Signature Calculations for the Authorization Header:
-        # Transferring Payload in a Single Chunk", GET Object example.
-        signed = asyncmail.sigv4_sign(
-            "GET", "/test.txt", [],
-            {"Host": "examplebucket.s3.amazonaws.com", "Range": "bytes=0-9",
-             "x-amz-content-sha256": asyncmail._EMPTY_SHA256,
-             "x-amz-date": "20130524T000000Z"},
-            asyncmail._EMPTY_SHA256, *self.S3_KEY, "us-east-1", "s3", "20130524T000000Z")
-        self.assertEqual(signed["canonical_request"], "\n".join([
-            "GET", "/test.txt", "", "host:examplebucket.s3.amazonaws.com",
-            "range:bytes=0-9",
-            "x-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-            "x-amz-date:20130524T000000Z", "", "host;range;x-amz-content-sha256;x-amz-date",
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]))
-        self.assertEqual(signed["string_to_sign"], "\n".join([
-            "AWS4-HMAC-SHA256", "20130524T000000Z", "20130524/us-east-1/s3/aws4_request",
-            "7344ae5b7ee6c3e7e6b0fe0640412a37625d1fbfff95c48bbb2dc43964946972"]))
-        self.assertEqual(signed["signature"],
-                         "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
+    @staticmethod
+    def parse_request(raw):
+        head, _, body = raw.partition("\n\n")
+        lines = head.split("\n")
+        method, _, rest = lines[0].partition(" ")
+        target = rest.rsplit(" ", 1)[0]        # the path may hold spaces
+        path, _, query = target.partition("?")
+        pairs = [tuple(p.split("=", 1)) if "=" in p else (p, "")
+                 for p in query.split("&") if p]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers.setdefault(name, []).append(value)
+        return method, path, pairs, {k: ",".join(v) for k, v in headers.items()}, body
 
-    def test_suite_get_vanilla(self):
-        signed = asyncmail.sigv4_sign(
-            "GET", "/", [], {"Host": "example.amazonaws.com", "X-Amz-Date": "20150830T123600Z"},
-            asyncmail._EMPTY_SHA256, *self.SUITE_KEY, "us-east-1", "service", "20150830T123600Z")
-        self.assertEqual(signed["authorization"],
-                         "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/"
-                         "aws4_request, SignedHeaders=host;x-amz-date, Signature="
-                         "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31")
+    def test_aws_test_suite(self):
+        import hashlib
+        for name, case in SIGV4_SUITE.items():
+            with self.subTest(case=name):
+                method, path, query, headers, body = self.parse_request(case["req"])
+                signed = asyncmail.sigv4_sign(
+                    method, path, query, headers, hashlib.sha256(body.encode()).hexdigest(),
+                    *self.SUITE_KEY, "us-east-1", "service", "20150830T123600Z")
+                self.assertEqual(signed["canonical_request"], case["creq"])
+                self.assertEqual(signed["string_to_sign"], case["sts"])
+                self.assertEqual(signed["authorization"], case["authz"])
+
+    def test_s3_documentation_examples(self):
+        for name, case in SIGV4_S3_EXAMPLES.items():
+            with self.subTest(example=name):
+                signed = asyncmail.sigv4_sign(
+                    case["method"], case["path"], list(case["query"].items()), case["headers"],
+                    case["payload_sha256"], *self.S3_KEY, "us-east-1", "s3", "20130524T000000Z")
+                self.assertEqual(signed["canonical_request"], case["creq"])
+                self.assertEqual(signed["string_to_sign"], case["sts"])
+                self.assertEqual(signed["signature"], case["signature"])
 
     def test_key_encoding(self):
         cases = {
