@@ -78,6 +78,8 @@ MAX_ID_CHARS = 256
 MAX_LIST_LIMIT = 10000      # GET /messages page size ceiling
 REQUEST_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
 REQUEST_BODY_DEADLINE = 60.0  # seconds to receive a whole request body
+HEARTBEAT_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
+STATUS_EVERY = 10.0     # seconds between systemd STATUS= updates
 SQLITE_BUSY_TIMEOUT_MS = 15000
 SQL_CHUNK = 500         # stays under SQLite's historic 999-variable limit
 LATEST_TS = 253402300799    # 9999-12-31T23:59:59Z: later deferred_ts is garbage
@@ -783,7 +785,9 @@ def load_config(path=None, environ=None):
 
     The file is ``path``, else ``$ASYNC_MAIL_CONFIG``, else ``config.ini`` in
     the working directory (missing: all defaults; a named file that is missing
-    is an error).  ``ASYNC_MAIL_<SECTION>_<KEY>`` variables win over the file;
+    is an error).  Files ``<section>.<key>`` in ``$CREDENTIALS_DIRECTORY``
+    (systemd LoadCredential=) win over the file, and
+    ``ASYNC_MAIL_<SECTION>_<KEY>`` variables win over both;
     ``[s3]`` credentials fall back to the standard ``AWS_*`` variables.
     Raises ConfigError.
     """
@@ -811,6 +815,17 @@ def load_config(path=None, environ=None):
                 overrides.setdefault(section, {})[key] = value
     elif named:
         raise ConfigError("configuration file %s does not exist" % path)
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and os.path.isdir(credentials):
+        # systemd LoadCredential=section.key:/path: secrets outside config.ini
+        for name in sorted(os.listdir(credentials)):
+            section, _, key = name.partition(".")
+            if (section, key) in CONFIG_SCHEMA:
+                try:
+                    with open(os.path.join(credentials, name), encoding="utf-8") as handle:
+                        overrides.setdefault(section, {})[key] = handle.read().rstrip("\r\n")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ConfigError("cannot read credential %s: %s" % (name, exc), key=name)
     env_names = {"ASYNC_MAIL_%s_%s" % (s.upper(), k.upper()): (s, k) for s, k in CONFIG_SCHEMA}
     for name, value in environ.items():
         if not name.startswith("ASYNC_MAIL_") or name == "ASYNC_MAIL_CONFIG":
@@ -2221,6 +2236,11 @@ class _Worker:
             with self._cond:
                 self._cond.wait_for(lambda: self._done >= ticket or self._stop.is_set(), wait)
 
+    def alive(self, max_age):
+        """Whether the loop thread runs and has looked up within ``max_age`` s."""
+        return (self._thread is not None and self._thread.is_alive()
+                and time.monotonic() - self.heartbeat < max_age)
+
     def stop(self, timeout):
         self._stop.set()
         self._wake.set()
@@ -2229,11 +2249,19 @@ class _Worker:
         self.shutdown()
 
     def _run(self):
+        next_cycle = time.monotonic() + (0 if self.core.test_mode else self.interval())
         while not self._stop.is_set():
-            self._wake.wait(None if self.core.test_mode else self.interval())
-            self._wake.clear()
+            if self.core.test_mode:
+                woken = self._wake.wait()
+            else:
+                timeout = min(max(0.0, next_cycle - time.monotonic()), HEARTBEAT_EVERY)
+                woken = self._wake.wait(timeout)
+            self.heartbeat = time.monotonic()
             if self._stop.is_set():
                 break
+            if not woken and time.monotonic() < next_cycle:
+                continue
+            self._wake.clear()
             with self._cond:
                 ticket = self._requested
             try:
@@ -2241,6 +2269,8 @@ class _Worker:
             except Exception:
                 self.log.exception("%s: cycle failed", self.name)
             self.heartbeat = time.monotonic()
+            if not self.core.test_mode:
+                next_cycle = self.heartbeat + self.interval()
             with self._cond:
                 self._done = max(self._done, ticket)
                 self._cond.notify_all()
@@ -3255,6 +3285,19 @@ class AsyncMailCore:
             raise NotFoundError("unknown message")
         return {"ok": True, "message": record}
 
+    def healthy(self, max_age):
+        """Both loops alive and looking up within ``max_age`` seconds (the
+        systemd watchdog is fed only while this holds)."""
+        return self.dispatcher.alive(max_age) and self.reporter.alive(max_age)
+
+    def status_line(self):
+        """One line for systemd's STATUS=: queue depth by status."""
+        counts = self.store.queue_counts()
+        return "%s; queue: %d pending, %d deferred, %d sending, %d sent, %d failed" % (
+            "active" if self.controls.active else "suspended", counts.get("pending", 0),
+            counts.get("deferred", 0), counts.get("sending", 0), counts.get("sent", 0),
+            counts.get("error", 0))
+
     # -- metrics ------------------------------------------------------------
 
     def render_metrics(self):
@@ -3355,6 +3398,15 @@ def _sd_notify(message, environ=None):
         return False
 
 
+def _watchdog_seconds(environ):
+    """systemd's WatchdogSec= for this process in seconds, or None."""
+    usec = environ.get("WATCHDOG_USEC", "")
+    pid = environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="asyncmail.py",
@@ -3398,9 +3450,21 @@ def main(argv=None):
         log.error("cannot start: %s", exc)
         return 1
     _sd_notify("READY=1\nSTATUS=listening on %s:%d" % core.http_address)
+    watchdog = _watchdog_seconds(os.environ)
+    tick = min(1.0, watchdog / 3.0) if watchdog else 1.0
+    next_status = time.monotonic() + STATUS_EVERY
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(tick):
+            if watchdog:
+                if core.healthy(watchdog):
+                    _sd_notify("WATCHDOG=1")
+                else:
+                    log.critical("a worker loop is stuck or dead; withholding the "
+                                 "watchdog ping so systemd restarts asyncmail")
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_EVERY
+                with contextlib.suppress(StoreError):
+                    _sd_notify("STATUS=" + core.status_line())
     finally:
         _sd_notify("STOPPING=1")
         log.info("stopping: finishing in-flight deliveries")

@@ -2522,3 +2522,281 @@ class S3PeerTests(CoreCase):
             "filename": "x", "s3": {"bucket": "attachments", "key": "k"}}]))
         self.run_now(core)
         self.assertIn("no S3 credentials", self.record(core, "nocreds")["error"])
+
+
+# ==========================================================================
+# Operations: metrics, logging, systemd
+# ==========================================================================
+
+import re as _re
+
+_SAMPLE = _re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+_LABEL = _re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+
+
+def parse_exposition(text):
+    """A strict reader of Prometheus text format 0.0.4.  Returns
+    {family: {"type": t, "samples": {(name, labels): value}}}; raises
+    AssertionError on anything out of place."""
+    families, current = {}, None
+    assert text.endswith("\n"), "exposition must end with a newline"
+    for line in text.split("\n")[:-1]:
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            assert name not in families, "family %s declared twice" % name
+            assert help_text, "empty HELP for %s" % name
+            families[name] = {"type": None, "samples": {}}
+            current = name
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            assert name == current, "TYPE %s without its HELP" % name
+            assert kind in ("counter", "gauge", "histogram"), kind
+            families[name]["type"] = kind
+        else:
+            match = _SAMPLE.match(line)
+            assert match, "malformed sample line %r" % line
+            name, labels_text, value = match.group(1), match.group(3), match.group(4)
+            kind = families[current]["type"]
+            allowed = {current}
+            if kind == "histogram":
+                allowed = {current + "_bucket", current + "_sum", current + "_count"}
+            assert name in allowed, "sample %s outside its family %s" % (name, current)
+            labels = ()
+            if labels_text:
+                position, pairs = 0, []
+                while position < len(labels_text):
+                    label = _LABEL.match(labels_text, position)
+                    assert label, "bad labels %r" % labels_text
+                    pairs.append((label.group(1), label.group(2)))
+                    position = label.end()
+                labels = tuple(pairs)
+            number = float(value)
+            key = (name, labels)
+            assert key not in families[current]["samples"], "duplicate sample %r" % (key,)
+            families[current]["samples"][key] = number
+    for name, family in families.items():
+        assert family["type"], "family %s has no TYPE" % name
+        if family["type"] == "counter":
+            assert name.endswith("_total"), "counter %s must end in _total" % name
+        if family["type"] == "histogram":
+            buckets = [(dict(l)["le"], v) for (n, l), v in family["samples"].items()
+                       if n.endswith("_bucket")]
+            values = [v for _, v in buckets]
+            assert values == sorted(values), "histogram buckets not cumulative"
+            assert buckets[-1][0] == "+Inf"
+            assert family["samples"][(name + "_count", ())] == buckets[-1][1]
+    return families
+
+
+class MetricsTests(CoreCase):
+
+    def scrape(self, client):
+        status, data, response = client.request("GET", "/metrics", raw=True)
+        self.assertEqual(status, 200)
+        return data.decode("utf-8")
+
+    def test_exposition_is_strict_and_counters_are_monotonic(self):
+        smtp = self.smtp_server()
+        core = self.make_core()
+        client = self.client(core)
+        self.add_account(core, smtp)
+        self.add_account(core, self.smtp_server(), id='we"ird\\id')   # own server: the
+        before = parse_exposition(self.scrape(client))                  # script is acct's
+        smtp.script("DATA", "250 ok", "550 no", "451 later")
+        answer = self.add(core, message("m1", account_id="acct"),
+                          message("m2", account_id="acct"), message("m3", account_id="acct"),
+                          message("m4", account_id='we"ird\\id'))
+        self.assertEqual(answer["rejected"], [])
+        self.run_now(core)
+        client.request("GET", "/nope")
+        after = parse_exposition(self.scrape(client))
+        for name, family in before.items():
+            if family["type"] != "counter":
+                continue
+            for key, value in family["samples"].items():
+                self.assertGreaterEqual(after[name]["samples"].get(key, 0), value, key)
+        sent = after["asyncmail_sent_total"]["samples"]
+        self.assertEqual(sent[("asyncmail_sent_total", (("account_id", "acct"),))], 1)
+        self.assertEqual(sent[("asyncmail_sent_total", (("account_id", 'we\\"ird\\\\id'),))], 1)
+        errors = after["asyncmail_errors_total"]["samples"]
+        self.assertEqual(errors[("asyncmail_errors_total", (("account_id", "acct"),))], 1)
+        deferred = after["asyncmail_deferred_total"]["samples"]
+        self.assertEqual(deferred[("asyncmail_deferred_total", (("account_id", "acct"),))], 1)
+        pending = after["asyncmail_pending_messages"]["samples"]
+        self.assertEqual(pending[("asyncmail_pending_messages", ())], 1)
+        histogram = after["asyncmail_smtp_send_duration_seconds"]["samples"]
+        self.assertEqual(histogram[("asyncmail_smtp_send_duration_seconds_count", ())], 4)
+        codes = after["asyncmail_http_requests_total"]["samples"]
+        self.assertGreaterEqual(codes[("asyncmail_http_requests_total", (("code", "404"),))], 1)
+        info = after["asyncmail_build_info"]["samples"]
+        self.assertEqual(info[("asyncmail_build_info", (("version", asyncmail.__version__),))], 1)
+
+    def test_account_series_exist_from_start_up(self):
+        core = self.make_core(start=False)
+        self.add_account(core, id="quiet")
+        core.stop()
+        again = self.make_core(db=self.db_path)
+        families = parse_exposition(again.render_metrics())
+        for name in ("asyncmail_sent_total", "asyncmail_errors_total",
+                     "asyncmail_deferred_total", "asyncmail_rate_limited_total"):
+            self.assertEqual(families[name]["samples"][(name, (("account_id", "quiet"),))], 0)
+
+    def test_oldest_pending_age_uses_the_clock(self):
+        core = self.make_core(http=False)
+        self.add_account(core)
+        self.add(core, message("old"))
+        self.clock.advance(42)
+        families = parse_exposition(core.render_metrics())
+        age = families["asyncmail_oldest_pending_age_seconds"]["samples"]
+        self.assertEqual(age[("asyncmail_oldest_pending_age_seconds", ())], 42)
+
+    def test_metrics_needs_the_token_and_accepts_bearer(self):
+        core = self.make_core({"server": {"api_token": "prom-token"}})
+        client = self.client(core)
+        self.assertEqual(client.request("GET", "/metrics")[0], 401)
+        status, data, _ = client.request("GET", "/metrics", raw=True,
+                                         headers={"Authorization": "Bearer prom-token"})
+        self.assertEqual(status, 200)
+        parse_exposition(data.decode())
+
+
+class OperationsTests(CoreCase):
+
+    def test_journal_format_has_priority_prefix_and_no_timestamp(self):
+        stream = io.StringIO()
+        config = asyncmail.Config()
+        old = os.environ.get("JOURNAL_STREAM")
+        os.environ["JOURNAL_STREAM"] = "8:1234"
+        try:
+            logger = asyncmail._setup_logging(config, stream)
+        finally:
+            if old is None:
+                del os.environ["JOURNAL_STREAM"]
+            else:
+                os.environ["JOURNAL_STREAM"] = old
+        self.addCleanup(setattr, logger, "handlers", [])
+        logger.warning("disk %s", "low")
+        logger.info("hello")
+        self.assertEqual(stream.getvalue(), "<4>disk low\n<6>hello\n")
+
+    def test_credentials_directory(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        for name, value in (("server.api_token", "from-credential\n"),
+                            ("client.client_sync_password", "pw"), ("unrelated", "x")):
+            with open(os.path.join(directory, name), "w") as handle:
+                handle.write(value)
+        config = asyncmail.load_config(None, {"CREDENTIALS_DIRECTORY": directory,
+                                              "ASYNC_MAIL_CONFIG": os.devnull})
+        self.assertEqual(config.server.api_token, "from-credential")
+        self.assertEqual(config.client.client_sync_password, "pw")
+        config = asyncmail.load_config(None, {"CREDENTIALS_DIRECTORY": directory,
+                                              "ASYNC_MAIL_CONFIG": os.devnull,
+                                              "ASYNC_MAIL_SERVER_API_TOKEN": "env"})
+        self.assertEqual(config.server.api_token, "env")
+
+    def test_status_line_and_health(self):
+        core = self.make_core(http=False, test_mode=False, clock=time.time)
+        self.add_account(core)
+        self.add(core, message("s"), deferred_ts=None)
+        self.assertIn("1 pending", core.status_line())
+        self.assertTrue(core.healthy(30))
+        core.dispatcher.stop(5)
+        self.assertFalse(core.healthy(30))
+
+    def test_watchdog_pings_from_the_process(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "notify.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        sock.settimeout(WAIT)
+        daemon = Daemon(self, directory, env={"NOTIFY_SOCKET": path,
+                                              "WATCHDOG_USEC": "600000"}).start()
+        received = b""
+        while b"WATCHDOG=1" not in received:
+            received += sock.recv(4096) + b"\n"
+        self.assertIn(b"READY=1", received)
+        self.assertEqual(daemon.kill(signal.SIGTERM), 0)
+
+    def test_no_secret_in_logs(self):
+        stream = io.StringIO()
+        smtp = self.smtp_server(credentials=("u", "smtp-SECRET-pw"))
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        url = upstream.url.replace("http://", "http://user:url-SECRET@")
+        core = self.make_core({"client": {"client_sync_url": url,
+                                          "client_sync_token": "tok-SECRET"},
+                               "server": {"api_token": "api-SECRET"},
+                               "logging": {"delivery_activity": "true", "level": "DEBUG"}})
+        handler = logging.StreamHandler(stream)
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.DEBUG)
+        self.addCleanup(core.log.removeHandler, handler)
+        self.add_account(core, smtp, user="u", password="smtp-SECRET-pw")
+        self.add_account(core, smtp, id="wrong", user="u", password="bad-SECRET-pw")
+        self.add(core, message("ok", account_id="acct"), message("bad", account_id="wrong"))
+        self.run_now(core)
+        upstream.answers = [(500, "down")]
+        self.add(core, message("ok2", account_id="acct"))
+        self.run_now(core)
+        text = stream.getvalue()
+        self.assertIn("sent ok via account acct", text)
+        self.assertIn("authentication failed", text)
+        self.assertIn("delivery report", text)
+        self.assertNotIn("SECRET", text)
+
+
+class PromtoolPeerTests(CoreCase):
+
+    def test_promtool_check_metrics_after_traffic(self):
+        promtool = shutil.which("promtool")
+        require_peer(self, promtool, "promtool (apt-get install prometheus)")
+        smtp = self.smtp_server()
+        core = self.make_core()
+        self.add_account(core, smtp)
+        self.add_account(core, smtp, id='odd "id" \\ here')
+        smtp.script("DATA", "250 ok", "550 no")
+        self.add(core, message("a"), message("b"), message("c", deferred_ts=self.clock() + 60),
+                 message("d", account_id='odd "id" \\ here'))
+        self.run_now(core)
+        client = self.client(core)
+        client.request("GET", "/missing")
+        status, data, _ = client.request("GET", "/metrics", raw=True)
+        result = subprocess.run([promtool, "check", "metrics"], input=data,
+                                capture_output=True, timeout=WAIT)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(result.stdout + result.stderr, b"")
+
+
+class SystemdPeerTests(unittest.TestCase):
+
+    def setUp(self):
+        self.analyze = shutil.which("systemd-analyze")
+        require_peer(self, self.analyze, "systemd-analyze (apt-get install systemd)")
+        self.unit = os.path.join(HERE, "asyncmail.service")
+
+    def test_verify_is_clean(self):
+        result = subprocess.run([self.analyze, "verify", self.unit], capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr, "")
+
+    def test_security_exposure_at_most_2(self):
+        result = subprocess.run([self.analyze, "security", "--offline=yes", self.unit],
+                                capture_output=True, text=True, timeout=60)
+        match = _re.search(r"Overall exposure level for asyncmail\.service: ([\d.]+)",
+                           result.stdout)
+        self.assertIsNotNone(match, result.stdout + result.stderr)
+        self.assertLessEqual(float(match.group(1)), 2.0, result.stdout)
+
+    def test_unit_has_the_required_settings(self):
+        with open(self.unit) as handle:
+            text = handle.read()
+        for setting in ("Type=notify", "WatchdogSec=", "DynamicUser=yes",
+                        "StateDirectory=asyncmail", "ProtectSystem=strict", "ProtectHome=yes",
+                        "PrivateTmp=yes", "NoNewPrivileges=yes",
+                        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                        "SystemCallFilter=@system-service", "CapabilityBoundingSet=\n"):
+            self.assertIn(setting, text)
