@@ -78,6 +78,7 @@ MAX_ID_CHARS = 256
 MAX_LIST_LIMIT = 10000      # GET /messages page size ceiling
 REQUEST_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
 REQUEST_BODY_DEADLINE = 60.0  # seconds to receive a whole request body
+MAX_CONNECTIONS = 512   # concurrent HTTP connections (one thread each); more get 503
 HEARTBEAT_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
 STATUS_EVERY = 10.0     # seconds between systemd STATUS= updates
 SQLITE_BUSY_TIMEOUT_MS = 15000
@@ -2729,12 +2730,22 @@ def _match_route(segments):
 
 
 class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
-    """The HTTP listener: one daemon thread per client connection."""
+    """The HTTP listener: one daemon thread per client connection.
+
+    Each connection carries a deadline for its current request (the request
+    line and headers within REQUEST_IDLE_TIMEOUT, the body and answer within
+    REQUEST_BODY_DEADLINE more); ``service_actions``, run by the accept loop,
+    shuts down connections past it, so a client dribbling bytes cannot pin a
+    thread.  Beyond MAX_CONNECTIONS new connections get 503 and are closed.
+    """
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 128
+    max_connections = MAX_CONNECTIONS
+    idle_timeout = REQUEST_IDLE_TIMEOUT
+    body_deadline = REQUEST_BODY_DEADLINE
 
     def __init__(self, address, core, api_token, max_request_bytes, metrics, log):
         if ":" in address[0]:
@@ -2744,7 +2755,46 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
         self.max_request_bytes = max_request_bytes
         self.metrics = metrics
         self.log = log
+        self._deadlines = {}
+        self._deadlines_lock = threading.Lock()
+        self._last_reap = time.monotonic()
         HTTPServer.__init__(self, address, _ApiHandler)
+
+    def process_request(self, request, client_address):
+        with self._deadlines_lock:
+            crowded = len(self._deadlines) >= self.max_connections
+            if not crowded:
+                self._deadlines[request] = time.monotonic() + self.idle_timeout
+        if crowded:
+            body = b'{"ok":false,"error":"too many connections, retry later"}'
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nContent-Length: %d\r\nConnection: "
+                                b"close\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def set_deadline(self, request, seconds):
+        with self._deadlines_lock:
+            if request in self._deadlines:
+                self._deadlines[request] = time.monotonic() + seconds
+
+    def shutdown_request(self, request):
+        with self._deadlines_lock:
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self):
+        now = time.monotonic()
+        if now - self._last_reap < 1.0:
+            return
+        self._last_reap = now
+        with self._deadlines_lock:
+            late = [request for request, deadline in self._deadlines.items() if deadline < now]
+        for request in late:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request, client_address):
         self.log.exception("unexpected error on a connection from %s", client_address[0])
@@ -2824,7 +2874,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         because the rest of the body was not read.
         """
         limit = self.server.max_request_bytes
-        deadline = time.monotonic() + REQUEST_BODY_DEADLINE
+        deadline = time.monotonic() + self.server.body_deadline
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked(limit, deadline)
         length = self.headers.get("Content-Length")
@@ -2893,9 +2943,15 @@ class _ApiHandler(BaseHTTPRequestHandler):
             return False
         return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token)
 
+    def handle_one_request(self):
+        # the next request line and headers must arrive within the idle timeout
+        self.server.set_deadline(self.connection, self.server.idle_timeout)
+        BaseHTTPRequestHandler.handle_one_request(self)
+
     # -- dispatch -----------------------------------------------------------
 
     def _handle(self):
+        self.server.set_deadline(self.connection, self.server.body_deadline * 2)
         try:
             self._route()
         except ApiError as exc:
@@ -2935,6 +2991,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
             allowed = ", ".join(sorted({m for m, _, _ in matches}))
             raise ApiError("method not allowed; use %s" % allowed, status=405,
                            detail={"allow": allowed})
+        if method != "POST":
+            self._discard_body()      # keep-alive stays in sync with a GET that has a body
         if command == "metrics":
             body = self.server.core.render_metrics().encode("utf-8")
             self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")

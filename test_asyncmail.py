@@ -80,7 +80,7 @@ class SmtpServer:
     ``rcpt_replies[address]`` answers RCPT for one address every time."""
 
     def __init__(self, ehlo_extensions=("8BITMIME", "PIPELINING", "AUTH PLAIN"),
-                 credentials=None):
+                 credentials=None, port=0):
         self.credentials = credentials   # (user, password) or None: any AUTH passes
         self.auths = []
         self.messages = []
@@ -105,7 +105,7 @@ class SmtpServer:
             allow_reuse_address = True
             block_on_close = False
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
@@ -167,6 +167,9 @@ class SmtpServer:
                 reply = self._scripted("DATA-CMD" if verb == "DATA" else verb)
                 if reply == "DROP":
                     return
+                if reply and reply.startswith("STALL:"):   # a server slower than the
+                    time.sleep(float(reply[6:]))          # client's timeout
+                    reply = None
                 if verb == "EHLO":
                     lines = ["test"] + self.ehlo_extensions
                     out = "".join("250-%s\r\n" % l for l in lines[:-1]) + "250 %s\r\n" % lines[-1]
@@ -198,6 +201,9 @@ class SmtpServer:
                     after = self._scripted("DATA")
                     if after == "DROP":
                         return
+                    if after and after.startswith("STALL:"):
+                        time.sleep(float(after[6:]))
+                        after = None
                     if after is None or after.startswith("2"):
                         with self.received:
                             self.messages.append({"from": mail_from, "rcpts": list(rcpts),
@@ -239,7 +245,7 @@ class Upstream:
     JSON body).  ``answers`` is a list of (status, body) to give in turn;
     when empty it answers 200 with a summary.  ``hang`` makes it stall."""
 
-    def __init__(self):
+    def __init__(self, port=0):
         self.posts = []
         self.answers = []
         self.hang = threading.Event()
@@ -282,9 +288,11 @@ class Upstream:
         class Server(socketserver.ThreadingMixIn, HTTPServer):
             daemon_threads = True
             block_on_close = False
+            allow_reuse_address = True
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d/sync" % self.server.server_address[1]
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d/sync" % self.port
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
 
@@ -655,6 +663,12 @@ class ApiTests(CoreCase):
         self.assertEqual(body, {"ok": True, "active": True, "version": asyncmail.__version__,
                                 "queue": {"pending": 0, "deferred": 0, "sending": 0,
                                           "sent": 0, "error": 0}})
+
+    def test_get_with_a_body_keeps_keep_alive_in_sync(self):
+        for path in ("/metrics", "/status", "/messages"):
+            status = self.http.request("GET", path, b'{"x": "' + b"y" * 3000 + b'"}', raw=True)[0]
+            self.assertEqual(status, 200)
+            self.assertEqual(self.http.request("GET", "/status")[0], 200)
 
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         for _ in range(20):
@@ -2800,3 +2814,337 @@ class SystemdPeerTests(unittest.TestCase):
                         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
                         "SystemCallFilter=@system-service", "CapabilityBoundingSet=\n"):
             self.assertIn(setting, text)
+
+
+# ==========================================================================
+# Reliability and security (the fast, deterministic parts; the long runs are
+# reliability/run.py)
+# ==========================================================================
+
+import random
+import re
+
+
+def hostile_requests(seed, count):
+    """A deterministic corpus of malformed and hostile HTTP requests (raw
+    bytes), at every endpoint.  Yields (label, bytes)."""
+    rng = random.Random(seed)
+    paths = ["/status", "/metrics", "/accounts", "/account", "/account/acct", "/messages",
+             "/messages/x", "/commands/add-messages", "/commands/delete-messages",
+             "/commands/cleanup-messages", "/commands/run-now", "/commands/suspend",
+             "/commands/activate", "/commands/../../etc/passwd", "/messages/%00%ff",
+             "/messages/..%2F..%2Fetc", "/" + "a" * 5000, "/account/%E2%9C%93",
+             "/messages?limit=-1", "/messages?limit=1e9&offset=NaN", "/messages?active_only=%00"]
+    methods = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "TRACE", "BREW",
+               "get", "POST /x", ""]
+    scalars = [None, True, False, 0, -1, 2 ** 63, -2 ** 63, 10 ** 400, 1e308, -1e308, 0.5,
+               "", "x" * 300, "a\r\nBcc: evil@x.com", "\x00", "\ud800", "☃", [], {}, "1",
+               "immediate", "<script>", "../../etc/passwd", "C:\\\\boot.ini"]
+
+    def value(depth=0):
+        kind = rng.random()
+        if depth > 3 or kind < 0.5:
+            return rng.choice(scalars)
+        if kind < 0.75:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        keys = ["id", "from", "to", "cc", "bcc", "subject", "body", "priority", "deferred_ts",
+                "attachments", "headers", "account_id", "messages", "ids", "host", "port",
+                "filename", "content", "url", "s3", "older_than_seconds", "reply_to",
+                "content_type", "message_id", "limit_per_minute", "use_tls", "ttl"]
+        return {rng.choice(keys): value(depth + 1) for _ in range(rng.randint(0, 6))}
+
+    def message_like():
+        msg = {"id": rng.choice(["ok-%d" % rng.randint(0, 10 ** 9), value()]),
+               "from": rng.choice(["a@b.com", "bad", value()]),
+               "to": rng.choice([["x@y.com"], "x@y.com, z@w.org", [], value()]),
+               "subject": rng.choice(["s", "s\r\nX-Injected: 1", value()]),
+               "body": rng.choice(["b", value()])}
+        for key in rng.sample(["priority", "deferred_ts", "attachments", "headers", "cc",
+                               "bcc", "account_id", "reply_to", "return_path"], 3):
+            if rng.random() < 0.5:
+                msg[key] = value()
+        if rng.random() < 0.2:
+            msg["attachments"] = [{"filename": rng.choice(["a.txt", "../x", "a\r\nb", value()]),
+                                   rng.choice(["content", "url", "s3"]): value()}]
+        return msg
+
+    for index in range(count):
+        kind = rng.randrange(12)
+        method = rng.choice(["POST"] * 4 + methods)
+        path = rng.choice(paths)
+        headers = {"Host": "x"}
+        if kind == 0:
+            body = json.dumps({"messages": [message_like() for _ in range(rng.randint(1, 5))]},
+                              default=str).encode("utf-8", "surrogatepass")
+        elif kind == 1:
+            body = json.dumps(value(), default=str).encode("utf-8", "surrogatepass")
+        elif kind == 2:
+            body = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+        elif kind == 3:
+            body = b"[" * rng.randint(1000, 200000) + b"]"
+        elif kind == 4:
+            body = b'{"messages": [' + b"9" * rng.randint(1000, 50000) + b"]}"
+        elif kind == 5:
+            body = json.dumps({"ids": [value() for _ in range(5)]}, default=str).encode(
+                "utf-8", "surrogatepass")
+        elif kind == 6:   # lying Content-Length (shorter than claimed: client closes)
+            body = b'{"messages": []}'
+            headers["Content-Length"] = str(len(body) + rng.randint(1, 50))
+        elif kind == 7:
+            body = b"{}"
+            headers["Content-Length"] = rng.choice(["-1", "abc", "1" * 40, "0x10", " 2"])
+        elif kind == 8:
+            body = b"{}"
+            headers["Transfer-Encoding"] = rng.choice(["chunked", "gzip", "chunked, chunked"])
+        elif kind == 9:
+            body = json.dumps(message_like(), default=str).encode("utf-8", "surrogatepass")
+        elif kind == 10:
+            headers["X-Huge"] = "h" * rng.randint(10000, 70000)
+            body = b""
+        else:
+            body = b'{"id": "acct", "host": ' + json.dumps(value(), default=str).encode() + b"}"
+            path = "/account"
+        if "Content-Length" not in headers and "Transfer-Encoding" not in headers:
+            headers["Content-Length"] = str(len(body))
+        if kind == 8 and "chunked" in headers.get("Transfer-Encoding", ""):
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if rng.random() < 0.5 else body
+        head = "%s %s HTTP/1.1\r\n" % (method, path) + "".join(
+            "%s: %s\r\n" % item for item in headers.items()) + "\r\n"
+        yield "%d:%s %s" % (index, method, path[:40]), head.encode("latin-1", "replace") + body
+
+
+def send_hostile(address, raw, timeout=10.0):
+    """Send one raw request on a fresh connection (half-closing after it, so
+    lying lengths end) and return the status code, or None when the server
+    closed without answering."""
+    sock = socket.create_connection(address, timeout=timeout)
+    try:
+        with contextlib.suppress(OSError):
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(OSError):
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        sock.close()
+    if not received.startswith(b"HTTP/1."):
+        return None, received
+    return int(received[9:12]), received
+
+
+class FuzzTests(CoreCase):
+    """A deterministic corpus of hostile requests: no 5xx, no dropped
+    connection without an answer, and the queue holds exactly what the
+    server said it accepted."""
+
+    def test_hostile_corpus(self):
+        core = self.make_core()
+        self.add_account(core)
+        accepted = set()
+        unanswered = []
+        for label, raw in hostile_requests(seed=20261121, count=1500):
+            status, response = send_hostile(core.http_address, raw)
+            if status is None:
+                unanswered.append(label)
+                continue
+            self.assertLess(status, 500, label)
+            head, _, body = response.partition(b"\r\n\r\n")
+            if raw.startswith(b"HEAD "):
+                continue
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+            if b"version=0.0.4" in head:
+                continue                                          # /metrics: text
+            answer = json.loads(body[:length].decode("utf-8"))   # later bytes: pipelined
+            self.assertIn("ok", answer, label)
+            if status == 200 and "queued" in answer:
+                ids = [m.get("id") for m in json.loads(raw.partition(b"\r\n\r\n")[2])["messages"]
+                       if isinstance(m, dict)]
+                rejected = {r["id"] for r in answer["rejected"]}
+                accepted.update(i for i in ids if isinstance(i, str) and i not in rejected)
+        self.assertEqual(unanswered, [])
+        status, body = self.client(core).request("GET", "/messages?limit=10000")
+        self.assertEqual(status, 200)
+        self.assertEqual({m["id"] for m in body["messages"]}, accepted)
+
+
+class SlowClientTests(CoreCase):
+
+    def test_dribbling_client_is_cut_off_and_others_are_served(self):
+        core = self.make_core()
+        core._http.idle_timeout = 1.0
+        sock = socket.create_connection(core.http_address, timeout=WAIT)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            self.assertEqual(self.client(core).request("GET", "/status")[0], 200)
+            try:
+                sock.sendall(b"X")        # one header byte at a time, never a newline
+                sock.settimeout(0.2)
+                if sock.recv(100) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+        self.assertTrue(closed, "a dribbling client kept its connection")
+
+    def test_connection_cap_answers_503(self):
+        core = self.make_core()
+        core._http.max_connections = 2
+        holders = [socket.create_connection(core.http_address, timeout=WAIT) for _ in range(2)]
+        for holder in holders:
+            self.addCleanup(holder.close)
+        wait_until(lambda: len(core._http._deadlines) == 2, message="2 connections tracked")
+        status, body = send_hostile(core.http_address, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status, 503)
+        self.assertIn(b"too many connections", body)
+
+
+class SmtpFaultTests(CoreCase):
+    """Sinks that answer 421/451/452 at random, drop mid-DATA, stall past the
+    timeout, reject AUTH, or vanish and come back: everything ends sent or
+    failed with the right class of error, nothing stays in ``sending``."""
+
+    def test_random_faults_end_in_a_final_state(self):
+        rng = random.Random(7)
+        smtp = self.smtp_server()
+        auth_smtp = self.smtp_server(credentials=("u", "right"))
+        core = self.make_core({"delivery": {"retry_delays": "60,120", "max_retries": "4",
+                                            "smtp_timeout_seconds": "0.3"}})
+        self.add_account(core, smtp)
+        self.add_account(core, auth_smtp, id="badauth", user="u", password="wrong")
+        faults = ["421 4.3.2 closing", "451 4.3.0 later", "452 4.3.1 full", "DROP",
+                  "STALL:0.6", "550 5.7.1 no"]
+        for verb in ("MAIL", "RCPT", "DATA"):
+            smtp.script(verb, *[rng.choice(faults + [None] * 6) or "250 ok" for _ in range(40)])
+        ids = ["f%d" % i for i in range(40)]
+        self.add(core, *[message(i, account_id="acct") for i in ids])
+        self.add(core, message("auth1", account_id="badauth"))
+        port = smtp.port
+        for round_number in range(12):
+            if round_number == 3:
+                smtp.close()                      # the relay vanishes ...
+            if round_number == 6:
+                smtp = self.smtp_server(port=port)   # ... and comes back
+            self.run_now(core)
+            self.clock.advance(120)
+        records = core.handle_command("list messages", {})["messages"]
+        statuses = {r["status"] for r in records}
+        self.assertLessEqual(statuses, {"sent", "error"}, records)
+        for record in records:
+            if record["status"] == "error":
+                self.assertRegex(record["error"], r"^(.*\b5\d\d\b|gave up after 4 retries)",
+                                 record)
+        auth = [r for r in records if r["id"] == "auth1"][0]
+        self.assertIn("gave up after 4 retries: authentication failed", auth["error"])
+        self.assertEqual(core.handle_command("status")["queue"]["sending"], 0)
+
+
+class UpstreamFaultTests(CoreCase):
+    """The report URL answers 500, garbage, resets, hangs, or is down for a
+    simulated hour: no report is lost and the reporter does not busy-loop."""
+
+    def test_faults_then_recovery_lose_nothing(self):
+        smtp = self.smtp_server()
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        core = self.make_core({"client": {"client_sync_url": upstream.url,
+                                          "timeout_seconds": "0.3", "batch_size": "7"}})
+        self.add_account(core, smtp)
+        upstream.answers = [(500, "x"), (200, "<<garbage>>"), (502, ""), (200, "[1,2]")]
+        self.add(core, *[message("r%d" % i) for i in range(30)])
+        self.run_now(core)
+        for _ in range(10):
+            self.clock.advance(400)
+            core.reporter.cycle(self.clock())
+        reported = [self.record(core, "r%d" % i)["reported_ts"] for i in range(30)]
+        self.assertNotIn(None, reported)
+        self.assertEqual(sorted({e["id"] for e in upstream.entries()}),
+                         sorted("r%d" % i for i in range(30)))
+
+    def test_an_hour_down_is_retried_with_backoff_not_busy_looped(self):
+        smtp = self.smtp_server()
+        upstream = Upstream()
+        url = upstream.url
+        upstream.close()                     # nothing listens: connection refused
+        core = self.make_core({"client": {"client_sync_url": url, "timeout_seconds": "0.3"}})
+        self.add_account(core, smtp)
+        self.add(core, *[message("h%d" % i) for i in range(5)])
+        self.run_now(core)
+        attempts_before = core.metrics.value("asyncmail_report_failures_total")
+        for _ in range(3600):                # one simulated hour, a cycle per second
+            self.clock.advance(1)
+            core.reporter.cycle(self.clock())
+        attempts = core.metrics.value("asyncmail_report_failures_total") - attempts_before
+        self.assertLessEqual(attempts, 20)   # 5, 10, 20 ... capped at 300 s: ~17 in an hour
+        self.assertGreaterEqual(attempts, 10)
+        revived = Upstream(port=upstream.port)   # back, on the same URL
+        self.addCleanup(revived.close)
+        self.run_now(core)                        # run-now retries at once
+        self.assertEqual(sorted(e["id"] for e in revived.entries()),
+                         ["h%d" % i for i in range(5)])
+
+
+class SecurityTests(CoreCase):
+
+    def test_token_compared_in_constant_time(self):
+        from unittest import mock
+        core = self.make_core({"server": {"api_token": "the-token"}})
+        with mock.patch("asyncmail.hmac.compare_digest", wraps=asyncmail.hmac.compare_digest) as cmp:
+            self.assertEqual(self.client(core).request(
+                "GET", "/status", headers={"X-API-Token": "guess"})[0], 401)
+        cmp.assert_called_once_with(b"guess", b"the-token")
+
+    def test_no_secret_in_any_response(self):
+        core = self.make_core({"server": {"api_token": "api-SECRET"},
+                               "s3": {"secret_access_key": "s3-SECRET", "access_key_id": "AK"},
+                               "client": {"client_sync_password": "sync-SECRET"}})
+        client = self.client(core, token="api-SECRET")
+        client.request("POST", "/account", {"id": "a", "host": "127.0.0.1",
+                                            "password": "smtp-SECRET", "user": "u"})
+        client.request("POST", "/account", {"id": "b", "host": "x", "password": "smtp-SECRET",
+                                            "port": "nope"})
+        client.request("POST", "/commands/add-messages", {"messages": [message("m")]})
+        bodies = []
+        for method, path in (("GET", "/accounts"), ("GET", "/status"), ("GET", "/metrics"),
+                             ("GET", "/messages"), ("GET", "/messages/m"),
+                             ("DELETE", "/account/a"), ("GET", "/nope")):
+            bodies.append(client.request(method, path, raw=True)[1])
+        self.assertNotIn(b"SECRET", b"".join(bodies))
+
+    def test_database_private_even_with_a_permissive_umask(self):
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        core = self.make_core(http=False)
+        self.add_account(core)
+        self.add(core, message("x"))
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.db_path + suffix):
+                self.assertEqual(os.stat(self.db_path + suffix).st_mode & 0o777, 0o600, suffix)
+
+    def test_tls_verification_is_on_by_default(self):
+        import ssl
+        account = asyncmail.validate_account({"id": "a", "host": "smtp.example.com"})
+        self.assertTrue(account["tls_verify"])
+        context = asyncmail._ssl_context(account)
+        self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
+        self.assertTrue(context.check_hostname)
+
+    def test_starttls_downgrade_is_refused(self):
+        smtp = self.smtp_server()            # never advertises STARTTLS
+        core = self.make_core()
+        self.add_account(core, smtp, use_tls=True)
+        self.add(core, message("secret-mail"))
+        self.run_now(core)
+        record = self.record(core, "secret-mail")
+        self.assertEqual(record["status"], "deferred")
+        self.assertIn("STARTTLS", record["error"])
+        self.assertFalse([c for c in smtp.commands if c[1].upper().startswith("MAIL")])
