@@ -1,0 +1,1321 @@
+#!/usr/bin/env python3
+"""Benchmark harness for asyncmail (standard library only).
+
+    python3 bench/run.py [--quick] [--only NAME,...] [--json PATH] [--profile DIR]
+
+Starts ``asyncmail.py`` as a separate process exactly as users do
+(``python3 asyncmail.py --config <tmp ini>``, ``[server] port = 0``, the port
+read from the "listening on http://127.0.0.1:PORT" log line), drives it over
+keep-alive ``http.client`` connections, and delivers to a local SMTP sink
+(Postfix's ``smtp-sink`` when installed, else an aiosmtpd subprocess).  Every
+process it starts is stopped in ``finally`` blocks and again at exit.
+
+Scenarios: intake, single, dispatch, latency, scale, footprint, reports (see
+bench/README.md).  Prints each figure with its target and verdict, then a
+Markdown table; writes raw numbers and machine info as JSON.
+
+``--profile DIR`` runs every daemon under a per-thread cProfile wrapper
+(``python3 -m cProfile`` alone only sees the main thread, which just waits)
+and leaves one ``.prof`` plus a ``.txt`` summary per daemon start in DIR.
+Figures taken under the profiler are slower than normal; use them only to
+see where the time goes.
+"""
+
+import argparse
+import atexit
+import datetime
+import http.client
+import http.server
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DAEMON = os.path.join(ROOT, "asyncmail.py")
+SMTP_SINK = "/usr/sbin/smtp-sink"
+DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
+SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "reports")
+
+# ---------------------------------------------------------------------------
+# sizes: (quick, full)
+# ---------------------------------------------------------------------------
+SIZES = {
+    "intake_batches": (12, 24),         # 1000-message batches per client mode and round
+    "intake_rounds": (1, 3),            # the median round is reported
+    "single_seconds": (3.0, 10.0),
+    "dispatch_n": (3000, 10000),
+    "latency_per_account": (24, 100),   # x 8 accounts
+    "scale_big": (100000, 1000000),
+    "scale_probe_batches": (8, 20),     # intake probe (4 threads) = dispatch probe
+    "footprint_starts": (5, 5),
+    "reports_n": (3000, 10000),
+}
+PICK = 0  # 0 quick, 1 full; set in main()
+
+
+def size(name):
+    return SIZES[name][PICK]
+
+
+# ---------------------------------------------------------------------------
+# process bookkeeping: every child is stopped at exit, whatever happens
+# ---------------------------------------------------------------------------
+_CHILDREN = []
+_TMPDIRS = []
+_CLEANUP_LOCK = threading.Lock()
+
+
+def _stop_process(proc, timeout=10.0, sig=signal.SIGTERM):
+    """SIGTERM (or ``sig``), wait up to ``timeout``, then SIGKILL.  Returns the
+    exit code (None if it could not be reaped)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        proc.send_signal(sig)
+    except OSError:
+        pass
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        try:
+            return proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def _cleanup():
+    with _CLEANUP_LOCK:
+        children, _CHILDREN[:] = list(_CHILDREN), []
+        tmpdirs, _TMPDIRS[:] = list(_TMPDIRS), []
+    for proc in reversed(children):
+        _stop_process(proc, timeout=5.0)
+    for path in tmpdirs:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+atexit.register(_cleanup)
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)   # unwinds through finally blocks, then atexit
+
+
+def spawn(cmd, **kwargs):
+    proc = subprocess.Popen(cmd, **kwargs)
+    with _CLEANUP_LOCK:
+        _CHILDREN.append(proc)
+    return proc
+
+
+def forget(proc):
+    with _CLEANUP_LOCK:
+        if proc in _CHILDREN:
+            _CHILDREN.remove(proc)
+
+
+def make_tmpdir(tag):
+    path = tempfile.mkdtemp(prefix="asyncmail-bench-%s-" % tag)
+    with _CLEANUP_LOCK:
+        _TMPDIRS.append(path)
+    return path
+
+
+def drop_tmpdir(path):
+    shutil.rmtree(path, ignore_errors=True)
+    with _CLEANUP_LOCK:
+        if path in _TMPDIRS:
+            _TMPDIRS.remove(path)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout, interval=0.02):
+    """Call ``predicate`` until it returns a true value or ``timeout`` passes;
+    returns (value, elapsed seconds)."""
+    start = time.perf_counter()
+    deadline = start + timeout
+    value = predicate()
+    while not value and time.perf_counter() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    return value, time.perf_counter() - start
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu(pid):
+    """utime + stime of a live process in seconds (0 when unreadable)."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _HZ
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def cpu_snapshot():
+    """(wall, machine busy CPU s, this harness + its children CPU s).  The
+    difference of two snapshots tells how much CPU other processes took,
+    which skews every figure on a 2-core machine."""
+    try:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:9]]
+        busy = (sum(values) - values[3] - values[4]) / _HZ
+    except (OSError, ValueError):
+        busy = None
+    own = os.times()
+    mine = own.user + own.system + own.children_user + own.children_system
+    with _CLEANUP_LOCK:
+        live = [proc.pid for proc in _CHILDREN if proc.returncode is None]
+    mine += sum(_proc_cpu(pid) for pid in live)
+    return time.perf_counter(), busy, mine
+
+
+def foreign_cores(before, after):
+    """Average CPU cores used by processes outside this harness between two
+    snapshots (None when /proc/stat is unreadable)."""
+    if before[1] is None or after[1] is None or after[0] <= before[0]:
+        return None
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+
+
+def vm_kb(pid, key):
+    """VmHWM / VmRSS of a process in kB (None when unreadable)."""
+    try:
+        with open("/proc/%d/status" % pid) as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------
+# HTTP client
+# ---------------------------------------------------------------------------
+class Api:
+    """One keep-alive connection to the daemon."""
+
+    def __init__(self, port, timeout=120.0):
+        self.port = port
+        self.timeout = timeout
+        self._conn = None
+
+    def _connection(self):
+        if self._conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._conn = conn
+        return self._conn
+
+    def call(self, method, path, body=None):
+        """(status, body bytes).  ``body``: bytes, or an object sent as JSON."""
+        if body is not None and not isinstance(body, (bytes, bytearray)):
+            body = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn = self._connection()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        except (http.client.HTTPException, OSError):
+            self.close()
+            raise
+        if response.will_close:
+            self.close()
+        return response.status, data
+
+    def json(self, method, path, body=None):
+        status, data = self.call(method, path, body)
+        try:
+            return status, json.loads(data.decode("utf-8")) if data else None
+        except ValueError:
+            return status, data
+
+    def ok(self, method, path, body=None):
+        status, answer = self.json(method, path, body)
+        if status != 200:
+            raise RuntimeError("%s %s -> %s %r" % (method, path, status, answer))
+        return answer
+
+    def status(self):
+        return self.ok("GET", "/status")["queue"]
+
+    def metric(self, name):
+        status, data = self.call("GET", "/metrics")
+        if status != 200:
+            raise RuntimeError("GET /metrics -> %s" % status)
+        total = 0.0
+        for line in data.decode("utf-8").splitlines():
+            if line.startswith(name) and (line[len(name):len(name) + 1] in (" ", "{")):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# ---------------------------------------------------------------------------
+# the daemon
+# ---------------------------------------------------------------------------
+LISTENING = re.compile(r"listening on http://\[?([0-9a-fA-F.:]+)\]?:(\d+)")
+
+
+class Daemon:
+    """``python3 asyncmail.py --config <tmp ini>`` in its own temp directory."""
+
+    def __init__(self, tag, settings=None, profile_dir=None):
+        self.tag = tag
+        self.dir = make_tmpdir(tag)
+        self.db = os.path.join(self.dir, "q.db")
+        self.ini = os.path.join(self.dir, "asyncmail.ini")
+        self.profile_dir = profile_dir
+        conf = {"server": {"host": "127.0.0.1", "port": "0"},
+                "storage": {"db_path": self.db}}
+        for section, values in (settings or {}).items():
+            conf.setdefault(section, {}).update({k: str(v) for k, v in values.items()})
+        with open(self.ini, "w") as handle:
+            for section, values in conf.items():
+                handle.write("[%s]\n" % section)
+                for key, value in values.items():
+                    handle.write("%s = %s\n" % (key, value))
+                handle.write("\n")
+        self.proc = None
+        self.port = None
+        self.lines = deque(maxlen=200)
+        self.problems = 0        # ERROR/CRITICAL/Traceback lines seen
+        self.warnings = 0
+        self._ready = threading.Event()
+        self._reader = None
+        self.spawned_at = None
+        self.ready_at = None
+
+    def start(self, timeout=30.0):
+        cmd = [sys.executable, DAEMON, "--config", self.ini]
+        if self.profile_dir:
+            os.makedirs(self.profile_dir, exist_ok=True)
+            out = os.path.join(self.profile_dir, "%s-%s.prof" % (
+                self.tag, time.strftime("%H%M%S")))
+            cmd = [sys.executable, os.path.abspath(__file__), "_profiled", out, "--"] + cmd[1:]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")}
+        self.spawned_at = time.perf_counter()
+        self.proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, cwd=self.dir, env=env)
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True,
+                                        name="stderr-%s" % self.tag)
+        self._reader.start()
+        deadline = time.perf_counter() + timeout
+        while not self._ready.wait(0.005):
+            if self.proc.poll() is not None or time.perf_counter() > deadline:
+                self.stop()
+                raise RuntimeError("daemon did not start (exit %s):\n%s" % (
+                    self.proc.returncode, "\n".join(self.lines)))
+        self.ready_at = time.perf_counter()
+        return self
+
+    def _read_stderr(self):
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
+                self.problems += 1
+            elif " WARNING " in line:
+                self.warnings += 1
+            if self.port is None:
+                found = LISTENING.search(line)
+                if found:
+                    self.port = int(found.group(2))
+                    self._ready.set()
+
+    def api(self, timeout=120.0):
+        return Api(self.port, timeout)
+
+    def vm(self, key="VmHWM"):
+        return vm_kb(self.proc.pid, key) if self.proc else None
+
+    def stop(self, timeout=None):
+        if self.proc is None:
+            return None
+        if timeout is None:
+            timeout = 120.0 if self.profile_dir else 40.0
+        code = _stop_process(self.proc, timeout)
+        forget(self.proc)
+        if self._reader is not None:
+            self._reader.join(5)
+        return code
+
+    def close(self):
+        self.stop()
+        drop_tmpdir(self.dir)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def add_account(api, account_id, port, **extra):
+    account = {"id": account_id, "host": "127.0.0.1", "port": port}
+    account.update(extra)
+    api.ok("POST", "/account", account)
+
+
+# ---------------------------------------------------------------------------
+# SMTP sinks
+# ---------------------------------------------------------------------------
+class Sink:
+    """Postfix smtp-sink (delay 0 or whole seconds) or an aiosmtpd subprocess
+    (``delay`` seconds in handle_DATA, fractional allowed)."""
+
+    def __init__(self, delay=0.0, prefer_postfix=True):
+        self.delay = delay
+        self.use_postfix = (prefer_postfix and os.access(SMTP_SINK, os.X_OK)
+                            and float(delay).is_integer())
+        self.kind = None
+        self.port = None
+        self.proc = None
+
+    def start(self):
+        if self.use_postfix:
+            self._start_postfix()
+        else:
+            self._start_aiosmtpd()
+        return self
+
+    def _start_postfix(self):
+        for _ in range(5):   # the probed port may be taken meanwhile: retry
+            port = free_port()
+            cmd = [SMTP_SINK]
+            if os.geteuid() == 0:
+                cmd += ["-u", "nobody"]
+            if self.delay:
+                cmd += ["-w", str(int(self.delay))]
+            cmd += ["127.0.0.1:%d" % port, "256"]
+            proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+            if wait_until(lambda: proc.poll() is not None or _smtp_banner(port), 5.0)[0] \
+                    and proc.poll() is None:
+                self.proc, self.port, self.kind = proc, port, "postfix smtp-sink"
+                return
+            _stop_process(proc, 2)
+            forget(proc)
+        raise RuntimeError("smtp-sink did not start")
+
+    def _start_aiosmtpd(self):
+        cmd = [sys.executable, os.path.abspath(__file__), "_aiosmtpd", "--delay", str(self.delay)]
+        proc = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.DEVNULL)
+        line = b""
+        box = []
+        reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(20)
+        line = box[0] if box else b""
+        found = re.match(rb"PORT (\d+)", line)
+        if not found:
+            _stop_process(proc, 2)
+            forget(proc)
+            raise RuntimeError("aiosmtpd sink did not start (is aiosmtpd installed?)")
+        self.proc, self.port = proc, int(found.group(1))
+        self.kind = "aiosmtpd (delay %gs)" % self.delay if self.delay else "aiosmtpd"
+
+    def stop(self):
+        if self.proc is not None:
+            if self.proc.stdin:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+            _stop_process(self.proc, 5)
+            forget(self.proc)
+            self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _smtp_banner(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            return sock.recv(512).startswith(b"220")
+    except OSError:
+        return False
+
+
+def aiosmtpd_main(delay):
+    """``run.py _aiosmtpd --delay S``: an SMTP sink on 127.0.0.1:0 that waits
+    ``delay`` seconds in DATA; prints "PORT n"; exits when stdin closes."""
+    import asyncio
+    import logging
+    from aiosmtpd.smtp import SMTP
+    logging.disable(logging.CRITICAL)
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            if delay:
+                await asyncio.sleep(delay)
+            return "250 2.0.0 Ok: queued"
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = loop.run_until_complete(loop.create_server(
+        lambda: SMTP(Handler(), hostname="bench-sink", ident="bench-sink"),
+        "127.0.0.1", 0))
+    print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
+
+    def on_stdin():
+        if not os.read(sys.stdin.fileno(), 4096):
+            loop.stop()
+
+    loop.add_reader(sys.stdin.fileno(), on_stdin)
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    try:
+        loop.run_forever()
+    finally:
+        server.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# messages
+# ---------------------------------------------------------------------------
+_LINE = "Benchmark body: ordinary words to make an ordinary one kilobyte text."
+BODY = "\n".join([_LINE] * 13) + "\n"     # 13 x 71 = 923 characters
+SENDER = "Bench <bench@example.com>"
+RCPT = "rcpt@example.org"
+SUBJECT = "Benchmark message"
+_FIXED = ',"from":%s,"to":[%s],"subject":%s,"body":%s' % (
+    json.dumps(SENDER), json.dumps(RCPT), json.dumps(SUBJECT), json.dumps(BODY))
+
+
+def message_json(account_id=None, deferred_ts=None):
+    """One message as JSON text with a fresh random id (uuid4 hex, as
+    applications do: random ids are the realistic case for the id index)."""
+    text = '{"id":"%s"' % uuid.uuid4().hex
+    if account_id is not None:
+        text += ',"account_id":"%s"' % account_id
+    if deferred_ts is not None:
+        text += ',"deferred_ts":%d' % deferred_ts
+    return text + _FIXED + "}"
+
+
+def batch_bytes(count, account_id=None, deferred_ts=None):
+    return ('{"messages":[%s]}' % ",".join(
+        message_json(account_id, deferred_ts) for _ in range(count))).encode("utf-8")
+
+
+def raw_mime():
+    """The message the daemon would build, for the raw smtplib ceiling."""
+    import email.policy
+    import email.utils
+    from email.message import EmailMessage
+    policy = email.policy.SMTP.clone(cte_type="7bit", max_line_length=78)
+    mime = EmailMessage(policy=policy)
+    mime["From"] = SENDER
+    mime["To"] = RCPT
+    mime["Subject"] = SUBJECT
+    mime["Date"] = email.utils.formatdate(usegmt=True)
+    mime["Message-ID"] = "<%s@example.com>" % uuid.uuid4().hex
+    mime.set_content(BODY, subtype="plain", charset="utf-8")
+    return mime.as_bytes(policy=policy)
+
+
+def post_batches(port, n_batches, threads, make=None, prebuilt=None, timeout=600.0):
+    """POST add-messages batches from ``threads`` keep-alive clients.
+
+    ``prebuilt``: list of bodies (encoded before the clock starts); else
+    ``make(i)`` builds batch i on the fly.  Returns (elapsed s, accepted).
+    """
+    lock = threading.Lock()
+    state = {"next": 0, "accepted": 0, "errors": []}
+    barrier = threading.Barrier(threads + 1)
+    deadline = time.perf_counter() + timeout
+
+    def client():
+        api = Api(port)
+        try:
+            api.call("GET", "/status")   # connect (and spawn the server thread) early
+            barrier.wait(30)
+            while time.perf_counter() < deadline:
+                with lock:
+                    index = state["next"]
+                    if index >= n_batches or state["errors"]:
+                        return
+                    state["next"] += 1
+                body = prebuilt[index] if prebuilt is not None else make(index)
+                status, answer = api.json("POST", "/commands/add-messages", body)
+                if status != 200:
+                    raise RuntimeError("add-messages -> %s %r" % (status, str(answer)[:300]))
+                with lock:
+                    state["accepted"] += answer["queued"]
+        except Exception as exc:   # reported by the caller
+            with lock:
+                state["errors"].append(repr(exc))
+            try:
+                barrier.abort()
+            except threading.BrokenBarrierError:
+                pass
+        finally:
+            api.close()
+
+    workers = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        barrier.wait(30)
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.perf_counter()) + 5)
+    elapsed = time.perf_counter() - start
+    if state["errors"]:
+        raise RuntimeError("intake failed: %s" % state["errors"][0])
+    if state["next"] < n_batches:
+        raise RuntimeError("intake timed out after %d of %d batches" % (state["next"], n_batches))
+    return elapsed, state["accepted"]
+
+
+def wait_sent(api, target, timeout, interval=0.02):
+    """Poll GET /status every ``interval`` until sent >= target (plus error
+    count, so a failing sink does not hang); returns (queue, elapsed)."""
+    box = {}
+
+    def done():
+        queue = api.status()
+        box["q"] = queue
+        return queue["sent"] + queue["error"] >= target
+
+    ok, elapsed = wait_until(done, timeout, interval)
+    if not ok:
+        raise RuntimeError("timed out waiting for %d sent: %r" % (target, box.get("q")))
+    if box["q"]["error"]:
+        raise RuntimeError("%d message(s) failed: %r" % (box["q"]["error"], box["q"]))
+    return box["q"], elapsed
+
+
+def timed_requests(api, method, path, count):
+    samples = []
+    for _ in range(2):
+        api.call(method, path)
+    for _ in range(count):
+        start = time.perf_counter()
+        status, _ = api.call(method, path)
+        samples.append(time.perf_counter() - start)
+        if status != 200:
+            raise RuntimeError("%s %s -> %s" % (method, path, status))
+    return samples
+
+
+def pct(samples, q):
+    """q-th percentile (0-100), linear interpolation."""
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def fmt(value, unit="", digits=0):
+    if value is None:
+        return "n/a"
+    text = "{:,.{d}f}".format(value, d=digits)
+    return text + (" " + unit if unit else "")
+
+
+def verdict(ok):
+    return "PASS" if ok else "FAIL"
+
+
+# ---------------------------------------------------------------------------
+# scenarios: each returns {"rows": [(label, figure, target, verdict)], "raw": {...}}
+# ---------------------------------------------------------------------------
+class Context:
+    def __init__(self, quick, profile_dir):
+        self.quick = quick
+        self.profile_dir = profile_dir
+        self.results = {}    # scenario name -> its result (later scenarios may reuse)
+
+    def daemon(self, tag, settings=None):
+        return Daemon(tag, settings, self.profile_dir)
+
+
+SUSPENDED = {"scheduler": {"active": "false"}}
+
+
+def scenario_intake(ctx):
+    n = size("intake_batches")
+    rounds = size("intake_rounds")
+    raw = {"batch_messages": 1000, "batches_per_round": n, "rounds": rounds}
+    rows = []
+    with ctx.daemon("intake", SUSPENDED) as daemon:
+        api = daemon.api()
+        add_account(api, "intake", 9)
+        post_batches(daemon.port, 2, 2, prebuilt=[batch_bytes(1000) for _ in range(2)])  # warm-up
+        for threads in (1, 4):
+            runs = []
+            for _ in range(rounds):
+                bodies = [batch_bytes(1000) for _ in range(n)]   # encoded before the clock
+                elapsed, accepted = post_batches(daemon.port, n, threads, prebuilt=bodies)
+                runs.append({"messages": accepted, "seconds": elapsed,
+                             "msg_per_s": accepted / elapsed})
+            rate = statistics.median(r["msg_per_s"] for r in runs)
+            raw["threads_%d" % threads] = {"rounds": runs, "msg_per_s": rate}
+            rows.append(("intake, %d client%s" % (threads, "s" if threads > 1 else ""),
+                         fmt(rate, "msg/s"), ">= 20,000 msg/s", verdict(rate >= 20000)))
+        raw["queue"] = api.status()
+        raw["peak_rss_kb"] = daemon.vm()
+        raw["daemon_error_lines"] = daemon.problems
+        api.close()
+    return {"rows": rows, "raw": raw}
+
+
+def scenario_single(ctx):
+    seconds = size("single_seconds")
+    threads = 8
+    raw = {"threads": threads, "seconds": seconds}
+    with ctx.daemon("single", SUSPENDED) as daemon:
+        api = daemon.api()
+        add_account(api, "single", 9)
+        api.close()
+        barrier = threading.Barrier(threads + 1)
+        latencies = [[] for _ in range(threads)]
+        errors = []
+        stop_at = [None]
+
+        def client(slot):
+            conn = Api(daemon.port)
+            try:
+                for _ in range(20):   # warm-up, not timed
+                    conn.call("POST", "/commands/add-messages", batch_bytes(1))
+                barrier.wait(30)
+                mine = latencies[slot]
+                for _ in range(200000):   # bound; the deadline ends it first
+                    body = batch_bytes(1)
+                    start = time.perf_counter()
+                    status, _ = conn.call("POST", "/commands/add-messages", body)
+                    end = time.perf_counter()
+                    if status != 200:
+                        raise RuntimeError("add-messages -> %s" % status)
+                    mine.append(end - start)
+                    if end >= stop_at[0]:
+                        return
+            except Exception as exc:
+                errors.append(repr(exc))
+                try:
+                    barrier.abort()
+                except threading.BrokenBarrierError:
+                    pass
+            finally:
+                conn.close()
+
+        workers = [threading.Thread(target=client, args=(i,), daemon=True)
+                   for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        stop_at[0] = time.perf_counter() + 3600   # placeholder until the barrier opens
+        try:
+            barrier.wait(60)
+        except threading.BrokenBarrierError:
+            pass
+        start = time.perf_counter()
+        stop_at[0] = start + seconds
+        for worker in workers:
+            worker.join(seconds + 60)
+        elapsed = time.perf_counter() - start
+        if errors:
+            raise RuntimeError("single failed: %s" % errors[0])
+        samples = [s for per in latencies for s in per]
+        raw.update({"requests": len(samples), "elapsed": elapsed,
+                    "req_per_s": len(samples) / elapsed,
+                    "p50_ms": pct(samples, 50) * 1e3, "p90_ms": pct(samples, 90) * 1e3,
+                    "p99_ms": pct(samples, 99) * 1e3, "max_ms": max(samples) * 1e3,
+                    "mean_ms": statistics.fmean(samples) * 1e3,
+                    "daemon_error_lines": daemon.problems})
+    rows = [("single, p50 / p99 latency",
+             "%s / %s ms" % (fmt(raw["p50_ms"], digits=2), fmt(raw["p99_ms"], digits=1)),
+             "p50 < 2 ms", verdict(raw["p50_ms"] < 2.0)),
+            ("single, requests/s (8 clients)", fmt(raw["req_per_s"], "req/s"),
+             ">= 1,500 req/s", verdict(raw["req_per_s"] >= 1500))]
+    return {"rows": rows, "raw": raw}
+
+
+def raw_ceiling(port, count, rounds=3):
+    """A plain smtplib loop: ``count`` messages over one reused connection,
+    split into ``rounds`` timed rounds.  Returns (median rate, [rates],
+    message bytes).  Loopback ping-pong speed on a small VM swings with CPU
+    idle states, hence the rounds."""
+    import smtplib
+    data = raw_mime()
+    smtp = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    rates = []
+    try:
+        smtp.ehlo()
+        for _ in range(min(100, count)):    # warm-up
+            smtp.sendmail("bench@example.com", [RCPT], data)
+        per_round = max(1, count // rounds)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(per_round):
+                smtp.sendmail("bench@example.com", [RCPT], data)
+            rates.append(per_round / (time.perf_counter() - start))
+    finally:
+        try:
+            smtp.quit()
+        except Exception:
+            smtp.close()
+    return statistics.median(rates), rates, len(data)
+
+
+def measure_dispatch(api, n, already_sent, timeout):
+    """Activate, time until sent reaches already_sent + n, suspend again."""
+    start = time.perf_counter()
+    api.ok("POST", "/commands/activate")
+    queue, _ = wait_sent(api, already_sent + n, timeout)
+    elapsed = time.perf_counter() - start
+    api.ok("POST", "/commands/suspend")
+    return n / elapsed, elapsed, queue
+
+
+def scenario_dispatch(ctx):
+    n = size("dispatch_n")
+    raw = {"messages": n}
+    with Sink().start() as sink:
+        raw["sink"] = sink.kind
+        ceiling, rounds, mime_bytes = raw_ceiling(sink.port, n)
+        raw.update({"raw_msg_per_s": ceiling, "raw_rounds_msg_per_s": rounds,
+                    "raw_message_bytes": mime_bytes})
+        with ctx.daemon("dispatch", SUSPENDED) as daemon:
+            api = daemon.api()
+            add_account(api, "one", sink.port, batch_size=1000)
+            post_batches(daemon.port, n // 1000, 2, make=lambda i: batch_bytes(1000))
+            rate, elapsed, queue = measure_dispatch(api, n, 0, max(120.0, n / 20.0))
+            raw.update({"daemon_msg_per_s": rate, "daemon_seconds": elapsed, "queue": queue,
+                        "daemon_error_lines": daemon.problems})
+            api.close()
+    ratio = raw["daemon_msg_per_s"] / ceiling
+    raw["ratio"] = ratio
+    rows = [("dispatch, 1 account",
+             "%s = %.0f%% of raw %s" % (fmt(raw["daemon_msg_per_s"], "msg/s"), ratio * 100,
+                                        fmt(ceiling, "msg/s")),
+             ">= 50% of raw", verdict(ratio >= 0.5))]
+    return {"rows": rows, "raw": raw}
+
+
+def scenario_latency(ctx):
+    per_account = size("latency_per_account")
+    accounts = 8
+    workers = 4
+    delay = 0.05
+    n = per_account * accounts
+    raw = {"accounts": accounts, "max_workers": workers, "sink_delay_s": delay, "messages": n}
+    # smtp-sink's -w takes whole seconds only, so the 50 ms sink is aiosmtpd
+    with Sink(delay=delay).start() as sink:
+        raw["sink"] = sink.kind
+        with ctx.daemon("latency", SUSPENDED) as daemon:
+            api = daemon.api()
+            bodies = []
+            for i in range(accounts):
+                add_account(api, "acct%d" % i, sink.port)
+            for i in range(accounts):
+                bodies.append(batch_bytes(per_account, account_id="acct%d" % i))
+            post_batches(daemon.port, len(bodies), 2, prebuilt=bodies)
+            rate, elapsed, queue = measure_dispatch(api, n, 0, max(120.0, n / 5.0))
+            raw.update({"msg_per_s": rate, "seconds": elapsed, "queue": queue,
+                        "daemon_error_lines": daemon.problems})
+            api.close()
+    ideal = workers / delay
+    raw["ideal_msg_per_s"] = ideal
+    rows = [("latency, 8 accounts, 50 ms sink",
+             "%s = %.0f%% of %d" % (fmt(rate, "msg/s", 1), 100 * rate / ideal, ideal),
+             ">= 80% of 4 x 20 msg/s", verdict(rate >= 0.8 * ideal))]
+    return {"rows": rows, "raw": raw}
+
+
+def scenario_scale(ctx):
+    big = size("scale_big")
+    probe_batches = size("scale_probe_batches")
+    sizes = (1000, big)
+    far = int(time.time()) + 10 * 365 * 86400
+    raw = {"sizes": list(sizes), "probe_messages": probe_batches * 1000, "id_kind": "uuid4 hex",
+           "backlog": "deferred_ts +10 years, same account"}
+    if ctx.quick:
+        print("  (--quick: big queue is %s messages instead of 1,000,000)" % fmt(big))
+    with Sink().start() as sink:
+        raw["sink"] = sink.kind
+        with ctx.daemon("scale", SUSPENDED) as daemon:
+            api = daemon.api()
+            add_account(api, "bulk", sink.port, batch_size=1000)
+            loaded = 0
+            sent = 0
+            for queued in sizes:
+                step = {}
+                batches = (queued - loaded) // 1000
+                elapsed, accepted = post_batches(
+                    daemon.port, batches, 4,
+                    make=lambda i: batch_bytes(1000, deferred_ts=far),
+                    timeout=max(600.0, batches * 2.0))
+                loaded = queued
+                step["backlog_load"] = {"messages": accepted, "seconds": elapsed,
+                                        "msg_per_s": accepted / elapsed if elapsed else None}
+                if batches >= 50:
+                    print("  loaded %s deferred messages in %.1f s (%s)" % (
+                        fmt(accepted), elapsed, fmt(accepted / elapsed, "msg/s")))
+                status_s = timed_requests(api, "GET", "/status", 20)
+                metrics_s = timed_requests(api, "GET", "/metrics", 20)
+                step["status_ms"] = {"median": statistics.median(status_s) * 1e3,
+                                     "max": max(status_s) * 1e3}
+                step["metrics_ms"] = {"median": statistics.median(metrics_s) * 1e3,
+                                      "max": max(metrics_s) * 1e3}
+                bodies = [batch_bytes(1000) for _ in range(probe_batches)]
+                elapsed, accepted = post_batches(daemon.port, probe_batches, 4, prebuilt=bodies)
+                step["intake_msg_per_s"] = accepted / elapsed
+                rate, elapsed, queue = measure_dispatch(api, accepted, sent,
+                                                        max(120.0, accepted / 20.0))
+                sent += accepted
+                step["dispatch_msg_per_s"] = rate
+                step["queue_after"] = queue
+                step["rss_hwm_kb"] = daemon.vm()
+                step["db_bytes"] = sum(os.path.getsize(daemon.db + ext) for ext in
+                                       ("", "-wal") if os.path.exists(daemon.db + ext))
+                raw[str(queued)] = step
+                print("  %s queued: intake %s, dispatch %s, status %.2f ms, metrics %.2f ms" % (
+                    fmt(queued), fmt(step["intake_msg_per_s"], "msg/s"),
+                    fmt(rate, "msg/s"), step["status_ms"]["median"],
+                    step["metrics_ms"]["median"]))
+            raw["rss_hwm_kb_big"] = daemon.vm()
+            raw["rss_kb_big_now"] = daemon.vm("VmRSS")
+            raw["loader_clients"] = 4
+            raw["daemon_error_lines"] = daemon.problems
+            api.close()
+    small, large = raw["1000"], raw[str(big)]
+    label_big = "1M" if big == 1000000 else fmt(big)
+    rows = []
+    for key, name in (("intake_msg_per_s", "intake"), ("dispatch_msg_per_s", "dispatch")):
+        ratio = large[key] / small[key]
+        raw[key.replace("_msg_per_s", "_ratio")] = ratio
+        rows.append(("scale, %s at 1k -> %s queued" % (name, label_big),
+                     "%s -> %s (%.0f%%)" % (fmt(small[key]), fmt(large[key], "msg/s"),
+                                            ratio * 100),
+                     ">= 80% of 1k", verdict(ratio >= 0.8)))
+    for key, name in (("status_ms", "GET /status"), ("metrics_ms", "GET /metrics")):
+        worst = max(small[key]["median"], large[key]["median"])
+        rows.append(("scale, %s median at 1k / %s" % (name, label_big),
+                     "%.2f / %.2f ms" % (small[key]["median"], large[key]["median"]),
+                     "< 50 ms", verdict(worst < 50)))
+    return {"rows": rows, "raw": raw}
+
+
+def scenario_footprint(ctx):
+    starts = size("footprint_starts")
+    raw = {"starts": []}
+    idle_hwm = None
+    for i in range(starts):
+        daemon = ctx.daemon("footprint%d" % i)
+        try:
+            daemon.start()
+            api = daemon.api()
+            status, _ = api.call("GET", "/status")
+            first_200 = time.perf_counter()
+            if status != 200:
+                raise RuntimeError("GET /status -> %s" % status)
+            raw["starts"].append({"log_line_ms": (daemon.ready_at - daemon.spawned_at) * 1e3,
+                                  "first_200_ms": (first_200 - daemon.spawned_at) * 1e3})
+            if i == starts - 1:
+                for _ in range(20):
+                    api.call("GET", "/status")
+                api.call("GET", "/metrics")
+                time.sleep(1.0)
+                idle_hwm = daemon.vm()
+                raw["idle_rss_kb"] = daemon.vm("VmRSS")
+            api.close()
+        finally:
+            daemon.close()
+    startup = statistics.median(s["first_200_ms"] for s in raw["starts"])
+    raw["startup_median_ms"] = startup
+    raw["idle_hwm_kb"] = idle_hwm
+    big_hwm, big_note = None, None
+    scale = ctx.results.get("scale")
+    if scale and scale.get("raw", {}).get("rss_hwm_kb_big"):
+        big_hwm = scale["raw"]["rss_hwm_kb_big"]
+        raw["big_rss_now_kb"] = scale["raw"].get("rss_kb_big_now")
+        big_note = "from scale (%s queued by 4 clients)" % fmt(scale["raw"]["sizes"][-1])
+    else:
+        count = size("scale_big")
+        far = int(time.time()) + 10 * 365 * 86400
+        with ctx.daemon("footprint-big", SUSPENDED) as daemon:
+            api = daemon.api()
+            add_account(api, "bulk", 9)
+            post_batches(daemon.port, count // 1000, 4,
+                         make=lambda i: batch_bytes(1000, deferred_ts=far),
+                         timeout=max(600.0, count / 500.0))
+            for _ in range(20):
+                api.call("GET", "/status")
+            api.call("GET", "/metrics")
+            big_hwm = daemon.vm()
+            raw["big_rss_now_kb"] = daemon.vm("VmRSS")
+            api.close()
+        big_note = "own load (%s queued by 4 clients)" % fmt(count)
+    raw["big_hwm_kb"] = big_hwm
+    raw["big_note"] = big_note
+    mb = lambda kb: kb / 1024.0 if kb is not None else None
+    rows = [("footprint, start-up to first 200",
+             "%s ms (median of %d)" % (fmt(startup, digits=0), starts), "< 150 ms",
+             verdict(startup < 150)),
+            ("footprint, peak RSS idle / big queue",
+             "%s / %s MB" % (fmt(mb(idle_hwm), digits=1), fmt(mb(big_hwm), digits=1)),
+             "< 40 MB", verdict(idle_hwm is not None and big_hwm is not None
+                                and mb(max(idle_hwm, big_hwm)) < 40))]
+    return {"rows": rows, "raw": raw}
+
+
+class _Upstream:
+    """The delivery-report endpoint: answers 503 or 200 (with a JSON summary)."""
+
+    def __init__(self):
+        state = self
+        self.lock = threading.Lock()
+        self.mode = 503
+        self.entries = 0
+        self.posts = 0
+        self.refused_posts = 0
+        self.last_at = None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                with state.lock:
+                    mode = state.mode
+                if mode != 200:
+                    with state.lock:
+                        state.refused_posts += 1
+                    self._answer(503, b'{"ok":false}')
+                    return
+                count = len(json.loads(body.decode("utf-8")).get("delivery_report") or [])
+                with state.lock:
+                    state.entries += count
+                    state.posts += 1
+                    state.last_at = time.perf_counter()
+                self._answer(200, json.dumps({"ok": True, "sent": count, "error": 0,
+                                              "deferred": 0}).encode())
+
+            def _answer(self, code, body):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def scenario_reports(ctx):
+    n = size("reports_n")
+    raw = {"messages": n, "client_batch_size": 1000}
+    with Sink().start() as sink, _Upstream() as upstream:
+        raw["sink"] = sink.kind
+        settings = {"client": {"client_sync_url": "http://127.0.0.1:%d/sync" % upstream.port}}
+        settings.update(SUSPENDED)
+        with ctx.daemon("reports", settings) as daemon:
+            api = daemon.api()
+            add_account(api, "rep", sink.port, batch_size=1000)
+            post_batches(daemon.port, n // 1000, 2, make=lambda i: batch_bytes(1000))
+            measure_dispatch(api, n, 0, max(120.0, n / 20.0))   # upstream answers 503
+            raw["refused_posts_while_delivering"] = upstream.refused_posts
+            with upstream.lock:
+                upstream.mode = 200
+            start = time.perf_counter()
+            api.ok("POST", "/commands/run-now")
+            _, posted_s = wait_until(lambda: upstream.entries >= n, max(120.0, n / 50.0), 0.005)
+            acked, _ = wait_until(
+                lambda: api.metric("asyncmail_report_entries_total") >= n, 60.0, 0.02)
+            acked_s = time.perf_counter() - start
+            if upstream.entries < n or not acked:
+                raise RuntimeError("only %d of %d entries reached the upstream" % (
+                    upstream.entries, n))
+            raw.update({"entries_received": upstream.entries, "posts": upstream.posts,
+                        "posted_seconds": posted_s, "acked_seconds": acked_s,
+                        "entries_per_s": n / acked_s,
+                        "daemon_error_lines": daemon.problems})
+            api.close()
+    rate = raw["entries_per_s"]
+    dispatch = ctx.results.get("dispatch", {}).get("raw", {}).get("daemon_msg_per_s")
+    if dispatch:
+        target, ok = ">= dispatch rate (%s/s)" % fmt(dispatch), rate >= dispatch
+    else:
+        target, ok = "none given (info)", None
+    raw["target"] = target
+    rows = [("reports, entries posted + acked", fmt(rate, "entries/s"), target,
+             "info" if ok is None else verdict(ok))]
+    return {"rows": rows, "raw": raw}
+
+
+RUNNERS = {"intake": scenario_intake, "single": scenario_single,
+           "dispatch": scenario_dispatch, "latency": scenario_latency,
+           "scale": scenario_scale, "footprint": scenario_footprint,
+           "reports": scenario_reports}
+
+
+# ---------------------------------------------------------------------------
+# profiling wrapper: ``run.py _profiled OUT.prof -- asyncmail.py --config X``
+# ---------------------------------------------------------------------------
+def profiled_main(out, argv):
+    """Run the daemon with a cProfile per thread; merge them into OUT at exit."""
+    import cProfile
+    import pstats
+    import runpy
+    finished = []
+    lock = threading.Lock()
+    original_run = threading.Thread.run
+
+    def run(self):
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            original_run(self)
+        finally:
+            prof.disable()
+            with lock:
+                finished.append(prof)
+
+    threading.Thread.run = run
+    sys.argv = list(argv)
+    main_prof = cProfile.Profile()
+    code = 0
+    main_prof.enable()
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    finally:
+        main_prof.disable()
+        stats = pstats.Stats(main_prof)
+        with lock:
+            for prof in finished:
+                stats.add(prof)
+        stats.dump_stats(out)
+        with open(out[:-5] + ".txt" if out.endswith(".prof") else out + ".txt", "w") as handle:
+            handle.write("threads profiled: %d (+ main)\n" % len(finished))
+            for key in ("tottime", "cumulative"):
+                summary = pstats.Stats(out, stream=handle)
+                summary.sort_stats(key).print_stats(40)
+            summary = pstats.Stats(out, stream=handle)
+            summary.sort_stats("cumulative").print_stats("asyncmail.py", 40)
+    return code
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+def machine_info(quick):
+    info = {"python": sys.version.split()[0], "python_full": sys.version,
+            "sqlite": sqlite3.sqlite_version, "nproc": os.cpu_count(),
+            "platform": platform.platform(), "machine": platform.machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick, "smtp_sink": os.access(SMTP_SINK, os.X_OK)}
+    try:
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        info["asyncmail_commit"] = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["asyncmail_commit"] = None
+    try:
+        info["asyncmail_uncommitted_changes"] = bool(subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "--", "asyncmail.py"],
+            capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        info["asyncmail_uncommitted_changes"] = None
+    import hashlib
+    with open(DAEMON, "rb") as handle:
+        source = handle.read()
+    info["asyncmail_sha256"] = hashlib.sha256(source).hexdigest()
+    found = re.search(rb'^__version__ = "([^"]+)"', source, re.M)
+    info["asyncmail_version"] = found.group(1).decode() if found else None
+    return info
+
+
+def markdown(rows):
+    lines = ["| scenario | figure | target | verdict |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append("| %s |" % " | ".join(str(cell).replace("|", "\\|") for cell in row))
+    return "\n".join(lines)
+
+
+def write_json(path, data):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="asyncmail benchmark harness")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (about a minute); scale uses 100,000 not 1,000,000")
+    parser.add_argument("--only", metavar="NAME,...",
+                        help="comma-separated scenarios: " + ",".join(SCENARIOS))
+    parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON,
+                        help="results file (default bench/results/latest.json)")
+    parser.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=0.0,
+                        help="first wait up to SECONDS for other processes to use < 0.15 "
+                             "CPU cores (measured over 2 s windows)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run daemons under a per-thread cProfile; .prof/.txt in DIR")
+    args = parser.parse_args(argv)
+    names = list(SCENARIOS)
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in SCENARIOS]
+        if unknown:
+            parser.error("unknown scenario(s): %s (choose from %s)"
+                         % (", ".join(unknown), ", ".join(SCENARIOS)))
+        names = [name for name in SCENARIOS if name in wanted]
+    args.names = names
+    return args
+
+
+def main(argv):
+    global PICK
+    if argv[:1] == ["_aiosmtpd"]:
+        return aiosmtpd_main(float(argv[argv.index("--delay") + 1]) if "--delay" in argv
+                             else 0.0)
+    if argv[:1] == ["_profiled"]:
+        return profiled_main(argv[1], argv[argv.index("--") + 1:])
+    args = parse_args(argv)
+    PICK = 0 if args.quick else 1
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    if not os.path.exists(DAEMON):
+        print("asyncmail.py not found at %s" % DAEMON, file=sys.stderr)
+        return 2
+    ctx = Context(args.quick, os.path.abspath(args.profile) if args.profile else None)
+    info = machine_info(args.quick)
+    print("asyncmail bench (%s) - Python %s, SQLite %s, %s CPUs, %s, load %s" % (
+        "quick" if args.quick else "full", info["python"], info["sqlite"], info["nproc"],
+        info["platform"], info.get("loadavg")))
+    if args.profile:
+        print("PROFILING: figures are slowed by cProfile; profiles in %s" % ctx.profile_dir)
+    if args.wait_quiet > 0:
+        deadline = time.perf_counter() + args.wait_quiet
+        for _ in range(int(args.wait_quiet / 2) + 1):
+            before = cpu_snapshot()
+            time.sleep(2.0)
+            other = foreign_cores(before, cpu_snapshot())
+            if other is None or other < 0.15 or time.perf_counter() > deadline:
+                break
+            print("  waiting for a quiet machine: other processes use %.2f cores" % other,
+                  flush=True)
+        info["foreign_cpu_cores_at_start"] = other
+    all_rows = []
+    busy_scenarios = []
+    failed = False
+    started = time.perf_counter()
+    output = {"machine": info, "scenarios": {}}
+    try:
+        for name in args.names:
+            print("\n== %s" % name, flush=True)
+            before = cpu_snapshot()
+            try:
+                result = RUNNERS[name](ctx)
+            except Exception as exc:
+                failed = True
+                result = {"rows": [(name, "ERROR: %s" % str(exc)[:200], "-", "ERROR")],
+                          "raw": {"error": repr(exc)}}
+            after = cpu_snapshot()
+            result["seconds"] = after[0] - before[0]
+            result["foreign_cpu_cores"] = foreign_cores(before, after)
+            ctx.results[name] = result
+            output["scenarios"][name] = {"seconds": result["seconds"],
+                                         "foreign_cpu_cores": result["foreign_cpu_cores"],
+                                         "raw": result["raw"],
+                                         "rows": [list(row) for row in result["rows"]]}
+            for label, figure, target, mark in result["rows"]:
+                print("  %-42s %-40s target %-24s %s" % (label, figure, target, mark))
+            other = result["foreign_cpu_cores"]
+            print("  (%.1f s; other processes used %s CPU cores on average%s)" % (
+                result["seconds"], "n/a" if other is None else "%.2f" % other,
+                " - figures skewed" if other is not None and other > 0.25 else ""),
+                flush=True)
+            if other is not None and other > 0.25:
+                busy_scenarios.append(name)
+            all_rows.extend(result["rows"])
+    finally:
+        total = time.perf_counter() - started
+        output["total_seconds"] = total
+        output["markdown"] = markdown(all_rows)
+        output["busy_scenarios"] = busy_scenarios
+        if all_rows:
+            print("\n" + output["markdown"])
+            if busy_scenarios:
+                print("\nWARNING: other processes used > 0.25 CPU cores during: %s"
+                      % ", ".join(busy_scenarios))
+            print("\ntotal %.1f s (%s)" % (total, "quick" if args.quick else "full"))
+            write_json(args.json, output)
+            print("results: %s" % os.path.relpath(os.path.abspath(args.json)))
+        _cleanup()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
