@@ -83,6 +83,7 @@ CLAIM_CHUNK = 20        # messages claimed (and their outcomes committed) togeth
 HEARTBEAT_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
 STATUS_EVERY = 10.0     # seconds between systemd STATUS= updates
 SQLITE_BUSY_TIMEOUT_MS = 15000
+STORE_CONNECTIONS = 8   # pooled SQLite connections (more threads wait for one)
 SQL_CHUNK = 500         # stays under SQLite's historic 999-variable limit
 LATEST_TS = 253402300799    # 9999-12-31T23:59:59Z: later deferred_ts is garbage
 
@@ -858,8 +859,9 @@ class _IntakeRequest:
 class Store:
     """The SQLite queue.  All SQL of asyncmail runs through this class.
 
-    Connections: a small pool, one connection checked out per operation, so
-    any thread may call any method; SQLite's own locking (WAL, a busy timeout,
+    Connections: a pool of at most STORE_CONNECTIONS, one checked out per
+    operation (never two by one thread at once), so any thread may call any
+    method; SQLite's own locking (WAL, a busy timeout,
     ``BEGIN IMMEDIATE`` for every write) serialises writers.  Intake commits
     with ``synchronous=FULL`` (a 200 means the batch is on disk); delivery
     bookkeeping commits with ``synchronous=NORMAL``: a power cut can only roll
@@ -874,6 +876,8 @@ class Store:
         self._all = []
         self._lock = threading.Lock()
         self._writer = threading.Lock()
+        # each connection has its own page cache: bound them, not the threads
+        self._slots = threading.BoundedSemaphore(STORE_CONNECTIONS)
         self._intake_leader = threading.Lock()
         self._intake = []
         self._closed = False
@@ -899,6 +903,8 @@ class Store:
         """Check a connection out of the pool for one operation."""
         if self._closed:
             raise StoreError("the store is closed")
+        if not self._slots.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0):
+            raise StoreError("no database connection free")
         try:
             try:
                 conn, mode = self._pool.get_nowait()
@@ -916,6 +922,8 @@ class Store:
                 self._pool.put((conn, mode))
         except sqlite3.Error as exc:
             raise StoreError("database error: %s" % exc)
+        finally:
+            self._slots.release()
 
     def _open_connection(self):
         conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0,
