@@ -463,6 +463,21 @@ def _format_address(name, addr):
     return "%s <%s>" % (name, addr)
 
 
+def _is_host(text):
+    """A DNS name (IDNA allowed) or an IPv4/IPv6 address."""
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return bool(ascii_name) and len(ascii_name) <= 253 and bool(_DOMAIN.match(ascii_name)) \
+        and not ascii_name.startswith("[")
+
+
 def _is_loopback_host(host):
     """True for loopback names and addresses (127.0.0.0/8, ::1)."""
     if host.lower() in LOOPBACK_NAMES:
@@ -1464,9 +1479,8 @@ def validate_account(raw):
         raise ValueError("unknown account field %s" % unknown[0][:80])
     account = {"id": _check_identifier(raw.get("id"), "id")}
     host = raw.get("host")
-    if not isinstance(host, str) or not host or len(host) > 253 or re.search(r"[\s/@]", host) \
-            or _CONTROL_CHARS.search(host):
-        raise ValueError("host must be a host name or address")
+    if not isinstance(host, str) or not _is_host(host):
+        raise ValueError("host must be a DNS name or an IP address")
     account["host"] = host
     port = raw.get("port", 587)
     port = 587 if port is None else port

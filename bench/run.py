@@ -238,14 +238,24 @@ class Api:
         if body is not None and not isinstance(body, (bytes, bytearray)):
             body = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn = self._connection()
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-        except (http.client.HTTPException, OSError):
-            self.close()
-            raise
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # the daemon closes keep-alive connections idle for 30 s: like any
+                # HTTP client, retry once on a fresh connection (safe here: a
+                # resent add-messages batch only meets "duplicate id")
+                self.close()
+                if not reused or attempt == 2:
+                    raise
+            except (http.client.HTTPException, OSError):
+                self.close()
+                raise
         if response.will_close:
             self.close()
         return response.status, data

@@ -184,7 +184,8 @@ def scenario_crash(quick):
 def scenario_fuzz(quick):
     count = 2000 if quick else 12000
     directory = tempfile.mkdtemp(prefix="asyncmail-fuzz-")
-    daemon = Daemon(directory, "[scheduler]\nactive = false\n").start()
+    daemon = Daemon(directory, "[scheduler]\nactive = false\n"
+                               "[delivery]\nsmtp_timeout_seconds = 0.5\n").start()
     request(daemon.address, "POST", "/account", {"id": "acct", "host": "127.0.0.1", "port": 9})
     slow = []
     for _ in range(20):   # slowloris: connections that never finish their headers
