@@ -27,10 +27,15 @@ bundle when importable.
 __version__ = "0.1.0"
 
 __all__ = [
+    # the daemon
     "AsyncMailCore", "Config", "load_config", "main",
-    "AsyncmailError", "ConfigError", "StoreError", "ApiError",
-    "ValidationError", "NotFoundError", "ConflictError",
-    "TemporaryError", "PermanentError",
+    # its parts, usable on their own
+    "Store", "Metrics", "SendingWindow", "SmtpRelay", "RateLimiter", "AttachmentFetcher",
+    "sigv4_sign", "build_mime", "envelope", "validate_message", "validate_account",
+    "public_account",
+    # errors
+    "AsyncmailError", "ConfigError", "StoreError", "ApiError", "ValidationError",
+    "NotFoundError", "ConflictError", "TemporaryError", "PermanentError", "SmtpFailure",
 ]
 
 import argparse
@@ -885,8 +890,12 @@ class Store:
     Every ``sqlite3.Error`` is turned into StoreError here and nowhere else.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, reporting=True):
+        """Open (creating and migrating) the database at ``path``.  With
+        ``reporting`` false no report events are kept and finished messages
+        count as reported at once.  Raises StoreError."""
         self.path = path
+        self.reporting = reporting
         self._pool = queue.LifoQueue()
         self._all = []
         self._lock = threading.Lock()
@@ -1147,8 +1156,6 @@ class Store:
     # A message is (pk, id, account_id, priority).  Each state change that the
     # upstream must hear about becomes one row of ``events`` when reporting is
     # on; without reporting a finished message counts as reported at once.
-
-    reporting = True
 
     def _event(self, conn, msg, kind, sent_ts=None, error_ts=None, error=None,
                deferred_ts=None, reason=None, refused=None):
@@ -3195,8 +3202,7 @@ class AsyncMailCore:
         self.now = now or time.time
         self.log = logger or logging.getLogger("asyncmail")
         self.metrics = Metrics()
-        self.store = Store(config.storage.db_path)
-        self.store.reporting = bool(config.client.client_sync_url)
+        self.store = Store(config.storage.db_path, reporting=bool(config.client.client_sync_url))
         self.controls = _Controls(config.scheduler.active)
         self.fetcher = AttachmentFetcher(config.attachments, config.s3, self.now)
         self._http = None
