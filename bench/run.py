@@ -26,6 +26,7 @@ import atexit
 import datetime
 import http.client
 import http.server
+import itertools
 import json
 import os
 import platform
@@ -54,7 +55,7 @@ SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "r
 # sizes: (quick, full)
 # ---------------------------------------------------------------------------
 SIZES = {
-    "intake_batches": (12, 24),         # 1000-message batches per client mode and round
+    "intake_batches": (12, 16),         # 1000-message batches per client mode and round
     "intake_rounds": (1, 3),            # the median round is reported
     "single_seconds": (3.0, 10.0),
     "dispatch_n": (3000, 10000),
@@ -333,7 +334,8 @@ class Daemon:
             os.makedirs(self.profile_dir, exist_ok=True)
             out = os.path.join(self.profile_dir, "%s-%s.prof" % (
                 self.tag, time.strftime("%H%M%S")))
-            cmd = [sys.executable, os.path.abspath(__file__), "_profiled", out, "--"] + cmd[1:]
+            cmd = [sys.executable, os.path.abspath(__file__), "_profiled", out,
+                   PROFILE_CLOCK, "--"] + cmd[1:]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")}
         self.spawned_at = time.perf_counter()
         self.proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -386,7 +388,7 @@ class Daemon:
         drop_tmpdir(self.dir)
 
     def __enter__(self):
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc):
         self.close()
@@ -469,7 +471,7 @@ class Sink:
             self.proc = None
 
     def __enter__(self):
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc):
         self.stop()
@@ -529,10 +531,20 @@ _FIXED = ',"from":%s,"to":[%s],"subject":%s,"body":%s' % (
     json.dumps(SENDER), json.dumps(RCPT), json.dumps(SUBJECT), json.dumps(BODY))
 
 
+SEQUENTIAL_IDS = False      # --sequential-ids
+PROFILE_CLOCK = "wall"      # --profile-clock
+_SEQUENCE = itertools.count(1)
+_RUN_TAG = uuid.uuid4().hex[:8]
+
+
 def message_json(account_id=None, deferred_ts=None):
-    """One message as JSON text with a fresh random id (uuid4 hex, as
-    applications do: random ids are the realistic case for the id index)."""
-    text = '{"id":"%s"' % uuid.uuid4().hex
+    """One message as JSON text with a fresh id: random (uuid4 hex, as
+    applications make them; the id index then takes random inserts) or, with
+    --sequential-ids, increasing."""
+    if SEQUENTIAL_IDS:
+        text = '{"id":"%s-%012d"' % (_RUN_TAG, next(_SEQUENCE))
+    else:
+        text = '{"id":"%s"' % uuid.uuid4().hex
     if account_id is not None:
         text += ',"account_id":"%s"' % account_id
     if deferred_ts is not None:
@@ -689,27 +701,32 @@ SUSPENDED = {"scheduler": {"active": "false"}}
 def scenario_intake(ctx):
     n = size("intake_batches")
     rounds = size("intake_rounds")
-    raw = {"batch_messages": 1000, "batches_per_round": n, "rounds": rounds}
+    raw = {"batch_messages": 1000, "batches_per_round": n, "rounds": rounds,
+           "note": "a fresh daemon (empty queue) per client count"}
     rows = []
-    with ctx.daemon("intake", SUSPENDED) as daemon:
-        api = daemon.api()
-        add_account(api, "intake", 9)
-        post_batches(daemon.port, 2, 2, prebuilt=[batch_bytes(1000) for _ in range(2)])  # warm-up
-        for threads in (1, 4):
+    for threads in (1, 4):
+        # a fresh queue for each client count: the id index grows with every
+        # batch (see scale), so the second mode would otherwise start behind
+        with ctx.daemon("intake%d" % threads, SUSPENDED) as daemon:
+            api = daemon.api()
+            add_account(api, "intake", 9)
+            post_batches(daemon.port, 2, 2, prebuilt=[batch_bytes(1000) for _ in range(2)])
             runs = []
             for _ in range(rounds):
                 bodies = [batch_bytes(1000) for _ in range(n)]   # encoded before the clock
+                cpu0 = _proc_cpu(daemon.proc.pid)
                 elapsed, accepted = post_batches(daemon.port, n, threads, prebuilt=bodies)
+                cpu = _proc_cpu(daemon.proc.pid) - cpu0
                 runs.append({"messages": accepted, "seconds": elapsed,
-                             "msg_per_s": accepted / elapsed})
+                             "msg_per_s": accepted / elapsed,
+                             "daemon_cpu_ms_per_1000": cpu / accepted * 1e6})
             rate = statistics.median(r["msg_per_s"] for r in runs)
-            raw["threads_%d" % threads] = {"rounds": runs, "msg_per_s": rate}
-            rows.append(("intake, %d client%s" % (threads, "s" if threads > 1 else ""),
-                         fmt(rate, "msg/s"), ">= 20,000 msg/s", verdict(rate >= 20000)))
-        raw["queue"] = api.status()
-        raw["peak_rss_kb"] = daemon.vm()
-        raw["daemon_error_lines"] = daemon.problems
-        api.close()
+            raw["threads_%d" % threads] = {
+                "rounds": runs, "msg_per_s": rate, "queue": api.status(),
+                "peak_rss_kb": daemon.vm(), "daemon_error_lines": daemon.problems}
+            api.close()
+        rows.append(("intake, %d client%s" % (threads, "s" if threads > 1 else ""),
+                     fmt(rate, "msg/s"), ">= 20,000 msg/s", verdict(rate >= 20000)))
     return {"rows": rows, "raw": raw}
 
 
@@ -762,10 +779,12 @@ def scenario_single(ctx):
         except threading.BrokenBarrierError:
             pass
         start = time.perf_counter()
+        cpu0 = _proc_cpu(daemon.proc.pid)
         stop_at[0] = start + seconds
         for worker in workers:
             worker.join(seconds + 60)
         elapsed = time.perf_counter() - start
+        daemon_cpu = _proc_cpu(daemon.proc.pid) - cpu0
         if errors:
             raise RuntimeError("single failed: %s" % errors[0])
         samples = [s for per in latencies for s in per]
@@ -774,6 +793,8 @@ def scenario_single(ctx):
                     "p50_ms": pct(samples, 50) * 1e3, "p90_ms": pct(samples, 90) * 1e3,
                     "p99_ms": pct(samples, 99) * 1e3, "max_ms": max(samples) * 1e3,
                     "mean_ms": statistics.fmean(samples) * 1e3,
+                    "daemon_cpu_us_per_request": daemon_cpu / len(samples) * 1e6,
+                    "daemon_cpu_cores": daemon_cpu / elapsed,
                     "daemon_error_lines": daemon.problems})
     rows = [("single, p50 / p99 latency",
              "%s / %s ms" % (fmt(raw["p50_ms"], digits=2), fmt(raw["p99_ms"], digits=1)),
@@ -823,7 +844,7 @@ def measure_dispatch(api, n, already_sent, timeout):
 def scenario_dispatch(ctx):
     n = size("dispatch_n")
     raw = {"messages": n}
-    with Sink().start() as sink:
+    with Sink() as sink:
         raw["sink"] = sink.kind
         ceiling, rounds, mime_bytes = raw_ceiling(sink.port, n)
         raw.update({"raw_msg_per_s": ceiling, "raw_rounds_msg_per_s": rounds,
@@ -832,8 +853,12 @@ def scenario_dispatch(ctx):
             api = daemon.api()
             add_account(api, "one", sink.port, batch_size=1000)
             post_batches(daemon.port, n // 1000, 2, make=lambda i: batch_bytes(1000))
+            cpu0 = _proc_cpu(daemon.proc.pid)
             rate, elapsed, queue = measure_dispatch(api, n, 0, max(120.0, n / 20.0))
+            cpu = _proc_cpu(daemon.proc.pid) - cpu0
             raw.update({"daemon_msg_per_s": rate, "daemon_seconds": elapsed, "queue": queue,
+                        "daemon_cpu_us_per_message": cpu / n * 1e6,
+                        "daemon_cpu_cores": cpu / elapsed,
                         "daemon_error_lines": daemon.problems})
             api.close()
     ratio = raw["daemon_msg_per_s"] / ceiling
@@ -853,7 +878,7 @@ def scenario_latency(ctx):
     n = per_account * accounts
     raw = {"accounts": accounts, "max_workers": workers, "sink_delay_s": delay, "messages": n}
     # smtp-sink's -w takes whole seconds only, so the 50 ms sink is aiosmtpd
-    with Sink(delay=delay).start() as sink:
+    with Sink(delay=delay) as sink:
         raw["sink"] = sink.kind
         with ctx.daemon("latency", SUSPENDED) as daemon:
             api = daemon.api()
@@ -880,11 +905,12 @@ def scenario_scale(ctx):
     probe_batches = size("scale_probe_batches")
     sizes = (1000, big)
     far = int(time.time()) + 10 * 365 * 86400
-    raw = {"sizes": list(sizes), "probe_messages": probe_batches * 1000, "id_kind": "uuid4 hex",
+    raw = {"sizes": list(sizes), "probe_messages": probe_batches * 1000,
+           "id_kind": "sequential" if SEQUENTIAL_IDS else "uuid4 hex",
            "backlog": "deferred_ts +10 years, same account"}
     if ctx.quick:
         print("  (--quick: big queue is %s messages instead of 1,000,000)" % fmt(big))
-    with Sink().start() as sink:
+    with Sink() as sink:
         raw["sink"] = sink.kind
         with ctx.daemon("scale", SUSPENDED) as daemon:
             api = daemon.api()
@@ -1072,7 +1098,7 @@ class _Upstream:
 def scenario_reports(ctx):
     n = size("reports_n")
     raw = {"messages": n, "client_batch_size": 1000}
-    with Sink().start() as sink, _Upstream() as upstream:
+    with Sink() as sink, _Upstream() as upstream:
         raw["sink"] = sink.kind
         settings = {"client": {"client_sync_url": "http://127.0.0.1:%d/sync" % upstream.port}}
         settings.update(SUSPENDED)
@@ -1119,17 +1145,20 @@ RUNNERS = {"intake": scenario_intake, "single": scenario_single,
 # ---------------------------------------------------------------------------
 # profiling wrapper: ``run.py _profiled OUT.prof -- asyncmail.py --config X``
 # ---------------------------------------------------------------------------
-def profiled_main(out, argv):
-    """Run the daemon with a cProfile per thread; merge them into OUT at exit."""
+def profiled_main(out, clock, argv):
+    """Run the daemon with a cProfile per thread; merge them into OUT at exit.
+    ``clock`` "cpu" times each thread's CPU (time.thread_time: waits for
+    locks, the GIL, sockets and fsync cost nothing), "wall" elapsed time."""
     import cProfile
     import pstats
     import runpy
     finished = []
     lock = threading.Lock()
     original_run = threading.Thread.run
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
 
     def run(self):
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(timer)
         prof.enable()
         try:
             original_run(self)
@@ -1140,7 +1169,7 @@ def profiled_main(out, argv):
 
     threading.Thread.run = run
     sys.argv = list(argv)
-    main_prof = cProfile.Profile()
+    main_prof = cProfile.Profile(timer)
     code = 0
     main_prof.enable()
     try:
@@ -1155,7 +1184,7 @@ def profiled_main(out, argv):
                 stats.add(prof)
         stats.dump_stats(out)
         with open(out[:-5] + ".txt" if out.endswith(".prof") else out + ".txt", "w") as handle:
-            handle.write("threads profiled: %d (+ main)\n" % len(finished))
+            handle.write("threads profiled: %d (+ main); clock: %s\n" % (len(finished), clock))
             for key in ("tottime", "cumulative"):
                 summary = pstats.Stats(out, stream=handle)
                 summary.sort_stats(key).print_stats(40)
@@ -1227,11 +1256,15 @@ def parse_args(argv):
                         help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON,
                         help="results file (default bench/results/latest.json)")
+    parser.add_argument("--sequential-ids", action="store_true",
+                        help="increasing message ids instead of random uuid4 ids")
     parser.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=0.0,
                         help="first wait up to SECONDS for other processes to use < 0.15 "
                              "CPU cores (measured over 2 s windows)")
     parser.add_argument("--profile", metavar="DIR",
                         help="run daemons under a per-thread cProfile; .prof/.txt in DIR")
+    parser.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
+                        help="cProfile timer: wall time (default) or each thread's CPU time")
     args = parser.parse_args(argv)
     names = list(SCENARIOS)
     if args.only:
@@ -1246,14 +1279,16 @@ def parse_args(argv):
 
 
 def main(argv):
-    global PICK
+    global PICK, SEQUENTIAL_IDS, PROFILE_CLOCK
     if argv[:1] == ["_aiosmtpd"]:
         return aiosmtpd_main(float(argv[argv.index("--delay") + 1]) if "--delay" in argv
                              else 0.0)
     if argv[:1] == ["_profiled"]:
-        return profiled_main(argv[1], argv[argv.index("--") + 1:])
+        return profiled_main(argv[1], argv[2], argv[argv.index("--") + 1:])
     args = parse_args(argv)
     PICK = 0 if args.quick else 1
+    SEQUENTIAL_IDS = args.sequential_ids
+    PROFILE_CLOCK = args.profile_clock
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     if not os.path.exists(DAEMON):
@@ -1261,6 +1296,7 @@ def main(argv):
         return 2
     ctx = Context(args.quick, os.path.abspath(args.profile) if args.profile else None)
     info = machine_info(args.quick)
+    info["message_ids"] = "sequential" if args.sequential_ids else "uuid4 hex (random)"
     print("asyncmail bench (%s) - Python %s, SQLite %s, %s CPUs, %s, load %s" % (
         "quick" if args.quick else "full", info["python"], info["sqlite"], info["nproc"],
         info["platform"], info.get("loadavg")))
@@ -1328,4 +1364,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        _cleanup()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
