@@ -730,6 +730,16 @@ class ApiTests(CoreCase):
         self.assertEqual(status, 200)          # a proper surrogate pair is fine
         self.assertEqual(self.record(self.core, "emoji")["subject"], "\U0001F600 ok")
 
+    def test_large_batches_take_the_bounded_path(self):
+        big = [message("big%d" % i, body="x" * 2000) for i in range(300)]
+        payload = json.dumps({"messages": big}).encode()
+        self.assertGreater(len(payload), asyncmail.LARGE_BODY_BYTES)
+        status, body = self.post("/commands/add-messages", payload)
+        self.assertEqual((status, body["queued"]), (200, 300))
+        status, body = self.post("/commands/add-messages", payload)
+        self.assertEqual(status, 400)                 # all duplicates: still answered
+        self.assertEqual(len(body["detail"]["rejected"]), 300)
+
     def test_body_too_large_is_413(self):
         core = self.make_core({"server": {"max_request_bytes": "2048"}})
         client = self.client(core)
@@ -1115,6 +1125,40 @@ class DeliveryTests(CoreCase):
         self.assertEqual(attachments[0].get_content(), payload)
         self.assertEqual(attachments[0].get_content_type(), "application/octet-stream")
         self.assertEqual(attachments[1].get_content_type(), "text/plain")
+
+    def test_fast_mime_path_matches_the_email_package(self):
+        cases = [
+            {},
+            {"subject": "", "body": ""},
+            {"body": "line one\r\nline two\rline three\n\n.leading dot\n"},
+            {"body": "tab\there, form feed \f and \u2028 stay in the line"},
+            {"body": "x" * 200},                                  # long ASCII line: qp
+            {"body": "Grüße aus Köln ✓\nzweite Zeile"},          # non-ASCII body
+            {"content_type": "html", "body": "<p>hi</p>"},
+            {"from": 'Doe, "J" <j@example.com>'.replace('Doe, "J"', '"Doe, \\"J\\""'),
+             "to": ["a%d@example.org" % i for i in range(12)], "cc": "c@x.com",
+             "reply_to": "Help <help@example.com>", "headers": {"X-Tag": "t1", "X-B": "2"}},
+            {"subject": "s" * 70},                                # header too long: rich
+            {"subject": "Grüße"},                                 # non-ASCII header: rich
+            {"from": "Jörg <j@example.com>"},
+        ]
+        now = 1795240000.0
+        for index, fields in enumerate(cases):
+            with self.subTest(case=index):
+                raw = asyncmail.validate_message(message("c%d" % index, **fields), 2,
+                                                 lambda account: "acct")
+                fast = asyncmail.build_mime(raw, [], now)
+                rich = asyncmail._rich_mime(raw, [], now)
+                for data in (fast, rich):
+                    self.assertEqual(data.count(b"\n"), data.count(b"\r\n"))
+                    self.assertLessEqual(max(len(l) for l in data.split(b"\r\n")), 78)
+                a, b = parse_mail(fast), parse_mail(rich)
+                for header in ("From", "To", "Cc", "Reply-To", "Subject", "Date",
+                               "Message-ID", "X-Tag", "X-B"):
+                    self.assertEqual(str(a.get(header)), str(b.get(header)), header)
+                self.assertEqual(a.get_content_type(), b.get_content_type())
+                self.assertEqual(a.get_content().replace("\r\n", "\n"),
+                                 b.get_content().replace("\r\n", "\n"))
 
     def test_priority_order_then_age(self):
         self.add(self.core, message("low", priority=3), message("med1"),
