@@ -762,6 +762,39 @@ class ApiTests(CoreCase):
                              b"Content-Length: 100\r\n\r\n{\"messages\": [", shutdown=True)
         self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
 
+    def test_request_smuggling_shapes_are_refused(self):
+        cases = {
+            "two lengths": b"POST /commands/run-now HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                           b"Content-Length: 40\r\n\r\n{}",
+            "folded": b"GET /status HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  folded\r\n\r\n",
+            "space before colon": b"GET /status HTTP/1.1\r\nHost : x\r\n\r\n",
+            "http/2": b"GET /status HTTP/2.0\r\nHost: x\r\n\r\n",
+            "bad version": b"GET /status HTTX/1.1\r\n\r\n",
+        }
+        for name, raw in cases.items():
+            with self.subTest(case=name):
+                reply = raw_exchange(self.core.http_address, raw, shutdown=True)
+                self.assertTrue(reply.startswith("HTTP/1."), reply[:80])
+                self.assertEqual(reply[9:12], "400", reply[:200])
+                self.assertIn('"ok":false', reply)
+
+    def test_http_1_0_closes_and_expect_100_continue(self):
+        reply = raw_exchange(self.core.http_address, b"GET /status HTTP/1.0\r\n\r\n")
+        self.assertTrue(reply.startswith("HTTP/1.1 200"), reply[:80])
+        self.assertIn("Connection: close", reply)
+        body = json.dumps({"messages": [message("expect")]}).encode()
+        sock = socket.create_connection(self.core.http_address, timeout=WAIT)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\nExpect: 100-continue"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 Continue"))
+        sock.sendall(body)
+        self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
+        big = raw_exchange(self.core.http_address,
+                           b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\nExpect: "
+                           b"100-continue\r\nContent-Length: 999999999999\r\n\r\n")
+        self.assertTrue(big.startswith("HTTP/1.1 413"), big[:80])
+
     def test_chunked_body_is_accepted(self):
         body = json.dumps({"messages": [message("chunked")]}).encode()
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
