@@ -87,7 +87,7 @@ CLAIM_CHUNK = 20        # messages claimed (and their outcomes committed) togeth
 MAX_HEADER_LINE = 65536  # as http.server: longer header lines get 431 ...
 MAX_HEADERS = 100        # ... and so do more header lines than this
 LARGE_BODY_BYTES = 256 * 1024   # requests larger than this are parsed ...
-LARGE_BODY_CONCURRENCY = 2      # ... at most this many at a time (bounds peak memory)
+LARGE_BODY_CONCURRENCY = 1      # ... at most this many at a time (bounds peak memory)
 HEARTBEAT_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
 STATUS_EVERY = 10.0     # seconds between systemd STATUS= updates
 SQLITE_BUSY_TIMEOUT_MS = 15000
