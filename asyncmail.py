@@ -101,7 +101,7 @@ ACTIVE_STATUSES = ("pending", "deferred", "sending")
 FINISHED_STATUSES = ("sent", "error")
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Schema version 1.  Messages move pending -> sending -> sent/error, or to
 # deferred (waiting for deferred_ts) and back to pending when due, the way
@@ -174,6 +174,11 @@ SQL_SCHEMA_V1 = (
         UPDATE queue_counts SET n = n + 1 WHERE status = NEW.status; END""",
 )
 
+# Schema version 2: pruning the send log by age no longer scans it.
+SQL_SCHEMA_V2 = (
+    "CREATE INDEX send_log_ts ON send_log (ts)",
+)
+
 SQL_INSERT_MESSAGE = (
     "INSERT INTO messages (id, account_id, priority, status, created_ts,"
     " deferred_ts, subject, recipients, message_id, payload)"
@@ -185,9 +190,15 @@ SQL_RECORD_COLUMNS = (
 SQL_GET_MESSAGE = "SELECT " + SQL_RECORD_COLUMNS + " FROM messages WHERE id = ?"
 SQL_LIST_MESSAGES = (
     "SELECT " + SQL_RECORD_COLUMNS + " FROM messages ORDER BY pk LIMIT ? OFFSET ?")
+# Unfinished messages oldest first, without sorting all of them: each status
+# is read in (created_ts, pk) order from messages_age, at most offset+limit
+# rows each, and only those are merged.
 SQL_LIST_ACTIVE_MESSAGES = (
-    "SELECT " + SQL_RECORD_COLUMNS + " FROM messages"
-    " WHERE status IN ('pending', 'deferred', 'sending') ORDER BY pk LIMIT ? OFFSET ?")
+    "SELECT " + SQL_RECORD_COLUMNS + " FROM (" + " UNION ALL ".join(
+        "SELECT * FROM (SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages"
+        " WHERE status = '%s' ORDER BY created_ts, pk LIMIT :window)" % status
+        for status in ("pending", "deferred", "sending"))
+    + ") ORDER BY created_ts, pk LIMIT :limit OFFSET :offset")
 SQL_DELETE_MESSAGE_EVENTS = (
     "DELETE FROM events WHERE message_pk IN"
     " (SELECT pk FROM messages WHERE id IN ({marks}))")
@@ -202,10 +213,11 @@ SQL_GET_ACCOUNT = "SELECT settings FROM accounts WHERE id = ?"   # existence che
 SQL_DELETE_ACCOUNT = "DELETE FROM accounts WHERE id = ?"
 SQL_ACCOUNT_ACTIVE_MESSAGES = (
     "SELECT pk, id, priority FROM messages WHERE status = ? AND account_id = ?")
+# Only finished messages ever get a reported_ts, so the partial index alone
+# finds them (a status filter here made SQLite walk every finished message).
 SQL_PURGE_REPORTED = (
-    "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages"
-    " WHERE reported_ts IS NOT NULL AND reported_ts < ?"
-    " AND status IN ('sent', 'error') LIMIT ?)")
+    "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages INDEXED BY messages_reported"
+    " WHERE reported_ts IS NOT NULL AND reported_ts < ? LIMIT ?)")
 SQL_INSERT_EVENT = (
     "INSERT INTO events (message_pk, message_id, account_id, priority, kind,"
     " sent_ts, error_ts, error, deferred_ts, reason, refused)"
@@ -983,15 +995,18 @@ class Store:
             conn.commit()
 
     def _migrate(self, conn):
+        """Bring the schema to SCHEMA_VERSION, one version step per
+        transaction, keeping every row.  A newer database is refused."""
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError("database %s has schema version %d; this asyncmail "
                              "knows up to %d" % (self.path, version, SCHEMA_VERSION))
-        if version == 0:
+        steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2}
+        for target in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
-            for statement in SQL_SCHEMA_V1:
+            for statement in steps[target]:
                 conn.execute(statement)
-            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            conn.execute("PRAGMA user_version = %d" % target)
             conn.commit()
 
     def close(self):
@@ -1072,9 +1087,12 @@ class Store:
 
     def list_messages(self, active_only, limit, offset):
         """Records oldest first."""
-        sql = SQL_LIST_ACTIVE_MESSAGES if active_only else SQL_LIST_MESSAGES
         with self._connection() as conn:
-            rows = conn.execute(sql, (limit, offset)).fetchall()
+            if active_only:
+                rows = conn.execute(SQL_LIST_ACTIVE_MESSAGES, {
+                    "window": limit + offset, "limit": limit, "offset": offset}).fetchall()
+            else:
+                rows = conn.execute(SQL_LIST_MESSAGES, (limit, offset)).fetchall()
         return [self._record(row) for row in rows]
 
     def queue_counts(self):

@@ -644,20 +644,59 @@ class StoreTests(CoreCase):
                          asyncmail.SCHEMA_VERSION)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
 
+    def test_version_1_database_is_migrated_keeping_its_rows(self):
+        import sqlite3
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "v1.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        for statement in asyncmail.SQL_SCHEMA_V1:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO accounts VALUES ('a', ?, 0)", (json.dumps(
+            asyncmail.validate_account({"id": "a", "host": "127.0.0.1"})),))
+        conn.execute(asyncmail.SQL_INSERT_MESSAGE, (
+            "old", "a", 2, "pending", 1.0, None, "s", '["x@y.com"]', "<m@x>",
+            json.dumps(asyncmail.validate_message(message("old"), 2, lambda a: "a"))))
+        conn.close()
+        core = self.make_core(db=path, http=False)
+        self.assertEqual(self.record(core, "old")["status"], "pending")
+        with contextlib.closing(sqlite3.connect(path)) as check:
+            self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 2)
+            indexes = {r[0] for r in check.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        self.assertIn("send_log_ts", indexes)
+
+    def test_newer_database_is_refused(self):
+        import sqlite3
+        core = self.make_core(start=False)
+        core.stop()
+        with contextlib.closing(sqlite3.connect(self.db_path)) as conn:
+            conn.execute("PRAGMA user_version = 99")
+        with self.assertRaises(asyncmail.StoreError):
+            asyncmail.Store(self.db_path)
+
     def test_dispatch_query_uses_an_index(self):
         core = self.make_core(start=False)
         self.addCleanup(core.stop)
         import sqlite3
         conn = sqlite3.connect(self.db_path)
         self.addCleanup(conn.close)
+        plan = " ".join(row[-1] for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + asyncmail.SQL_LIST_ACTIVE_MESSAGES,
+            {"window": 50, "limit": 50, "offset": 0}))
+        self.assertNotIn("SCAN messages", plan)
+        self.assertEqual(plan.count("USING INDEX messages_age"), 3, plan)
         for sql, args in ((asyncmail.SQL_CLAIM_SELECT, ("a", 3, 10)),
                           (asyncmail.SQL_PROMOTE_DUE, (1.0,)),
                           (asyncmail.SQL_HAS_PENDING, ("a", 3)),
-                          (asyncmail.SQL_OLDEST_ACTIVE, ("pending",))):
+                          (asyncmail.SQL_OLDEST_ACTIVE, ("pending",)),
+                          (asyncmail.SQL_PURGE_REPORTED, (1.0, 10)),
+                          (asyncmail.SQL_PRUNE_SEND_LOG, (1.0,))):
             plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
             self.assertIn("USING", plan, sql)
-            self.assertNotIn("SCAN messages", plan.replace("USING", "").split("USING")[0]
-                             if "SCAN messages USING" not in plan else "", sql)
+            self.assertNotRegex(plan, r"SCAN (messages|send_log)(?! USING)", sql)
+            self.assertNotIn("TEMP B-TREE", plan, sql)
 
 
 # ==========================================================================
@@ -972,6 +1011,16 @@ class ApiTests(CoreCase):
                                        "refused"})
         status, body = self.http.request("GET", "/messages?active_only=true&limit=2&offset=1")
         self.assertEqual([m["id"] for m in body["messages"]], ["l2", "l3"])
+        self.clock.advance(5)
+        self.post("/commands/add-messages", {"messages": [
+            message("l5", deferred_ts=self.clock() + 100), message("l6")]})
+        self.core.store.claim("acct", 3, 1)          # l1 -> sending
+        status, body = self.http.request("GET", "/messages?active_only=true")
+        self.assertEqual([(m["id"], m["status"]) for m in body["messages"]],
+                         [("l1", "sending"), ("l2", "pending"), ("l3", "pending"),
+                          ("l4", "pending"), ("l5", "deferred"), ("l6", "pending")])
+        status, body = self.http.request("GET", "/messages?active_only=true&limit=2&offset=3")
+        self.assertEqual([m["id"] for m in body["messages"]], ["l4", "l5"])
         for query in ("limit=-1", "limit=abc", "offset=x", "active_only=perhaps",
                       "limit=99999999999999999999999"):
             with self.subTest(query=query):
