@@ -231,7 +231,7 @@ def scenario_fuzz(quick):
 # --------------------------------------------------------------------------
 
 def scenario_load(quick):
-    seconds = 10 if quick else 60
+    seconds = 10 if quick else LOAD_SECONDS[0]
     directory = tempfile.mkdtemp(prefix="asyncmail-load-")
     smtp = support.SmtpServer()
     daemon = Daemon(directory, "[delivery]\nsend_interval_seconds = 0.05\n").start()
@@ -275,12 +275,25 @@ def scenario_load(quick):
                     accepted.extend(ids)
         conn.close()
 
+    samples = []
+
+    def sample_rss():   # VmRSS every 2 s: bounded means it levels off
+        while time.monotonic() < stop_at:
+            try:
+                with open("/proc/%d/status" % daemon.process.pid) as handle:
+                    samples.append(int(re.search(r"VmRSS:\s+(\d+)", handle.read()).group(1)))
+            except (OSError, AttributeError):
+                pass
+            time.sleep(2)
+
     threads = [threading.Thread(target=client, args=(n,)) for n in range(64)]
+    threads.append(threading.Thread(target=sample_rss))
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(seconds + 60)
     rss = daemon.rss_peak_kb()
+    half = len(samples) // 2
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         queue = request(daemon.address, "GET", "/status")[1]["queue"]
@@ -296,24 +309,32 @@ def scenario_load(quick):
             "failed": len(failures), "failures_sample": failures[:5],
             "p50_ms": 1000 * latencies[len(latencies) // 2],
             "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
-            "rss_peak_mb": rss / 1024.0 if rss else None, "accepted": len(accepted),
+            "rss_peak_mb": rss / 1024.0 if rss else None,
+            "rss_mb_first_half_max": max(samples[:half]) / 1024.0 if half else None,
+            "rss_mb_second_half_max": max(samples[half:]) / 1024.0 if half else None,
+            "rss_mb_samples": [round(kb / 1024.0, 1) for kb in samples],
+            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"), "accepted": len(accepted),
             "lost": len(set(accepted) - delivered), "duplicates": 0, "5xx": sum(
                 1 for f in failures if isinstance(f[2], int) and f[2] >= 500),
             "thrown": "64 clients x %d s: intake, listing, status" % seconds}
 
 
 SCENARIOS = {"crash": scenario_crash, "fuzz": scenario_fuzz, "load": scenario_load}
+LOAD_SECONDS = [60]   # set from --load-seconds
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (CI)")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated names")
+    parser.add_argument("--load-seconds", type=int, default=60,
+                        help="duration of the load scenario (default 60)")
     parser.add_argument("--json", default=os.path.join(HERE, "results",
                                                        "latest-quick.json"
                                                        if "--quick" in sys.argv
                                                        else "latest.json"))
     args = parser.parse_args()
+    LOAD_SECONDS[0] = args.load_seconds
     results = []
     for name in args.only.split(","):
         started = time.monotonic()
