@@ -97,7 +97,8 @@ def message(mid, **fields):
 # 1. crash: kill -9 while clients push and the dispatcher delivers
 # --------------------------------------------------------------------------
 
-def scenario_crash(quick):
+def scenario_crash(options):
+    quick = options.quick
     total, kills_wanted = (2000, 20) if quick else (10000, 25)
     directory = tempfile.mkdtemp(prefix="asyncmail-crash-")
     smtp = support.SmtpServer()
@@ -181,7 +182,8 @@ def scenario_crash(quick):
 # 2. fuzz: hostile requests at every endpoint, slowloris clients alongside
 # --------------------------------------------------------------------------
 
-def scenario_fuzz(quick):
+def scenario_fuzz(options):
+    quick = options.quick
     count = 2000 if quick else 12000
     directory = tempfile.mkdtemp(prefix="asyncmail-fuzz-")
     daemon = Daemon(directory, "[scheduler]\nactive = false\n"
@@ -230,8 +232,9 @@ def scenario_fuzz(quick):
 # 3. load: 64 clients mixing intake, listing and status while delivery runs
 # --------------------------------------------------------------------------
 
-def scenario_load(quick):
-    seconds = 10 if quick else LOAD_SECONDS[0]
+def scenario_load(options):
+    quick = options.quick
+    seconds = 10 if quick else options.load_seconds
     directory = tempfile.mkdtemp(prefix="asyncmail-load-")
     smtp = support.SmtpServer()
     daemon = Daemon(directory, "[delivery]\nsend_interval_seconds = 0.05\n").start()
@@ -320,7 +323,6 @@ def scenario_load(quick):
 
 
 SCENARIOS = {"crash": scenario_crash, "fuzz": scenario_fuzz, "load": scenario_load}
-LOAD_SECONDS = [60]   # set from --load-seconds
 
 
 def main():
@@ -334,11 +336,10 @@ def main():
                                                        if "--quick" in sys.argv
                                                        else "latest.json"))
     args = parser.parse_args()
-    LOAD_SECONDS[0] = args.load_seconds
     results = []
     for name in args.only.split(","):
         started = time.monotonic()
-        result = SCENARIOS[name](args.quick)
+        result = SCENARIOS[name](args)
         result["wall_s"] = round(time.monotonic() - started, 1)
         results.append(result)
         print(json.dumps(result), flush=True)
