@@ -1426,6 +1426,20 @@ class DeliveryTests(CoreCase):
         self.assertIn("535", self.record(self.core, "a1")["error"])
         self.assertEqual(self.smtp.auths, ["user1"])
 
+    def test_stop_lets_the_transaction_in_flight_finish(self):
+        smtp = self.smtp_server()
+        smtp.script("DATA", "STALL:1.0")        # the server sits on the final reply
+        core = self.make_core({"delivery": {"send_interval_seconds": "0.05"}},
+                              test_mode=False, clock=time.time)
+        self.add_account(core, smtp)
+        self.add(core, message("inflight"))
+        wait_until(lambda: any(c[1].upper() == "DATA" for c in smtp.commands),
+                   message="the transaction reached DATA")
+        core.stop()                             # must wait for the 250, then commit
+        smtp.wait_messages(1)
+        again = self.make_core(db=self.db_path, http=False)
+        self.assertEqual(self.record(again, "inflight")["status"], "sent")
+
     def test_test_mode_ignores_priority_zero_wake(self):
         self.add(self.core, message("urgent", priority=0))
         self.assertEqual(self.record(self.core, "urgent")["status"], "pending")
