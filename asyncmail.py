@@ -922,8 +922,12 @@ class Store:
         self._closed = False
         if path != ":memory:":
             self._create_private_file(path)
-        with self._connection() as conn:
-            self._migrate(conn)
+        try:
+            with self._connection() as conn:
+                self._migrate(conn)
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _create_private_file(path):
