@@ -602,6 +602,14 @@ class CommandLineTests(unittest.TestCase):
         self.assertNotIn("very-secret", result.stdout + result.stderr)
         self.assertIn("delivery.max_retries = 5", result.stdout)
 
+    def test_ci_runs_exactly_the_readme_test_command(self):
+        with open(os.path.join(HERE, "README.md")) as handle:
+            readme = handle.read()
+        command = [line.strip() for line in readme.splitlines()
+                   if "ASYNCMAIL_REQUIRE_PEERS=1" in line and line.startswith("    ")][0]
+        with open(os.path.join(HERE, ".ci", "run")) as handle:
+            self.assertIn("( %s )" % command, handle.read())
+
     def test_help_is_readable(self):
         result = self.run_cli("--help")
         self.assertEqual(result.returncode, 0)
