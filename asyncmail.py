@@ -210,6 +210,7 @@ SQL_UPSERT_ACCOUNT = (
     "INSERT OR REPLACE INTO accounts (id, settings, updated_ts) VALUES (?, ?, ?)")
 SQL_LIST_ACCOUNTS = "SELECT settings FROM accounts ORDER BY id"
 SQL_GET_ACCOUNT = "SELECT settings FROM accounts WHERE id = ?"   # existence check
+SQL_ACCOUNT_IDS = "SELECT id FROM accounts"
 SQL_DELETE_ACCOUNT = "DELETE FROM accounts WHERE id = ?"
 SQL_ACCOUNT_ACTIVE_MESSAGES = (
     "SELECT pk, id, priority FROM messages WHERE status = ? AND account_id = ?")
@@ -230,15 +231,21 @@ SQL_MARK_REPORTED = (
     "UPDATE messages SET reported_ts = ? WHERE pk IN ({marks})"
     " AND status IN ('sent', 'error')")
 SQL_COUNT_EVENTS = "SELECT COUNT(*) FROM events"
-SQL_FAIL_MESSAGE = (
+SQL_FAIL_MESSAGE = (   # force-deleting an account fails its unfinished messages
     "UPDATE messages SET status = 'error', error_ts = ?, error = ?, reported_ts = ?"
     " WHERE pk = ?")
+# Delivery outcomes apply only to a message still claimed: one deleted, or
+# failed by a forced account deletion meanwhile, keeps that state, except that
+# a relay's acceptance is the truth and wins over "account deleted".
 SQL_SENT_MESSAGE = (
-    "UPDATE messages SET status = 'sent', sent_ts = ?, refused = ?, reported_ts = ?"
-    " WHERE pk = ?")
+    "UPDATE messages SET status = 'sent', sent_ts = ?, refused = ?, reported_ts = ?,"
+    " error = NULL, error_ts = NULL WHERE pk = ? AND status IN ('sending', 'error')")
+SQL_FAIL_CLAIMED = (
+    "UPDATE messages SET status = 'error', error_ts = ?, error = ?, reported_ts = ?"
+    " WHERE pk = ? AND status = 'sending'")
 SQL_DEFER_MESSAGE = (
     "UPDATE messages SET status = 'deferred', deferred_ts = ?, error = ?,"
-    " retry_count = ? WHERE pk = ?")
+    " retry_count = ? WHERE pk = ? AND status = 'sending'")
 SQL_RELEASE_MESSAGE = "UPDATE messages SET status = 'pending' WHERE pk = ? AND status = 'sending'"
 SQL_RECOVER_SENDING = "UPDATE messages SET status = 'pending' WHERE status = 'sending'"
 SQL_PROMOTE_DUE = (
@@ -368,9 +375,11 @@ def _parse_bool(value):
 
 
 def _is_number(value):
-    """A JSON number that is finite (bools are not numbers here)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """A JSON number that is finite (bools are not numbers here; a 400-digit
+    integer is a number, though math.isfinite would overflow on it)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _parse_priority(value):
@@ -429,6 +438,9 @@ def _check_addr_spec(addr):
         ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
         raise ValueError("invalid address %r: bad domain" % addr)
+    if not local.isascii():
+        raise ValueError("invalid address %r: a non-ASCII local part needs SMTPUTF8, "
+                         "which asyncmail does not speak" % addr)
     if not _LOCAL_PART.match(local) or len(local) > 64:
         raise ValueError("invalid address %r" % addr)
     if not _DOMAIN.match(ascii_domain) or len(ascii_domain) > 253:
@@ -509,8 +521,12 @@ def _is_loopback_host(host):
 
 
 def _mask(key, value):
-    """A printable value with secrets masked."""
-    return "********" if key in _SECRET_KEYS and value else value
+    """A printable value with secrets masked (and user-info cut from URLs)."""
+    if key in _SECRET_KEYS and value:
+        return "********"
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return _redact_url(value)
+    return value
 
 
 def _ssl_context(account):
@@ -608,6 +624,14 @@ def _conf_url(value):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("expected an http:// or https:// URL")
+        if "@" in parts.netloc:
+            raise ValueError("credentials do not belong in the URL (they would reach "
+                             "logs); use client_sync_user/client_sync_password or "
+                             "client_sync_token")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError("invalid port")
     return url
 
 
@@ -885,10 +909,11 @@ def load_config(path=None, environ=None):
 class _IntakeRequest:
     """One add-messages batch waiting for a group commit."""
 
-    __slots__ = ("rows", "duplicates", "error", "done")
+    __slots__ = ("rows", "duplicates", "orphans", "error", "done")
 
     def __init__(self, rows):
-        self.rows, self.duplicates, self.error, self.done = rows, set(), None, False
+        self.rows, self.duplicates, self.orphans = rows, set(), set()
+        self.error, self.done = None, False
 
 
 class Store:
@@ -1027,9 +1052,10 @@ class Store:
     def insert_messages(self, rows):
         """Insert message rows durably, skipping ids that are already queued.
 
-        ``rows`` are tuples in SQL_INSERT_MESSAGE order with the id first and
-        no id twice.  Returns the set of ids that were already present (not
-        inserted); raises StoreError.  Blocks until the rows are committed.
+        ``rows`` are tuples in SQL_INSERT_MESSAGE order (id, account_id, ...)
+        and no id twice.  Returns (ids already present, ids whose account was
+        deleted meanwhile): neither is inserted.  Raises StoreError; blocks
+        until the rows are committed.
 
         Group commit: concurrent callers share one transaction and one fsync.
         Whoever holds ``_intake_leader`` commits every request queued so far;
@@ -1045,7 +1071,7 @@ class Store:
                 self._commit_intake(group)
         if request.error is not None:
             raise StoreError(request.error)
-        return request.duplicates
+        return request.duplicates, request.orphans
 
     def _commit_intake(self, group):
         try:
@@ -1056,10 +1082,13 @@ class Store:
                     chunk = ids[start:start + SQL_CHUNK]
                     sql = SQL_EXISTING_IDS.format(marks=",".join("?" * len(chunk)))
                     taken.update(row[0] for row in conn.execute(sql, chunk))
+                accounts = {row[0] for row in conn.execute(SQL_ACCOUNT_IDS)}
                 inserts = []
                 for request in group:
                     for row in request.rows:
-                        if row[0] in taken:
+                        if row[1] not in accounts:   # deleted since validation
+                            request.orphans.add(row[0])
+                        elif row[0] in taken:
                             request.duplicates.add(row[0])
                         else:
                             taken.add(row[0])
@@ -1265,17 +1294,21 @@ class Store:
                 key = self._key(message)
                 if kind == "sent":
                     now, refused = outcome[2], outcome[3]
-                    conn.execute(SQL_SENT_MESSAGE, (
-                        now, json.dumps(refused) if refused else None,
-                        None if self.reporting else now, message["pk"]))
                     conn.execute(SQL_INSERT_SEND, (message["account_id"], now))
-                    self._event(conn, key, "sent", sent_ts=now, refused=refused)
+                    if conn.execute(SQL_SENT_MESSAGE, (
+                            now, json.dumps(refused) if refused else None,
+                            None if self.reporting else now, message["pk"])).rowcount:
+                        self._event(conn, key, "sent", sent_ts=now, refused=refused)
                 elif kind == "failed":
-                    self._fail(conn, key, outcome[2], outcome[3])
+                    now, error = outcome[2], outcome[3]
+                    if conn.execute(SQL_FAIL_CLAIMED, (
+                            now, error, None if self.reporting else now, message["pk"])).rowcount:
+                        self._event(conn, key, "error", error_ts=now, error=error)
                 elif kind == "deferred":
                     _, _, now, until, reason, error, retry_count = outcome
-                    conn.execute(SQL_DEFER_MESSAGE, (until, error, retry_count, message["pk"]))
-                    self._event(conn, key, "deferred", deferred_ts=until, reason=reason)
+                    if conn.execute(SQL_DEFER_MESSAGE, (
+                            until, error, retry_count, message["pk"])).rowcount:
+                        self._event(conn, key, "deferred", deferred_ts=until, reason=reason)
                 else:
                     conn.execute(SQL_RELEASE_MESSAGE, (message["pk"],))
 
@@ -1385,7 +1418,13 @@ def _check_attachment(raw, index):
     elif source == "url":
         if not isinstance(value, str) or _CONTROL_CHARS.search(value) or " " in value:
             raise ValueError("%s.url must be an http or https URL" % field)
+        if not value.isascii():
+            raise ValueError("%s.url must be ASCII (percent-encode the rest)" % field)
         parts = urllib.parse.urlsplit(value)
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError("%s.url has an invalid port" % field)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError("%s.url must be an http or https URL" % field)
         attachment["url"] = value
@@ -2587,15 +2626,17 @@ class _Dispatcher(_Worker):
             relay.close()
 
     def _relay(self, account):
+        stale = None
         with self._lock:
             relay = self._relays.get(account["id"])
             if relay is None or relay.account != account:
-                if relay is not None:
-                    relay.close()
+                stale = relay
                 relay = SmtpRelay(account, self.delivery.smtp_timeout_seconds,
                                   self._connect, self._local_hostname)
                 self._relays[account["id"]] = relay
-            return relay
+        if stale is not None:
+            stale.close()   # QUIT may wait: never under the lock
+        return relay
 
     def _deliver_account(self, account, max_priority):
         """Send up to the account's batch_size due messages over its relay.
@@ -2608,6 +2649,7 @@ class _Dispatcher(_Worker):
         store = self.core.store
         attempted = 0
         outcomes = []
+        claimed = []
         try:
             budget = account["batch_size"]
             relay = self._relay(account)
@@ -2623,6 +2665,7 @@ class _Dispatcher(_Worker):
                 messages = store.claim(account_id, max_priority, chunk)
                 if not messages:
                     break
+                claimed = messages
                 budget -= len(messages)
                 for index, message in enumerate(messages):
                     if self._stop.is_set() or not self.core.controls.may_send(account_id):
@@ -2636,14 +2679,20 @@ class _Dispatcher(_Worker):
                         outcomes.extend(("released", m) for m in messages[index + 1:])
                         return
                 store.record_outcomes(outcomes)
-                outcomes = []
+                outcomes, claimed = [], []
         finally:
-            store.record_outcomes(outcomes)
-            with self._lock:
-                self._busy.discard(account_id)
-            if attempted:
-                self.core.reporter.wake()
-                self.wake()
+            try:
+                # a claimed message without an outcome (an unexpected error
+                # above) goes back to pending instead of staying in "sending"
+                done = {outcome[1]["pk"] for outcome in outcomes}
+                outcomes.extend(("released", m) for m in claimed if m["pk"] not in done)
+                store.record_outcomes(outcomes)
+            finally:
+                with self._lock:
+                    self._busy.discard(account_id)
+                if attempted:
+                    self.core.reporter.wake()
+                    self.wake()
 
     def _rate_limited(self, account, max_priority, budget, free_at, now):
         """Defer the messages this cycle would have sent to the instant a
@@ -2692,6 +2741,14 @@ class _Dispatcher(_Worker):
             return self._retry(message, self.core.now(), str(exc))
         except PermanentError as exc:
             return self._fail(message, self.core.now(), str(exc))
+        except Exception as exc:
+            # A message that crashes the sender would otherwise come back after
+            # every restart and block its chunk: fail it, loudly.
+            self.log.exception("message %s of account %s could not be handled",
+                               message["id"], account_id)
+            relay.close()
+            return self._fail(message, self.core.now(), "internal error while sending: %s: %s"
+                              % (type(exc).__name__, str(exc)[:200]))
         metrics.observe_smtp(time.monotonic() - started)
         now = self.core.now()
         self.rate.record(account_id, now)
@@ -2765,6 +2822,7 @@ class _Reporter(_Worker):
         self._retry_at = 0.0
         self._forced = False
         self._safe_url = _redact_url(client.client_sync_url)
+        self._opener = self._build_opener()
 
     def interval(self):
         return min(self.POLL, self.client.sync_interval_seconds)
@@ -2815,8 +2873,7 @@ class _Reporter(_Worker):
                 pair.encode("utf-8")).decode("ascii"))
         status, answer = None, b""
         try:
-            with urllib.request.urlopen(request, timeout=self.client.timeout_seconds,
-                                        context=self._tls_context()) as response:
+            with self._opener.open(request, timeout=self.client.timeout_seconds) as response:
                 status = response.status
                 answer = response.read(self.MAX_ANSWER_BYTES)
             ok = 200 <= status < 300
@@ -2848,10 +2905,18 @@ class _Reporter(_Worker):
                           status, "; upstream summary %s" % summary if summary else "")
         return True
 
-    def _tls_context(self):
-        if not self.client.client_sync_url.startswith("https:"):
-            return None
-        return _ssl_context({"tls_verify": True})
+    @staticmethod
+    def _build_opener():
+        """urllib without redirects: a 3xx would turn the POST into a GET that
+        "acknowledges" every entry and carry the credentials to another host."""
+        import urllib.request
+
+        class Refuse(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        return urllib.request.build_opener(
+            Refuse, urllib.request.HTTPSHandler(context=_ssl_context({"tls_verify": True})))
 
 
 def _report_entry(event):
@@ -3147,9 +3212,23 @@ class _ApiHandler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
+    def _content_length(self):
+        """The declared body length: None when absent, -1 when malformed
+        (``str.isdigit`` would accept "²", which ``int`` refuses)."""
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return None
+        value = value.strip()
+        if not _ASCII_DIGITS.match(value) or len(value) > 15:
+            return -1
+        return int(value)
+
     def handle_expect_100(self):
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.server.max_request_bytes:
+        length = self._content_length()
+        if length == -1:
+            self.send_error(400, "invalid Content-Length")
+            return False
+        if length is not None and length > self.server.max_request_bytes:
             self.send_error(413, "request body larger than %d bytes"
                             % self.server.max_request_bytes)
             return False
@@ -3165,14 +3244,12 @@ class _ApiHandler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + self.server.body_deadline
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked(limit, deadline)
-        length = self.headers.get("Content-Length")
+        length = self._content_length()
         if length is None:
             return b""
-        length = length.strip()
-        if not length.isdigit() or len(length) > 15:
+        if length < 0:
             self.close_connection = True
             raise ApiError("invalid Content-Length", status=400)
-        length = int(length)
         if length > limit:
             self.close_connection = True
             raise ApiError("request body larger than %d bytes" % limit, status=413)
@@ -3262,7 +3339,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def _route(self):
         if not self._authorized():
-            if self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+            if self._content_length() or self.headers.get("Transfer-Encoding"):
                 self.close_connection = True   # the body is not read
             raise ApiError("Invalid or missing API token", status=401)
         parts = urllib.parse.urlsplit(self.path)
@@ -3291,8 +3368,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 self._discard_body()
                 raise NotFoundError("unknown command")
         payload = dict(params)
-        length = self.headers.get("Content-Length", "")
-        if method == "POST" and length.isdigit() and int(length) > LARGE_BODY_BYTES:
+        length = self._content_length() or 0
+        if method == "POST" and length > LARGE_BODY_BYTES:
             # a parsed 1 MB batch is ~10 MB of objects: at most two at a time
             with self.server.large_requests:
                 payload = self._json_body()
@@ -3316,11 +3393,12 @@ class _ApiHandler(BaseHTTPRequestHandler):
     def _discard_body(self):
         """Read (bounded) or give up on the body of a request that failed
         before its body mattered, so keep-alive stays in sync."""
-        length = self.headers.get("Content-Length", "0").strip()
-        if length.isdigit() and int(length) <= 65536:
+        length = self._content_length()
+        if length is not None and 0 <= length <= 65536 and not self.headers.get(
+                "Transfer-Encoding"):
             with contextlib.suppress(ApiError):
-                self._read_exact(int(length), time.monotonic() + REQUEST_BODY_DEADLINE)
-        elif length not in ("", "0") or self.headers.get("Transfer-Encoding"):
+                self._read_exact(length, time.monotonic() + self.server.body_deadline)
+        elif length or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
 
     def _json_body(self):
@@ -3344,6 +3422,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_ASCII_DIGITS = re.compile(r"^[0-9]+$")
 
 
 def _has_lone_surrogate(value):
@@ -3452,12 +3531,13 @@ class AsyncMailCore:
         if self._started:
             return self
         self._started = True
-        self.dispatcher.start()
-        self.reporter.start()
-        if serve_http:
+        if serve_http:   # bind first: a taken port must not leave workers sending
             server = self.config.server
             self._http = _ApiServer((server.host, server.port), self, server.api_token,
                                     server.max_request_bytes, self.metrics, self.log)
+        self.dispatcher.start()
+        self.reporter.start()
+        if serve_http:
             self._http_thread = threading.Thread(
                 target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
                 name="asyncmail-http", daemon=True)
@@ -3588,13 +3668,15 @@ class AsyncMailCore:
             rows.append((message["id"], message["account_id"], message["priority"], status,
                          now, deferred_ts, message["subject"], json.dumps(recipients),
                          message["message_id"], json.dumps(message, separators=(",", ":"))))
-        duplicates = self.store.insert_messages(rows) if rows else set()
+        duplicates, orphans = self.store.insert_messages(rows) if rows else (set(), set())
         for message_id in sorted(duplicates):
             rejected.append({"id": message_id, "reason": "duplicate id"})
-        queued = len(rows) - len(duplicates)
+        for message_id in sorted(orphans):
+            rejected.append({"id": message_id, "reason": "unknown account (deleted)"})
+        queued = len(rows) - len(duplicates) - len(orphans)
         if queued == 0:
             raise self._batch_error("no message was accepted", rejected)
-        if any(row[2] == 0 and row[3] == "pending" and row[0] not in duplicates for row in rows):
+        if any(row[2] == 0 and row[3] == "pending" for row in rows):
             self.dispatcher.wake()
         return {"ok": True, "queued": queued, "rejected": rejected}
 
@@ -3618,6 +3700,7 @@ class AsyncMailCore:
             older_than = self.config.delivery.delivery_report_retention_seconds
         elif not _is_number(older_than) or older_than < 0:
             raise ValidationError("older_than_seconds must be a number >= 0")
+        older_than = min(older_than, 1e12)   # 30,000 years: beyond it, float() overflows
         return {"ok": True, "removed": self.purge_reported(self.now() - older_than)}
 
     def purge_reported(self, before):
@@ -3843,9 +3926,15 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        core = AsyncMailCore(config, logger=log).start()
-    except (StoreError, OSError) as exc:
+        core = AsyncMailCore(config, logger=log)
+    except StoreError as exc:
         log.error("cannot start: %s", exc)
+        return 1
+    try:
+        core.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, exc)
+        core.stop()
         return 1
     _sd_notify("READY=1\nSTATUS=listening on %s:%d" % core.http_address)
     watchdog = _watchdog_seconds(os.environ)

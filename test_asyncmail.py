@@ -279,9 +279,11 @@ class Upstream:
                         "sent": sum(1 for e in entries if e.get("sent_ts")),
                         "error": sum(1 for e in entries if e.get("error_ts")),
                         "deferred": 0}))
-                status, text = answer
+                status, text = answer[0], answer[1]
                 data = text.encode("utf-8")
                 self.send_response(status)
+                for name, value in (answer[2] if len(answer) > 2 else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -1008,8 +1010,8 @@ class ApiTests(CoreCase):
 
     def test_list_messages_active_only_limit_offset(self):
         self.post("/commands/add-messages", {"messages": [message("l%d" % i) for i in range(5)]})
-        self.core.store.mark_failed({"pk": 1, "id": "l0", "account_id": "acct",
-                                     "priority": 2}, self.clock(), "test")
+        claimed = self.core.store.claim("acct", 3, 1)
+        self.core.store.mark_failed(claimed[0], self.clock(), "test")
         status, body = self.http.request("GET", "/messages")
         self.assertEqual([m["id"] for m in body["messages"]], ["l0", "l1", "l2", "l3", "l4"])
         record = body["messages"][0]
@@ -1050,8 +1052,8 @@ class ApiTests(CoreCase):
 
     def test_cleanup_messages(self):
         self.post("/commands/add-messages", {"messages": [message("c1"), message("c2")]})
-        self.core.store.mark_failed({"pk": 1, "id": "c1", "account_id": "acct",
-                                     "priority": 2}, self.clock(), "test")
+        claimed = self.core.store.claim("acct", 3, 1)
+        self.core.store.mark_failed(claimed[0], self.clock(), "test")
         self.clock.advance(100)
         status, body = self.post("/commands/cleanup-messages", {"older_than_seconds": 200})
         self.assertEqual(body, {"ok": True, "removed": 0})
@@ -2877,6 +2879,14 @@ class OperationsTests(CoreCase):
         logger.info("hello")
         self.assertEqual(stream.getvalue(), "<4>disk low\n<6>hello\n")
 
+    def test_credentials_in_urls_are_refused_without_echoing_them(self):
+        for key in ("client_sync_url", "endpoint_url"):
+            section = "client" if key == "client_sync_url" else "s3"
+            with self.assertRaises(asyncmail.ConfigError) as caught:
+                asyncmail.Config({section: {key: "https://user:pw-SECRET@host.example/x"}})
+            self.assertIn("%s.%s" % (section, key), str(caught.exception))
+            self.assertNotIn("SECRET", str(caught.exception))
+
     def test_credentials_directory(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
@@ -2923,7 +2933,7 @@ class OperationsTests(CoreCase):
         smtp = self.smtp_server(credentials=("u", "smtp-SECRET-pw"))
         upstream = Upstream()
         self.addCleanup(upstream.close)
-        url = upstream.url.replace("http://", "http://user:url-SECRET@")
+        url = upstream.url
         core = self.make_core({"client": {"client_sync_url": url,
                                           "client_sync_token": "tok-SECRET"},
                                "server": {"api_token": "api-SECRET"},
@@ -3282,6 +3292,119 @@ class UpstreamFaultTests(CoreCase):
         self.run_now(core)                        # run-now retries at once
         self.assertEqual(sorted(e["id"] for e in revived.entries()),
                          ["h%d" % i for i in range(5)])
+
+
+class ReviewRegressionTests(CoreCase):
+    """Defects found in review, each pinned."""
+
+    def test_poison_message_fails_alone_and_nothing_stays_sending(self):
+        smtp = self.smtp_server()
+
+        def connect(account, timeout, local_hostname):
+            conn = asyncmail._smtp_connect(account, timeout, local_hostname)
+            real_data = conn.data
+
+            def data(payload):
+                if b"subject poison" in payload:
+                    raise RuntimeError("a library bug nobody classified")
+                return real_data(payload)
+            conn.data = data
+            return conn
+
+        core = self.make_core(smtp_connect=connect)
+        self.add_account(core, smtp)
+        self.add(core, message("before"), message("poison"), message("after"))
+        self.run_now(core)
+        self.assertEqual(self.record(core, "poison")["status"], "error")
+        self.assertIn("internal error while sending: RuntimeError",
+                      self.record(core, "poison")["error"])
+        self.assertEqual(self.record(core, "before")["status"], "sent")
+        self.assertEqual(self.record(core, "after")["status"], "sent")
+        self.assertEqual(core.handle_command("status")["queue"]["sending"], 0)
+
+    def test_inputs_that_used_to_crash_the_sender_are_rejected_at_intake(self):
+        core = self.make_core(http=False)
+        self.add_account(core)
+        for fields in ({"bcc": ['"josé"@example.com']},
+                       {"attachments": [{"filename": "a", "url": "http://example.com:99999/a"}]},
+                       {"attachments": [{"filename": "a", "url": "http://example.com/façade"}]}):
+            answer = core.handle_command("add messages", {"messages": [message("x", **fields)]})
+            self.assertFalse(answer["ok"], fields)
+
+    def test_forced_account_deletion_during_a_send(self):
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        core = self.make_core({"client": {"client_sync_url": upstream.url}})
+        self.add_account(core)
+        self.add(core, message("deferred-late"), message("sent-late"))
+        claimed = core.store.claim("acct", 3, 10)
+        core.handle_command("delete account", {"id": "acct", "force": True})
+        late_defer, late_sent = claimed
+        core.store.record_outcomes([
+            ("deferred", late_defer, self.clock(), self.clock() + 60, "temporary failure",
+             "451 later", 1),
+            ("sent", late_sent, self.clock(), None)])
+        self.assertEqual(self.record(core, "deferred-late")["status"], "error")   # not revived
+        sent = self.record(core, "sent-late")
+        self.assertEqual((sent["status"], sent["error"]), ("sent", None))         # the truth
+        self.run_now(core)
+        kinds = [(e["id"], e["status"]) for e in upstream.entries()]
+        self.assertEqual(kinds, [("deferred-late", "error"), ("sent-late", "error"),
+                                 ("sent-late", "sent")])
+
+    def test_reporter_does_not_follow_redirects(self):
+        other = Upstream()
+        self.addCleanup(other.close)
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        upstream.answers = [(302, "", {"Location": other.url})]
+        core = self.make_core({"client": {"client_sync_url": upstream.url,
+                                          "client_sync_token": "tok"}})
+        smtp = self.smtp_server()
+        self.add_account(core, smtp)
+        self.add(core, message("r"))
+        self.run_now(core)
+        self.assertEqual(other.posts, [])
+        self.assertIsNone(self.record(core, "r")["reported_ts"])
+        self.assertEqual(core.metrics.value("asyncmail_report_failures_total"), 1)
+
+    def test_intake_rechecks_the_account_inside_its_transaction(self):
+        core = self.make_core(http=False)
+        row = ("orphan", "gone", 2, "pending", 1.0, None, "s", "[]", "<m@x>", "{}")
+        self.assertEqual(core.store.insert_messages([row]), (set(), {"orphan"}))
+        self.assertEqual(core.handle_command("status")["queue"]["pending"], 0)
+
+    def test_unicode_digits_and_huge_integers_are_400(self):
+        core = self.make_core()
+        self.add_account(core)
+        for raw in (b"POST /commands/run-now HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n",
+                    b"POST /commands/run-now HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: \xb2\r\n\r\n"):
+            status, _ = send_hostile(core.http_address, raw)
+            self.assertEqual(status, 400)
+        client = self.client(core)
+        huge = "1" + "0" * 400
+        self.assertEqual(client.request("POST", "/commands/cleanup-messages",
+                                        ('{"older_than_seconds": %s}' % huge).encode())[0], 200)
+        self.assertEqual(client.request("POST", "/account",
+                                        ('{"id": "t", "host": "h", "ttl": %s}' % huge).encode())[0],
+                         400)
+        status, body = client.request("POST", "/commands/add-messages", (
+            '{"messages": [%s, %s]}' % (json.dumps(message("ok")), json.dumps(
+                message("big"))[:-1] + ', "deferred_ts": %s}' % huge)).encode())
+        self.assertEqual((status, body["queued"]), (200, 1))
+        self.assertEqual(body["rejected"][0]["id"], "big")
+
+    def test_a_taken_port_starts_no_worker(self):
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        core = self.make_core({"server": {"port": str(holder.getsockname()[1])}}, start=False)
+        self.addCleanup(core.stop)
+        with self.assertRaises(OSError):
+            core.start()
+        self.assertIsNone(core.dispatcher._thread)
 
 
 class SecurityTests(CoreCase):
