@@ -2822,7 +2822,7 @@ class _Reporter(_Worker):
         self._retry_at = 0.0
         self._forced = False
         self._safe_url = _redact_url(client.client_sync_url)
-        self._opener = self._build_opener()
+        self._opener = None   # built at the first POST: urllib.request is a heavy import
 
     def interval(self):
         return min(self.POLL, self.client.sync_interval_seconds)
@@ -2872,6 +2872,8 @@ class _Reporter(_Worker):
             request.add_header("Authorization", "Basic " + base64.b64encode(
                 pair.encode("utf-8")).decode("ascii"))
         status, answer = None, b""
+        if self._opener is None:
+            self._opener = self._build_opener()
         try:
             with self._opener.open(request, timeout=self.client.timeout_seconds) as response:
                 status = response.status
