@@ -230,7 +230,6 @@ SQL_DELETE_EVENTS = "DELETE FROM events WHERE seq IN ({marks})"
 SQL_MARK_REPORTED = (
     "UPDATE messages SET reported_ts = ? WHERE pk IN ({marks})"
     " AND status IN ('sent', 'error')")
-SQL_COUNT_EVENTS = "SELECT COUNT(*) FROM events"
 SQL_FAIL_MESSAGE = (   # force-deleting an account fails its unfinished messages
     "UPDATE messages SET status = 'error', error_ts = ?, error = ?, reported_ts = ?"
     " WHERE pk = ?")
@@ -250,8 +249,6 @@ SQL_RELEASE_MESSAGE = "UPDATE messages SET status = 'pending' WHERE pk = ? AND s
 SQL_RECOVER_SENDING = "UPDATE messages SET status = 'pending' WHERE status = 'sending'"
 SQL_PROMOTE_DUE = (
     "UPDATE messages SET status = 'pending' WHERE status = 'deferred' AND deferred_ts <= ?")
-SQL_NEXT_DUE_TS = (
-    "SELECT MIN(deferred_ts) FROM messages WHERE status = 'deferred'")
 SQL_HAS_PENDING = (
     "SELECT 1 FROM messages WHERE status = 'pending' AND account_id = ?"
     " AND priority <= ? LIMIT 1")
@@ -260,10 +257,6 @@ SQL_CLAIM_SELECT = (
     " WHERE status = 'pending' AND account_id = ? AND priority <= ?"
     " ORDER BY priority, pk LIMIT ?")
 SQL_CLAIM_UPDATE = "UPDATE messages SET status = 'sending' WHERE pk IN ({marks})"
-SQL_SELECT_PENDING = (
-    "SELECT pk, id, account_id, priority, retry_count FROM messages"
-    " WHERE status = 'pending' AND account_id = ? AND priority <= ?"
-    " ORDER BY priority, pk LIMIT ?")
 SQL_INSERT_SEND = "INSERT INTO send_log (account_id, ts) VALUES (?, ?)"
 SQL_SENDS_SINCE = "SELECT ts FROM send_log WHERE account_id = ? AND ts > ? ORDER BY ts"
 SQL_PRUNE_SEND_LOG = "DELETE FROM send_log WHERE ts <= ?"
@@ -1240,10 +1233,6 @@ class Store:
                     conn.execute(SQL_MARK_REPORTED.format(marks=",".join("?" * len(final))),
                                  [now] + final)
 
-    def count_events(self):
-        with self._connection() as conn:
-            return conn.execute(SQL_COUNT_EVENTS).fetchone()[0]
-
     # -- delivery -----------------------------------------------------------
 
     def recover_interrupted(self):
@@ -1256,11 +1245,6 @@ class Store:
         """Move deferred messages whose deferred_ts has come to ``pending``."""
         with self._transaction(durable=False) as conn:
             return conn.execute(SQL_PROMOTE_DUE, (now,)).rowcount
-
-    def next_due_ts(self):
-        """The earliest deferred_ts still waiting, or None."""
-        with self._connection() as conn:
-            return conn.execute(SQL_NEXT_DUE_TS).fetchone()[0]
 
     def has_pending(self, account_id, max_priority):
         with self._connection() as conn:
@@ -1311,19 +1295,6 @@ class Store:
                         self._event(conn, key, "deferred", deferred_ts=until, reason=reason)
                 else:
                     conn.execute(SQL_RELEASE_MESSAGE, (message["pk"],))
-
-    def mark_sent(self, message, now, refused=None):
-        self.record_outcomes([("sent", message, now, refused)])
-
-    def mark_failed(self, message, now, error):
-        self.record_outcomes([("failed", message, now, error)])
-
-    def mark_deferred(self, message, now, until, reason, error=None, retry_count=None):
-        retry = message["retry_count"] if retry_count is None else retry_count
-        self.record_outcomes([("deferred", message, now, until, reason, error, retry)])
-
-    def release(self, messages):
-        self.record_outcomes([("released", message) for message in messages])
 
     def sends_since(self, account_id, since):
         """Timestamps of successful sends of one account after ``since``."""

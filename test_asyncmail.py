@@ -1011,7 +1011,7 @@ class ApiTests(CoreCase):
     def test_list_messages_active_only_limit_offset(self):
         self.post("/commands/add-messages", {"messages": [message("l%d" % i) for i in range(5)]})
         claimed = self.core.store.claim("acct", 3, 1)
-        self.core.store.mark_failed(claimed[0], self.clock(), "test")
+        self.core.store.record_outcomes([("failed", claimed[0], self.clock(), "test")])
         status, body = self.http.request("GET", "/messages")
         self.assertEqual([m["id"] for m in body["messages"]], ["l0", "l1", "l2", "l3", "l4"])
         record = body["messages"][0]
@@ -1053,7 +1053,7 @@ class ApiTests(CoreCase):
     def test_cleanup_messages(self):
         self.post("/commands/add-messages", {"messages": [message("c1"), message("c2")]})
         claimed = self.core.store.claim("acct", 3, 1)
-        self.core.store.mark_failed(claimed[0], self.clock(), "test")
+        self.core.store.record_outcomes([("failed", claimed[0], self.clock(), "test")])
         self.clock.advance(100)
         status, body = self.post("/commands/cleanup-messages", {"older_than_seconds": 200})
         self.assertEqual(body, {"ok": True, "removed": 0})
@@ -1688,7 +1688,9 @@ class ReportTests(CoreCase):
         self.add(core, message("solo"))
         self.run_now(core)
         self.assertEqual(self.record(core, "solo")["reported_ts"], self.clock())
-        self.assertEqual(core.store.count_events(), 0)
+        import sqlite3
+        with contextlib.closing(sqlite3.connect(self.db_path)) as conn:
+            self.assertEqual(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0], 0)
 
     def test_forced_account_deletion_is_reported(self):
         core = self.reporting_core()
