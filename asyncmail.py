@@ -628,10 +628,6 @@ def _conf_url(value):
     return url
 
 
-def _conf_priority(value):
-    return _parse_priority(value)
-
-
 class _FixedOffset(datetime.tzinfo):
     """A fixed UTC offset, the zone 3.8 can offer without zoneinfo."""
 
@@ -740,7 +736,7 @@ CONFIG_SCHEMA = {
     ("scheduler", "window"): (_conf_window, ""),
     ("delivery", "send_interval_seconds"): (_conf_duration(), "1"),
     ("delivery", "test_mode"): (_parse_bool, "false"),
-    ("delivery", "default_priority"): (_conf_priority, "2"),
+    ("delivery", "default_priority"): (_parse_priority, "2"),
     ("delivery", "delivery_report_retention_seconds"): (_conf_duration(True), "604800"),
     ("delivery", "max_retries"): (_conf_int(0), "5"),
     ("delivery", "retry_delays"): (_conf_delays, "60,300,900,3600,7200"),
@@ -1795,6 +1791,7 @@ class AttachmentFetcher:
         self.s3 = s3
         self.now = now
         self._resolve = resolve or self._getaddrinfo
+        self._tls = None   # built at the first https fetch: loading CAs costs ms
         if address_allowed is None:
             address_allowed = ((lambda address: True) if attachments.allow_private_urls
                                else _is_public_address)
@@ -1897,7 +1894,9 @@ class AttachmentFetcher:
     def _get(self, filename, scheme, host, port, address, path, headers, where):
         """GET over a connection pinned to ``address``.  Returns (status,
         lower-case headers, body) for 2xx and redirects; raises otherwise."""
-        connection = _pinned_connection(scheme, host, port, address, self.timeout)
+        if scheme == "https" and self._tls is None:
+            self._tls = _ssl_context({"tls_verify": True})   # thread-safe to share
+        connection = _pinned_connection(scheme, host, port, address, self.timeout, self._tls)
         request_headers = {"User-Agent": "asyncmail/" + __version__, "Accept": "*/*"}
         request_headers.update(headers)
         try:
@@ -1952,8 +1951,8 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """TLS to a pre-checked address, verifying the certificate for ``host``."""
 
-    def __init__(self, host, port, address, timeout):
-        super().__init__(host, port, timeout=timeout, context=_ssl_context({"tls_verify": True}))
+    def __init__(self, host, port, address, timeout, context):
+        super().__init__(host, port, timeout=timeout, context=context)
         self.pinned_address = address
 
     def connect(self):
@@ -1961,10 +1960,11 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def _pinned_connection(scheme, host, port, address, timeout):
+def _pinned_connection(scheme, host, port, address, timeout, context):
     """An http.client connection to ``host`` that connects to ``address``."""
-    cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-    return cls(host, port, address, timeout)
+    if scheme == "https":
+        return _PinnedHTTPSConnection(host, port, address, timeout, context)
+    return _PinnedHTTPConnection(host, port, address, timeout)
 
 
 def _content_type(headers):
