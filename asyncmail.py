@@ -49,6 +49,7 @@ import hashlib
 import hmac
 import http.client
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -80,6 +81,7 @@ MAX_BATCH_MESSAGES = 1000   # SPEC: larger add-messages batches are refused
 MAX_DELETE_IDS = 10000      # bounds one delete-messages transaction
 MAX_ID_CHARS = 256
 MAX_LIST_LIMIT = 10000      # GET /messages page size ceiling
+MAX_IGNORED_SHOWN = 100     # unknown account fields named in one answer or log line
 REQUEST_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
 REQUEST_BODY_DEADLINE = 60.0  # seconds to receive a whole request body
 MAX_CONNECTIONS = 512   # concurrent HTTP connections (one thread each); more get 503
@@ -101,7 +103,7 @@ ACTIVE_STATUSES = ("pending", "deferred", "sending")
 FINISHED_STATUSES = ("sent", "error")
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Schema version 1.  Messages move pending -> sending -> sent/error, or to
 # deferred (waiting for deferred_ts) and back to pending when due, the way
@@ -179,6 +181,12 @@ SQL_SCHEMA_V2 = (
     "CREATE INDEX send_log_ts ON send_log (ts)",
 )
 
+# Schema version 3: the time of a message's last change, for the record's
+# updated_at (NULL until the first change: created_ts stands in).
+SQL_SCHEMA_V3 = (
+    "ALTER TABLE messages ADD COLUMN updated_ts REAL",
+)
+
 SQL_INSERT_MESSAGE = (
     "INSERT INTO messages (id, account_id, priority, status, created_ts,"
     " deferred_ts, subject, recipients, message_id, payload)"
@@ -186,7 +194,8 @@ SQL_INSERT_MESSAGE = (
 SQL_EXISTING_IDS = "SELECT id FROM messages WHERE id IN ({marks})"
 SQL_RECORD_COLUMNS = (
     "id, account_id, priority, status, created_ts, deferred_ts, sent_ts,"
-    " error_ts, error, retry_count, reported_ts, subject, recipients, refused")
+    " error_ts, error, retry_count, reported_ts, subject, recipients, refused,"
+    " updated_ts, payload")
 SQL_GET_MESSAGE = "SELECT " + SQL_RECORD_COLUMNS + " FROM messages WHERE id = ?"
 SQL_LIST_MESSAGES = (
     "SELECT " + SQL_RECORD_COLUMNS + " FROM messages ORDER BY pk LIMIT ? OFFSET ?")
@@ -228,27 +237,31 @@ SQL_PENDING_EVENTS = (
     " error_ts, error, deferred_ts, reason, refused FROM events ORDER BY seq LIMIT ?")
 SQL_DELETE_EVENTS = "DELETE FROM events WHERE seq IN ({marks})"
 SQL_MARK_REPORTED = (
-    "UPDATE messages SET reported_ts = ? WHERE pk IN ({marks})"
+    "UPDATE messages SET reported_ts = ?, updated_ts = ? WHERE pk IN ({marks})"
     " AND status IN ('sent', 'error')")
 SQL_FAIL_MESSAGE = (   # force-deleting an account fails its unfinished messages
-    "UPDATE messages SET status = 'error', error_ts = ?, error = ?, reported_ts = ?"
-    " WHERE pk = ?")
+    "UPDATE messages SET status = 'error', error_ts = :now, updated_ts = :now,"
+    " error = :error, reported_ts = :reported WHERE pk = :pk")
 # Delivery outcomes apply only to a message still claimed: one deleted, or
 # failed by a forced account deletion meanwhile, keeps that state, except that
 # a relay's acceptance is the truth and wins over "account deleted".
 SQL_SENT_MESSAGE = (
-    "UPDATE messages SET status = 'sent', sent_ts = ?, refused = ?, reported_ts = ?,"
-    " error = NULL, error_ts = NULL WHERE pk = ? AND status IN ('sending', 'error')")
+    "UPDATE messages SET status = 'sent', sent_ts = :now, updated_ts = :now,"
+    " refused = :refused, reported_ts = :reported, error = NULL, error_ts = NULL"
+    " WHERE pk = :pk AND status IN ('sending', 'error')")
 SQL_FAIL_CLAIMED = (
-    "UPDATE messages SET status = 'error', error_ts = ?, error = ?, reported_ts = ?"
-    " WHERE pk = ? AND status = 'sending'")
+    "UPDATE messages SET status = 'error', error_ts = :now, updated_ts = :now,"
+    " error = :error, reported_ts = :reported WHERE pk = :pk AND status = 'sending'")
 SQL_DEFER_MESSAGE = (
-    "UPDATE messages SET status = 'deferred', deferred_ts = ?, error = ?,"
-    " retry_count = ? WHERE pk = ? AND status = 'sending'")
+    "UPDATE messages SET status = 'deferred', deferred_ts = :until, updated_ts = :now,"
+    " error = :error, retry_count = :retry_count WHERE pk = :pk AND status = 'sending'")
+# Claiming (pending -> sending) and giving a claim back are not changes of the
+# record that anyone sees, so they leave updated_ts alone.
 SQL_RELEASE_MESSAGE = "UPDATE messages SET status = 'pending' WHERE pk = ? AND status = 'sending'"
 SQL_RECOVER_SENDING = "UPDATE messages SET status = 'pending' WHERE status = 'sending'"
 SQL_PROMOTE_DUE = (
-    "UPDATE messages SET status = 'pending' WHERE status = 'deferred' AND deferred_ts <= ?")
+    "UPDATE messages SET status = 'pending', updated_ts = :now"
+    " WHERE status = 'deferred' AND deferred_ts <= :now")
 SQL_HAS_PENDING = (
     "SELECT 1 FROM messages WHERE status = 'pending' AND account_id = ?"
     " AND priority <= ? LIMIT 1")
@@ -337,6 +350,7 @@ class PermanentError(AsyncmailError):
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _CRLF = re.compile(r"[\r\n]")
+_ASCII_DIGITS = re.compile(r"[0-9]+")   # str.isdigit would accept "²", which int refuses
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")   # RFC 5322 ftext: printable, no colon
 _MIME_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -539,6 +553,36 @@ def _ssl_context(account):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class _Deadline:
+    """Whether a ``_whole_exchange_deadline`` ran out."""
+    expired = False
+
+
+@contextlib.contextmanager
+def _whole_exchange_deadline(conn, seconds):
+    """Bound a whole exchange on the http.client connection ``conn``: at
+    the deadline a timer shuts its socket down, so the blocked read ends.
+    A socket timeout bounds each read only, and a peer that drips one byte
+    at a time never trips it.  Yields a _Deadline whose ``expired`` says
+    whether the timer fired (the caller must then not trust what it read)."""
+    deadline = _Deadline()
+
+    def cut():
+        deadline.expired = True
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield deadline
+    finally:
+        timer.cancel()
 
 
 def _redact_url(url):
@@ -1019,7 +1063,7 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError("database %s has schema version %d; this asyncmail "
                              "knows up to %d" % (self.path, version, SCHEMA_VERSION))
-        steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2}
+        steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2, 3: SQL_SCHEMA_V3}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
             for statement in steps[target]:
@@ -1094,11 +1138,17 @@ class Store:
 
     @staticmethod
     def _record(row):
+        """A message record; ``payload`` is the normalised message (a dict)
+        for the caller to present, ``updated_ts`` the time of its last change."""
         record = dict(zip(("id", "account_id", "priority", "status", "created_ts",
                            "deferred_ts", "sent_ts", "error_ts", "error", "retry_count",
-                           "reported_ts", "subject", "to", "refused"), row))
+                           "reported_ts", "subject", "to", "refused", "updated_ts",
+                           "payload"), row))
         record["to"] = json.loads(record["to"])
         record["refused"] = json.loads(record["refused"]) if record["refused"] else None
+        record["payload"] = json.loads(record["payload"])
+        if record["updated_ts"] is None:
+            record["updated_ts"] = record["created_ts"]
         return record
 
     def get_message(self, message_id):
@@ -1203,7 +1253,8 @@ class Store:
                 deferred_ts, reason, json.dumps(refused) if refused else None))
 
     def _fail(self, conn, msg, now, error):
-        conn.execute(SQL_FAIL_MESSAGE, (now, error, None if self.reporting else now, msg[0]))
+        conn.execute(SQL_FAIL_MESSAGE, {"now": now, "error": error, "pk": msg[0],
+                                        "reported": None if self.reporting else now})
         self._event(conn, msg, "error", error_ts=now, error=error)
 
     def pending_events(self, limit):
@@ -1227,7 +1278,7 @@ class Store:
                 final = [e["message_pk"] for e in chunk if e["kind"] in FINISHED_STATUSES]
                 if final:
                     conn.execute(SQL_MARK_REPORTED.format(marks=",".join("?" * len(final))),
-                                 [now] + final)
+                                 [now, now] + final)
 
     # -- delivery -----------------------------------------------------------
 
@@ -1240,7 +1291,7 @@ class Store:
     def promote_due(self, now):
         """Move deferred messages whose deferred_ts has come to ``pending``."""
         with self._transaction(durable=False) as conn:
-            return conn.execute(SQL_PROMOTE_DUE, (now,)).rowcount
+            return conn.execute(SQL_PROMOTE_DUE, {"now": now}).rowcount
 
     def has_pending(self, account_id, max_priority):
         with self._connection() as conn:
@@ -1275,19 +1326,22 @@ class Store:
                 if kind == "sent":
                     now, refused = outcome[2], outcome[3]
                     conn.execute(SQL_INSERT_SEND, (message["account_id"], now))
-                    if conn.execute(SQL_SENT_MESSAGE, (
-                            now, json.dumps(refused) if refused else None,
-                            None if self.reporting else now, message["pk"])).rowcount:
+                    if conn.execute(SQL_SENT_MESSAGE, {
+                            "now": now, "refused": json.dumps(refused) if refused else None,
+                            "reported": None if self.reporting else now,
+                            "pk": message["pk"]}).rowcount:
                         self._event(conn, key, "sent", sent_ts=now, refused=refused)
                 elif kind == "failed":
                     now, error = outcome[2], outcome[3]
-                    if conn.execute(SQL_FAIL_CLAIMED, (
-                            now, error, None if self.reporting else now, message["pk"])).rowcount:
+                    if conn.execute(SQL_FAIL_CLAIMED, {
+                            "now": now, "error": error, "pk": message["pk"],
+                            "reported": None if self.reporting else now}).rowcount:
                         self._event(conn, key, "error", error_ts=now, error=error)
                 elif kind == "deferred":
                     _, _, now, until, reason, error, retry_count = outcome
-                    if conn.execute(SQL_DEFER_MESSAGE, (
-                            until, error, retry_count, message["pk"])).rowcount:
+                    if conn.execute(SQL_DEFER_MESSAGE, {
+                            "now": now, "until": until, "error": error,
+                            "retry_count": retry_count, "pk": message["pk"]}).rowcount:
                         self._event(conn, key, "deferred", deferred_ts=until, reason=reason)
                 else:
                     conn.execute(SQL_RELEASE_MESSAGE, (message["pk"],))
@@ -1497,77 +1551,142 @@ def validate_message(raw, default_priority, resolve_account):
     return message
 
 
+def _account_whole(low, high):
+    def parse(value):
+        if isinstance(value, str) and _ASCII_DIGITS.fullmatch(value.strip()):
+            value = int(value.strip())
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError("must be a whole number %d-%d" % (low, high))
+        return value
+    return parse
+
+
+def _account_seconds(low, high):
+    def parse(value):
+        if not _is_number(value) or not low <= value <= high:
+            raise ValueError("must be %g-%g seconds" % (low, high))
+        return value
+    return parse
+
+
+def _account_host(value):
+    if not isinstance(value, str) or not _is_host(value):
+        raise ValueError("must be a DNS name or an IP address")
+    return value
+
+
+def _account_credential(value):
+    # Any Unicode text: AUTH sends it base64-encoded UTF-8, so nothing in it
+    # reaches the wire raw; NUL alone is out (it separates the PLAIN fields).
+    if not isinstance(value, str) or "\x00" in value:
+        raise ValueError("must be a string without NUL")
+    return value or None
+
+
+def _account_choice(*choices):
+    def parse(value):
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise ValueError("must be one of %s" % ", ".join(choices))
+        return value.strip().lower()
+    return parse
+
+
+def _account_path(value):
+    if not isinstance(value, str) or _CONTROL_CHARS.search(value):
+        raise ValueError("must be a path")
+    return value or None
+
+
+def _account_bool(value):
+    return _parse_bool(value)
+
+
+# field -> (parser, default).  A missing field or a null value takes the
+# default; a parser raises ValueError saying what the value must be.
+ACCOUNT_SCHEMA = {
+    "host": (_account_host, None),          # required
+    "port": (_account_whole(1, 65535), 587),
+    "user": (_account_credential, None),
+    "password": (_account_credential, None),
+    "use_tls": (_account_bool, False),       # STARTTLS (implicit TLS on 465)
+    "use_ssl": (_account_bool, None),        # implicit TLS; None: port == 465
+    "tls_verify": (_account_bool, True),
+    "ca_file": (_account_path, None),        # a private CA for this relay
+    "limit_per_minute": (_account_whole(0, 10 ** 9), 0),   # 0: no limit
+    "limit_per_hour": (_account_whole(0, 10 ** 9), 0),
+    "limit_per_day": (_account_whole(0, 10 ** 9), 0),
+    "limit_behavior": (_account_choice("defer", "reject"), "defer"),
+    "timeout": (_account_seconds(0.1, 3600), None),   # None: smtp_timeout_seconds
+    "batch_size": (_account_whole(1, 100000), 100),   # messages per dispatch cycle
+    "ttl": (_account_seconds(0, 86400), 300),   # seconds a connection is reused
+}
+IMPLICIT_TLS_PORT = 465   # "submissions" (RFC 8314): TLS from the first byte
+
+
 def validate_account(raw):
     """Check an account object of POST /account and fill in its defaults.
 
-    Returns the normalised account; raises ValueError with the reason.
+    Returns the normalised account: every ACCOUNT_SCHEMA field plus ``id``,
+    and no other (fields it does not know are the caller's to report; see
+    ``ignored_account_fields``).  ``use_ssl`` (implicit TLS) defaults to true
+    on port 465, and ``use_tls`` on 465 means implicit TLS too, since that is
+    what every client means by it there; an explicit ``use_ssl: true`` wins
+    over ``use_tls``.  Raises ValueError with the reason.
     """
     if not isinstance(raw, dict):
         raise ValueError("account must be an object")
-    known = {"id", "host", "port", "user", "password", "use_tls", "use_ssl", "tls_verify",
-             "limit_per_minute", "limit_per_hour", "limit_per_day", "batch_size", "ttl",
-             "ca_file"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError("unknown account field %s" % unknown[0][:80])
     account = {"id": _check_identifier(raw.get("id"), "id")}
-    host = raw.get("host")
-    if not isinstance(host, str) or not _is_host(host):
-        raise ValueError("host must be a DNS name or an IP address")
-    account["host"] = host
-    port = raw.get("port", 587)
-    port = 587 if port is None else port
-    if isinstance(port, str) and port.isdigit():
-        port = int(port)
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise ValueError("port must be 1-65535")
-    account["port"] = port
-    for field in ("user", "password"):
-        value = raw.get(field)
-        if value is not None and (not isinstance(value, str) or _CRLF.search(value)):
-            raise ValueError("%s must be a string without CR/LF" % field)
-        account[field] = value or None
-    defaults = {"use_tls": False, "use_ssl": port == 465, "tls_verify": True}
-    for field, default in defaults.items():
+    if raw.get("host") is None:
+        raise ValueError("host is required")
+    for field, (parse, default) in ACCOUNT_SCHEMA.items():
         value = raw.get(field)
         try:
-            account[field] = default if value is None else _parse_bool(value)
-        except ValueError:
-            raise ValueError("%s must be a boolean" % field)
-    if account["use_tls"] and account["use_ssl"]:
-        raise ValueError("use_tls (STARTTLS) and use_ssl (implicit TLS) exclude each other")
-    for field in ("limit_per_minute", "limit_per_hour", "limit_per_day"):
-        value = raw.get(field)
-        if value is None:
-            account[field] = 0
-        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10 ** 9:
-            account[field] = value
-        else:
-            raise ValueError("%s must be a whole number >= 0 (0 or null: no limit)" % field)
-    batch_size = raw.get("batch_size")
-    if batch_size is None:
-        batch_size = 100
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) \
-            or not 1 <= batch_size <= 100000:
-        raise ValueError("batch_size must be 1-100000")
-    account["batch_size"] = batch_size
-    ttl = raw.get("ttl")
-    if ttl is None:
-        ttl = 300
-    if not _is_number(ttl) or not 0 <= ttl <= 86400:
-        raise ValueError("ttl must be 0-86400 seconds")
-    account["ttl"] = ttl
-    ca_file = raw.get("ca_file")
-    if ca_file is not None and (not isinstance(ca_file, str) or _CONTROL_CHARS.search(ca_file)):
-        raise ValueError("ca_file must be a path")
-    account["ca_file"] = ca_file or None
+            account[field] = default if value is None else parse(value)
+        except ValueError as exc:
+            raise ValueError("%s %s" % (field, exc))
+    implicit = account["port"] == IMPLICIT_TLS_PORT
+    if account["use_ssl"] is None:
+        account["use_ssl"] = implicit
+    if account["use_ssl"]:
+        account["use_tls"] = False
     return account
+
+
+def ignored_account_fields(raw):
+    """The fields of an account object that asyncmail does not know (they
+    are accepted, ignored and never stored), sorted, names cut to 80 chars."""
+    if not isinstance(raw, dict):
+        return []
+    known = set(ACCOUNT_SCHEMA) | {"id"}
+    return sorted(str(name)[:80] for name in raw if name not in known)
 
 
 def public_account(account):
     """An account as the API shows it: never the password."""
     shown = {key: value for key, value in account.items() if key != "password"}
     return shown
+
+
+_BULKY_FIELDS = ("body", "body_text")
+
+
+def message_view(message, retry_count, full=True):
+    """A normalised message as the API shows it: the shape a client sends
+    (addresses as strings), plus ``retry_count``.  Without ``full`` the
+    bodies and attachment contents are left out, so listing a page of large
+    messages stays small."""
+    view = dict(message)
+    view["from"] = _format_address(*message["from"])
+    for field in ("to", "cc", "bcc"):
+        view[field] = [_format_address(*pair) for pair in message[field]]
+    view["reply_to"] = ", ".join(_format_address(*pair) for pair in message["reply_to"]) or None
+    if not full:
+        for field in _BULKY_FIELDS:
+            view.pop(field, None)
+        view["attachments"] = [{key: value for key, value in attachment.items()
+                                if key != "content"} for attachment in message["attachments"]]
+    view["retry_count"] = retry_count
+    return view
 
 
 def _address_objects(pairs):
@@ -2087,6 +2206,7 @@ def _format_number(value):
 # ####################################################################### #
 
 REUSE_CHECK_IDLE = 2.0   # seconds idle after which a cached connection gets a NOOP
+RATE_LIMIT_ERROR = "rate limit exceeded"   # the error of limit_behavior = reject
 
 
 class SmtpFailure(AsyncmailError):
@@ -2113,8 +2233,64 @@ def _smtp_connect(account, timeout, local_hostname):
     The default ``smtp_connect`` seam; returns an ``smtplib.SMTP``.  Raises
     SmtpFailure (account-level, temporary) for every failure: a relay that
     cannot be reached, refuses TLS or rejects the credentials is not the
-    message's fault.  smtplib's and ssl's exceptions are translated here.
+    message's fault.  smtplib's and ssl's exceptions are translated here,
+    and no text of the failure ever carries the account's credentials.
     """
+    try:
+        return _smtp_open(account, timeout, local_hostname)
+    except SmtpFailure as exc:
+        clean = _without_credentials(str(exc), account)
+        if clean == str(exc):
+            raise
+        raise SmtpFailure(clean, exc.temporary, exc.account_level, exc.smtp_code) from None
+
+
+def _without_credentials(text, account):
+    """``text`` with the account's user and password, and the base64 forms
+    AUTH sent them in, masked wherever they stand as a word of their own: a
+    relay may echo what it was sent (a short user name inside a longer word
+    is left alone, or "u" would mask every u of the text)."""
+    user, password = account.get("user") or "", account.get("password") or ""
+    secrets = [password, user]
+    secrets += [_b64(form) for form in (user, password, "\0%s\0%s" % (user, password))]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = re.sub(r"(?<!\w)%s(?!\w)" % re.escape(secret), "********", text)
+    return text
+
+
+def _b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _smtp_login(conn, user, password, where):
+    """AUTH with the first mechanism both sides speak (CRAM-MD5, PLAIN,
+    LOGIN: smtplib's order), credentials as UTF-8.  smtplib's own ``login``
+    encodes them as ASCII, so a non-ASCII password would fail with an error
+    that quotes its characters.  Raises smtplib.SMTPAuthenticationError on
+    refusal and SmtpFailure when no mechanism fits."""
+    import smtplib
+    offered = conn.esmtp_features.get("auth", "").upper().split()
+    if "CRAM-MD5" in offered:
+        code, reply = conn.docmd("AUTH", "CRAM-MD5")
+        if code == 334:
+            challenge = base64.b64decode(reply, validate=False)
+            digest = hmac.new(password.encode("utf-8"), challenge, "md5").hexdigest()
+            code, reply = conn.docmd(_b64("%s %s" % (user, digest)))
+    elif "PLAIN" in offered:
+        code, reply = conn.docmd("AUTH", "PLAIN " + _b64("\0%s\0%s" % (user, password)))
+    elif "LOGIN" in offered:
+        code, reply = conn.docmd("AUTH", "LOGIN " + _b64(user))
+        if code == 334:
+            code, reply = conn.docmd(_b64(password))
+    else:
+        raise SmtpFailure("%s offers no AUTH mechanism asyncmail speaks (CRAM-MD5, PLAIN, "
+                          "LOGIN); offered: %s" % (where, " ".join(offered)[:200] or "none"),
+                          True, True)
+    if code not in (235, 503):   # 503: already authenticated
+        raise smtplib.SMTPAuthenticationError(code, reply)
+
+
+def _smtp_open(account, timeout, local_hostname):
     import smtplib
     import ssl
     host, port = account["host"], account["port"]
@@ -2134,7 +2310,13 @@ def _smtp_connect(account, timeout, local_hostname):
             conn.starttls(context=_ssl_context(account))
             conn.ehlo()
         if account.get("user"):
-            conn.login(account["user"], account.get("password") or "")
+            try:
+                _smtp_login(conn, account["user"], account.get("password") or "", where)
+            except (SmtpFailure, smtplib.SMTPException, OSError):
+                raise
+            except Exception as exc:   # whatever it is, its text may hold a credential
+                raise SmtpFailure("AUTH with %s failed: %s" % (where, type(exc).__name__),
+                                  True, True)
         return conn
     except SmtpFailure:
         _close_quietly(conn)
@@ -2383,6 +2565,11 @@ class _Controls:
         with self._lock:
             return self.active and (account_id is None or account_id not in self._suspended)
 
+    def account_active(self, account_id):
+        """The account's own flag, whatever the global one says."""
+        with self._lock:
+            return account_id not in self._suspended
+
 
 class _Worker:
     """A loop thread: ``cycle(now)`` runs when woken or every ``interval()``
@@ -2602,7 +2789,8 @@ class _Dispatcher(_Worker):
             relay = self._relays.get(account["id"])
             if relay is None or relay.account != account:
                 stale = relay
-                relay = SmtpRelay(account, self.delivery.smtp_timeout_seconds,
+                relay = SmtpRelay(account, account.get("timeout")
+                                  or self.delivery.smtp_timeout_seconds,
                                   self._connect, self._local_hostname)
                 self._relays[account["id"]] = relay
         if stale is not None:
@@ -2666,15 +2854,24 @@ class _Dispatcher(_Worker):
                     self.wake()
 
     def _rate_limited(self, account, max_priority, budget, free_at, now):
-        """Defer the messages this cycle would have sent to the instant a
-        slot frees, and skip the account until then."""
+        """Over the account's rate limit: with ``limit_behavior = defer``
+        the messages this cycle would have sent wait for the instant a slot
+        frees (and the account is skipped until then); with ``reject`` they
+        fail at once with ``rate limit exceeded``."""
         account_id = account["id"]
         store = self.core.store
         messages = store.claim(account_id, max_priority, budget)
+        self.core.metrics.inc("asyncmail_rate_limited_total", account_id, len(messages))
+        if account.get("limit_behavior") == "reject":
+            store.record_outcomes([self._fail(m, now, RATE_LIMIT_ERROR) for m in messages])
+            if messages:
+                self.log.info("account %s over its rate limit: %d message(s) rejected",
+                              account_id, len(messages))
+                self.core.reporter.wake()
+            return
         store.record_outcomes([("deferred", m, now, free_at, "rate limit", None, m["retry_count"])
                                for m in messages])
         self.core.metrics.inc("asyncmail_deferred_total", account_id, len(messages))
-        self.core.metrics.inc("asyncmail_rate_limited_total", account_id, len(messages))
         with self._lock:
             self._backoff[account_id] = free_at
         if messages:
@@ -2769,10 +2966,17 @@ class _Reporter(_Worker):
     """POSTs delivery report events upstream and purges reported, finished
     messages past their retention.
 
-    A 2xx answer acknowledges exactly the entries of that POST.  Anything
-    else leaves them queued and backs off (5 s doubling to 5 min; run-now
-    retries at once).  With nothing to report it still POSTs an empty list
-    every ``sync_interval_seconds`` so the upstream can push new work.
+    A 2xx answer acknowledges exactly the entries of that POST, whatever its
+    body (Genropy answers ``{...}::JS``, not JSON).  Anything else leaves
+    them queued and backs off (5 s doubling to 5 min; run-now retries at
+    once).  With nothing to report it still POSTs an empty list every
+    ``sync_interval_seconds`` so the upstream can push new work.
+
+    The upstream paces it (SPEC 5): ``Retry-After`` on a 503 or 429 means
+    no POST before then, run-now included; a summary with ``"queued": n >
+    0``, or work handed over through add-messages while the POST was open
+    (the pull flow), means POST again at once; ``next_sync_after`` postpones
+    the next heartbeat (reports of new events still go).
     """
 
     name = "asyncmail-reporter"
@@ -2780,6 +2984,13 @@ class _Reporter(_Worker):
     PURGE_EVERY = 60.0    # seconds between retention purges
     BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0
     MAX_ANSWER_BYTES = 1 << 20
+    # An upstream's pause longer than these is taken as these: a garbage date
+    # must not silence reporting for good.
+    MAX_RETRY_AFTER = 3600.0
+    MAX_HEARTBEAT_PAUSE = 86400.0
+    # POSTs in one cycle before the loop looks up (stop flag, watchdog); more
+    # work then continues in the next cycle, at once.
+    MAX_POSTS_PER_CYCLE = 50
 
     def __init__(self, core):
         super().__init__(core)
@@ -2790,10 +3001,14 @@ class _Reporter(_Worker):
         self._last_post = None
         self._last_purge = None
         self._failures = 0
-        self._retry_at = 0.0
+        self._retry_at = 0.0        # our own back-off after a failure
+        self._not_before = 0.0      # the upstream's Retry-After
+        self._heartbeat_after = 0.0   # the upstream's next_sync_after
+        self._more = False          # the upstream has more work for us
         self._forced = False
         self._safe_url = _redact_url(client.client_sync_url)
-        self._opener = None   # built at the first POST: urllib.request is a heavy import
+        self._target = urllib.parse.urlsplit(client.client_sync_url)
+        self._tls = None   # built at the first https POST
 
     def interval(self):
         return min(self.POLL, self.client.sync_interval_seconds)
@@ -2809,87 +3024,120 @@ class _Reporter(_Worker):
             removed = self.core.purge_reported(now - self.retention)
             if removed:
                 self.log.info("purged %d reported message(s) past retention", removed)
-        if not self.client.client_sync_url:
+        if not self.client.client_sync_url or now < self._not_before:
             return
         if not forced and now < self._retry_at:
             return
-        heartbeat_due = (self._last_post is None
-                         or now - self._last_post >= self.client.sync_interval_seconds)
-        posted = False
-        while not self._stop.is_set():
+        heartbeat_due = ((self._last_post is None
+                          or now - self._last_post >= self.client.sync_interval_seconds)
+                         and now >= self._heartbeat_after)
+        want_post = forced or heartbeat_due or self._more
+        for _ in range(self.MAX_POSTS_PER_CYCLE):
+            if self._stop.is_set():
+                return
             events = self.core.store.pending_events(self.client.batch_size)
-            if not events and (posted or not (forced or heartbeat_due)):
+            if not events and not want_post:
                 return
-            if not self._post(events, now):
+            intake = self.core.intake_serial
+            summary = self._post(events, now)
+            if summary is None:
                 return
-            posted = True
-            if len(events) < self.client.batch_size:
-                return
+            self.heartbeat = time.monotonic()
+            self._more = (_is_number(summary.get("queued")) and summary["queued"] > 0
+                          or self.core.intake_serial != intake)
+            want_post = self._more
             now = self.core.now()
+        self.wake()   # more to do: the next cycle follows at once
 
     def _post(self, events, now):
-        """One report POST; True when the upstream acknowledged it."""
-        import urllib.request
-        import urllib.error
+        """One report POST.  Returns the upstream's summary (a dict, maybe
+        empty) when it acknowledged the entries, None when it did not."""
         entries = [_report_entry(event) for event in events]
         body = json.dumps({"delivery_report": entries}).encode("utf-8")
-        request = urllib.request.Request(self.client.client_sync_url, data=body, method="POST")
-        request.add_header("Content-Type", "application/json")
-        request.add_header("User-Agent", "asyncmail/" + __version__)
+        headers = {"Content-Type": "application/json", "Connection": "close",
+                   "User-Agent": "asyncmail/" + __version__}
         if self.client.client_sync_token:
-            request.add_header("Authorization", "Bearer " + self.client.client_sync_token)
+            headers["Authorization"] = "Bearer " + self.client.client_sync_token
         elif self.client.client_sync_user:
             pair = "%s:%s" % (self.client.client_sync_user, self.client.client_sync_password)
-            request.add_header("Authorization", "Basic " + base64.b64encode(
-                pair.encode("utf-8")).decode("ascii"))
-        status, answer = None, b""
-        if self._opener is None:
-            self._opener = self._build_opener()
+            headers["Authorization"] = "Basic " + base64.b64encode(
+                pair.encode("utf-8")).decode("ascii")
+        status, retry_after, answer, problem = None, None, b"", None
         try:
-            with self._opener.open(request, timeout=self.client.timeout_seconds) as response:
-                status = response.status
-                answer = response.read(self.MAX_ANSWER_BYTES)
-            ok = 200 <= status < 300
-            problem = None if ok else "HTTP %d" % status
-        except urllib.error.HTTPError as exc:
-            ok, status, problem = False, exc.code, "HTTP %d" % exc.code
-            exc.close()
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            ok, problem = False, str(getattr(exc, "reason", exc)) or type(exc).__name__
-        except Exception as exc:   # http.client raises odd things on garbage answers
-            ok, problem = False, "%s: %s" % (type(exc).__name__, exc)
-        if not ok:
-            self._failures += 1
-            delay = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2 ** (self._failures - 1))
-            self._retry_at = now + delay
-            self.core.metrics.inc("asyncmail_report_failures_total")
-            self.log.warning("delivery report to %s failed (%s); %d entr%s kept, retry in %gs",
-                             self._safe_url, problem, len(entries),
-                             "y" if len(entries) == 1 else "ies", delay)
-            return False
+            status, retry_after, answer = self._exchange(body, headers)
+            if not 200 <= status < 300:
+                problem = "HTTP %d" % status
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            problem = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+        if problem is not None:
+            self._failed(problem, status, retry_after, len(entries), now)
+            return None
         self.core.store.acknowledge_events(events, self.core.now())
         self._failures, self._retry_at, self._last_post = 0, 0.0, now
         self.core.metrics.inc("asyncmail_report_posts_total")
         self.core.metrics.inc("asyncmail_report_entries_total", amount=len(events))
         summary = _parse_summary(answer)
-        if self.activity or summary:
+        after = summary.get("next_sync_after")
+        if _is_number(after):
+            self._heartbeat_after = min(after, now + self.MAX_HEARTBEAT_PAUSE)
+        counts = {k: summary[k] for k in ("sent", "error", "deferred", "queued") if k in summary}
+        if self.activity or counts:
             self.log.info("delivery report to %s: %d entr%s acknowledged (HTTP %d)%s",
                           self._safe_url, len(entries), "y" if len(entries) == 1 else "ies",
-                          status, "; upstream summary %s" % summary if summary else "")
-        return True
+                          status, "; upstream summary %s" % counts if counts else "")
+        return summary
 
-    @staticmethod
-    def _build_opener():
-        """urllib without redirects: a 3xx would turn the POST into a GET that
-        "acknowledges" every entry and carry the credentials to another host."""
-        import urllib.request
+    def _failed(self, problem, status, retry_after, kept, now):
+        """Back off after a POST that was not acknowledged: until the
+        upstream's Retry-After on a 503/429 that has one, else 5 s doubling."""
+        self._failures += 1
+        pause = None
+        if status in (429, 503):
+            pause = _retry_after_seconds(retry_after, now)
+        if pause is not None:
+            delay = min(pause, self.MAX_RETRY_AFTER)
+            self._not_before = now + delay
+        else:
+            delay = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2 ** (self._failures - 1))
+        self._retry_at = now + delay
+        self.core.metrics.inc("asyncmail_report_failures_total")
+        self.log.warning("delivery report to %s failed (%s); %d entr%s kept, retry in %gs%s",
+                         self._safe_url, problem, kept, "y" if kept == 1 else "ies", delay,
+                         " (the upstream's Retry-After)" if pause is not None else "")
 
-        class Refuse(urllib.request.HTTPRedirectHandler):
-            def redirect_request(self, *args, **kwargs):
-                return None
+    def _exchange(self, body, headers):
+        """POST ``body``; returns (status, Retry-After header, answer bytes).
 
-        return urllib.request.build_opener(
-            Refuse, urllib.request.HTTPSHandler(context=_ssl_context({"tls_verify": True})))
+        The whole exchange, connect to last byte, is bounded by
+        ``timeout_seconds``: a per-read timeout alone lets an upstream that
+        drips one byte at a time hold the reporter for ever.  No redirect is
+        followed (a 3xx is just not a 2xx: a redirect would carry the
+        credentials elsewhere, or turn the POST into a GET that
+        "acknowledges" everything).  Raises OSError, http.client.HTTPException.
+        """
+        target, timeout = self._target, self.client.timeout_seconds
+        if target.scheme == "https":
+            if self._tls is None:
+                self._tls = _ssl_context({"tls_verify": True})
+            conn = http.client.HTTPSConnection(target.hostname, target.port, timeout=timeout,
+                                               context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=timeout)
+        path = (target.path or "/") + ("?" + target.query if target.query else "")
+        deadline = None
+        try:
+            with _whole_exchange_deadline(conn, timeout) as deadline:
+                conn.request("POST", path, body, headers)
+                response = conn.getresponse()
+                answer = response.read(self.MAX_ANSWER_BYTES)
+        except (OSError, http.client.HTTPException):
+            if deadline is None or not deadline.expired:
+                raise
+        finally:
+            conn.close()
+        if deadline.expired:
+            raise socket.timeout("no complete answer within %gs" % timeout)
+        return response.status, response.getheader("Retry-After"), answer
 
 
 def _report_entry(event):
@@ -2904,16 +3152,49 @@ def _report_entry(event):
     return entry
 
 
+_SUMMARY_FIELDS = ("sent", "error", "deferred", "queued", "next_sync_after")
+GENROPY_JSON_SUFFIX = "::JS"   # Genropy's RPC answers: JSON text tagged with its type
+
+
 def _parse_summary(answer):
-    """The upstream's ``{"sent": n, "error": n, "deferred": n}`` or None."""
+    """The numbers of the upstream's summary (``sent``, ``error``,
+    ``deferred``, ``queued``, ``next_sync_after``) as a dict; {} when the
+    answer is not such a summary (plain JSON, or Genropy's ``{...}::JS``)."""
     try:
-        data = json.loads(answer.decode("utf-8")) if answer else None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+        text = answer[:MAX_SUMMARY_BYTES].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return {}
+    if text.endswith(GENROPY_JSON_SUFFIX):
+        text = text[:-len(GENROPY_JSON_SUFFIX)]
+    try:
+        data = json.loads(text) if text else None
+    except (ValueError, RecursionError):
+        return {}
     if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in _SUMMARY_FIELDS if _is_number(data.get(k))}
+
+
+MAX_SUMMARY_BYTES = 65536   # a summary is a few numbers; a larger answer is not one
+
+
+def _retry_after_seconds(value, now):
+    """Seconds from ``now`` that a Retry-After header (delta-seconds or an
+    HTTP date, RFC 9110 10.2.3) asks to wait, or None when absent or bad."""
+    if not value:
         return None
-    summary = {k: data[k] for k in ("sent", "error", "deferred") if _is_number(data.get(k))}
-    return summary or None
+    value = value.strip()
+    if _ASCII_DIGITS.fullmatch(value) and len(value) <= 10:
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, moment.timestamp() - now)
 
 
 # ####################################################################### #
@@ -3192,7 +3473,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         if value is None:
             return None
         value = value.strip()
-        if not _ASCII_DIGITS.match(value) or len(value) > 15:
+        if not _ASCII_DIGITS.fullmatch(value) or len(value) > 15:
             return -1
         return int(value)
 
@@ -3395,7 +3676,6 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_ASCII_DIGITS = re.compile(r"^[0-9]+$")
 
 
 def _has_lone_surrogate(value):
@@ -3457,6 +3737,9 @@ class AsyncMailCore:
         self._http_thread = None
         self._started = False
         self._accounts_lock = threading.Lock()
+        self._ignored_fields = set()   # account field names already logged as ignored
+        self._intake_counter = itertools.count(1)
+        self.intake_serial = 0
         self._accounts = self._load_accounts()
         for account_id in self._accounts:
             self.metrics.add_account(account_id)
@@ -3603,36 +3886,46 @@ class AsyncMailCore:
         return self._activity(account_id)
 
     def _activity(self, account_id):
-        answer = {"ok": True, "active": self.controls.may_send(account_id)}
-        if account_id is not None:
-            answer["account_id"] = account_id
-        return answer
+        if account_id is None:
+            return {"ok": True, "active": self.controls.active}
+        return {"ok": True, "account_id": account_id,
+                "active": self.controls.account_active(account_id)}
 
     def _cmd_add_messages(self, payload):
+        """Queue a batch.  Only a malformed batch (no messages list, or more
+        than MAX_BATCH_MESSAGES) is an error: the real client raises on any
+        non-2xx, and a raise inside its pull loop would wedge it on that
+        batch for good.  Invalid messages are listed in ``rejected``; an id
+        already queued, or earlier in the batch, in ``duplicates`` (the first
+        copy stands, so a resend after a lost answer reads as success)."""
         messages = payload.get("messages")
         if not isinstance(messages, list):
             raise self._batch_error("body must be an object with a messages list", [])
         if len(messages) > MAX_BATCH_MESSAGES:
             raise self._batch_error("a batch holds at most %d messages" % MAX_BATCH_MESSAGES, [])
+        self._note_intake()
         default_priority = self.config.delivery.default_priority
+        bad_default = None
         if payload.get("default_priority") is not None:
             try:
                 default_priority = _parse_priority(payload["default_priority"])
             except ValueError as exc:
-                raise self._batch_error("default_priority: %s" % exc, [])
+                bad_default = "default_priority: %s" % exc
         resolve = _AccountResolver(set(self.accounts()), self.config.delivery.default_account)
         now = self.now()
-        rejected, rows, seen = [], [], set()
+        rejected, rows, seen, repeated = [], [], set(), []
         for raw in messages:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             try:
+                if bad_default and raw.get("priority") is None:
+                    raise ValueError(bad_default)
                 message = validate_message(raw, default_priority, resolve)
             except ValueError as exc:
                 rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
                                  "reason": str(exc)})
                 continue
             if message["id"] in seen:
-                rejected.append({"id": message["id"], "reason": "duplicate id"})
+                repeated.append(message["id"])
                 continue
             seen.add(message["id"])
             deferred_ts = message["deferred_ts"]
@@ -3642,16 +3935,21 @@ class AsyncMailCore:
                          now, deferred_ts, message["subject"], json.dumps(recipients),
                          message["message_id"], json.dumps(message, separators=(",", ":"))))
         duplicates, orphans = self.store.insert_messages(rows) if rows else (set(), set())
-        for message_id in sorted(duplicates):
-            rejected.append({"id": message_id, "reason": "duplicate id"})
         for message_id in sorted(orphans):
             rejected.append({"id": message_id, "reason": "unknown account (deleted)"})
         queued = len(rows) - len(duplicates) - len(orphans)
-        if queued == 0:
-            raise self._batch_error("no message was accepted", rejected)
-        if any(row[2] == 0 and row[3] == "pending" for row in rows):
+        if any(row[2] == 0 and row[3] == "pending" and row[0] not in duplicates
+               for row in rows):
             self.dispatcher.wake()
-        return {"ok": True, "queued": queued, "rejected": rejected}
+        return {"ok": True, "queued": queued, "rejected": rejected,
+                "duplicates": list(dict.fromkeys(
+                    [row[0] for row in rows if row[0] in duplicates] + repeated))}
+
+    def _note_intake(self):
+        """Count a well-formed add-messages batch.  The reporter compares the
+        count around each report POST: an upstream that handed work over
+        while its POST was open (Genropy's pull flow) may have more."""
+        self.intake_serial = next(self._intake_counter)
 
     @staticmethod
     def _batch_error(message, rejected):
@@ -3695,7 +3993,23 @@ class AsyncMailCore:
         self._reload_accounts()
         self.metrics.add_account(account["id"])
         self.dispatcher.account_changed(account["id"])
-        return {"ok": True}
+        answer = {"ok": True}
+        ignored = ignored_account_fields(payload)
+        if ignored:
+            answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
+            self._note_ignored_fields(account["id"], ignored)
+        return answer
+
+    def _note_ignored_fields(self, account_id, names):
+        """Log each ignored account field name once per process: a client
+        that sends the same extra field on every registration is told once."""
+        with self._accounts_lock:
+            new = [n for n in names if n not in self._ignored_fields]
+            if len(self._ignored_fields) < MAX_IGNORED_SHOWN * 10:
+                self._ignored_fields.update(new)
+        if new:
+            self.log.info("account %s: ignored unknown field(s) %s (not stored)",
+                          account_id, ", ".join(new[:MAX_IGNORED_SHOWN]))
 
     def _cmd_list_accounts(self, payload):
         accounts = self.accounts()
@@ -3724,20 +4038,19 @@ class AsyncMailCore:
         return {"ok": True}
 
     def _cmd_list_messages(self, payload):
-        try:
-            active_only = _parse_bool(payload.get("active_only", False))
-        except ValueError:
-            raise ValidationError("active_only must be true or false")
+        active_only = _query_bool(payload, "active_only")
+        full = _query_bool(payload, "full")
         limit = _query_int(payload, "limit", 1000, 0, MAX_LIST_LIMIT)
         offset = _query_int(payload, "offset", 0, 0, 2 ** 62)
-        return {"ok": True, "messages": self.store.list_messages(active_only, limit, offset)}
+        records = self.store.list_messages(active_only, limit, offset)
+        return {"ok": True, "messages": [_present_record(r, full) for r in records]}
 
     def _cmd_get_message(self, payload):
         message_id = payload.get("id")
         record = self.store.get_message(message_id) if isinstance(message_id, str) else None
         if record is None:
             raise NotFoundError("unknown message")
-        return {"ok": True, "message": record}
+        return {"ok": True, "message": _present_record(record, full=True)}
 
     def healthy(self, max_age):
         """Both loops alive and looking up within ``max_age`` seconds (the
@@ -3773,6 +4086,24 @@ class AsyncMailCore:
              {(("version", __version__),): 1}),
         ]
         return self.metrics.render(gauges)
+
+
+def _present_record(record, full):
+    """A store record as the API shows it: SPEC fields plus the seed
+    system's ``created_at``, ``updated_at`` and ``message``, which Genropy's
+    queue views read."""
+    payload = record.pop("payload")
+    record["created_at"] = _iso(record["created_ts"])
+    record["updated_at"] = _iso(record.pop("updated_ts"))
+    record["message"] = message_view(payload, record["retry_count"], full)
+    return record
+
+
+def _query_bool(payload, name):
+    try:
+        return _parse_bool(payload.get(name, False))
+    except ValueError:
+        raise ValidationError("%s must be true or false" % name)
 
 
 def _query_int(payload, name, default, low, high):
