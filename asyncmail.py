@@ -1525,6 +1525,10 @@ def validate_message(raw, default_priority, resolve_account):
                 raise ValueError("header name %r is not a valid field name" % name[:80])
             if name.lower() in _RESERVED_HEADERS:
                 raise ValueError("header %s comes from its own field and cannot be set" % name)
+            if isinstance(value, bool):   # Genropy sends its extra headers' numbers and
+                value = "true" if value else "false"   # flags as JSON numbers and booleans
+            elif _is_number(value):
+                value = str(value)
             _check_text(value, "header %s" % name, required=True, single_line=True)
             message["headers"][name] = value
     message_id = raw.get("message_id")

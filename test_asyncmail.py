@@ -214,6 +214,9 @@ class SmtpServer:
                             self.received.notify_all()
                     write((after or "250 queued").encode() + b"\r\n")
                 elif verb == "AUTH":
+                    if reply:
+                        write(reply.encode() + b"\r\n")
+                        continue
                     words = text.split()
                     try:
                         _, user, password = base64.b64decode(words[2]).decode().split("\0")
@@ -1551,7 +1554,8 @@ class WindowTests(CoreCase):
 # Delivery reports
 # ==========================================================================
 
-class ReportTests(CoreCase):
+class ReportingCase(CoreCase):
+    """A core that reports to a recording upstream (no tests of its own)."""
 
     def setUp(self):
         self.smtp = self.smtp_server()
@@ -1571,6 +1575,9 @@ class ReportTests(CoreCase):
         self.addCleanup(core.log.removeHandler, handler)
         self.add_account(core, self.smtp, password="smtp-pass-SECRET", user="u")
         return core
+
+
+class ReportTests(ReportingCase):
 
     def test_sent_error_and_deferred_entries_with_spec_fields(self):
         core = self.reporting_core(client_sync_user="genro", client_sync_password="pw-SECRET")
@@ -3479,3 +3486,643 @@ class SecurityTests(CoreCase):
         self.assertEqual(record["status"], "deferred")
         self.assertIn("STARTTLS", record["error"])
         self.assertFalse([c for c in smtp.commands if c[1].upper().startswith("MAIL")])
+
+
+# ==========================================================================
+# Genropy, the real client (SPEC 9): a fake site and the client's requests
+# ==========================================================================
+
+class GenropyClient:
+    """What Genropy's mail-proxy service class sends and reads (SPEC 9):
+    JSON bodies with ``X-API-Token``, any non-2xx or non-JSON answer raised
+    as an exception, accounts built from Genropy's account records with
+    null values left out, queue views read from the seed's record shape."""
+
+    def __init__(self, address, token=None):
+        self.address = address
+        self.token = token
+
+    def request(self, method, path, json_body=None):
+        conn = http.client.HTTPConnection(*self.address, timeout=WAIT)
+        try:
+            headers = {"X-API-Token": self.token} if self.token else {}
+            body = None
+            if json_body is not None:
+                body = json.dumps(json_body).encode("utf-8")
+                headers["Content-Type"] = "application/json"
+            elif method == "POST":
+                body = b""   # requests sends Content-Length: 0 for a bare POST
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        if not 200 <= response.status < 300:
+            raise RuntimeError("Mail proxy request failed: %d %s" % (response.status, data[:200]))
+        try:
+            return json.loads(data.decode("utf-8")) if data else {}
+        except ValueError:
+            raise RuntimeError("Mail proxy returned a non-JSON response")
+
+    @staticmethod
+    def account_payload(record):
+        """The account as Genropy's client builds it from an email.account record."""
+        def whole(value):
+            try:
+                return None if value in (None, "") else int(value)
+            except (TypeError, ValueError):
+                return None
+        payload = {
+            "id": record.get("id"), "host": record.get("smtp_host"),
+            "port": whole(record.get("smtp_port")), "user": record.get("smtp_username"),
+            "password": record.get("smtp_password"),
+            "use_tls": None if record.get("smtp_tls") is None else bool(record["smtp_tls"]),
+            "ttl": whole(record.get("proxy_ttl")),
+            "limit_per_minute": whole(record.get("proxy_limit_per_minute")),
+            "limit_per_hour": whole(record.get("proxy_limit_per_hour")),
+            "limit_per_day": whole(record.get("proxy_limit_per_day")),
+            "limit_behavior": record.get("proxy_limit_behavior"),
+            "batch_size": whole(record.get("proxy_batch_size")),
+        }
+        if record.get("smtp_timeout"):
+            payload["timeout"] = whole(record["smtp_timeout"])
+        payload.update(record.get("extra_fields", {}))   # what a later client adds
+        return {k: v for k, v in payload.items() if v not in (None, "")}
+
+    def add_account(self, record):
+        return self.request("POST", "/account", self.account_payload(record))
+
+    def add_messages(self, messages):
+        answer = self.request("POST", "/commands/add-messages", {"messages": messages})
+        if not isinstance(answer, dict):
+            raise RuntimeError("Mail proxy add-messages returned an unexpected payload")
+        return answer
+
+    def run_now(self):
+        return self.request("POST", "/commands/run-now")
+
+    def pending_messages(self):
+        """The client's pending view: id, account, recipients, subject, start."""
+        return [{"id": e.get("id"), "account_id": e.get("account_id"),
+                 "to_addr": ", ".join(str(a) for a in (e.get("message") or {}).get("to") or []
+                                      if a),
+                 "subject": (e.get("message") or {}).get("subject"),
+                 "started_at": e.get("created_at")}
+                for e in self.request("GET", "/messages")["messages"]
+                if e.get("sent_ts") is None and e.get("error_ts") is None]
+
+    def list_deferred(self):
+        """The client's deferred view: id, account, deferred time, retries."""
+        return [{"id": e.get("id"), "account_id": e.get("account_id"),
+                 "deferred_ts": e.get("deferred_ts"),
+                 "retry_count": (e.get("message") or {}).get("retry_count", 0)}
+                for e in self.request("GET", "/messages")["messages"]
+                if e.get("deferred_ts") is not None and e.get("sent_ts") is None]
+
+
+class GenropySite:
+    """A fake Genropy site that behaves as SPEC 9 says the real one does.
+
+    Its ``proxy_sync`` endpoint (the daemon's ``client_sync_url``) applies
+    the delivery report (each id split on its first ``:``; ``sent_ts``
+    means sent, ``error_ts`` failed, only ``deferred_ts`` deferred), then,
+    before it answers, hands over up to ``batch_size`` pending messages by
+    calling add-messages back on the daemon with the client's payload
+    shapes; ids in ``rejected`` are marked failed, the others handed over.
+    It answers the summary as ``{...}::JS``; while ``busy`` it answers 503
+    with Retry-After; ``lose_commit`` loses its own commit after that many
+    hand-overs, so the same batch goes again.  An exception inside the
+    handler is a 500, as in Genropy."""
+
+    STORE = "store1"
+
+    def __init__(self, client, batch_size=1000, user="genropy", password="sync-pw"):
+        self.client = client
+        self.batch_size = batch_size
+        self.credentials = "Basic " + base64.b64encode(
+            ("%s:%s" % (user, password)).encode()).decode()
+        self.records = {}          # record id -> the Genropy email.message record
+        self.busy = 0
+        self.retry_after = "30"
+        self.lose_commit = 0
+        self.syncs = []            # (report entries, ids handed over, HTTP status)
+        self.answers = []          # the daemon's add-messages answers
+        self.errors = []
+        self._lock = threading.RLock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                status, headers, text = outer._proxy_sync(self.headers, body)
+                data = text.encode("utf-8")
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(socketserver.ThreadingMixIn, HTTPServer):
+            daemon_threads = True
+            block_on_close = False
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/email/mailproxy/mp_endpoint/proxy_sync" % (
+            self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add(self, record_id, **fields):
+        record = {"id": record_id, "account_id": "acct", "from_address": "Shop <shop@example.com>",
+                  "to_address": ["client-%s@example.org" % record_id], "subject": "order " + record_id,
+                  "body": "<p>thanks</p>", "html": True, "proxy_priority": None,
+                  "extra_headers": {"message_date": "2026-11-30"}, "state": "pending",
+                  "error_msg": None, "send_date": None, "deferred_ts": None}
+        record.update(fields)
+        with self._lock:
+            self.records[record_id] = record
+        return record
+
+    def state(self, record_id):
+        with self._lock:
+            return self.records[record_id]["state"]
+
+    def states(self):
+        with self._lock:
+            counts = {}
+            for record in self.records.values():
+                counts[record["state"]] = counts.get(record["state"], 0) + 1
+            return counts
+
+    def proxy_message(self, record):
+        """The message as the client converts a record (SPEC 9)."""
+        message = {"id": "%s:%s" % (self.STORE, record["id"]), "account_id": record["account_id"],
+                   "subject": record["subject"] or "", "from": record["from_address"],
+                   "priority": record["proxy_priority"], "to": list(record["to_address"]),
+                   "body": record["body"], "content_type": "html" if record["html"] else "plain"}
+        for field in ("cc", "bcc"):
+            if record.get(field + "_address"):
+                message[field] = list(record[field + "_address"])
+        if record.get("schedule"):
+            message["deferred_ts"] = int(record["schedule"])
+        headers = dict(record["extra_headers"])
+        for field, names in (("message_id", ("message_id", "Message-ID")),
+                             ("reply_to", ("Reply-To", "reply_to")),
+                             ("return_path", ("Return-Path", "return_path"))):
+            for name in names:
+                value = headers.pop(name, None)
+                if value:
+                    message[field] = value
+                    break
+        if headers:
+            message["headers"] = headers
+        return message
+
+    def _proxy_sync(self, headers, body):
+        if headers.get("Authorization") != self.credentials:
+            return 401, [], "unauthorized"
+        with self._lock:
+            if self.busy:
+                self.busy -= 1
+                self.syncs.append(([], [], 503))
+                return 503, [("Retry-After", self.retry_after)], "Site unavailable retry later"
+        try:
+            report = json.loads(body.decode("utf-8")).get("delivery_report") or []
+            summary = self._apply_report(report)
+            handed = self._hand_over()
+        except Exception as exc:   # Genropy answers 500 to an exception in the handler
+            with self._lock:
+                self.errors.append(repr(exc))
+                self.syncs.append(([], [], 500))
+            return 500, [], "internal server error"
+        with self._lock:
+            self.syncs.append((report, handed, 200))
+        return 200, [], json.dumps(summary) + "::JS"
+
+    def _apply_report(self, report):
+        summary = {"sent": 0, "error": 0, "deferred": 0}
+        with self._lock:
+            for item in report:
+                store, record_id = item["id"].split(":", 1)
+                record = self.records.get(record_id) if store == self.STORE else None
+                if record is None:
+                    continue
+                if item.get("sent_ts"):
+                    record.update(state="sent", send_date=item["sent_ts"], error_msg=None)
+                    summary["sent"] += 1
+                elif item.get("error_ts"):
+                    record.update(state="error", error_msg=item.get("error"))
+                    summary["error"] += 1
+                elif item.get("deferred_ts"):
+                    record.update(state="deferred", deferred_ts=item["deferred_ts"])
+                    summary["deferred"] += 1
+        return summary
+
+    def _hand_over(self):
+        with self._lock:
+            pending = [r for r in self.records.values() if r["state"] == "pending"]
+            pending = pending[:self.batch_size]
+            payload = [self.proxy_message(r) for r in pending]
+        if not payload:
+            return []
+        answer = self.client.add_messages(payload)   # raises on any non-2xx
+        with self._lock:
+            self.answers.append(answer)
+        rejected = {item.get("id"): item.get("reason") for item in answer.get("rejected") or []}
+        with self._lock:
+            if self.lose_commit:
+                self.lose_commit -= 1
+                return []
+            handed = []
+            for record, message in zip(pending, payload):
+                if message["id"] in rejected:
+                    record.update(state="rejected", error_msg=rejected[message["id"]])
+                elif answer.get("ok"):
+                    record["state"] = "handed"
+                    handed.append(record["id"])
+            return handed
+
+
+class GenropySiteTests(CoreCase):
+    """asyncmail driven the way Genropy drives it (SPEC 9), over real sockets."""
+
+    TOKEN = "genropy-api-token"
+
+    def start(self, test_mode=True, batch_size=1000, **config):
+        self.smtp = self.smtp_server()
+        settings = {"server": {"api_token": self.TOKEN}, "client": {
+            "client_sync_url": "http://placeholder.invalid/", "client_sync_user": "genropy",
+            "client_sync_password": "sync-pw"}}
+        for section, values in config.items():
+            settings.setdefault(section, {}).update(values)
+        # the site needs the daemon's address and the daemon the site's URL
+        self.client = GenropyClient(None, self.TOKEN)
+        self.site = GenropySite(self.client, batch_size=batch_size)
+        self.addCleanup(self.site.close)
+        settings["client"]["client_sync_url"] = self.site.url
+        self.core = self.make_core(settings, test_mode=test_mode)
+        self.client.address = self.core.http_address
+        self.client.add_account({"id": "acct", "smtp_host": "127.0.0.1",
+                                 "smtp_port": str(self.smtp.port), "smtp_tls": False,
+                                 "proxy_batch_size": 1000})
+        return self.core
+
+    def sync(self):
+        """The daemon's run-now, as the client POSTs it (no body): in test
+        mode a dispatch cycle and a report cycle, which syncs with the site."""
+        self.assertEqual(self.client.run_now(), {"ok": True})
+
+    def test_every_account_form_registers(self):
+        core = self.start()
+        forms = {
+            "limits and behaviour": ({"proxy_limit_per_minute": 10, "proxy_limit_behavior":
+                                      "reject", "smtp_timeout": "12", "proxy_ttl": 60},
+                                     {"limit_per_minute": 10, "limit_behavior": "reject",
+                                      "timeout": 12, "ttl": 60}),
+            "tls on 465 is implicit": ({"smtp_port": 465, "smtp_tls": True},
+                                       {"use_ssl": True, "use_tls": False}),
+            "465 without the flag": ({"smtp_port": 465}, {"use_ssl": True}),
+            "starttls on 587": ({"smtp_port": 587, "smtp_tls": True},
+                                {"use_ssl": False, "use_tls": True}),
+            "unicode credentials": ({"smtp_username": "józef@example.com",
+                                     "smtp_password": "pässwörd-✓\r\n"}, {}),
+            "unknown fields": ({"extra_fields": {"name": "Shop", "use_ssl": True,
+                                                 "colour": "blue"}},
+                               {"use_ssl": True, "use_tls": False}),
+        }
+        for name, (fields, expected) in forms.items():
+            with self.subTest(name=name):
+                record = {"id": "f-" + name.replace(" ", "-"), "smtp_host": "smtp.example.com",
+                          "smtp_port": 587}
+                record.update(fields)
+                answer = self.client.add_account(record)
+                self.assertTrue(answer["ok"], answer)
+                shown = {a["id"]: a for a in self.client.request("GET", "/accounts")["accounts"]}
+                account = shown[record["id"]]
+                for key, value in expected.items():
+                    self.assertEqual(account[key], value, key)
+                self.assertNotIn("password", account)
+                if name == "unknown fields":
+                    self.assertEqual(answer["ignored"], ["colour", "name"])
+                    self.assertNotIn("colour", account)
+                    self.assertNotIn("name", account)
+                else:
+                    self.assertNotIn("ignored", answer)
+        # use_ssl wins when explicit, even with use_tls
+        answer = core.handle_command("add account", {"id": "both", "host": "smtp.example.com",
+                                                     "use_tls": True, "use_ssl": True})
+        self.assertTrue(answer["ok"], answer)
+        both = {a["id"]: a for a in core.handle_command("list accounts")["accounts"]}["both"]
+        self.assertEqual((both["use_ssl"], both["use_tls"]), (True, False))
+
+    def test_ignored_fields_are_logged_once(self):
+        core = self.start()
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.INFO)
+        self.addCleanup(core.log.removeHandler, handler)
+        record = {"id": "x", "smtp_host": "smtp.example.com", "extra_fields": {"name": "Shop"}}
+        for _ in range(3):
+            self.assertEqual(self.client.add_account(record)["ignored"], ["name"])
+        self.assertEqual(stream.getvalue().count("ignored unknown field"), 1, stream.getvalue())
+
+    def test_unicode_password_authenticates_as_utf8_and_never_leaks(self):
+        core = self.start()
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.DEBUG)
+        self.addCleanup(core.log.removeHandler, handler)
+        good = self.smtp_server(credentials=("józef", "pässwörd-✓"))
+        self.client.add_account({"id": "acct", "smtp_host": "127.0.0.1", "smtp_port": good.port,
+                                 "smtp_username": "józef", "smtp_password": "pässwörd-✓"})
+        self.site.add("1")
+        self.sync()          # pull
+        self.sync()          # deliver and report
+        good.wait_messages(1)
+        self.assertEqual(good.auths, ["józef"])
+        # a relay that refuses and echoes the password back
+        echo = self.smtp_server()
+        self.client.add_account({"id": "acct", "smtp_host": "127.0.0.1", "smtp_port": echo.port,
+                                 "smtp_username": "józef", "smtp_password": "wrong-ü-SECRET"})
+        echo.script("AUTH", "535 5.7.8 password wrong-ü-SECRET not accepted")
+        self.site.add("2")
+        self.sync()
+        self.sync()
+        record = core.handle_command("get message", {"id": "store1:2"})["message"]
+        self.assertEqual(record["status"], "deferred")
+        self.assertIn("535", record["error"])
+        reports = [e for report, _, _ in self.site.syncs for e in report]
+        texts = [stream.getvalue(), record["error"], json.dumps(reports),
+                 json.dumps(self.client.request("GET", "/messages"))]
+        for text in texts:
+            self.assertNotIn("SECRET", text)
+            self.assertNotIn("pässwörd", text)
+
+    def test_an_unexpected_error_during_login_is_an_account_failure_without_its_text(self):
+        core = self.start()
+        smtp = self.smtp_server(ehlo_extensions=("AUTH CRAM-MD5",))
+        # a challenge that is not base64 at all
+        smtp.script("AUTH", "334 ***not-base64-SECRET***")
+        self.client.add_account({"id": "acct", "smtp_host": "127.0.0.1", "smtp_port": smtp.port,
+                                 "smtp_username": "u", "smtp_password": "pw-SECRET"})
+        self.site.add("1")
+        self.sync()
+        self.sync()
+        record = core.handle_command("get message", {"id": "store1:1"})["message"]
+        self.assertEqual(record["status"], "deferred", record)
+        self.assertNotIn("SECRET", record["error"])
+
+    def test_limit_behavior_reject_fails_over_the_limit_at_once(self):
+        core = self.start()
+        self.client.add_account({"id": "acct", "smtp_host": "127.0.0.1",
+                                 "smtp_port": self.smtp.port, "proxy_limit_per_minute": 1,
+                                 "proxy_limit_behavior": "reject"})
+        self.site.add("1")
+        self.site.add("2")
+        self.sync()
+        self.sync()
+        self.sync()
+        self.smtp.wait_messages(1)
+        self.assertEqual(len(self.smtp.messages), 1)
+        self.assertEqual((self.site.state("1"), self.site.state("2")), ("sent", "error"))
+        self.assertEqual(self.site.records["2"]["error_msg"], "rate limit exceeded")
+        self.assertEqual(core.handle_command("get message", {"id": "store1:2"})["message"][
+            "status"], "error")
+
+    def test_account_timeout_bounds_every_smtp_operation(self):
+        core = self.start()
+        self.client.add_account({"id": "acct", "smtp_host": "127.0.0.1",
+                                 "smtp_port": self.smtp.port, "smtp_timeout": 1})
+        self.smtp.script("MAIL", "STALL:4")   # slower than the account's 1 s
+        self.site.add("1")
+        self.sync()
+        self.sync()
+        record = core.handle_command("get message", {"id": "store1:1"})["message"]
+        self.assertEqual(record["status"], "deferred", record)
+        self.assertIn("timed out", record["error"])
+
+    def test_a_bad_message_at_the_head_of_a_pull_does_not_wedge_the_site(self):
+        self.start()
+        self.site.add("1", to_address=["not an address"])
+        self.sync()
+        self.assertEqual(self.site.errors, [])
+        self.assertEqual(self.site.state("1"), "rejected")
+        self.assertIn("invalid address", self.site.records["1"]["error_msg"])
+        self.site.add("2")
+        self.sync()
+        self.sync()
+        self.smtp.wait_messages(1)
+        self.assertEqual(self.site.state("2"), "sent")
+        self.assertEqual([s[2] for s in self.site.syncs], [200] * len(self.site.syncs))
+        self.assertEqual(self.core.store.pending_events(10), [])
+
+    def test_a_lost_site_commit_resends_the_batch_as_duplicates(self):
+        core = self.start()
+        for i in range(3):
+            self.site.add(str(i))
+        self.site.lose_commit = 1
+        # handed over, the site forgets it did, and the same batch goes again
+        # at the next sync (which follows at once: the site handed work over)
+        self.sync()
+        self.assertEqual(self.site.errors, [])
+        ids = ["store1:0", "store1:1", "store1:2"]
+        first, again = self.site.answers[:2]
+        self.assertEqual((first["queued"], first["rejected"], first["duplicates"]), (3, [], []))
+        self.assertEqual((again["queued"], again["rejected"], again["duplicates"]), (0, [], ids))
+        self.assertEqual(self.site.states(), {"handed": 3})
+        self.sync()
+        self.smtp.wait_messages(3)
+        self.assertEqual(self.site.states(), {"sent": 3})
+        self.assertEqual(len(self.smtp.messages), 3)
+        answer = core.handle_command("add messages", {"messages": [
+            self.site.proxy_message(self.site.records["0"])]})
+        self.assertEqual((answer["queued"], answer["rejected"], answer["duplicates"]),
+                         (0, [], ["store1:0"]))
+
+    def test_a_busy_site_is_retried_after_its_retry_after(self):
+        core = self.start()
+        self.site.add("1")
+        self.site.busy = 1
+        self.sync()
+        self.assertEqual([s[2] for s in self.site.syncs], [503])
+        self.sync()                      # within Retry-After: no POST, run-now or not
+        self.assertEqual(len(self.site.syncs), 1)
+        self.clock.advance(31)
+        self.sync()
+        self.assertEqual([s[2] for s in self.site.syncs][:2], [503, 200])
+        self.assertNotIn(503, [s[2] for s in self.site.syncs][1:])
+        self.assertEqual(self.site.state("1"), "handed")
+
+    def test_queue_views_read_the_seed_record_shape(self):
+        core = self.start()
+        self.site.add("1", to_address=["alice@example.org", "bob@example.org"])
+        self.site.add("2", subject="")
+        self.smtp.rcpt_replies["client-2@example.org"] = "451 4.3.0 try later"
+        self.sync()
+        pending = {p["id"]: p for p in self.client.pending_messages()}
+        self.assertEqual(pending["store1:1"]["to_addr"], "alice@example.org, bob@example.org")
+        self.assertEqual(pending["store1:1"]["subject"], "order 1")
+        self.assertEqual(pending["store1:2"]["subject"], "")
+        self.assertEqual(pending["store1:1"]["started_at"], "2027-01-15T08:00:00Z")
+        self.clock.advance(60)
+        self.sync()                      # 1 is sent, 2 deferred by its 451
+        deferred = {d["id"]: d for d in self.client.list_deferred()}
+        self.assertEqual(list(deferred), ["store1:2"])
+        self.assertEqual(deferred["store1:2"]["retry_count"], 1)
+        records = {r["id"]: r for r in self.client.request("GET", "/messages")["messages"]}
+        self.assertNotIn("body", records["store1:1"]["message"])
+        full = {r["id"]: r for r in self.client.request("GET", "/messages?full=true")["messages"]}
+        self.assertEqual(full["store1:1"]["message"]["body"], "<p>thanks</p>")
+        one = self.client.request("GET", "/messages/store1:1")["message"]
+        self.assertEqual(one["message"]["headers"], {"message_date": "2026-11-30"})
+        self.assertEqual(one["message"]["from"], "Shop <shop@example.com>")
+        self.assertEqual(one["message"]["body"], "<p>thanks</p>")
+        self.assertEqual((one["created_at"], one["updated_at"]),
+                         ("2027-01-15T08:00:00Z", "2027-01-15T08:01:00Z"))
+
+    def test_suspend_and_activate_answer_the_accounts_own_flag(self):
+        self.start()
+        self.assertEqual(self.client.request("POST", "/commands/suspend", {}),
+                         {"ok": True, "active": False})
+        self.assertEqual(self.client.request("POST", "/commands/activate",
+                                             {"account_id": "acct"}),
+                         {"ok": True, "account_id": "acct", "active": True})
+        self.assertEqual(self.client.request("POST", "/commands/suspend",
+                                             {"account_id": "acct"}),
+                         {"ok": True, "account_id": "acct", "active": False})
+        self.assertEqual(self.client.request("POST", "/commands/activate", {}),
+                         {"ok": True, "active": True})
+
+    def test_five_thousand_messages_through_the_pull_flow(self):
+        # sync_interval_seconds is an hour: a sync that waited for it while
+        # the site still had work would never finish within the waits here
+        core = self.start(test_mode=False, client={"sync_interval_seconds": "3600"},
+                          delivery={"send_interval_seconds": "0.05"})
+        for i in range(5000):
+            self.site.add(str(i))
+        # Dispatching suspended first: no delivery, so no report, prompts a
+        # sync; the site's hand-overs alone must pull every batch.
+        self.client.request("POST", "/commands/suspend", {})
+        self.sync()
+        wait_until(lambda: self.site.states().get("handed") == 5000,
+                   message="every message handed over")
+        self.client.request("POST", "/commands/activate", {})
+        wait_until(lambda: self.site.states().get("sent") == 5000, timeout=120,
+                   message="every message sent and reported")
+        self.assertEqual(len({m["rcpts"][0] for m in self.smtp.messages}), 5000)
+        self.assertEqual(len(self.smtp.messages), 5000)
+        self.assertEqual(self.site.errors, [])
+        wait_until(lambda: core.store.pending_events(1) == [], message="all acknowledged")
+        handed = [len(ids) for _, ids, status in self.site.syncs if ids]
+        self.assertEqual(handed, [1000] * 5)
+
+
+class UpstreamPacingTests(ReportingCase):
+    """The reporter paces itself by what the upstream says (SPEC 5)."""
+
+    def posts(self):
+        with self.upstream._lock:
+            return len(self.upstream.posts)
+
+    def test_queued_means_post_again_at_once(self):
+        core = self.reporting_core()
+        self.upstream.answers = [(200, '{"sent": 0, "queued": 3}::JS'), (200, '{"queued": 0}')]
+        self.run_now(core)
+        self.assertEqual(self.posts(), 2)
+        self.run_now(core)                       # run-now always leads to a POST
+        self.assertEqual(self.posts(), 3)
+
+    def test_a_non_json_2xx_answer_acknowledges(self):
+        core = self.reporting_core()
+        self.add(core, message("a"))
+        self.upstream.answers = [(200, "{'sent': 1}::JS"), (200, "plain text, thanks")]
+        self.run_now(core)
+        self.assertEqual(self.upstream.entries()[0]["id"], "a")
+        self.assertEqual(core.store.pending_events(10), [])
+        self.assertIsNotNone(self.record(core, "a")["reported_ts"])
+
+    def test_next_sync_after_postpones_the_heartbeat_not_the_reports(self):
+        core = self.reporting_core(sync_interval_seconds="60")
+        later = self.clock() + 600
+        self.upstream.answers = [(200, json.dumps({"next_sync_after": later}))]
+        self.run_now(core)
+        self.assertEqual(self.posts(), 1)
+        self.clock.advance(61)                   # a heartbeat would be due now...
+        core.reporter.cycle(self.clock())
+        self.assertEqual(self.posts(), 1)        # ...but the upstream said later
+        self.add(core, message("b"))
+        core.dispatcher.cycle(self.clock())
+        core.reporter.cycle(self.clock())        # a report of a new event still goes
+        self.assertEqual(self.posts(), 2)
+        self.assertEqual(self.upstream.entries()[-1]["id"], "b")
+        self.clock.advance(600)
+        core.reporter.cycle(self.clock())
+        self.assertEqual(self.posts(), 3)        # and the heartbeat comes back
+
+    def test_retry_after_as_an_http_date(self):
+        core = self.reporting_core()
+        import email.utils
+        when = email.utils.formatdate(self.clock() + 120, usegmt=True)
+        self.upstream.answers = [(429, "slow down", {"Retry-After": when})]
+        self.add(core, message("c"))
+        self.run_now(core)
+        self.assertEqual(self.posts(), 1)
+        self.clock.advance(100)
+        self.run_now(core)
+        self.assertEqual(self.posts(), 1)        # not before the date, run-now or not
+        self.clock.advance(21)
+        self.run_now(core)
+        self.assertEqual(self.posts(), 2)
+        self.assertEqual(core.store.pending_events(10), [])
+
+    def test_a_dripping_upstream_is_cut_off_at_timeout_seconds(self):
+        # an answer of 100 bytes at one byte every 0.25 s takes 25 s; with
+        # timeout_seconds = 1 the exchange must end long before it completes
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        finished = threading.Event()
+        cut = threading.Event()
+
+        def drip():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 60\r\n\r\n" + b"x" * 60
+                for index, byte in enumerate(answer):
+                    if index and cut.wait(0.25):
+                        return
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        cut.set()
+                        return
+                finished.set()
+
+        thread = threading.Thread(target=drip, daemon=True)
+        thread.start()
+        self.addCleanup(cut.set)
+        url = "http://127.0.0.1:%d/sync" % listener.getsockname()[1]
+        core = self.reporting_core(client_sync_url=url, timeout_seconds="1")
+        self.add(core, message("d"))
+        self.run_now(core)
+        self.assertFalse(finished.is_set())      # given up before the answer ended
+        self.assertEqual(core.metrics.value("asyncmail_report_failures_total"), 1)
+        self.assertEqual(len(core.store.pending_events(10)), 1)   # kept for the next try
+        self.assertIn("no complete answer within 1s", self.logs.getvalue())
