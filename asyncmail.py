@@ -2735,6 +2735,14 @@ class _Dispatcher(_Worker):
     def interval(self):
         return self.delivery.send_interval_seconds
 
+    def wake_if_idle(self):
+        """Wake the loop unless a delivery job runs: a job that ends wakes
+        it anyway, so under steady intake the loop does not spin."""
+        with self._lock:
+            idle = not self._busy
+        if idle:
+            self.wake()
+
     def account_changed(self, account_id):
         """An account was added, replaced or deleted: drop its connection."""
         with self._lock:
@@ -3942,9 +3950,13 @@ class AsyncMailCore:
         for message_id in sorted(orphans):
             rejected.append({"id": message_id, "reason": "unknown account (deleted)"})
         queued = len(rows) - len(duplicates) - len(orphans)
-        if any(row[2] == 0 and row[3] == "pending" and row[0] not in duplicates
-               for row in rows):
+        due = [row[2] for row in rows if row[3] == "pending" and row[0] not in duplicates]
+        if 0 in due:
             self.dispatcher.wake()
+        elif due:
+            # new due mail is looked at now, as Postfix's qmgr is told of new
+            # mail at once (send_interval_seconds is only the idle poll)
+            self.dispatcher.wake_if_idle()
         return {"ok": True, "queued": queued, "rejected": rejected,
                 "duplicates": list(dict.fromkeys(
                     [row[0] for row in rows if row[0] in duplicates] + repeated))}

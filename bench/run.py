@@ -49,7 +49,8 @@ ROOT = os.path.dirname(HERE)
 DAEMON = os.path.join(ROOT, "asyncmail.py")
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
-SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "reports")
+SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "reports",
+             "pull")
 
 # ---------------------------------------------------------------------------
 # sizes: (quick, full)
@@ -64,6 +65,7 @@ SIZES = {
     "scale_probe_batches": (8, 20),     # intake probe (4 threads) = dispatch probe
     "footprint_starts": (5, 5),
     "reports_n": (3000, 10000),
+    "pull_n": (5000, 5000),             # the Genropy issue's site: 5,000 messages
 }
 PICK = 0  # 0 quick, 1 full; set in main()
 
@@ -1136,10 +1138,120 @@ def scenario_reports(ctx):
     return {"rows": rows, "raw": raw}
 
 
+class _GenropySite:
+    """A Genropy site's ``proxy_sync`` endpoint (SPEC 9): applies each
+    report, then, before answering, hands up to 1000 pending messages over
+    by calling add-messages back on the daemon, and answers ``{...}::JS``."""
+
+    BATCH = 1000
+
+    def __init__(self, n):
+        state = self
+        self.lock = threading.Lock()
+        self.pending = ["r%d" % i for i in range(n)]
+        self.sent = set()
+        self.syncs = 0
+        self.daemon_port = None
+        self.done = threading.Event()
+        self.n = n
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                answer = state.sync(json.loads(body.decode("utf-8")))
+                data = (json.dumps(answer) + "::JS").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def sync(self, body):
+        sent = 0
+        with self.lock:
+            self.syncs += 1
+            for item in body.get("delivery_report") or []:
+                store, record = item["id"].split(":", 1)
+                if item.get("sent_ts"):
+                    self.sent.add(record)
+                    sent += 1
+            batch, self.pending = self.pending[:self.BATCH], self.pending[self.BATCH:]
+            if len(self.sent) >= self.n:
+                self.done.set()
+        if batch:
+            messages = [{"id": "store1:" + record, "account_id": "pull",
+                         "subject": SUBJECT, "from": SENDER, "priority": None,
+                         "to": [RCPT], "body": BODY, "content_type": "plain",
+                         "headers": {"message_date": "2026-11-30"}} for record in batch]
+            api = Api(self.daemon_port)
+            try:
+                answer = api.ok("POST", "/commands/add-messages", {"messages": messages})
+            finally:
+                api.close()
+            if answer["rejected"]:
+                raise RuntimeError("the daemon rejected %r" % answer["rejected"][:3])
+        return {"sent": sent, "error": 0, "deferred": 0}
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def scenario_pull(ctx):
+    """Genropy's pull flow end to end: the site holds N messages and hands
+    over 1000 per sync from inside the report POST; the clock runs from
+    run-now until the site has heard "sent" for all N.  Compared with the raw
+    smtplib loop to the same sink, measured in the same scenario."""
+    n = size("pull_n")
+    raw = {"messages": n, "site_batch": _GenropySite.BATCH}
+    with Sink() as sink, _GenropySite(n) as site:
+        raw["sink"] = sink.kind
+        ceiling, _, _ = raw_ceiling(sink.port, n)
+        raw["raw_msg_per_s"] = ceiling
+        settings = {"client": {"client_sync_url": "http://127.0.0.1:%d/proxy_sync" % site.port,
+                               "sync_interval_seconds": 3600}}
+        with ctx.daemon("pull", settings) as daemon:
+            site.daemon_port = daemon.port
+            api = daemon.api()
+            add_account(api, "pull", sink.port, batch_size=1000)
+            start = time.perf_counter()
+            api.ok("POST", "/commands/run-now")
+            if not site.done.wait(max(120.0, n / 20.0)):
+                raise RuntimeError("the site heard of %d of %d sends" % (len(site.sent), n))
+            elapsed = time.perf_counter() - start
+            raw.update({"seconds": elapsed, "msg_per_s": n / elapsed, "syncs": site.syncs,
+                        "daemon_error_lines": daemon.problems})
+            api.close()
+    ratio = raw["msg_per_s"] / ceiling
+    raw["ratio"] = ratio
+    rows = [("pull flow, Genropy site, %s messages" % fmt(n),
+             "%s = %.0f%% of raw %s" % (fmt(raw["msg_per_s"], "msg/s"), ratio * 100,
+                                        fmt(ceiling, "msg/s")),
+             ">= 33% of raw", verdict(ratio >= 1 / 3.0))]
+    return {"rows": rows, "raw": raw}
+
+
 RUNNERS = {"intake": scenario_intake, "single": scenario_single,
            "dispatch": scenario_dispatch, "latency": scenario_latency,
            "scale": scenario_scale, "footprint": scenario_footprint,
-           "reports": scenario_reports}
+           "reports": scenario_reports, "pull": scenario_pull}
 
 
 # ---------------------------------------------------------------------------
