@@ -77,6 +77,7 @@ except ImportError:  # pragma: no cover - exercised on 3.8 only
 # ####################################################################### #
 
 EX_CONFIG = 78          # sysexits.h: configuration error
+EX_UNAVAILABLE = 69     # sysexits.h: the CLI found no daemon answering
 MAX_BATCH_MESSAGES = 1000   # SPEC: larger add-messages batches are refused
 MAX_DELETE_IDS = 10000      # bounds one delete-messages transaction
 MAX_ID_CHARS = 256
@@ -98,12 +99,16 @@ SQL_CHUNK = 500         # stays under SQLite's historic 999-variable limit
 LATEST_TS = 253402300799    # 9999-12-31T23:59:59Z: later deferred_ts is garbage
 
 PRIORITY_NAMES = {"immediate": 0, "high": 1, "medium": 2, "low": 3}
-STATUSES = ("pending", "deferred", "sending", "sent", "error")
-ACTIVE_STATUSES = ("pending", "deferred", "sending")
+STATUSES = ("pending", "deferred", "held", "sending", "sent", "error")
+ACTIVE_STATUSES = ("pending", "deferred", "held", "sending")
 FINISHED_STATUSES = ("sent", "error")
+# operator commands (SPEC 7) and the statuses each applies to
+COMMAND_STATUSES = {"retry": ("deferred",), "requeue": ("error",),
+                    "hold": ("pending", "deferred"), "release": ("held",)}
+ATTEMPTS_KEPT = 20      # per message, besides its first attempt
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Schema version 1.  Messages move pending -> sending -> sent/error, or to
 # deferred (waiting for deferred_ts) and back to pending when due, the way
@@ -187,6 +192,29 @@ SQL_SCHEMA_V3 = (
     "ALTER TABLE messages ADD COLUMN updated_ts REAL",
 )
 
+# Schema version 4: operator control.  ``held`` messages (postsuper -h);
+# why a message is deferred (NULL: the client's own schedule, which retry
+# leaves alone); listings by account from an index; the attempt history.
+SQL_SCHEMA_V4 = (
+    "INSERT INTO queue_counts (status, n) VALUES ('held', 0)",
+    "ALTER TABLE messages ADD COLUMN deferred_reason TEXT",
+    "CREATE INDEX messages_account ON messages (status, account_id, created_ts)",
+    """CREATE TABLE attempts (
+        seq INTEGER PRIMARY KEY,
+        message_pk INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        duration REAL NOT NULL,
+        relay TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        code INTEGER,
+        text TEXT,
+        refused TEXT)""",
+    "CREATE INDEX attempts_message ON attempts (message_pk, seq)",
+    # the history goes with its message, whichever way the message goes
+    """CREATE TRIGGER messages_attempts_delete AFTER DELETE ON messages BEGIN
+        DELETE FROM attempts WHERE message_pk = OLD.pk; END""",
+)
+
 SQL_INSERT_MESSAGE = (
     "INSERT INTO messages (id, account_id, priority, status, created_ts,"
     " deferred_ts, subject, recipients, message_id, payload)"
@@ -197,17 +225,62 @@ SQL_RECORD_COLUMNS = (
     " error_ts, error, retry_count, reported_ts, subject, recipients, refused,"
     " updated_ts, payload")
 SQL_GET_MESSAGE = "SELECT " + SQL_RECORD_COLUMNS + " FROM messages WHERE id = ?"
-SQL_LIST_MESSAGES = (
-    "SELECT " + SQL_RECORD_COLUMNS + " FROM messages ORDER BY pk LIMIT ? OFFSET ?")
-# Unfinished messages oldest first, without sorting all of them: each status
-# is read in (created_ts, pk) order from messages_age, at most offset+limit
-# rows each, and only those are merged.
-SQL_LIST_ACTIVE_MESSAGES = (
-    "SELECT " + SQL_RECORD_COLUMNS + " FROM (" + " UNION ALL ".join(
-        "SELECT * FROM (SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages"
-        " WHERE status = '%s' ORDER BY created_ts, pk LIMIT :window)" % status
-        for status in ("pending", "deferred", "sending"))
-    + ") ORDER BY created_ts, pk LIMIT :limit OFFSET :offset")
+# GET /messages, put together by Store.list_messages from these pieces.  One
+# arm per wanted status, each read in (created_ts, pk) order from
+# messages_age (status, created_ts) or messages_account (status, account_id,
+# created_ts), merged by SQLite's UNION ALL merge: no sort, no scan, and a
+# page reads about as many rows as it returns, whatever the queue's size.
+SQL_LIST_ARM = "SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages WHERE status = ?"
+SQL_LIST_ACCOUNT = " AND account_id = ?"
+SQL_LIST_SINCE = " AND created_ts >= ?"
+SQL_LIST_UNTIL = " AND created_ts < ?"
+SQL_LIST_AFTER = {"oldest": " AND (created_ts, pk) > (?, ?)",
+                  "newest": " AND (created_ts, pk) < (?, ?)"}
+SQL_LIST_ORDER = {"oldest": " ORDER BY created_ts, pk LIMIT ? OFFSET ?",
+                  "newest": " ORDER BY created_ts DESC, pk DESC LIMIT ? OFFSET ?"}
+# With id_prefix the range of the unique id index drives, in id order (the
+# other filters are checked on each row; ``+status`` keeps the planner off
+# the status indexes, which would need a sort).
+SQL_LIST_BY_ID = ("SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages"
+                  " WHERE id >= ? AND id < ? AND +status IN ({marks})")
+SQL_LIST_BY_ID_ACCOUNT = " AND +account_id = ?"
+SQL_LIST_BY_ID_AFTER = {"oldest": " AND id > ?", "newest": " AND id < ?"}
+SQL_LIST_BY_ID_ORDER = {"oldest": " ORDER BY id LIMIT ? OFFSET ?",
+                        "newest": " ORDER BY id DESC LIMIT ? OFFSET ?"}
+SQL_MESSAGE_ATTEMPTS = (
+    "SELECT ts, duration, relay, outcome, code, text, refused FROM attempts"
+    " WHERE message_pk = (SELECT pk FROM messages WHERE id = ?) ORDER BY seq")
+SQL_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (message_pk, ts, duration, relay, outcome, code, text, refused)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+# keep a message's first attempt and its last ATTEMPTS_KEPT: the first says
+# how it began, the last what it does now
+SQL_TRIM_ATTEMPTS = (
+    "DELETE FROM attempts WHERE message_pk = :pk AND seq NOT IN ("
+    " SELECT MIN(seq) FROM attempts WHERE message_pk = :pk) AND seq NOT IN ("
+    " SELECT seq FROM attempts WHERE message_pk = :pk ORDER BY seq DESC LIMIT :kept)")
+# Operator commands (SPEC 7).  ``{where}`` is the selector: ``id IN (...)``,
+# ``account_id = ?``, ``status = ?`` or ``1``; each command also names the
+# statuses it applies to, so a selector can only narrow it.
+SQL_SELECTOR_IDS = "SELECT id, status, account_id IN (SELECT id FROM accounts) FROM messages WHERE id IN ({marks})"
+SQL_RETRY = (
+    "UPDATE messages SET status = 'pending', deferred_ts = NULL, deferred_reason = NULL,"
+    " updated_ts = ? WHERE status = 'deferred' AND {scheduled} AND {where}")
+SQL_RETRY_NOT_SCHEDULED = "deferred_reason IS NOT NULL"   # NULL: the client's own schedule
+SQL_REQUEUE_EVENTS = (
+    "INSERT INTO events (message_pk, message_id, account_id, priority, kind, deferred_ts,"
+    " reason) SELECT pk, id, account_id, priority, 'pending', ?, 'requeued' FROM messages"
+    " WHERE status = 'error' AND account_id IN (SELECT id FROM accounts) AND {where}")
+SQL_REQUEUE = (
+    "UPDATE messages SET status = 'pending', retry_count = 0, error = NULL, error_ts = NULL,"
+    " reported_ts = NULL, deferred_ts = NULL, deferred_reason = NULL, updated_ts = ?"
+    " WHERE status = 'error' AND account_id IN (SELECT id FROM accounts) AND {where}")
+SQL_HOLD = (
+    "UPDATE messages SET status = 'held', updated_ts = ?"
+    " WHERE status IN ('pending', 'deferred') AND {where}")
+SQL_RELEASE_HELD = (
+    "UPDATE messages SET status = CASE WHEN deferred_ts > ? THEN 'deferred'"
+    " ELSE 'pending' END, updated_ts = ? WHERE status = 'held' AND {where}")
 SQL_DELETE_MESSAGE_EVENTS = (
     "DELETE FROM events WHERE message_pk IN"
     " (SELECT pk FROM messages WHERE id IN ({marks}))")
@@ -254,7 +327,8 @@ SQL_FAIL_CLAIMED = (
     " error = :error, reported_ts = :reported WHERE pk = :pk AND status = 'sending'")
 SQL_DEFER_MESSAGE = (
     "UPDATE messages SET status = 'deferred', deferred_ts = :until, updated_ts = :now,"
-    " error = :error, retry_count = :retry_count WHERE pk = :pk AND status = 'sending'")
+    " error = :error, retry_count = :retry_count, deferred_reason = :reason"
+    " WHERE pk = :pk AND status = 'sending'")
 # Claiming (pending -> sending) and giving a claim back are not changes of the
 # record that anyone sees, so they leave updated_ts alone.
 SQL_RELEASE_MESSAGE = "UPDATE messages SET status = 'pending' WHERE pk = ? AND status = 'sending'"
@@ -583,6 +657,19 @@ def _whole_exchange_deadline(conn, seconds):
         yield deadline
     finally:
         timer.cancel()
+
+
+def _prefix_end(prefix):
+    """The least string greater than every string that starts with
+    ``prefix`` (code-point order, which is SQLite's BINARY order of UTF-8),
+    for an index range ``id >= prefix AND id < end``."""
+    for index in range(len(prefix) - 1, -1, -1):
+        code = ord(prefix[index]) + 1
+        if code == 0xD800:          # no surrogates in UTF-8
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return prefix[:index] + chr(code)
+    return "\U0010ffff" * (MAX_ID_CHARS + 1)   # longer than any id
 
 
 def _redact_url(url):
@@ -1063,7 +1150,7 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError("database %s has schema version %d; this asyncmail "
                              "knows up to %d" % (self.path, version, SCHEMA_VERSION))
-        steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2, 3: SQL_SCHEMA_V3}
+        steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2, 3: SQL_SCHEMA_V3, 4: SQL_SCHEMA_V4}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
             for statement in steps[target]:
@@ -1157,15 +1244,61 @@ class Store:
             row = conn.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
         return self._record(row) if row else None
 
-    def list_messages(self, active_only, limit, offset):
-        """Records oldest first."""
+    @staticmethod
+    def listing_query(statuses, account_id=None, since=None, until=None, id_prefix=None,
+                      order="oldest", after=None, limit=1000, offset=0):
+        """(sql, parameters) of one page of GET /messages: the messages in
+        ``statuses`` (created in [since, until)) in (created_ts, pk) order,
+        or in id order with ``id_prefix``; ``after`` is the keyset cursor
+        (created_ts, pk), or an id with ``id_prefix``.  Every combination is
+        served from an index (the store tests pin the plans)."""
+        if id_prefix is not None:
+            sql = SQL_LIST_BY_ID.format(marks=",".join("?" * len(statuses)))
+            params = [id_prefix, _prefix_end(id_prefix)] + list(statuses)
+            for clause, value in ((SQL_LIST_BY_ID_ACCOUNT, account_id),
+                                  (SQL_LIST_SINCE, since), (SQL_LIST_UNTIL, until),
+                                  (SQL_LIST_BY_ID_AFTER[order], after)):
+                if value is not None:
+                    sql += clause
+                    params.append(value)
+            return sql + SQL_LIST_BY_ID_ORDER[order], params + [limit, offset]
+        arms, params = [], []
+        for status in statuses:
+            arm, arm_params = SQL_LIST_ARM, [status]
+            for clause, value in ((SQL_LIST_ACCOUNT, account_id), (SQL_LIST_SINCE, since),
+                                  (SQL_LIST_UNTIL, until)):
+                if value is not None:
+                    arm += clause
+                    arm_params.append(value)
+            if after is not None:
+                arm += SQL_LIST_AFTER[order]
+                arm_params.extend(after)
+            arms.append(arm)
+            params.extend(arm_params)
+        return " UNION ALL ".join(arms) + SQL_LIST_ORDER[order], params + [limit, offset]
+
+    def list_messages(self, statuses, **query):
+        """One page of records (see ``listing_query``); each record also
+        carries ``pk`` for the caller's cursor."""
+        sql, params = self.listing_query(statuses, **query)
         with self._connection() as conn:
-            if active_only:
-                rows = conn.execute(SQL_LIST_ACTIVE_MESSAGES, {
-                    "window": limit + offset, "limit": limit, "offset": offset}).fetchall()
-            else:
-                rows = conn.execute(SQL_LIST_MESSAGES, (limit, offset)).fetchall()
-        return [self._record(row) for row in rows]
+            rows = conn.execute(sql, params).fetchall()
+        records = []
+        for row in rows:
+            record = self._record(row[1:])
+            record["pk"] = row[0]
+            records.append(record)
+        return records
+
+    def attempts(self, message_id):
+        """The SMTP attempts recorded for a message, oldest first."""
+        keys = ("ts", "duration", "relay", "outcome", "code", "text", "refused")
+        with self._connection() as conn:
+            rows = conn.execute(SQL_MESSAGE_ATTEMPTS, (message_id,)).fetchall()
+        attempts = [dict(zip(keys, row)) for row in rows]
+        for attempt in attempts:
+            attempt["refused"] = json.loads(attempt["refused"]) if attempt["refused"] else None
+        return attempts
 
     def queue_counts(self):
         """``{status: n}`` from the trigger-maintained counters (no row scan)."""
@@ -1197,6 +1330,53 @@ class Store:
                 conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
                 conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
         return [i for i in ids if i not in existing]
+
+    # -- operator control (SPEC 7) -----------------------------------------
+
+    def operate(self, command, selector, now, include_scheduled=False):
+        """Apply an operator command (``retry``, ``requeue``, ``hold``,
+        ``release``) to the messages a selector names, in one transaction.
+
+        ``selector`` is ("ids", [id, ...]), ("account_id", x), ("status", s)
+        or ("all", None).  Returns (affected, ids not found, ids found but
+        not in a status the command applies to); the last two only for an
+        ids selector.  ``requeue`` reports each message as a new state change.
+        """
+        kind, value = selector
+        with self._transaction(durable=True) as conn:
+            if kind != "ids":
+                where = {"account_id": "account_id = ?", "status": "status = ?"}.get(kind, "1")
+                args = [] if kind == "all" else [value]
+                return self._operate(conn, command, where, args, now, include_scheduled), [], []
+            found, affected = {}, 0
+            for start in range(0, len(value), SQL_CHUNK):
+                chunk = value[start:start + SQL_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update((row[0], row[1:]) for row in conn.execute(
+                    SQL_SELECTOR_IDS.format(marks=marks), chunk))
+                affected += self._operate(conn, command, "id IN (%s)" % marks, chunk, now,
+                                          include_scheduled)
+        not_found = [i for i in value if i not in found]
+        applies = COMMAND_STATUSES[command]
+        skipped = [i for i in value if i in found and (
+            found[i][0] not in applies or (command == "requeue" and not found[i][1]))]
+        return affected, not_found, skipped
+
+    def _operate(self, conn, command, where, args, now, include_scheduled):
+        if command == "retry":
+            scheduled = "1" if include_scheduled else SQL_RETRY_NOT_SCHEDULED
+            return conn.execute(SQL_RETRY.format(scheduled=scheduled, where=where),
+                                [now] + args).rowcount
+        if command == "requeue":
+            if self.reporting:
+                conn.execute(SQL_REQUEUE_EVENTS.format(where=where), [now] + args)
+            return conn.execute(SQL_REQUEUE.format(where=where), [now] + args).rowcount
+        if command == "hold":
+            return conn.execute(SQL_HOLD.format(where=where), [now] + args).rowcount
+        if command == "release":
+            return conn.execute(SQL_RELEASE_HELD.format(where=where),
+                                [now, now] + args).rowcount
+        raise ValueError("unknown operator command %r" % command)
 
     def purge_reported(self, before, limit):
         """Delete up to ``limit`` finished messages reported before ``before``.
@@ -1341,7 +1521,8 @@ class Store:
                     _, _, now, until, reason, error, retry_count = outcome
                     if conn.execute(SQL_DEFER_MESSAGE, {
                             "now": now, "until": until, "error": error,
-                            "retry_count": retry_count, "pk": message["pk"]}).rowcount:
+                            "retry_count": retry_count, "pk": message["pk"],
+                            "reason": reason}).rowcount:
                         self._event(conn, key, "deferred", deferred_ts=until, reason=reason)
                 else:
                     conn.execute(SQL_RELEASE_MESSAGE, (message["pk"],))
@@ -2743,6 +2924,16 @@ class _Dispatcher(_Worker):
         if idle:
             self.wake()
 
+    def lift_backoff(self, account_id=None):
+        """Forget the back-off of one account (or of all) after a relay
+        failure or a full rate window, so the next cycle tries it again (an
+        account still over its limit is deferred again to the exact instant)."""
+        with self._lock:
+            if account_id is None:
+                self._backoff.clear()
+            else:
+                self._backoff.pop(account_id, None)
+
     def account_changed(self, account_id):
         """An account was added, replaced or deleted: drop its connection."""
         with self._lock:
@@ -3218,7 +3409,8 @@ def _retry_after_seconds(value, now):
 _COMMAND_PATHS = {
     "run-now": "run now", "suspend": "suspend", "activate": "activate",
     "add-messages": "add messages", "delete-messages": "delete messages",
-    "cleanup-messages": "cleanup messages",
+    "cleanup-messages": "cleanup messages", "retry": "retry", "requeue": "requeue",
+    "hold": "hold", "release": "release",
 }
 _ROUTES = (
     ("GET", ("status",), "status"),
@@ -3774,6 +3966,10 @@ class AsyncMailCore:
             "delete account": self._cmd_delete_account,
             "list messages": self._cmd_list_messages,
             "get message": self._cmd_get_message,
+            "retry": self._cmd_retry,
+            "requeue": self._cmd_requeue,
+            "hold": self._cmd_hold,
+            "release": self._cmd_release,
         }
 
     # -- accounts (cached: read on every intake and every dispatch cycle) -----
@@ -4054,19 +4250,99 @@ class AsyncMailCore:
         return {"ok": True}
 
     def _cmd_list_messages(self, payload):
-        active_only = _query_bool(payload, "active_only")
+        """GET /messages: filters (status, account_id, since, until,
+        id_prefix), order and keyset paging (``after`` / ``next``)."""
+        statuses = list(STATUSES)
+        if payload.get("status") not in (None, ""):
+            wanted = str(payload["status"]).split(",")
+            unknown = [s for s in wanted if s not in STATUSES]
+            if unknown:
+                raise ValidationError("status must be a comma list of %s" % ", ".join(STATUSES))
+            statuses = [s for s in STATUSES if s in wanted]
+        if _query_bool(payload, "active_only"):
+            statuses = [s for s in statuses if s in ACTIVE_STATUSES]
+        order = payload.get("order") or "oldest"
+        if order not in SQL_LIST_ORDER:
+            raise ValidationError("order must be oldest or newest")
+        id_prefix = payload.get("id_prefix")
+        if id_prefix is not None:
+            id_prefix = _check_identifier(id_prefix, "id_prefix") if id_prefix != "" else None
+        account_id = payload.get("account_id") or None
+        if account_id is not None and not isinstance(account_id, str):
+            raise ValidationError("account_id must be a string")
+        query = {"account_id": account_id, "id_prefix": id_prefix, "order": order,
+                 "since": _query_number(payload, "since"),
+                 "until": _query_number(payload, "until"),
+                 "after": _decode_cursor(payload.get("after"), by_id=id_prefix is not None),
+                 "limit": _query_int(payload, "limit", 1000, 0, MAX_LIST_LIMIT),
+                 "offset": _query_int(payload, "offset", 0, 0, 2 ** 62)}
         full = _query_bool(payload, "full")
-        limit = _query_int(payload, "limit", 1000, 0, MAX_LIST_LIMIT)
-        offset = _query_int(payload, "offset", 0, 0, 2 ** 62)
-        records = self.store.list_messages(active_only, limit, offset)
-        return {"ok": True, "messages": [_present_record(r, full) for r in records]}
+        records = self.store.list_messages(statuses, **query) if statuses else []
+        cursor = None
+        if records and len(records) == query["limit"]:
+            last = records[-1]
+            cursor = _encode_cursor(last["id"] if id_prefix is not None
+                                    else [last["created_ts"], last["pk"]])
+        for record in records:
+            del record["pk"]
+        return {"ok": True, "messages": [_present_record(r, full) for r in records],
+                "next": cursor}
 
     def _cmd_get_message(self, payload):
         message_id = payload.get("id")
         record = self.store.get_message(message_id) if isinstance(message_id, str) else None
         if record is None:
             raise NotFoundError("unknown message")
-        return {"ok": True, "message": _present_record(record, full=True)}
+        record = _present_record(record, full=True)
+        record["attempts"] = self.store.attempts(message_id)
+        return {"ok": True, "message": record}
+
+    # -- operator control (SPEC 7) -------------------------------------------
+
+    def _cmd_retry(self, payload):
+        """Deferred messages due now (postqueue -f / -i); the client's own
+        schedule stays unless ``include_scheduled``; rate limits still hold
+        (the dispatcher defers a message still over one to the exact
+        instant).  Also lifts the accounts' back-off after a relay failure."""
+        try:
+            include = _parse_bool(payload.get("include_scheduled", False))
+        except ValueError:
+            raise ValidationError("include_scheduled must be true or false")
+        answer = self._operate("retry", payload, include_scheduled=include)
+        self.dispatcher.lift_backoff(payload.get("account_id"))
+        self.dispatcher.wake()
+        return answer
+
+    def _cmd_requeue(self, payload):
+        """Failed messages back to pending with retry_count 0 (after a
+        fix: a password, a relay), each reported as a new state change."""
+        answer = self._operate("requeue", payload)
+        self.dispatcher.wake()
+        self.reporter.wake()
+        return answer
+
+    def _cmd_hold(self, payload):
+        """Pending or deferred messages to ``held``: never dispatched, never
+        expired, until released (postsuper -h)."""
+        return self._operate("hold", payload)
+
+    def _cmd_release(self, payload):
+        """Held messages back to where they were: ``deferred`` while their
+        ``deferred_ts`` is ahead, else ``pending`` (postsuper -H)."""
+        answer = self._operate("release", payload)
+        self.dispatcher.wake()
+        return answer
+
+    def _operate(self, command, payload, include_scheduled=False):
+        selector = _parse_selector(command, payload)
+        affected, not_found, skipped = self.store.operate(
+            command, selector, self.now(), include_scheduled)
+        if affected:
+            self.log.info("%s: %d message(s) (selector %s)", command, affected, selector[0])
+        answer = {"ok": True, "affected": affected, "not_found": not_found}
+        if selector[0] == "ids":
+            answer["skipped"] = skipped
+        return answer
 
     def healthy(self, max_age):
         """Both loops alive and looking up within ``max_age`` seconds (the
@@ -4113,6 +4389,88 @@ def _present_record(record, full):
     record["updated_at"] = _iso(record.pop("updated_ts"))
     record["message"] = message_view(payload, record["retry_count"], full)
     return record
+
+
+SELECTOR_FIELDS = ("ids", "account_id", "status")
+COMMAND_OPTIONS = {"retry": ("include_scheduled",)}
+
+
+def _parse_selector(command, payload):
+    """The selector of an operator command (SPEC 7): ("ids", [...]),
+    ("account_id", x), ("status", s) or ("all", None).  Raises
+    ValidationError for any other shape or an unknown field."""
+    known = set(SELECTOR_FIELDS) | set(COMMAND_OPTIONS.get(command, ()))
+    unknown = sorted(str(key)[:80] for key in payload if key not in known)
+    if unknown:
+        raise ValidationError("unknown field %s (a selector is ids, account_id or status)"
+                              % unknown[0])
+    given = [key for key in SELECTOR_FIELDS if key in payload]
+    if len(given) > 1:
+        raise ValidationError("a selector names one of ids, account_id or status")
+    if not given:
+        return ("all", None)
+    kind, value = given[0], payload[given[0]]
+    if kind == "ids":
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise ValidationError("ids must be a list of message ids")
+        if len(value) > MAX_DELETE_IDS:
+            raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
+        return ("ids", list(dict.fromkeys(value)))
+    if kind == "status":
+        if value not in COMMAND_STATUSES[command]:
+            raise ValidationError("%s applies to status %s" % (
+                command, " or ".join(COMMAND_STATUSES[command])))
+        return ("status", value)
+    try:
+        return ("account_id", _check_identifier(value, "account_id"))
+    except ValueError as exc:
+        raise ValidationError(str(exc))
+
+
+MAX_CURSOR_CHARS = 2048
+
+
+def _encode_cursor(position):
+    """An opaque, URL-safe keyset cursor: [created_ts, pk], or an id."""
+    text = json.dumps(position, separators=(",", ":"), ensure_ascii=False)
+    return base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def _decode_cursor(value, by_id):
+    """The position of a cursor from ``_encode_cursor``; ValidationError if
+    it is not one (of the listing's kind)."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > MAX_CURSOR_CHARS:
+        raise ValidationError("after must be a cursor from a previous answer's next")
+    try:
+        position = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        raise ValidationError("after must be a cursor from a previous answer's next")
+    if by_id and isinstance(position, str):
+        return position
+    if (not by_id and isinstance(position, list) and len(position) == 2
+            and _is_number(position[0]) and isinstance(position[1], int)
+            and not isinstance(position[1], bool)):
+        return position
+    raise ValidationError("after must be a cursor from a previous answer's next "
+                          "(with the same id_prefix use)")
+
+
+def _query_number(payload, name):
+    value = payload.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        if not _DECIMAL.fullmatch(value.strip()):
+            raise ValidationError("%s must be epoch seconds" % name)
+        value = float(value)
+    if not _is_number(value) or not 0 <= value <= LATEST_TS:
+        raise ValidationError("%s must be epoch seconds" % name)
+    return value
+
+
+_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
 def _query_bool(payload, name):
@@ -4208,13 +4566,20 @@ def _watchdog_seconds(environ):
     return int(usec) / 1e6
 
 
+CLI_COMMANDS = ("queue", "status", "show", "retry", "requeue", "hold", "release", "delete")
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="asyncmail.py",
         description="asyncmail %s: a durable mail queue daemon with a REST API. "
-                    "Without options it reads config.ini from the working directory "
-                    "(or $ASYNC_MAIL_CONFIG) if present and listens on 127.0.0.1:8000."
-                    % __version__)
+                    "Without a command it runs the daemon: it reads config.ini from the "
+                    "working directory (or $ASYNC_MAIL_CONFIG) if present and listens on "
+                    "127.0.0.1:8000. With a command it talks to the running daemon "
+                    "through its API (address and token from the same configuration)."
+                    % __version__,
+        epilog="exit codes: 0 success, 1 the API refused (its message is printed), "
+               "69 the daemon does not answer, 78 configuration error")
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $ASYNC_MAIL_CONFIG, "
                              "else ./config.ini if it exists)")
@@ -4222,17 +4587,224 @@ def _parse_args(argv):
                         help="validate the configuration, print it with secrets "
                              "masked, and exit (0 valid, 78 invalid)")
     parser.add_argument("--version", action="version", version="asyncmail " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    queue_cmd = commands.add_parser("queue", help="list the queue, like mailq")
+    queue_cmd.add_argument("--status", help="comma list: pending,deferred,held,sending,"
+                                            "sent,error (default: not yet sent or failed)")
+    queue_cmd.add_argument("--account", help="only this account's messages")
+    queue_cmd.add_argument("--limit", type=int, default=None, help="at most N messages")
+    commands.add_parser("status", help="queue depth by status")
+    show = commands.add_parser("show", help="one message: its record and attempts")
+    show.add_argument("id")
+    for name, what in (("retry", "deferred messages due now (postqueue -f / -i)"),
+                       ("requeue", "failed messages back to pending (after a fix)"),
+                       ("hold", "pending/deferred messages held (postsuper -h)"),
+                       ("release", "held messages back where they were (postsuper -H)"),
+                       ("delete", "messages removed; with --account/--all only those not "
+                                  "yet sent or failed (postsuper -d)")):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("ids", nargs="*", metavar="ID")
+        command.add_argument("--account", help="every message of this account")
+        command.add_argument("--all", action="store_true", help="every message it applies to")
+        if name == "retry":
+            command.add_argument("--include-scheduled", action="store_true",
+                                 help="also messages waiting for their own deferred_ts")
+    for command in commands.choices.values():
+        command.add_argument("--json", action="store_true", help="print the API's JSON")
     return parser.parse_args(argv)
 
 
+class _CliError(AsyncmailError):
+    """A CLI request failed; ``code`` is the exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class _ApiClient:
+    """The CLI's HTTP client of the running daemon: address and token from
+    the configuration; a wildcard listen address is reached on loopback."""
+
+    TIMEOUT = 30.0
+
+    def __init__(self, config):
+        host = config.server.host
+        self.host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        self.port = config.server.port
+        self.token = config.server.api_token
+
+    def call(self, method, path, body=None):
+        """The answer's JSON; raises _CliError (exit 69 when nothing answers,
+        1 for an API error)."""
+        headers = {"X-API-Token": self.token} if self.token else {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.TIMEOUT)
+        where = "http://%s:%d" % (("[%s]" % self.host) if ":" in self.host else self.host,
+                                  self.port)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise _CliError("the daemon does not answer at %s (%s); is it running?"
+                            % (where, exc or type(exc).__name__), EX_UNAVAILABLE)
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            raise _CliError("%s answered HTTP %d with no JSON: is it asyncmail?"
+                            % (where, response.status), 1)
+        if response.status == 401:
+            raise _CliError("the daemon refused the API token (set [server] api_token or "
+                            "ASYNC_MAIL_SERVER_API_TOKEN as the daemon has it)", 1)
+        if not 200 <= response.status < 300 or not answer.get("ok"):
+            raise _CliError("%s" % answer.get("error", "HTTP %d" % response.status), 1)
+        return answer
+
+
+def _age(seconds):
+    """3s, 5m, 2h, 4d: mailq-style, for the queue table."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % max(0, seconds)
+
+
+def _cli_queue(api, args, now, out):
+    query = {"status": args.status or ",".join(ACTIVE_STATUSES), "limit": 1000}
+    if args.account:
+        query["account_id"] = args.account
+    shown, counts, rows = 0, {}, []
+    while args.limit is None or shown < args.limit:
+        if args.limit is not None:
+            query["limit"] = min(1000, args.limit - shown)
+        answer = api.call("GET", "/messages?" + urllib.parse.urlencode(query))
+        for record in answer["messages"]:
+            shown += 1
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+            rows.append(record)
+            if not args.json:
+                to = record["to"][0] if record["to"] else ""
+                print("%-28s %-8s %5s %-14s %-30s %s" % (
+                    record["id"][:28], record["status"], _age(now - record["created_ts"]),
+                    record["account_id"][:14], to[:30],
+                    (record["error"] or "")[:60].replace("\n", " ")), file=out)
+        if not answer.get("next"):
+            break
+        query["after"] = answer["next"]
+    if args.json:
+        print(json.dumps({"ok": True, "messages": rows}, indent=1), file=out)
+    else:
+        summary = ", ".join("%d %s" % (n, status) for status, n in sorted(counts.items()))
+        print("-- %d message%s%s" % (shown, "" if shown == 1 else "s",
+                                     " (%s)" % summary if summary else ""), file=out)
+
+
+def _cli_selector(args):
+    chosen = [bool(args.ids), args.account is not None, args.all]
+    if sum(chosen) != 1:
+        raise _CliError("name the messages: ID..., --account X or --all", 1)
+    if args.ids:
+        return {"ids": args.ids}
+    return {"account_id": args.account} if args.account is not None else {}
+
+
+def _cli_delete(api, args):
+    selector = _cli_selector(args)
+    ids = selector.get("ids")
+    if ids is None:        # the queued messages of an account, or all of them
+        query = {"status": ",".join(ACTIVE_STATUSES), "limit": 1000}
+        if args.account is not None:
+            query["account_id"] = args.account
+        ids = []
+        while True:
+            answer = api.call("GET", "/messages?" + urllib.parse.urlencode(query))
+            ids.extend(record["id"] for record in answer["messages"])
+            if not answer.get("next"):
+                break
+            query["after"] = answer["next"]
+    removed, not_found = 0, []
+    for start in range(0, len(ids), MAX_DELETE_IDS):
+        answer = api.call("POST", "/commands/delete-messages",
+                          {"ids": ids[start:start + MAX_DELETE_IDS]})
+        removed += answer["removed"]
+        not_found += answer["not_found"]
+    return {"ok": True, "affected": removed, "not_found": not_found}
+
+
+def _cli(config, args, out=None):
+    """Run one CLI command against the daemon; returns the exit code."""
+    out = out or sys.stdout
+    api = _ApiClient(config)
+    try:
+        if args.command == "queue":
+            _cli_queue(api, args, time.time(), out)
+            return 0
+        if args.command == "status":
+            answer = api.call("GET", "/status")
+            if args.json:
+                print(json.dumps(answer, indent=1), file=out)
+            else:
+                print("asyncmail %s, %s" % (answer["version"], "active" if answer["active"]
+                                             else "suspended"), file=out)
+                for status, count in answer["queue"].items():
+                    print("  %-9s %d" % (status, count), file=out)
+            return 0
+        if args.command == "show":
+            answer = api.call("GET", "/messages/" + urllib.parse.quote(args.id, safe=""))
+            record = answer["message"]
+            if args.json:
+                print(json.dumps(answer, indent=1), file=out)
+                return 0
+            for key in ("id", "account_id", "status", "priority", "subject", "to", "created_at",
+                        "updated_at", "deferred_ts", "sent_ts", "error_ts", "retry_count",
+                        "error", "refused"):
+                print("%-12s %s" % (key + ":", record.get(key)), file=out)
+            print("attempts:", file=out)
+            for attempt in record["attempts"]:
+                print("  %s %6.2fs %-24s %-8s %s %s" % (
+                    _iso(attempt["ts"]), attempt["duration"], attempt["relay"],
+                    attempt["outcome"], attempt["code"] or "", attempt["text"] or ""), file=out)
+            return 0
+        if args.command == "delete":
+            answer = _cli_delete(api, args)
+        else:
+            body = _cli_selector(args)
+            if getattr(args, "include_scheduled", False):
+                body["include_scheduled"] = True
+            answer = api.call("POST", "/commands/" + args.command, body)
+        if args.json:
+            print(json.dumps(answer, indent=1), file=out)
+        else:
+            print("%s: %d message%s" % (args.command, answer["affected"],
+                                        "" if answer["affected"] == 1 else "s"), file=out)
+            for message_id in answer.get("not_found", []):
+                print("  not found: %s" % message_id, file=out)
+            for message_id in answer.get("skipped", []):
+                print("  not in a status %s applies to: %s" % (args.command, message_id),
+                      file=out)
+        return 0
+    except _CliError as exc:
+        print("asyncmail: %s" % exc, file=sys.stderr)
+        return exc.code
+
+
 def main(argv=None):
-    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
+    """Run the daemon until SIGTERM/SIGINT, or one CLI command; returns the
+    exit code."""
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print("asyncmail: configuration error: %s" % exc, file=sys.stderr)
         return EX_CONFIG
+    if args.command is not None:
+        return _cli(config, args)
     if args.check_config:
         for section, key, value in config.describe():
             print("%s.%s = %s" % (section, key, value))

@@ -683,6 +683,31 @@ class StoreTests(CoreCase):
         self.assertIn("send_log_ts", indexes)
         self.assertIn("updated_ts", columns)
 
+    def test_every_listing_combination_is_served_from_an_index(self):
+        # SPEC 7: every combination of GET /messages filters reads from an
+        # index: no scan of the table, no sort in a temporary B-tree
+        core = self.make_core(start=False)
+        self.addCleanup(core.stop)
+        import itertools
+        import sqlite3
+        conn = sqlite3.connect(self.db_path)
+        self.addCleanup(conn.close)
+        statuses = (["pending"], ["pending", "error", "held"], list(asyncmail.STATUSES))
+        count = 0
+        for (status, account, since, until, prefix, order, after) in itertools.product(
+                statuses, (None, "acct"), (None, 1.0), (None, 2.0), (None, "store1:"),
+                ("oldest", "newest"), (False, True)):
+            cursor = ("store1:9" if prefix else [1.5, 10]) if after else None
+            sql, params = asyncmail.Store.listing_query(
+                status, account_id=account, since=since, until=until, id_prefix=prefix,
+                order=order, after=cursor, limit=100, offset=0)
+            plan = " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+            self.assertNotRegex(plan, r"SCAN messages(?! USING)", sql)
+            self.assertNotIn("TEMP B-TREE", plan, sql)
+            self.assertIn("USING", plan, sql)
+            count += 1
+        self.assertEqual(count, 3 * 2 * 2 * 2 * 2 * 2 * 2)
+
     def test_newer_database_is_refused(self):
         import sqlite3
         core = self.make_core(start=False)
@@ -698,11 +723,6 @@ class StoreTests(CoreCase):
         import sqlite3
         conn = sqlite3.connect(self.db_path)
         self.addCleanup(conn.close)
-        plan = " ".join(row[-1] for row in conn.execute(
-            "EXPLAIN QUERY PLAN " + asyncmail.SQL_LIST_ACTIVE_MESSAGES,
-            {"window": 50, "limit": 50, "offset": 0}))
-        self.assertNotIn("SCAN messages", plan)
-        self.assertEqual(plan.count("USING INDEX messages_age"), 3, plan)
         for sql, args in ((asyncmail.SQL_CLAIM_SELECT, ("a", 3, 10)),
                           (asyncmail.SQL_PROMOTE_DUE, (1.0,)),
                           (asyncmail.SQL_HAS_PENDING, ("a", 3)),
@@ -733,8 +753,8 @@ class ApiTests(CoreCase):
         status, body = self.http.request("GET", "/status")
         self.assertEqual(status, 200)
         self.assertEqual(body, {"ok": True, "active": True, "version": asyncmail.__version__,
-                                "queue": {"pending": 0, "deferred": 0, "sending": 0,
-                                          "sent": 0, "error": 0}})
+                                "queue": {"pending": 0, "deferred": 0, "held": 0,
+                                          "sending": 0, "sent": 0, "error": 0}})
 
     def test_get_with_a_body_keeps_keep_alive_in_sync(self):
         for path in ("/metrics", "/status", "/messages"):
@@ -4126,3 +4146,242 @@ class UpstreamPacingTests(ReportingCase):
         self.assertEqual(core.metrics.value("asyncmail_report_failures_total"), 1)
         self.assertEqual(len(core.store.pending_events(10)), 1)   # kept for the next try
         self.assertIn("no complete answer within 1s", self.logs.getvalue())
+
+
+# ==========================================================================
+# Operator control (SPEC 7): retry, requeue, hold, release, filters, the CLI
+# ==========================================================================
+
+class OperatorControlTests(CoreCase):
+
+    def setUp(self):
+        self.smtp = self.smtp_server()
+        self.core = self.make_core({"delivery": {"retry_delays": "600", "max_retries": "3"}})
+        self.add_account(self.core, self.smtp)
+        self.http = self.client(self.core)
+
+    def command(self, name, body=None):
+        status, answer = self.http.request("POST", "/commands/" + name, body or {})
+        self.assertEqual(status, 200, answer)
+        return answer
+
+    def status_of(self, mid):
+        return self.record(self.core, mid)["status"]
+
+    def test_retry_delivers_at_once_after_the_relay_comes_back(self):
+        self.smtp.script("CONNECT", "421 4.3.2 down for maintenance")
+        self.add(self.core, message("r1"), message("r2"))
+        self.run_now(self.core)
+        self.assertEqual((self.status_of("r1"), self.status_of("r2")), ("deferred", "pending"))
+        self.run_now(self.core)              # the account is held back: nothing moves
+        self.assertEqual(self.smtp.messages, [])
+        answer = self.command("retry", {"account_id": "acct"})
+        self.assertEqual((answer["affected"], answer["not_found"]), (1, []))
+        self.run_now(self.core)              # same clock: no backoff left to wait out
+        self.smtp.wait_messages(2)
+        self.assertEqual((self.status_of("r1"), self.status_of("r2")), ("sent", "sent"))
+
+    def test_retry_never_bypasses_a_rate_limit(self):
+        self.add_account(self.core, self.smtp, limit_per_minute=1)
+        self.add(self.core, message("a"), message("b"))
+        self.run_now(self.core)
+        first_deferral = self.record(self.core, "b")["deferred_ts"]
+        self.assertEqual(first_deferral, self.clock() + 60)
+        self.clock.advance(10)
+        self.assertEqual(self.command("retry", {"ids": ["b"]})["affected"], 1)
+        self.run_now(self.core)
+        record = self.record(self.core, "b")
+        self.assertEqual(record["status"], "deferred")
+        self.assertEqual(record["deferred_ts"], first_deferral)   # the exact instant again
+        self.assertEqual(len(self.smtp.messages), 1)
+
+    def test_retry_leaves_a_clients_schedule_unless_asked(self):
+        later = self.clock() + 3600
+        self.add(self.core, message("s", deferred_ts=later))
+        self.assertEqual(self.command("retry")["affected"], 0)
+        self.assertEqual(self.record(self.core, "s")["deferred_ts"], later)
+        self.assertEqual(self.command("retry", {"include_scheduled": True})["affected"], 1)
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.assertEqual(self.status_of("s"), "sent")
+
+    def test_requeue_after_a_535_once_the_password_is_fixed(self):
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        core = self.make_core({"client": {"client_sync_url": upstream.url},
+                               "delivery": {"max_retries": "0"}})
+        smtp = self.smtp_server(credentials=("u", "right"))
+        self.add_account(core, smtp, user="u", password="wrong")
+        self.add(core, message("p"))
+        self.run_now(core)
+        failed = self.record(core, "p")
+        self.assertEqual(failed["status"], "error")
+        self.assertIn("535", failed["error"])
+        self.add_account(core, smtp, user="u", password="right")
+        answer = core.handle_command("requeue", {"ids": ["p", "ghost"]})
+        self.assertEqual((answer["affected"], answer["not_found"]), (1, ["ghost"]))
+        record = self.record(core, "p")
+        self.assertEqual((record["status"], record["retry_count"], record["error"]),
+                         ("pending", 0, None))
+        self.run_now(core)
+        smtp.wait_messages(1)
+        self.assertEqual(self.record(core, "p")["status"], "sent")
+        kinds = [(e["id"], e["status"]) for e in upstream.entries()]
+        self.assertEqual(kinds, [("p", "error"), ("p", "pending"), ("p", "sent")])
+        requeued = upstream.entries()[1]
+        self.assertEqual((requeued["deferred_reason"], requeued["error_ts"],
+                          requeued["sent_ts"]), ("requeued", None, None))
+
+    def test_hold_and_release(self):
+        later = self.clock() + 3600
+        self.add(self.core, message("h1"), message("h2", deferred_ts=later), message("h3"))
+        answer = self.command("hold", {"ids": ["h1", "h2", "nope"]})
+        self.assertEqual((answer["affected"], answer["not_found"], answer["skipped"]),
+                         (2, ["nope"], []))
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.assertEqual([self.status_of(m) for m in ("h1", "h2", "h3")],
+                         ["held", "held", "sent"])
+        self.assertEqual(self.command("hold", {"ids": ["h3"]})["skipped"], ["h3"])
+        status = self.http.request("GET", "/status")[1]["queue"]
+        self.assertEqual((status["held"], status["sent"]), (2, 1))
+        self.assertIn('asyncmail_queue_messages{status="held"} 2', self.core.render_metrics())
+        self.assertEqual(self.command("release", {"status": "held"})["affected"], 2)
+        self.assertEqual((self.status_of("h1"), self.status_of("h2")), ("pending", "deferred"))
+        self.assertEqual(self.record(self.core, "h2")["deferred_ts"], later)
+
+    def test_held_never_expires_and_is_never_purged(self):
+        self.add(self.core, message("k1"), message("k2"))
+        self.command("hold", {"ids": ["k1"]})
+        self.run_now(self.core)
+        self.smtp.wait_messages(1)
+        self.clock.advance(10 ** 7)
+        self.assertEqual(self.command("cleanup-messages", {"older_than_seconds": 0})["removed"],
+                         1)
+        self.run_now(self.core)
+        self.assertEqual(self.status_of("k1"), "held")
+        self.assertEqual(len(self.smtp.messages), 1)
+        self.command("release", {"ids": ["k1"]})
+        self.run_now(self.core)
+        self.smtp.wait_messages(2)
+
+    def test_selectors_are_checked(self):
+        for name, body in (("retry", {"ids": "x"}), ("retry", {"status": "error"}),
+                           ("hold", {"ids": ["a"], "account_id": "acct"}),
+                           ("release", {"colour": "red"}), ("requeue", {"include_scheduled": 1}),
+                           ("retry", {"account_id": ""})):
+            with self.subTest(name=name, body=body):
+                status, answer = self.http.request("POST", "/commands/" + name, body)
+                self.assertEqual(status, 400, answer)
+                self.assertFalse(answer["ok"])
+
+    def test_filters_and_keyset_paging_return_each_message_once(self):
+        self.add_account(self.core, self.smtp, id="other")
+        expected = {}
+        for batch in range(10):
+            account = "acct" if batch % 2 else "other"
+            ids = ["b%d-%04d" % (batch, i) for i in range(1000)]
+            self.add(self.core, *[message(i, account_id=account) for i in ids])
+            for i in ids:
+                expected[i] = (account, self.clock())
+            self.clock.advance(100)
+        self.command("hold", {"account_id": "other"})
+
+        def page_all(query):
+            seen, after = [], None
+            for _ in range(200):
+                path = "/messages?limit=100&" + query + ("&after=" + after if after else "")
+                status, body = self.http.request("GET", path)
+                self.assertEqual(status, 200, body)
+                seen.extend(m["id"] for m in body["messages"])
+                after = body["next"]
+                if not after:
+                    return seen
+            self.fail("paging did not end")
+
+        everything = page_all("")
+        self.assertEqual(len(everything), 10000)
+        self.assertEqual(everything, sorted(expected, key=lambda i: (expected[i][1], i)))
+        newest = page_all("order=newest")
+        self.assertEqual(newest, everything[::-1])
+        held = page_all("status=held")
+        self.assertEqual(sorted(held), sorted(i for i in expected if expected[i][0] == "other"))
+        mine = page_all("account_id=acct&status=pending,held")
+        self.assertEqual(sorted(mine), sorted(i for i in expected if expected[i][0] == "acct"))
+        start = expected["b3-0000"][1]
+        window = page_all("since=%d&until=%d" % (start, start + 200))
+        self.assertEqual(sorted(window), sorted(i for i in expected if i[:3] in ("b3-", "b4-")))
+        prefixed = page_all("id_prefix=b7-00")
+        self.assertEqual(prefixed, ["b7-%04d" % i for i in range(100)])
+        both = page_all("id_prefix=b7-00&order=newest&account_id=acct")
+        self.assertEqual(both, ["b7-%04d" % i for i in range(99, -1, -1)])
+        for bad in ("status=lost", "order=up", "since=yesterday", "after=%%%", "after=WzFd"):
+            with self.subTest(bad=bad):
+                self.assertEqual(self.http.request("GET", "/messages?" + bad)[0], 400)
+        # an offset still works, and active_only includes held
+        status, body = self.http.request("GET", "/messages?active_only=true&limit=5&offset=2")
+        self.assertEqual([m["id"] for m in body["messages"]], everything[2:7])
+
+
+class CommandLineControlTests(unittest.TestCase):
+    """The CLI of SPEC 7 against a real daemon process."""
+
+    CONFIG = "api_token = cli-token\n[scheduler]\nactive = false\n"
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="asyncmail-cli-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.port = None
+
+    def cli(self, *args, env=None):
+        """The CLI with the daemon's config file; the daemon listens on a
+        port it chose, which the environment tells the CLI."""
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")}
+        environ["ASYNC_MAIL_SERVER_PORT"] = str(self.port)
+        environ.update(env or {})
+        done = subprocess.run(
+            [sys.executable, os.path.join(HERE, "asyncmail.py"), "--config",
+             os.path.join(self.dir, "config.ini")] + list(args),
+            capture_output=True, text=True, env=environ, timeout=WAIT, cwd=self.dir)
+        return done.returncode, done.stdout, done.stderr
+
+    def test_cli_against_a_running_daemon(self):
+        daemon = Daemon(self, self.dir, config=self.CONFIG).start()
+        self.port = daemon.address[1]
+        client = daemon.client()
+        client.token = "cli-token"
+        client.request("POST", "/account", {"id": "a", "host": "127.0.0.1", "port": 9})
+        client.request("POST", "/commands/add-messages", {"messages": [
+            message("c1", to=["first@example.org", "second@example.org"]), message("c2"),
+            message("c3")]})
+        code, out, err = self.cli("queue")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"c1\s+pending\s+\S+\s+a\s+first@example.org")
+        self.assertIn("-- 3 messages (3 pending)", out)
+        code, out, _ = self.cli("hold", "c1", "c9")
+        self.assertEqual((code, out.splitlines()[0]), (0, "hold: 1 message"))
+        self.assertIn("not found: c9", out)
+        code, out, _ = self.cli("status", "--json")
+        self.assertEqual(json.loads(out)["queue"]["held"], 1)
+        daemon.kill(signal.SIGKILL)                       # held survives kill -9
+        self.assertEqual(self.cli("status")[0], asyncmail.EX_UNAVAILABLE)
+        daemon = Daemon(self, self.dir, config=self.CONFIG).start()
+        self.port = daemon.address[1]
+        code, out, _ = self.cli("queue", "--status", "held", "--json")
+        self.assertEqual([m["id"] for m in json.loads(out)["messages"]], ["c1"])
+        code, out, _ = self.cli("show", "c1")
+        self.assertEqual(code, 0)
+        self.assertIn("status:      held", out)
+        self.assertIn("attempts:", out)
+        self.assertEqual(self.cli("release", "--all")[1], "release: 1 message\n")
+        self.assertEqual(self.cli("delete", "--account", "a")[1], "delete: 3 messages\n")
+        self.assertEqual(self.cli("queue")[1], "-- 0 messages\n")
+        code, _, err = self.cli("show", "c1")
+        self.assertEqual(code, 1)
+        self.assertIn("unknown message", err)
+        code, _, err = self.cli("status", env={"ASYNC_MAIL_SERVER_API_TOKEN": "wrong"})
+        self.assertEqual(code, 1)
+        self.assertIn("refused the API token", err)
+        code, _, err = self.cli("retry")
+        self.assertEqual(code, 1)
+        self.assertIn("ID..., --account X or --all", err)
