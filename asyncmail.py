@@ -35,7 +35,8 @@ __all__ = [
     "public_account",
     # errors
     "AsyncmailError", "ConfigError", "StoreError", "ApiError", "ValidationError",
-    "NotFoundError", "ConflictError", "TemporaryError", "PermanentError", "SmtpFailure",
+    "NotFoundError", "ConflictError", "DeliveryError", "TemporaryError", "PermanentError",
+    "SmtpTemporaryError", "SmtpPermanentError",
 ]
 
 import argparse
@@ -399,23 +400,43 @@ class ConflictError(ApiError):
     status = 409
 
 
-class TemporaryError(AsyncmailError):
-    """A delivery step failed in a way worth retrying (SMTP 4xx, network).
+class DeliveryError(AsyncmailError):
+    """A step of delivering one message failed.
 
-    ``smtp_code`` is the server's reply code when there is one.
+    ``smtp_code`` is an SMTP server's reply code when one said so;
+    ``account_level`` says that the relay itself failed (connect, TLS, AUTH),
+    so the account's other messages should wait instead of trying too.
     """
 
-    def __init__(self, message, smtp_code=None):
+    def __init__(self, message, smtp_code=None, account_level=False):
         super().__init__(message)
         self.smtp_code = smtp_code
+        self.account_level = account_level
 
 
-class PermanentError(AsyncmailError):
-    """A delivery step failed for good (SMTP 5xx, attachment gone)."""
+class TemporaryError(DeliveryError):
+    """Worth retrying: SMTP 4xx, network, an attachment server's 5xx."""
 
-    def __init__(self, message, smtp_code=None):
-        super().__init__(message)
-        self.smtp_code = smtp_code
+
+class PermanentError(DeliveryError):
+    """Failed for good: SMTP 5xx, an attachment that is gone or too large."""
+
+
+class SmtpTemporaryError(TemporaryError):
+    """An SMTP relay's 4xx, or a connection that failed, timed out or dropped."""
+
+
+class SmtpPermanentError(PermanentError):
+    """An SMTP relay's 5xx."""
+
+
+_SMTP_ERRORS = (SmtpTemporaryError, SmtpPermanentError)
+
+
+def _smtp_error(message, temporary, account_level=False, smtp_code=None):
+    """The SMTP error of the right class for a failure."""
+    cls = SmtpTemporaryError if temporary else SmtpPermanentError
+    return cls(message, smtp_code=smtp_code, account_level=account_level)
 
 
 # ####################################################################### #
@@ -915,7 +936,6 @@ class Config:
 
     def __init__(self, overrides=None, state_directory=None):
         raw = {key: default for key, (_, default) in CONFIG_SCHEMA.items()}
-        self.sources = {}
         for section, values in (overrides or {}).items():
             if not isinstance(values, dict):
                 raise ConfigError("expected a mapping of keys", key=section)
@@ -1134,7 +1154,9 @@ class Store:
         waited seconds (p99 1.3 s at 64 clients).  A queue wakes the next
         writer the moment the last one commits.
         """
-        with self._connection(durable) as conn, self._writer:
+        # the lock before a connection: writers waiting their turn must not
+        # hold the pooled connections that readers need meanwhile
+        with self._writer, self._connection(durable) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -1190,7 +1212,7 @@ class Store:
                     group, self._intake = self._intake, []
                 self._commit_intake(group)
         if request.error is not None:
-            raise StoreError(request.error)
+            raise request.error
         return request.duplicates, request.orphans
 
     def _commit_intake(self, group):
@@ -1214,9 +1236,14 @@ class Store:
                             taken.add(row[0])
                             inserts.append(row)
                 conn.executemany(SQL_INSERT_MESSAGE, inserts)
-        except Exception as exc:
+        except BaseException as exc:
+            # every request of the group failed with its transaction: each
+            # caller raises it (a StoreError is a 503; anything else is a bug,
+            # logged with its traceback where the request is handled)
             for request in group:
-                request.error = str(exc)
+                request.error = exc
+            if not isinstance(exc, StoreError):
+                raise
         finally:
             for request in group:
                 request.done = True
@@ -2394,18 +2421,6 @@ REUSE_CHECK_IDLE = 2.0   # seconds idle after which a cached connection gets a N
 RATE_LIMIT_ERROR = "rate limit exceeded"   # the error of limit_behavior = reject
 
 
-class SmtpFailure(AsyncmailError):
-    """Raised by SmtpRelay: ``temporary`` says whether to retry and
-    ``account_level`` whether the relay itself (connect, TLS, AUTH) failed,
-    so the account's other messages should wait instead of trying too."""
-
-    def __init__(self, message, temporary, account_level=False, smtp_code=None):
-        super().__init__(message)
-        self.temporary = temporary
-        self.account_level = account_level
-        self.smtp_code = smtp_code
-
-
 def _reply_text(code, reply):
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
@@ -2416,18 +2431,19 @@ def _smtp_connect(account, timeout, local_hostname):
     """Open, greet, secure and authenticate one SMTP connection.
 
     The default ``smtp_connect`` seam; returns an ``smtplib.SMTP``.  Raises
-    SmtpFailure (account-level, temporary) for every failure: a relay that
+    SmtpTemporaryError (account-level) for every failure: a relay that
     cannot be reached, refuses TLS or rejects the credentials is not the
     message's fault.  smtplib's and ssl's exceptions are translated here,
     and no text of the failure ever carries the account's credentials.
     """
     try:
         return _smtp_open(account, timeout, local_hostname)
-    except SmtpFailure as exc:
+    except _SMTP_ERRORS as exc:
         clean = _without_credentials(str(exc), account)
         if clean == str(exc):
             raise
-        raise SmtpFailure(clean, exc.temporary, exc.account_level, exc.smtp_code) from None
+        raise _smtp_error(clean, isinstance(exc, TemporaryError), exc.account_level,
+                          exc.smtp_code) from None
 
 
 def _without_credentials(text, account):
@@ -2452,7 +2468,7 @@ def _smtp_login(conn, user, password, where):
     LOGIN: smtplib's order), credentials as UTF-8.  smtplib's own ``login``
     encodes them as ASCII, so a non-ASCII password would fail with an error
     that quotes its characters.  Raises smtplib.SMTPAuthenticationError on
-    refusal and SmtpFailure when no mechanism fits."""
+    refusal and SmtpTemporaryError when no mechanism fits."""
     import smtplib
     offered = conn.esmtp_features.get("auth", "").upper().split()
     if "CRAM-MD5" in offered:
@@ -2468,7 +2484,7 @@ def _smtp_login(conn, user, password, where):
         if code == 334:
             code, reply = conn.docmd(_b64(password))
     else:
-        raise SmtpFailure("%s offers no AUTH mechanism asyncmail speaks (CRAM-MD5, PLAIN, "
+        raise _smtp_error("%s offers no AUTH mechanism asyncmail speaks (CRAM-MD5, PLAIN, "
                           "LOGIN); offered: %s" % (where, " ".join(offered)[:200] or "none"),
                           True, True)
     if code not in (235, 503):   # 503: already authenticated
@@ -2490,38 +2506,38 @@ def _smtp_open(account, timeout, local_hostname):
         conn.ehlo_or_helo_if_needed()
         if account["use_tls"]:
             if not conn.has_extn("starttls"):
-                raise SmtpFailure("%s does not offer STARTTLS and use_tls is set: refusing "
+                raise _smtp_error("%s does not offer STARTTLS and use_tls is set: refusing "
                                   "to send in plain text" % where, True, True)
             conn.starttls(context=_ssl_context(account))
             conn.ehlo()
         if account.get("user"):
             try:
                 _smtp_login(conn, account["user"], account.get("password") or "", where)
-            except (SmtpFailure, smtplib.SMTPException, OSError):
+            except (SmtpTemporaryError, smtplib.SMTPException, OSError):
                 raise
             except Exception as exc:   # whatever it is, its text may hold a credential
-                raise SmtpFailure("AUTH with %s failed: %s" % (where, type(exc).__name__),
+                raise _smtp_error("AUTH with %s failed: %s" % (where, type(exc).__name__),
                                   True, True)
         return conn
-    except SmtpFailure:
+    except SmtpTemporaryError:
         _close_quietly(conn)
         raise
     except smtplib.SMTPAuthenticationError as exc:
         _close_quietly(conn)
-        raise SmtpFailure("authentication failed at %s: %s"
+        raise _smtp_error("authentication failed at %s: %s"
                           % (where, _reply_text(exc.smtp_code, exc.smtp_error)),
                           True, True, exc.smtp_code)
     except smtplib.SMTPResponseException as exc:
         _close_quietly(conn)
-        raise SmtpFailure("%s refused the session: %s"
+        raise _smtp_error("%s refused the session: %s"
                           % (where, _reply_text(exc.smtp_code, exc.smtp_error)),
                           True, True, exc.smtp_code)
     except ssl.SSLError as exc:
         _close_quietly(conn)
-        raise SmtpFailure("TLS with %s failed: %s" % (where, exc), True, True)
+        raise _smtp_error("TLS with %s failed: %s" % (where, exc), True, True)
     except (smtplib.SMTPException, OSError) as exc:
         _close_quietly(conn)
-        raise SmtpFailure("cannot connect to %s: %s" % (where, exc or type(exc).__name__),
+        raise _smtp_error("cannot connect to %s: %s" % (where, exc or type(exc).__name__),
                           True, True)
 
 
@@ -2583,7 +2599,8 @@ class SmtpRelay:
 
     def send(self, sender, recipients, data):
         """One transaction.  Returns ``{recipient: "code text"}`` of refused
-        recipients when others were accepted; raises SmtpFailure."""
+        recipients when others were accepted; raises SmtpTemporaryError or
+        SmtpPermanentError."""
         import smtplib
         for attempt in (1, 2):
             conn, reused = self._connection()
@@ -2592,14 +2609,14 @@ class SmtpRelay:
             except _StaleConnection as exc:
                 self.close()
                 if not reused or attempt == 2:
-                    raise SmtpFailure("connection to %s:%d lost: %s" % (
+                    raise _smtp_error("connection to %s:%d lost: %s" % (
                         self.account["host"], self.account["port"], exc.reason), True, True)
-            except SmtpFailure:
+            except _SMTP_ERRORS:
                 self._reset()
                 raise
             except (smtplib.SMTPException, OSError) as exc:
                 self.close()
-                raise SmtpFailure("connection to %s:%d lost during the transaction: %s" % (
+                raise _smtp_error("connection to %s:%d lost during the transaction: %s" % (
                     self.account["host"], self.account["port"],
                     exc or type(exc).__name__), True)
             finally:
@@ -2624,7 +2641,7 @@ class SmtpRelay:
         if code == 421:
             raise _StaleConnection(_reply_text(code, reply))
         if code != 250:
-            raise SmtpFailure("MAIL FROM refused: %s" % _reply_text(code, reply),
+            raise _smtp_error("MAIL FROM refused: %s" % _reply_text(code, reply),
                               code < 500, smtp_code=code)
         refused = {}
         for recipient in recipients:
@@ -2634,14 +2651,14 @@ class SmtpRelay:
         if len(refused) == len(recipients):
             temporary = any(code < 500 for code, _ in refused.values())
             detail = "; ".join("%s: %s" % (r, text) for r, (_, text) in refused.items())
-            raise SmtpFailure("all recipients refused: %s" % detail[:900], temporary,
+            raise _smtp_error("all recipients refused: %s" % detail[:900], temporary,
                               smtp_code=min(code for code, _ in refused.values()))
         try:
             code, reply = conn.data(data)
         except smtplib.SMTPDataError as exc:   # DATA itself refused (no 354)
             code, reply = exc.smtp_code, exc.smtp_error
         if code != 250:
-            raise SmtpFailure("message refused after DATA: %s" % _reply_text(code, reply),
+            raise _smtp_error("message refused after DATA: %s" % _reply_text(code, reply),
                               code < 500, smtp_code=code)
         if self.account["ttl"] <= 0:
             self.close()
@@ -3096,10 +3113,10 @@ class _Dispatcher(_Worker):
             del attachments
             sender, recipients = envelope(payload)
             refused = relay.send(sender, recipients, data)
-        except SmtpFailure as exc:
+        except _SMTP_ERRORS as exc:
             metrics.observe_smtp(time.monotonic() - started)
             now = self.core.now()
-            if not exc.temporary:
+            if isinstance(exc, PermanentError):
                 return self._fail(message, now, str(exc))
             outcome = self._retry(message, now, str(exc))
             if exc.account_level:
