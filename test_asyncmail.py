@@ -4385,3 +4385,31 @@ class CommandLineControlTests(unittest.TestCase):
         code, _, err = self.cli("retry")
         self.assertEqual(code, 1)
         self.assertIn("ID..., --account X or --all", err)
+
+
+class StoreConcurrencyTests(CoreCase):
+
+    def test_writers_waiting_their_turn_leave_connections_to_readers(self):
+        core = self.make_core(http=False)
+        self.add_account(core)
+        store = core.store
+        finished = []
+        with store._writer:              # a long write in progress
+            writers = [threading.Thread(target=lambda i=i: finished.append(
+                store.insert_messages([("w%d" % i, "acct", 2, "pending", 0.0, None, "s",
+                                        "[]", "<m@x>", json.dumps(message("w%d" % i)))])))
+                       for i in range(asyncmail.STORE_CONNECTIONS + 2)]
+            for writer in writers:
+                writer.start()
+            wait_until(lambda: len(store._intake) + (1 if store._intake_leader.locked() else 0)
+                       >= 1, message="writers queued")
+            # more writers than pooled connections wait; a reader still gets one
+            self.assertEqual(store.queue_counts()["pending"], 0)
+            deletes = [threading.Thread(target=store.delete_messages, args=(["x%d" % i],))
+                       for i in range(asyncmail.STORE_CONNECTIONS + 2)]
+            for thread in deletes:
+                thread.start()
+            self.assertEqual(store.queue_counts()["pending"], 0)
+        for thread in writers + deletes:
+            thread.join(WAIT)
+        self.assertEqual(store.queue_counts()["pending"], asyncmail.STORE_CONNECTIONS + 2)
