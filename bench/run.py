@@ -58,7 +58,8 @@ SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "r
 SIZES = {
     "intake_batches": (12, 16),         # 1000-message batches per client mode and round
     "intake_rounds": (1, 3),            # the median round is reported
-    "single_seconds": (3.0, 10.0),
+    "single_seconds": (3.0, 10.0),       # per server (daemon, echo)
+    "single_slices": (3, 5),            # alternating daemon / echo slices
     "dispatch_n": (3000, 10000),
     "latency_per_account": (24, 100),   # x 8 accounts
     "scale_big": (100000, 1000000),
@@ -445,31 +446,13 @@ class Sink:
 
     def _start_aiosmtpd(self):
         cmd = [sys.executable, os.path.abspath(__file__), "_aiosmtpd", "--delay", str(self.delay)]
-        proc = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                     stderr=subprocess.DEVNULL)
-        line = b""
-        box = []
-        reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(20)
-        line = box[0] if box else b""
-        found = re.match(rb"PORT (\d+)", line)
-        if not found:
-            _stop_process(proc, 2)
-            forget(proc)
-            raise RuntimeError("aiosmtpd sink did not start (is aiosmtpd installed?)")
-        self.proc, self.port = proc, int(found.group(1))
+        self.proc, self.port = spawn_with_port(
+            cmd, "aiosmtpd sink did not start (is aiosmtpd installed?)")
         self.kind = "aiosmtpd (delay %gs)" % self.delay if self.delay else "aiosmtpd"
 
     def stop(self):
         if self.proc is not None:
-            if self.proc.stdin:
-                try:
-                    self.proc.stdin.close()
-                except OSError:
-                    pass
-            _stop_process(self.proc, 5)
-            forget(self.proc)
+            stop_child(self.proc)
             self.proc = None
 
     def __enter__(self):
@@ -477,6 +460,36 @@ class Sink:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def spawn_with_port(cmd, failure, timeout=20.0):
+    """Start a ``run.py _subcommand`` child that prints "PORT n" once it
+    listens and exits when its stdin closes.  Returns (process, port)."""
+    proc = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                 stderr=subprocess.DEVNULL)
+    box = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    found = re.match(rb"PORT (\d+)", box[0] if box else b"")
+    if not found:
+        _stop_process(proc, 2)
+        forget(proc)
+        raise RuntimeError(failure)
+    return proc, int(found.group(1))
+
+
+def stop_child(proc):
+    """Close the stdin of a spawn_with_port child (its signal to exit), then stop it."""
+    if proc is None:
+        return
+    if proc.stdin:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    _stop_process(proc, 5)
+    forget(proc)
 
 
 def _smtp_banner(port):
@@ -519,6 +532,86 @@ def aiosmtpd_main(delay):
     finally:
         server.close()
     return 0
+
+
+# ---------------------------------------------------------------------------
+# the reference HTTP server: a bare http.server JSON echo in its own process
+# ---------------------------------------------------------------------------
+ECHO_ANSWER = {"ok": True, "queued": 1, "rejected": [], "duplicates": []}
+
+
+def echo_main():
+    """``run.py _echo``: the request path with nothing of asyncmail in it.
+    A stock ThreadingHTTPServer (HTTP/1.1 keep-alive, Nagle off, as the
+    daemon) that reads a POST body, ``json.loads`` it and answers a small
+    JSON like the daemon's add-messages answer; GET answers ``{"ok":true}``.
+    Prints "PORT n"; exits when stdin closes."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_POST(self):
+            payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            messages = payload.get("messages") if isinstance(payload, dict) else None
+            answer = dict(ECHO_ANSWER, queued=len(messages) if isinstance(messages, list) else 0)
+            self._answer(json.dumps(answer, separators=(",", ":")).encode("utf-8"))
+
+        def do_GET(self):
+            self._answer(b'{"ok":true}')
+
+        def _answer(self, body):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    print("PORT %d" % server.server_address[1], flush=True)
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+class Echo:
+    """``run.py _echo`` as its own process (started like the daemon: a fresh
+    ``python3 <script>``); spawned_at / ready_at bracket its start-up."""
+
+    def __init__(self):
+        self.proc = None
+        self.port = None
+        self.spawned_at = None
+        self.ready_at = None
+
+    def start(self):
+        cmd = [sys.executable, os.path.abspath(__file__), "_echo"]
+        self.spawned_at = time.perf_counter()
+        self.proc, self.port = spawn_with_port(cmd, "the echo server did not start")
+        self.ready_at = time.perf_counter()
+        return self
+
+    def vm(self, key="VmHWM"):
+        return vm_kb(self.proc.pid, key) if self.proc else None
+
+    def stop(self):
+        stop_child(self.proc)
+        self.proc = None
+
+    def __enter__(self):
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -732,77 +825,120 @@ def scenario_intake(ctx):
     return {"rows": rows, "raw": raw}
 
 
+def drive_single(port, seconds, threads, server_pid=None, warmup=20):
+    """One-message add-messages POSTs from ``threads`` keep-alive clients
+    for ``seconds`` (after ``warmup`` untimed requests each), each body a
+    fresh ``batch_bytes(1)``.  Returns (latency samples in s, elapsed s, CPU s
+    of ``server_pid`` meanwhile)."""
+    barrier = threading.Barrier(threads + 1)
+    latencies = [[] for _ in range(threads)]
+    errors = []
+    stop_at = [time.perf_counter() + 3600]   # placeholder until the barrier opens
+
+    def client(slot):
+        conn = Api(port)
+        try:
+            for _ in range(warmup):
+                conn.call("POST", "/commands/add-messages", batch_bytes(1))
+            barrier.wait(30)
+            mine = latencies[slot]
+            for _ in range(200000):   # bound; the deadline ends it first
+                body = batch_bytes(1)
+                start = time.perf_counter()
+                status, _ = conn.call("POST", "/commands/add-messages", body)
+                end = time.perf_counter()
+                if status != 200:
+                    raise RuntimeError("add-messages -> %s" % status)
+                mine.append(end - start)
+                if end >= stop_at[0]:
+                    return
+        except Exception as exc:
+            errors.append(repr(exc))
+            try:
+                barrier.abort()
+            except threading.BrokenBarrierError:
+                pass
+        finally:
+            conn.close()
+
+    workers = [threading.Thread(target=client, args=(i,), daemon=True)
+               for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        barrier.wait(60)
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    cpu0 = _proc_cpu(server_pid) if server_pid else 0.0
+    stop_at[0] = start + seconds
+    for worker in workers:
+        worker.join(seconds + 60)
+    elapsed = time.perf_counter() - start
+    cpu = (_proc_cpu(server_pid) - cpu0) if server_pid else 0.0
+    if errors:
+        raise RuntimeError("single failed: %s" % errors[0])
+    return [s for per in latencies for s in per], elapsed, cpu
+
+
+def latency_summary(samples, elapsed, cpu):
+    return {"requests": len(samples), "elapsed": elapsed,
+            "req_per_s": len(samples) / elapsed,
+            "p50_ms": pct(samples, 50) * 1e3, "p90_ms": pct(samples, 90) * 1e3,
+            "p99_ms": pct(samples, 99) * 1e3, "max_ms": max(samples) * 1e3,
+            "mean_ms": statistics.fmean(samples) * 1e3,
+            "cpu_us_per_request": cpu / len(samples) * 1e6,
+            "cpu_cores": cpu / elapsed}
+
+
+# single: daemon req/s >= SINGLE_RATE x the echo's, daemon p50 <= SINGLE_P50 x the echo's
+SINGLE_RATE = 0.4
+SINGLE_P50 = 3.0
+
+
 def scenario_single(ctx):
+    """The daemon and the bare http.server echo, both running, driven in
+    alternating slices by the same 8-client loop with the same bodies, so
+    both see the same machine (other processes come and go)."""
     seconds = size("single_seconds")
+    slices = size("single_slices")
     threads = 8
-    raw = {"threads": threads, "seconds": seconds}
-    with ctx.daemon("single", SUSPENDED) as daemon:
+    raw = {"threads": threads, "seconds": seconds, "slices": slices,
+           "reference": "bare http.server JSON echo (run.py _echo), same client loop"}
+    pooled = {"daemon": [[], 0.0, 0.0], "echo": [[], 0.0, 0.0]}
+    with ctx.daemon("single", SUSPENDED) as daemon, Echo() as echo:
         api = daemon.api()
         add_account(api, "single", 9)
         api.close()
-        barrier = threading.Barrier(threads + 1)
-        latencies = [[] for _ in range(threads)]
-        errors = []
-        stop_at = [None]
-
-        def client(slot):
-            conn = Api(daemon.port)
-            try:
-                for _ in range(20):   # warm-up, not timed
-                    conn.call("POST", "/commands/add-messages", batch_bytes(1))
-                barrier.wait(30)
-                mine = latencies[slot]
-                for _ in range(200000):   # bound; the deadline ends it first
-                    body = batch_bytes(1)
-                    start = time.perf_counter()
-                    status, _ = conn.call("POST", "/commands/add-messages", body)
-                    end = time.perf_counter()
-                    if status != 200:
-                        raise RuntimeError("add-messages -> %s" % status)
-                    mine.append(end - start)
-                    if end >= stop_at[0]:
-                        return
-            except Exception as exc:
-                errors.append(repr(exc))
-                try:
-                    barrier.abort()
-                except threading.BrokenBarrierError:
-                    pass
-            finally:
-                conn.close()
-
-        workers = [threading.Thread(target=client, args=(i,), daemon=True)
-                   for i in range(threads)]
-        for worker in workers:
-            worker.start()
-        stop_at[0] = time.perf_counter() + 3600   # placeholder until the barrier opens
-        try:
-            barrier.wait(60)
-        except threading.BrokenBarrierError:
-            pass
-        start = time.perf_counter()
-        cpu0 = _proc_cpu(daemon.proc.pid)
-        stop_at[0] = start + seconds
-        for worker in workers:
-            worker.join(seconds + 60)
-        elapsed = time.perf_counter() - start
-        daemon_cpu = _proc_cpu(daemon.proc.pid) - cpu0
-        if errors:
-            raise RuntimeError("single failed: %s" % errors[0])
-        samples = [s for per in latencies for s in per]
-        raw.update({"requests": len(samples), "elapsed": elapsed,
-                    "req_per_s": len(samples) / elapsed,
-                    "p50_ms": pct(samples, 50) * 1e3, "p90_ms": pct(samples, 90) * 1e3,
-                    "p99_ms": pct(samples, 99) * 1e3, "max_ms": max(samples) * 1e3,
-                    "mean_ms": statistics.fmean(samples) * 1e3,
-                    "daemon_cpu_us_per_request": daemon_cpu / len(samples) * 1e6,
-                    "daemon_cpu_cores": daemon_cpu / elapsed,
-                    "daemon_error_lines": daemon.problems})
+        servers = (("echo", echo.port, echo.proc.pid), ("daemon", daemon.port, daemon.proc.pid))
+        for _ in range(slices):
+            for name, port, pid in servers:
+                samples, elapsed, cpu = drive_single(port, seconds / slices, threads, pid)
+                pooled[name][0].extend(samples)
+                pooled[name][1] += elapsed
+                pooled[name][2] += cpu
+        raw["daemon_error_lines"] = daemon.problems
+    for name, (samples, elapsed, cpu) in pooled.items():
+        raw[name] = latency_summary(samples, elapsed, cpu)
+    ours, ref = raw["daemon"], raw["echo"]
+    # the keys of earlier runs, for comparison across commits
+    for key in ("requests", "elapsed", "req_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms",
+                "mean_ms"):
+        raw[key] = ours[key]
+    raw["daemon_cpu_us_per_request"] = ours["cpu_us_per_request"]
+    raw["daemon_cpu_cores"] = ours["cpu_cores"]
+    rate_ratio = ours["req_per_s"] / ref["req_per_s"]
+    p50_ratio = ours["p50_ms"] / ref["p50_ms"]
+    raw.update({"req_per_s_ratio": rate_ratio, "p50_ratio": p50_ratio})
     rows = [("single, p50 / p99 latency",
-             "%s / %s ms" % (fmt(raw["p50_ms"], digits=2), fmt(raw["p99_ms"], digits=1)),
-             "p50 < 2 ms", verdict(raw["p50_ms"] < 2.0)),
-            ("single, requests/s (8 clients)", fmt(raw["req_per_s"], "req/s"),
-             ">= 1,500 req/s", verdict(raw["req_per_s"] >= 1500))]
+             "%s / %s ms; echo %s / %s ms; p50 %.2fx" % (
+                 fmt(ours["p50_ms"], digits=2), fmt(ours["p99_ms"], digits=1),
+                 fmt(ref["p50_ms"], digits=2), fmt(ref["p99_ms"], digits=1), p50_ratio),
+             "p50 <= %gx echo" % SINGLE_P50, verdict(p50_ratio <= SINGLE_P50)),
+            ("single, requests/s (8 clients)",
+             "%s = %.0f%% of echo %s" % (fmt(ours["req_per_s"], "req/s"), rate_ratio * 100,
+                                         fmt(ref["req_per_s"], "req/s")),
+             ">= %.0f%% of echo" % (SINGLE_RATE * 100), verdict(rate_ratio >= SINGLE_RATE))]
     return {"rows": rows, "raw": raw}
 
 
@@ -1395,6 +1531,8 @@ def main(argv):
     if argv[:1] == ["_aiosmtpd"]:
         return aiosmtpd_main(float(argv[argv.index("--delay") + 1]) if "--delay" in argv
                              else 0.0)
+    if argv[:1] == ["_echo"]:
+        return echo_main()
     if argv[:1] == ["_profiled"]:
         return profiled_main(argv[1], argv[2], argv[argv.index("--") + 1:])
     args = parse_args(argv)
