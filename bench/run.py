@@ -64,7 +64,7 @@ SIZES = {
     "latency_per_account": (24, 100),   # x 8 accounts
     "scale_big": (100000, 1000000),
     "scale_probe_batches": (8, 20),     # intake probe (4 threads) = dispatch probe
-    "footprint_starts": (5, 5),
+    "footprint_starts": (9, 9),
     "reports_n": (3000, 10000),
     "pull_n": (5000, 5000),             # the Genropy issue's site: 5,000 messages
 }
@@ -1215,34 +1215,67 @@ def scenario_scale(ctx):
     return {"rows": rows, "raw": raw}
 
 
+def _first_200(server, path):
+    """GET ``path`` on a just-started daemon or echo; the ms from its spawn
+    to the ready line and to that first 200.  Returns (ms dict, Api)."""
+    api = Api(server.port)
+    status, _ = api.call("GET", path)
+    first_200 = time.perf_counter()
+    if status != 200:
+        api.close()
+        raise RuntimeError("GET %s -> %s" % (path, status))
+    return {"log_line_ms": (server.ready_at - server.spawned_at) * 1e3,
+            "first_200_ms": (first_200 - server.spawned_at) * 1e3}, api
+
+
+def _idle_hwm(server, api, paths):
+    """VmHWM / VmRSS (kB) after 20 GETs of ``paths[0]`` and one of each
+    other path, and a second of rest."""
+    for _ in range(20):
+        api.call("GET", paths[0])
+    for path in paths[1:]:
+        api.call("GET", path)
+    time.sleep(1.0)
+    return server.vm(), server.vm("VmRSS")
+
+
+# footprint: daemon start-up <= FOOTPRINT_STARTUP x the echo's; peak RSS idle
+# <= FOOTPRINT_IDLE_RSS x the echo's idle RSS, with the big queue <= FOOTPRINT_BIG_RSS x
+FOOTPRINT_STARTUP = 2.5
+FOOTPRINT_IDLE_RSS = 1.6
+FOOTPRINT_BIG_RSS = 3.5
+
+
 def scenario_footprint(ctx):
     starts = size("footprint_starts")
-    raw = {"starts": []}
-    idle_hwm = None
+    raw = {"starts": [], "echo_starts": [],
+           "reference": "bare http.server JSON echo (run.py _echo): spawn to first 200, "
+                        "idle VmHWM"}
+    idle_hwm = echo_hwm = None
     for i in range(starts):
+        # daemon and echo take turns, so both starts see the same machine
         daemon = ctx.daemon("footprint%d" % i)
         try:
             daemon.start()
-            api = daemon.api()
-            status, _ = api.call("GET", "/status")
-            first_200 = time.perf_counter()
-            if status != 200:
-                raise RuntimeError("GET /status -> %s" % status)
-            raw["starts"].append({"log_line_ms": (daemon.ready_at - daemon.spawned_at) * 1e3,
-                                  "first_200_ms": (first_200 - daemon.spawned_at) * 1e3})
+            times, api = _first_200(daemon, "/status")
+            raw["starts"].append(times)
             if i == starts - 1:
-                for _ in range(20):
-                    api.call("GET", "/status")
-                api.call("GET", "/metrics")
-                time.sleep(1.0)
-                idle_hwm = daemon.vm()
-                raw["idle_rss_kb"] = daemon.vm("VmRSS")
+                idle_hwm, raw["idle_rss_kb"] = _idle_hwm(daemon, api, ("/status", "/metrics"))
             api.close()
         finally:
             daemon.close()
+        with Echo() as echo:
+            times, api = _first_200(echo, "/status")
+            raw["echo_starts"].append(times)
+            if i == starts - 1:
+                echo_hwm, raw["echo_idle_rss_kb"] = _idle_hwm(echo, api, ("/status",))
+            api.close()
     startup = statistics.median(s["first_200_ms"] for s in raw["starts"])
+    echo_startup = statistics.median(s["first_200_ms"] for s in raw["echo_starts"])
     raw["startup_median_ms"] = startup
+    raw["echo_startup_median_ms"] = echo_startup
     raw["idle_hwm_kb"] = idle_hwm
+    raw["echo_idle_hwm_kb"] = echo_hwm
     big_hwm, big_note = None, None
     scale = ctx.results.get("scale")
     if scale and scale.get("raw", {}).get("rss_hwm_kb_big"):
@@ -1268,13 +1301,23 @@ def scenario_footprint(ctx):
     raw["big_hwm_kb"] = big_hwm
     raw["big_note"] = big_note
     mb = lambda kb: kb / 1024.0 if kb is not None else None
+    ratio = lambda kb: kb / echo_hwm if kb and echo_hwm else None
+    startup_ratio = startup / echo_startup
+    idle_ratio, big_ratio = ratio(idle_hwm), ratio(big_hwm)
+    raw.update({"startup_ratio": startup_ratio, "idle_rss_ratio": idle_ratio,
+                "big_rss_ratio": big_ratio})
     rows = [("footprint, start-up to first 200",
-             "%s ms (median of %d)" % (fmt(startup, digits=0), starts), "< 150 ms",
-             verdict(startup < 150)),
+             "%s ms; echo %s ms (medians of %d); %.2fx" % (
+                 fmt(startup, digits=0), fmt(echo_startup, digits=0), starts, startup_ratio),
+             "<= %gx echo" % FOOTPRINT_STARTUP, verdict(startup_ratio <= FOOTPRINT_STARTUP)),
             ("footprint, peak RSS idle / big queue",
-             "%s / %s MB" % (fmt(mb(idle_hwm), digits=1), fmt(mb(big_hwm), digits=1)),
-             "< 40 MB", verdict(idle_hwm is not None and big_hwm is not None
-                                and mb(max(idle_hwm, big_hwm)) < 40))]
+             "%s / %s MB; echo %s MB; %s / %sx" % (
+                 fmt(mb(idle_hwm), digits=1), fmt(mb(big_hwm), digits=1),
+                 fmt(mb(echo_hwm), digits=1), fmt(idle_ratio, digits=2),
+                 fmt(big_ratio, digits=2)),
+             "<= %gx / %gx echo" % (FOOTPRINT_IDLE_RSS, FOOTPRINT_BIG_RSS),
+             verdict(idle_ratio is not None and big_ratio is not None
+                     and idle_ratio <= FOOTPRINT_IDLE_RSS and big_ratio <= FOOTPRINT_BIG_RSS))]
     return {"rows": rows, "raw": raw}
 
 
