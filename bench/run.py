@@ -1134,9 +1134,11 @@ def scenario_latency(ctx):
             api.close()
     ideal = workers / delay
     raw["ideal_msg_per_s"] = ideal
+    raw["ratio"] = rate / ideal
     rows = [("latency, 8 accounts, 50 ms sink",
-             "%s = %.0f%% of %d" % (fmt(rate, "msg/s", 1), 100 * rate / ideal, ideal),
-             ">= 80% of 4 x 20 msg/s", verdict(rate >= 0.8 * ideal))]
+             "%s = %.0f%% of ideal %d msg/s" % (fmt(rate, "msg/s", 1), 100 * rate / ideal,
+                                                 ideal),
+             ">= 80% of ideal (4 x 20/s)", verdict(rate >= 0.8 * ideal))]
     return {"rows": rows, "raw": raw}
 
 
@@ -1400,7 +1402,9 @@ def scenario_reports(ctx):
             api = daemon.api()
             add_account(api, "rep", sink.port, batch_size=1000)
             post_batches(daemon.port, n // 1000, 2, make=lambda i: batch_bytes(1000))
-            measure_dispatch(api, n, 0, max(120.0, n / 20.0))   # upstream answers 503
+            # upstream answers 503; this delivery's rate is the reference
+            dispatch, _, _ = measure_dispatch(api, n, 0, max(120.0, n / 20.0))
+            raw["dispatch_msg_per_s"] = dispatch
             raw["refused_posts_while_delivering"] = upstream.refused_posts
             with upstream.lock:
                 upstream.mode = 200
@@ -1418,15 +1422,21 @@ def scenario_reports(ctx):
                         "entries_per_s": n / acked_s,
                         "daemon_error_lines": daemon.problems})
             api.close()
+    # The brief gives no target; "reports keep up with delivery" is judged
+    # against the delivery this scenario ran (same daemon, sink and size),
+    # so the row has its reference whether or not dispatch ran too.
     rate = raw["entries_per_s"]
-    dispatch = ctx.results.get("dispatch", {}).get("raw", {}).get("daemon_msg_per_s")
-    if dispatch:
-        target, ok = ">= dispatch rate (%s/s)" % fmt(dispatch), rate >= dispatch
-    else:
-        target, ok = "none given (info)", None
-    raw["target"] = target
-    rows = [("reports, entries posted + acked", fmt(rate, "entries/s"), target,
-             "info" if ok is None else verdict(ok))]
+    dispatch = raw["dispatch_msg_per_s"]
+    ratio = rate / dispatch
+    other = ctx.results.get("dispatch", {}).get("raw", {}).get("daemon_msg_per_s")
+    if other:
+        raw["dispatch_scenario_msg_per_s"] = other
+    raw["ratio"] = ratio
+    raw["target"] = ">= 1x its dispatch"
+    rows = [("reports, entries posted + acked",
+             "%s = %.1fx its dispatch %s" % (fmt(rate, "entries/s"), ratio,
+                                             fmt(dispatch, "msg/s")),
+             raw["target"], verdict(ratio >= 1.0))]
     return {"rows": rows, "raw": raw}
 
 
