@@ -10,9 +10,14 @@ keep-alive ``http.client`` connections, and delivers to a local SMTP sink
 (Postfix's ``smtp-sink`` when installed, else an aiosmtpd subprocess).  Every
 process it starts is stopped in ``finally`` blocks and again at exit.
 
-Scenarios: intake, single, dispatch, latency, scale, footprint, reports (see
-bench/README.md).  Prints each figure with its target and verdict, then a
-Markdown table; writes raw numbers and machine info as JSON.
+Scenarios: intake, single, dispatch, latency, scale, footprint, reports, pull
+(see bench/README.md).  Every target is a ratio to a reference measured in
+the same run (``json.loads`` + ``executemany`` for intake, a bare
+``http.server`` echo, ``run.py _echo``, for single and footprint, the raw
+smtplib loop for dispatch and pull, the daemon itself at 1k queued for
+scale); absolute figures are printed beside the ratios but not judged.
+Prints each figure with its target and verdict, then a Markdown table;
+writes raw numbers and machine info as JSON.
 
 ``--profile DIR`` runs every daemon under a per-thread cProfile wrapper
 (``python3 -m cProfile`` alone only sees the main thread, which just waits)
