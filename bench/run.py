@@ -999,8 +999,8 @@ def latency_summary(samples, elapsed, cpu):
 
 
 # single: daemon req/s >= SINGLE_RATE x the echo's, daemon p50 <= SINGLE_P50 x the echo's
-SINGLE_RATE = 0.4
-SINGLE_P50 = 3.0
+SINGLE_RATE = 0.3
+SINGLE_P50 = 4.0
 
 
 def scenario_single(ctx):
