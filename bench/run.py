@@ -832,7 +832,8 @@ class IntakeReference:
         self.conn = sqlite3.connect(os.path.join(self.dir, "ref.db"), isolation_level=None)
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = FULL")
-        for statements in (module.SQL_SCHEMA_V1, module.SQL_SCHEMA_V2, module.SQL_SCHEMA_V3):
+        for version in range(1, module.SCHEMA_VERSION + 1):   # every migration step
+            statements = getattr(module, "SQL_SCHEMA_V%d" % version)
             self.conn.execute("BEGIN IMMEDIATE")
             for statement in statements:
                 self.conn.execute(statement)
