@@ -94,6 +94,7 @@ SQLITE_BUSY_TIMEOUT_MS = 15000
 STORE_CONNECTIONS = 8   # pooled SQLite connections (more threads wait for one)
 SQL_CHUNK = 500         # stays under SQLite's historic 999-variable limit
 LATEST_TS = 253402300799    # 9999-12-31T23:59:59Z: later deferred_ts is garbage
+MAX_MIME_TYPE_CHARS = 255   # RFC 6838 4.2: type and subtype names are at most 127 each
 
 PRIORITY_NAMES = {"immediate": 0, "high": 1, "medium": 2, "low": 3}
 STATUSES = ("pending", "deferred", "sending", "sent", "error")
@@ -337,15 +338,20 @@ class PermanentError(AsyncmailError):
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _CRLF = re.compile(r"[\r\n]")
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")   # RFC 5322 ftext: printable, no colon
-_MIME_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+# Every character str.splitlines() breaks on: the email package refuses all of
+# them in a header value, so a single-line field that holds one cannot be sent.
+_LINE_BREAKS = re.compile(r"[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+# Validation patterns are used with fullmatch only: "$" also matches before a
+# final newline, which let "Bcc\n" pass for a header name.
+_HEADER_NAME = re.compile(r"[!-9;-~]+")   # RFC 5322 ftext: printable, no colon
+_MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LOCAL_PART = re.compile(
-    r'^(?:%s+(?:\.%s+)*|"(?:[^"\\\r\n]|\\[^\r\n])*")$' % (_ATEXT, _ATEXT))
+    r'%s+(?:\.%s+)*|"(?:[^"\\\r\n]|\\[^\r\n])*"' % (_ATEXT, _ATEXT))
 _DOMAIN = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-    r"|\[[A-Za-z0-9:.]+\])$")
+    r"|\[[A-Za-z0-9:.]+\]")
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
 _DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -416,7 +422,7 @@ def _split_addresses(text):
     return parts
 
 
-_NAMED_ADDRESS = re.compile(r'^\s*(?P<name>"(?:[^"\\]|\\.)*"|[^<>"]*?)\s*<(?P<addr>[^<>]*)>\s*$')
+_NAMED_ADDRESS = re.compile(r'\s*(?P<name>"(?:[^"\\]|\\.)*"|[^<>"]*?)\s*<(?P<addr>[^<>]*)>\s*')
 
 
 def _check_addr_spec(addr):
@@ -434,9 +440,9 @@ def _check_addr_spec(addr):
     if not local.isascii():
         raise ValueError("invalid address %r: a non-ASCII local part needs SMTPUTF8, "
                          "which asyncmail does not speak" % addr)
-    if not _LOCAL_PART.match(local) or len(local) > 64:
+    if not _LOCAL_PART.fullmatch(local) or len(local) > 64:
         raise ValueError("invalid address %r" % addr)
-    if not _DOMAIN.match(ascii_domain) or len(ascii_domain) > 253:
+    if not _DOMAIN.fullmatch(ascii_domain) or len(ascii_domain) > 253:
         raise ValueError("invalid address %r" % addr)
     return local + "@" + ascii_domain
 
@@ -450,7 +456,7 @@ def _parse_address(text):
         raise ValueError("address must be a string")
     if _CONTROL_CHARS.search(text):
         raise ValueError("address contains a control character (CR/LF?)")
-    named = _NAMED_ADDRESS.match(text)
+    named = _NAMED_ADDRESS.fullmatch(text)
     if named:
         name = named.group("name").strip()
         if name.startswith('"') and name.endswith('"') and len(name) >= 2:
@@ -499,8 +505,8 @@ def _is_host(text):
         ascii_name = text.encode("idna").decode("ascii")
     except UnicodeError:
         return False
-    return bool(ascii_name) and len(ascii_name) <= 253 and bool(_DOMAIN.match(ascii_name)) \
-        and not ascii_name.startswith("[")
+    return bool(ascii_name) and len(ascii_name) <= 253 \
+        and bool(_DOMAIN.fullmatch(ascii_name)) and not ascii_name.startswith("[")
 
 
 def _is_loopback_host(host):
@@ -568,7 +574,7 @@ def _conf_int(low=None, high=None):
             raise ValueError("expected an integer")
         if isinstance(value, str):
             value = value.strip()
-            if not re.match(r"^[+-]?\d+$", value):
+            if not re.fullmatch(r"[+-]?[0-9]+", value):
                 raise ValueError("expected an integer")
         number = int(value)
         if low is not None and number < low:
@@ -649,7 +655,7 @@ def _conf_timezone(value):
     name = str(value).strip() or "UTC"
     if name.upper() in ("UTC", "Z", "GMT"):
         return _FixedOffset(0, "UTC")
-    offset = re.match(r"^(?:UTC)?([+-])(\d\d):?(\d\d)$", name)
+    offset = re.fullmatch(r"(?:UTC)?([+-])([0-9]{2}):?([0-9]{2})", name)
     if offset:
         minutes = int(offset.group(2)) * 60 + int(offset.group(3))
         if minutes > 18 * 60:
@@ -681,7 +687,8 @@ class SendingWindow:
         text = str(text).strip()
         if not text:
             return None
-        match = re.match(r"^(\S+)\s+(\d{1,2}):(\d\d)\s*-\s*(\d{1,2}):(\d\d)$", text)
+        match = re.fullmatch(
+            r"(\S+)\s+([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})", text)
         if not match:
             raise ValueError("expected 'DAYS HH:MM-HH:MM', e.g. 'mon-fri 08:00-18:00'")
         days = set()
@@ -1311,7 +1318,8 @@ class Store:
 _RESERVED_HEADERS = frozenset([
     "from", "to", "cc", "bcc", "subject", "reply-to", "return-path", "message-id",
     "date", "mime-version", "content-type", "content-transfer-encoding", "sender"])
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$", re.IGNORECASE)
+_MESSAGE_ID_TEXT = re.compile(r"[!-~]+")   # printable ASCII, no space
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}", re.IGNORECASE)
 
 
 def _check_text(value, field, required=False, max_chars=None, single_line=False):
@@ -1324,6 +1332,9 @@ def _check_text(value, field, required=False, max_chars=None, single_line=False)
         raise ValueError("%s must be a string" % field)
     if single_line and _CRLF.search(value):
         raise ValueError("%s must not contain CR or LF" % field)
+    if single_line and _LINE_BREAKS.search(value):
+        raise ValueError("%s must not contain a line break (U+%04X)"
+                         % (field, ord(_LINE_BREAKS.search(value).group())))
     if "\x00" in value:
         raise ValueError("%s must not contain NUL" % field)
     if max_chars is not None and len(value) > max_chars:
@@ -1365,7 +1376,8 @@ def _check_attachment(raw, index):
     attachment = {"filename": filename}
     mime_type = raw.get("mime_type")
     if mime_type is not None:
-        if not isinstance(mime_type, str) or not _MIME_TYPE.match(mime_type):
+        if (not isinstance(mime_type, str) or len(mime_type) > MAX_MIME_TYPE_CHARS
+                or not _MIME_TYPE.fullmatch(mime_type)):
             raise ValueError("%s.mime_type must look like type/subtype" % field)
         attachment["mime_type"] = mime_type.lower()
     sources = [key for key in ("content", "url", "s3") if raw.get(key) is not None]
@@ -1400,14 +1412,14 @@ def _check_attachment(raw, index):
             raise ValueError("%s.s3 must be an object with bucket and key" % field)
         bucket = value.get("bucket")
         key = value.get("key")
-        if not isinstance(bucket, str) or not _S3_BUCKET.match(bucket):
+        if not isinstance(bucket, str) or not _S3_BUCKET.fullmatch(bucket):
             raise ValueError("%s.s3.bucket must be a bucket name" % field)
         if not isinstance(key, str) or not key or len(key) > 1024 or "\x00" in key:
             raise ValueError("%s.s3.key must be a non-empty object key" % field)
         s3 = {"bucket": bucket, "key": key}
         region = value.get("region")
         if region is not None:
-            if not isinstance(region, str) or not re.match(r"^[a-z0-9-]{1,64}$", region):
+            if not isinstance(region, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", region):
                 raise ValueError("%s.s3.region must be a region name" % field)
             s3["region"] = region
         attachment["s3"] = s3
@@ -1467,7 +1479,7 @@ def validate_message(raw, default_priority, resolve_account):
         if not isinstance(headers, dict):
             raise ValueError("headers must be an object of name: value strings")
         for name, value in headers.items():
-            if not _HEADER_NAME.match(name) or len(name) > 76:
+            if len(name) > 76 or not _HEADER_NAME.fullmatch(name):
                 raise ValueError("header name %r is not a valid field name" % name[:80])
             if name.lower() in _RESERVED_HEADERS:
                 raise ValueError("header %s comes from its own field and cannot be set" % name)
@@ -1475,9 +1487,11 @@ def validate_message(raw, default_priority, resolve_account):
             message["headers"][name] = value
     message_id = raw.get("message_id")
     if message_id is not None:
-        if (not isinstance(message_id, str) or _CONTROL_CHARS.search(message_id)
-                or " " in message_id or "@" not in message_id or len(message_id) > 250):
-            raise ValueError("message_id must look like <unique@domain>")
+        # printable ASCII only: RFC 5322 has no encoding for a msg-id, so
+        # anything else (U+2028 too) would fail the message at send time
+        if (not isinstance(message_id, str) or len(message_id) > 250
+                or not _MESSAGE_ID_TEXT.fullmatch(message_id) or "@" not in message_id):
+            raise ValueError("message_id must look like <unique@domain> (printable ASCII)")
         message_id = message_id.strip("<>")
         if not message_id or "<" in message_id or ">" in message_id:
             raise ValueError("message_id must look like <unique@domain>")
@@ -1592,11 +1606,41 @@ def build_mime(message, attachments, now):
     package's header machinery is ~85% of the delivery CPU); anything else
     goes through ``email.message.EmailMessage``.
     """
+    _check_header_fields(message, attachments)
     if not attachments:
         simple = _simple_mime(message, now)
         if simple is not None:
             return simple
     return _rich_mime(message, attachments, now)
+
+
+def _check_header_fields(message, attachments):
+    """Check once more, where the headers are written, everything that
+    becomes a header: a message stored by an older version, or a gap in
+    intake validation, must fail here rather than end the header block
+    early or add a header.  Raises PermanentError."""
+    def refuse(what):
+        raise PermanentError("cannot build the message: %s" % what)
+
+    for name, value in message["headers"].items():
+        if (len(name) > 76 or not _HEADER_NAME.fullmatch(name)
+                or name.lower() in _RESERVED_HEADERS):
+            refuse("header name %r is not allowed" % name[:80])
+        if not isinstance(value, str) or _LINE_BREAKS.search(value):
+            refuse("header %s holds a line break" % name)
+    if _LINE_BREAKS.search(message["subject"]):
+        refuse("the subject holds a line break")
+    if not _MESSAGE_ID_TEXT.fullmatch(message["message_id"]):
+        refuse("message_id %r is not printable ASCII" % message["message_id"][:80])
+    pairs = [message["from"]] + message["to"] + message["cc"] + message["reply_to"]
+    for name, addr in pairs + message["bcc"]:
+        if _CONTROL_CHARS.search(name) or _CONTROL_CHARS.search(addr):
+            refuse("address %r holds a control character" % addr[:80])
+    for filename, mime_type, _ in attachments:
+        if _CONTROL_CHARS.search(filename):
+            refuse("attachment filename %r holds a control character" % filename[:80])
+        if len(mime_type) > MAX_MIME_TYPE_CHARS or not _MIME_TYPE.fullmatch(mime_type):
+            refuse("attachment %s has MIME type %r" % (filename, mime_type[:80]))
 
 
 def _simple_mime(message, now):
@@ -1608,7 +1652,7 @@ def _simple_mime(message, now):
 
     def add(name, value):
         line = "%s: %s" % (name, value)
-        if len(line) > 78 or not _PRINTABLE_ASCII.match(value):
+        if len(line) > 78 or not _PRINTABLE_ASCII.fullmatch(value):
             raise _NotSimple()
         lines.append(line)
 
@@ -1617,7 +1661,7 @@ def _simple_mime(message, now):
         add(name, _format_address(*pairs[0]) + ("," if len(pairs) > 1 else ""))
         for index, pair in enumerate(pairs[1:], 1):
             text = " " + _format_address(*pair) + ("," if index < len(pairs) - 1 else "")
-            if len(text) > 78 or not _PRINTABLE_ASCII.match(text):
+            if len(text) > 78 or not _PRINTABLE_ASCII.fullmatch(text):
                 raise _NotSimple()
             lines.append(text)
 
@@ -1638,7 +1682,7 @@ def _simple_mime(message, now):
         return None
     body = message["body"]
     text_lines = _LINE_BREAK.split(body[:-1] if body.endswith("\n") else body)
-    if _PRINTABLE_ASCII.match(body.replace("\n", " ").replace("\r", " ").replace("\t", " ")) \
+    if _PRINTABLE_ASCII.fullmatch(body.replace("\n", " ").replace("\r", " ").replace("\t", " ")) \
             and max(len(line) for line in text_lines) <= 78:
         encoding, payload = "7bit", "\r\n".join(text_lines).encode("ascii") + b"\r\n"
     else:
@@ -1655,7 +1699,7 @@ class _NotSimple(Exception):
     """Internal to _simple_mime: this message needs the email package."""
 
 
-_PRINTABLE_ASCII = re.compile(r"^[ -~]*$")
+_PRINTABLE_ASCII = re.compile(r"[ -~]*")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")   # what the email package splits on; not \f or \u2028
 
 
@@ -1969,7 +2013,7 @@ def _pinned_connection(scheme, host, port, address, timeout, context):
 
 def _content_type(headers):
     value = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return value if _MIME_TYPE.match(value) else None
+    return value if len(value) <= MAX_MIME_TYPE_CHARS and _MIME_TYPE.fullmatch(value) else None
 
 
 # ####################################################################### #
@@ -3133,7 +3177,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
             return False
         if len(words) >= 3:
             version = words[-1]
-            match = re.match(r"^HTTP/(\d)\.(\d)$", version)
+            match = re.fullmatch(r"HTTP/([0-9])\.([0-9])", version)
             if not match:
                 self.send_error(400, "Bad request version (%r)" % version[:40])
                 return False
@@ -3192,7 +3236,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         if value is None:
             return None
         value = value.strip()
-        if not _ASCII_DIGITS.match(value) or len(value) > 15:
+        if len(value) > 15 or not _ASCII_DIGITS.fullmatch(value):
             return -1
         return int(value)
 
@@ -3395,7 +3439,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_ASCII_DIGITS = re.compile(r"^[0-9]+$")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 def _has_lone_surrogate(value):
@@ -3779,7 +3823,7 @@ def _query_int(payload, name, default, low, high):
     value = payload.get(name)
     if value is None or value == "":
         return default
-    if isinstance(value, str) and re.match(r"^\d{1,19}$", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ValidationError("%s must be a whole number between %d and %d" % (name, low, high))

@@ -3142,6 +3142,83 @@ def send_hostile(address, raw, timeout=10.0):
     return int(received[9:12]), received
 
 
+class HardeningTests(CoreCase):
+    """The hardening issue: each class of defect pinned by behaviour."""
+
+    def rejection(self, core, **fields):
+        """The reason one message with ``fields`` is rejected, or None when queued."""
+        answer = core.handle_command("add messages", {"messages": [message("h", **fields)]})
+        if answer["ok"]:
+            core.handle_command("delete messages", {"ids": ["h"]})
+            return None
+        return answer["detail"]["rejected"][0]["reason"]
+
+    # -- 1. validation patterns match the whole string ------------------------
+
+    def test_a_final_newline_does_not_pass_validation(self):
+        core = self.make_core(http=False)
+        self.add_account(core)
+        for fields in ({"headers": {"X-Injected\n": "1"}}, {"headers": {"Bcc\n": "x@y.com"}},
+                       {"attachments": [{"filename": "a.txt", "content": "aGk=",
+                                         "mime_type": "text/plain\n"}]},
+                       {"attachments": [{"filename": "a", "s3": {"bucket": "b\n", "key": "k"}}]},
+                       {"attachments": [{"filename": "a", "s3": {"bucket": "bk", "key": "k",
+                                                                 "region": "eu-west-1\n"}}]}):
+            with self.subTest(fields=fields):
+                self.assertIsNotNone(self.rejection(core, **fields))
+        answer = core.handle_command("add account", {"id": "nl", "host": "smtp.example.com\n"})
+        self.assertFalse(answer["ok"], answer)
+        self.assertNotIn("nl", core.accounts())
+
+    def test_headers_are_checked_again_where_they_are_written(self):
+        valid = asyncmail.validate_message(message("old"), 2, lambda account_id: "acct")
+        for name in ("X-Injected\n", "Bcc\n", "Bcc", "Bad Name"):
+            stored = json.loads(json.dumps(valid))
+            stored["headers"] = {name: "evil@example.com"}
+            with self.subTest(name=name), self.assertRaises(asyncmail.PermanentError):
+                asyncmail.build_mime(stored, [], 1e9)
+        for mime_type in ("text/plain\n", "text/plain\r\nX-Injected: 1", "text"):
+            with self.subTest(mime_type=mime_type), self.assertRaises(asyncmail.PermanentError):
+                asyncmail.build_mime(valid, [("a.txt", mime_type, b"x")], 1e9)
+        # a message stored by an older version that let such a header in fails
+        # at send time, and nothing reaches the relay
+        smtp = self.smtp_server()
+        core = self.make_core(http=False)
+        self.add_account(core, smtp)
+        stored = json.loads(json.dumps(valid))
+        stored["headers"] = {"X-Injected\n": "1"}
+        core.store.insert_messages([("old", "acct", 2, "pending", self.clock(), None, "s",
+                                     "[]", stored["message_id"], json.dumps(stored))])
+        self.run_now(core)
+        record = self.record(core, "old")
+        self.assertEqual(record["status"], "error")
+        self.assertIn("header name", record["error"])
+        self.assertEqual(smtp.messages, [])
+
+    # -- 2. Unicode line breaks -------------------------------------------------
+
+    def test_line_breaks_are_refused_at_intake_not_at_send_time(self):
+        smtp = self.smtp_server()
+        core = self.make_core(http=False)
+        self.add_account(core, smtp)
+        for char in ("\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c"):
+            for fields in ({"subject": "a%sb" % char}, {"headers": {"X-Tag": "a%sb" % char}},
+                           {"message_id": "<a%sb@example.com>" % char}):
+                with self.subTest(char=char, field=list(fields)[0]):
+                    reason = self.rejection(core, **fields)
+                    self.assertIsNotNone(reason, "accepted, so it would fail at send time")
+                    self.assertRegex(reason, "line break|printable ASCII")
+        # what can be sent is still accepted, and is sent
+        self.add(core, message("fine", subject="Tab\there, Grüße \u2603",
+                               headers={"X-Tag": "caf\u00e9 \u2603"},
+                               **{"from": "Line\u2028Name <a@example.com>"}))
+        self.run_now(core)
+        self.assertEqual(self.record(core, "fine")["status"], "sent")
+        parsed = parse_mail(smtp.messages[0]["data"])
+        self.assertEqual(str(parsed["Subject"]), "Tab\there, Grüße \u2603")
+        self.assertEqual(str(parsed["X-Tag"]), "caf\u00e9 \u2603")
+
+
 class FuzzTests(CoreCase):
     """A deterministic corpus of hostile requests: no 5xx, no dropped
     connection without an answer, and the queue holds exactly what the
