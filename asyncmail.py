@@ -94,6 +94,12 @@ SQLITE_BUSY_TIMEOUT_MS = 15000
 STORE_CONNECTIONS = 8   # pooled SQLite connections (more threads wait for one)
 SQL_CHUNK = 500         # stays under SQLite's historic 999-variable limit
 LATEST_TS = 253402300799    # 9999-12-31T23:59:59Z: later deferred_ts is garbage
+# Mail limits, checked before any pattern runs so that no parser sees more.
+MAX_LOCAL_PART = 64     # RFC 5321 4.5.3.1.1: octets of a local part
+MAX_DOMAIN = 253        # RFC 5321 allows 255 octets; a DNS name has 253 in text form
+MAX_ADDR_SPEC = 254     # RFC 5321 4.5.3.1.3: a path is 256 octets including its < >
+MAX_MAIL_LINE = 998     # RFC 5322 2.1.1: octets of one line of a message
+MAX_ADDRESS_CHARS = MAX_MAIL_LINE - len("Reply-To: ")   # an address fits one header line
 MAX_MIME_TYPE_CHARS = 255   # RFC 6838 4.2: type and subtype names are at most 127 each
 
 PRIORITY_NAMES = {"immediate": 0, "high": 1, "medium": 2, "low": 3}
@@ -422,17 +428,25 @@ def _split_addresses(text):
     return parts
 
 
-_NAMED_ADDRESS = re.compile(r'\s*(?P<name>"(?:[^"\\]|\\.)*"|[^<>"]*?)\s*<(?P<addr>[^<>]*)>\s*')
-
-
 def _check_addr_spec(addr):
     """Return ``addr`` (domain IDNA-encoded) if it is a valid addr-spec.
 
-    Raises ValueError naming what is wrong.
+    The RFC 5321 length limits are checked before any pattern or codec runs
+    (IDNA's punycode is quadratic in a label's length).  Raises ValueError
+    naming what is wrong.
     """
     if "@" not in addr:
-        raise ValueError("invalid address %r: no @" % addr)
+        raise ValueError("invalid address %r: no @" % addr[:80])
+    if len(addr) > MAX_ADDR_SPEC:
+        raise ValueError("invalid address %r...: longer than %d characters"
+                         % (addr[:80], MAX_ADDR_SPEC))
     local, _, domain = addr.rpartition("@")
+    if len(local) > MAX_LOCAL_PART:
+        raise ValueError("invalid address %r: local part longer than %d characters"
+                         % (addr[:80], MAX_LOCAL_PART))
+    if len(domain) > MAX_DOMAIN:   # IDNA never makes a name shorter
+        raise ValueError("invalid address %r: domain longer than %d characters"
+                         % (addr[:80], MAX_DOMAIN))
     try:
         ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
@@ -440,29 +454,62 @@ def _check_addr_spec(addr):
     if not local.isascii():
         raise ValueError("invalid address %r: a non-ASCII local part needs SMTPUTF8, "
                          "which asyncmail does not speak" % addr)
-    if not _LOCAL_PART.fullmatch(local) or len(local) > 64:
+    if not _LOCAL_PART.fullmatch(local):
         raise ValueError("invalid address %r" % addr)
-    if not _DOMAIN.fullmatch(ascii_domain) or len(ascii_domain) > 253:
+    if len(ascii_domain) > MAX_DOMAIN or not _DOMAIN.fullmatch(ascii_domain):
         raise ValueError("invalid address %r" % addr)
+    if len(local) + 1 + len(ascii_domain) > MAX_ADDR_SPEC:
+        raise ValueError("invalid address %r: longer than %d characters once encoded"
+                         % (addr, MAX_ADDR_SPEC))
     return local + "@" + ascii_domain
+
+
+def _is_quoted_string(text):
+    """Whether ``text`` is exactly one RFC 5322 quoted-string: ``"..."`` with
+    every inner ``"`` and ``\\`` escaped by a backslash.  One pass."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return False
+    index, end = 1, len(text) - 1
+    while index < end:
+        if text[index] == "\\":
+            index += 2
+        elif text[index] == '"':
+            return False
+        else:
+            index += 1
+    return index == end   # a final backslash would have escaped the closing quote
 
 
 def _parse_address(text):
     """Parse one ``addr``, ``<addr>`` or ``Name <addr>`` into (name, addr).
 
-    Raises ValueError for anything else, including CR/LF (header injection).
+    The name is a quoted-string or text without ``<>"``.  Linear in the
+    input, which is refused unparsed beyond MAX_ADDRESS_CHARS (it could not
+    fit one header line).  Raises ValueError for anything else, including
+    CR/LF (header injection).
     """
     if not isinstance(text, str):
         raise ValueError("address must be a string")
+    if len(text) > MAX_ADDRESS_CHARS:
+        raise ValueError("address %r... is longer than %d characters"
+                         % (text[:40], MAX_ADDRESS_CHARS))
     if _CONTROL_CHARS.search(text):
         raise ValueError("address contains a control character (CR/LF?)")
-    named = _NAMED_ADDRESS.fullmatch(text)
-    if named:
-        name = named.group("name").strip()
-        if name.startswith('"') and name.endswith('"') and len(name) >= 2:
+    stripped = text.strip()
+    opening = stripped.rfind("<")   # the address itself holds no < or >
+    if stripped.endswith(">") and opening >= 0 and ">" not in stripped[opening:-1]:
+        name = stripped[:opening].strip()
+        if _is_quoted_string(name):
             name = re.sub(r"\\(.)", r"\1", name[1:-1])
-        return name, _check_addr_spec(named.group("addr").strip())
-    return "", _check_addr_spec(text.strip())
+        elif any(char in name for char in '<>"'):
+            name = None
+        if name is not None:
+            addr = _check_addr_spec(stripped[opening + 1:-1].strip())
+            if len(_format_address(name, addr)) > MAX_ADDRESS_CHARS:
+                raise ValueError("address %r... is longer than %d characters once quoted"
+                                 % (text[:40], MAX_ADDRESS_CHARS))
+            return name, addr
+    return "", _check_addr_spec(stripped)
 
 
 def _parse_address_list(value, field):
@@ -496,6 +543,8 @@ def _format_address(name, addr):
 
 def _is_host(text):
     """A DNS name (IDNA allowed) or an IPv4/IPv6 address."""
+    if len(text) > MAX_DOMAIN:   # before IDNA, which never makes a name shorter
+        return False
     try:
         ipaddress.ip_address(text.strip("[]"))
         return True
@@ -505,7 +554,7 @@ def _is_host(text):
         ascii_name = text.encode("idna").decode("ascii")
     except UnicodeError:
         return False
-    return bool(ascii_name) and len(ascii_name) <= 253 \
+    return bool(ascii_name) and len(ascii_name) <= MAX_DOMAIN \
         and bool(_DOMAIN.fullmatch(ascii_name)) and not ascii_name.startswith("[")
 
 

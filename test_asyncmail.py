@@ -3218,6 +3218,52 @@ class HardeningTests(CoreCase):
         self.assertEqual(str(parsed["Subject"]), "Tab\there, Grüße \u2603")
         self.assertEqual(str(parsed["X-Tag"]), "caf\u00e9 \u2603")
 
+    # -- 3. address parsing is linear and bounded by the RFC limits -----------
+
+    def test_worst_case_addresses_validate_in_bounded_time(self):
+        # Each of these took the old regex parser a second or more (cubic in
+        # the run of spaces); a batch of them froze the daemon for hours.
+        hostile = [" " * 987 + "a", " " * 4000 + "a", " " * 100000 + "a",
+                   " " * 490 + "<" + " " * 490, " " * 980 + "<a@b.com", "<" * 987,
+                   '"' * 987, '"' + '\\"' * 490 + '" <a@b.com>', "\\" * 900 + " <a@b.com>",
+                   "a" * 987, "a." * 490 + "@x.com", "a@" + "b-" * 490,
+                   "a@" + "\u00fc" * 985, "a@" + "\u00fc" * 100000,
+                   "x" * 64 + "@" + "y" * 250, "a@[" + "1" * 980 + "]"]
+        valid = ['"%s" <%s@%s.example.com>' % ("n" * 600, "l" * 64, "d" * 63),
+                 "%s <a@b.com>" % ("w " * 480), '"%s" <a@b.com>' % ("\\\\" * 400)]
+        fields = ("from", "to", "cc", "reply_to", "return_path")
+        batch = []
+        for index in range(996):   # with the 4 below: a full batch of 1000
+            text = hostile[index % len(hostile)]
+            field = fields[index % len(fields)]
+            batch.append(message("w%d" % index, **{field: [text] if field in ("to", "cc")
+                                                    else text}))
+        batch.extend(message("v%d" % i, **{"from": text}) for i, text in enumerate(valid))
+        batch.append(message("list", to=", ".join(["a@b.com"] * 5000),
+                             cc='"' * 100000, bcc="," * 100000))
+        # In a child process: the old parser held the GIL for minutes, so a
+        # thread could not even be timed out.
+        script = ("import json, sys, asyncmail\n"
+                  "accepted = []\n"
+                  "for raw in json.load(sys.stdin):\n"
+                  "    try:\n"
+                  "        accepted.append(asyncmail.validate_message(raw, 2, lambda a: 'a'))\n"
+                  "    except ValueError:\n"
+                  "        pass\n"
+                  "json.dump(accepted, sys.stdout)\n")
+        bound = 10.0   # a bound, not a benchmark: it takes well under a second
+        try:
+            result = subprocess.run([sys.executable, "-c", script], input=json.dumps(batch),
+                                    capture_output=True, text=True, cwd=HERE, timeout=bound)
+        except subprocess.TimeoutExpired:
+            self.fail("1000 worst-case addresses took over %g s to validate" % bound)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        accepted = json.loads(result.stdout)
+        self.assertEqual([m["id"] for m in accepted], ["v%d" % i for i in range(len(valid))])
+        for normalised in accepted:   # accepted means sendable: one line per address
+            data = asyncmail.build_mime(normalised, [], 1e9)
+            self.assertLessEqual(max(len(line) for line in data.split(b"\r\n")), 998)
+
 
 class FuzzTests(CoreCase):
     """A deterministic corpus of hostile requests: no 5xx, no dropped
