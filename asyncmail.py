@@ -2725,7 +2725,11 @@ class _Dispatcher(_Worker):
                 if allowed == 0:
                     self._rate_limited(account, max_priority, budget, free_at, now)
                     break
-                chunk = min(budget, CLAIM_CHUNK if allowed is None else allowed)
+                # never more than one chunk, rate limit or not: a crash resends
+                # at most CLAIM_CHUNK messages
+                chunk = min(budget, CLAIM_CHUNK)
+                if allowed is not None:
+                    chunk = min(chunk, allowed)
                 messages = store.claim(account_id, max_priority, chunk)
                 if not messages:
                     break

@@ -3264,6 +3264,59 @@ class HardeningTests(CoreCase):
             data = asyncmail.build_mime(normalised, [], 1e9)
             self.assertLessEqual(max(len(line) for line in data.split(b"\r\n")), 998)
 
+    # -- 12 (and 7): claims and the chunk ------------------------------
+
+    def gated_connect(self, held_id):
+        """An smtp_connect seam: the DATA of message ``held_id`` (its body
+        already on the wire) sets ``self.on_wire`` and waits, bounded, for
+        ``self.release``."""
+        self.on_wire, self.release = threading.Event(), threading.Event()
+        marker = ("\r\nSubject: subject %s\r\n" % held_id).encode()
+
+        def connect(account, timeout, local_hostname):
+            conn = asyncmail._smtp_connect(account, timeout, local_hostname)
+            real_data = conn.data
+
+            def data(payload):
+                if marker in payload:
+                    self.on_wire.set()
+                    self.release.wait(WAIT)
+                return real_data(payload)
+            conn.data = data
+            return conn
+        return connect
+
+    def hold_a_send(self, core):
+        """Run a cycle in the background until the held message is on the
+        wire; returns the thread (release with ``self.release``)."""
+        runner = threading.Thread(target=core.handle_command, args=("run now",), daemon=True)
+        runner.start()
+        self.addCleanup(runner.join, WAIT)
+        self.addCleanup(self.release.set)   # before core.stop waits for the transaction
+        self.assertTrue(self.on_wire.wait(WAIT), "the held message never reached DATA")
+        return runner
+
+    def reporting_core(self, smtp, held_id):
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        core = self.make_core({"client": {"client_sync_url": upstream.url}},
+                              smtp_connect=self.gated_connect(held_id))
+        self.add_account(core, smtp)
+        return core, upstream
+
+    def test_a_rate_limit_does_not_widen_the_claim_beyond_one_chunk(self):
+        smtp = self.smtp_server()
+        core = self.make_core(smtp_connect=self.gated_connect("c0"))
+        self.add_account(core, smtp, limit_per_minute=1000, batch_size=100)
+        self.add(core, *[message("c%d" % i) for i in range(45)])
+        runner = self.hold_a_send(core)
+        claimed = core.handle_command("status")["queue"]["sending"]
+        self.release.set()
+        runner.join(WAIT)
+        # claimed and not yet settled is what a crash now would resend
+        self.assertEqual(claimed, asyncmail.CLAIM_CHUNK)
+        self.assertEqual(core.handle_command("status")["queue"]["sent"], 45)
+
 
 class FuzzTests(CoreCase):
     """A deterministic corpus of hostile requests: no 5xx, no dropped
