@@ -106,6 +106,10 @@ PRIORITY_NAMES = {"immediate": 0, "high": 1, "medium": 2, "low": 3}
 STATUSES = ("pending", "deferred", "sending", "sent", "error")
 ACTIVE_STATUSES = ("pending", "deferred", "sending")
 FINISHED_STATUSES = ("sent", "error")
+# What a delete may still do to a message claimed by this process (Store._claims)
+_CLAIMED = "claimed"          # its SMTP transaction has not begun: a delete stops it
+_ON_WIRE = "on the wire"      # its transaction has begun: it ends as the relay says
+_WITHDRAWN = "withdrawn"      # deleted or failed since its claim: never to be sent
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 SCHEMA_VERSION = 2
@@ -191,6 +195,7 @@ SQL_INSERT_MESSAGE = (
     " deferred_ts, subject, recipients, message_id, payload)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_EXISTING_IDS = "SELECT id FROM messages WHERE id IN ({marks})"
+SQL_EXISTING_KEYS = "SELECT pk, id FROM messages WHERE id IN ({marks})"
 SQL_RECORD_COLUMNS = (
     "id, account_id, priority, status, created_ts, deferred_ts, sent_ts,"
     " error_ts, error, retry_count, reported_ts, subject, recipients, refused")
@@ -989,6 +994,10 @@ class Store:
         self._slots = threading.BoundedSemaphore(STORE_CONNECTIONS)
         self._intake_leader = threading.Lock()
         self._intake = []
+        # This process's claimed messages by pk (see claim and begin_send):
+        # what a delete may still stop, and what it must leave to the relay.
+        self._claims = {}
+        self._claims_lock = threading.Lock()
         self._closed = False
         if path != ":memory:":
             self._create_private_file(path)
@@ -1191,18 +1200,26 @@ class Store:
     def delete_messages(self, ids):
         """Delete messages (and their unsent report events) by id.
 
-        Returns the list of ids that were not found.
+        A claimed message that is deleted is never sent (begin_send refuses
+        it); one whose SMTP transaction has begun cannot be called back, so
+        it is left alone and its outcome is recorded and reported as usual.
+        Returns (ids not found, ids left alone because they are being sent).
         """
         with self._transaction(durable=True) as conn:
-            existing = set()
+            existing, being_sent = set(), []
             for start in range(0, len(ids), SQL_CHUNK):
                 chunk = ids[start:start + SQL_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                existing.update(row[0] for row in conn.execute(
-                    SQL_EXISTING_IDS.format(marks=marks), chunk))
-                conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
-                conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
-        return [i for i in ids if i not in existing]
+                keys = conn.execute(SQL_EXISTING_KEYS.format(
+                    marks=",".join("?" * len(chunk))), chunk).fetchall()
+                existing.update(message_id for _, message_id in keys)
+                on_wire = set(self._withdraw_claims(keys))
+                being_sent.extend(message_id for message_id in chunk if message_id in on_wire)
+                chunk = [message_id for message_id in chunk if message_id not in on_wire]
+                if chunk:
+                    marks = ",".join("?" * len(chunk))
+                    conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
+                    conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
+        return [i for i in ids if i not in existing], being_sent
 
     def purge_reported(self, before, limit):
         """Delete up to ``limit`` finished messages reported before ``before``.
@@ -1240,6 +1257,9 @@ class Store:
                     SQL_ACCOUNT_ACTIVE_MESSAGES, (status, account_id)).fetchall())
             if undelivered and not force:
                 return len(undelivered)
+            # one already on the wire is failed too: if the relay accepts it,
+            # record_outcomes turns it into "sent" (the truth) and reports that
+            self._withdraw_claims([(pk, message_id) for pk, message_id, _ in undelivered])
             for pk, message_id, priority in undelivered:
                 self._fail(conn, (pk, message_id, account_id, priority), now,
                            "account deleted")
@@ -1304,14 +1324,66 @@ class Store:
 
     def claim(self, account_id, max_priority, limit):
         """Atomically move up to ``limit`` pending messages of one account,
-        by priority then age, to ``sending`` and return them as dicts."""
-        with self._transaction(durable=False) as conn:
-            rows = conn.execute(SQL_CLAIM_SELECT, (account_id, max_priority, limit)).fetchall()
-            if rows:
-                pks = [row[0] for row in rows]
-                conn.execute(SQL_CLAIM_UPDATE.format(marks=",".join("?" * len(pks))), pks)
+        by priority then age, to ``sending`` and return them as dicts.
+
+        Each stays claimed until record_outcomes settles it; call begin_send
+        right before its SMTP transaction."""
+        pks = []
+        try:
+            with self._transaction(durable=False) as conn:
+                rows = conn.execute(SQL_CLAIM_SELECT,
+                                    (account_id, max_priority, limit)).fetchall()
+                if rows:
+                    pks = [row[0] for row in rows]
+                    conn.execute(SQL_CLAIM_UPDATE.format(marks=",".join("?" * len(pks))), pks)
+                    # inside the transaction: no delete can come in between
+                    with self._claims_lock:
+                        self._claims.update((pk, _CLAIMED) for pk in pks)
+        except BaseException:
+            self._settle_claims(pks)
+            raise
         keys = ("pk", "id", "account_id", "priority", "retry_count", "message_id", "payload")
         return [dict(zip(keys, row)) for row in rows]
+
+    def begin_send(self, pk):
+        """Whether the claimed message ``pk`` may start its SMTP transaction.
+
+        False when it was deleted, or failed by a forced account deletion,
+        since its claim: it must not be sent.  True marks it on the wire, so
+        a later delete leaves it to its outcome.  Never blocks on SQLite.
+        """
+        with self._claims_lock:
+            if self._claims.get(pk) != _CLAIMED:
+                return False
+            self._claims[pk] = _ON_WIRE
+            return True
+
+    def _withdraw_claims(self, keys):
+        """Mark claimed messages among ``keys`` ((pk, id) pairs) withdrawn, so
+        begin_send refuses them; returns the ids already on the wire.  Called
+        inside the deleting transaction, which serialises it with claim."""
+        on_wire = []
+        with self._claims_lock:
+            for pk, message_id in keys:
+                state = self._claims.get(pk)
+                if state == _ON_WIRE:
+                    on_wire.append(message_id)
+                elif state == _CLAIMED:
+                    self._claims[pk] = _WITHDRAWN
+        return on_wire
+
+    @contextlib.contextmanager
+    def _settling(self, pks):
+        """Forget the claims of ``pks`` when the block ends, however it ends."""
+        try:
+            yield
+        finally:
+            self._settle_claims(pks)
+
+    def _settle_claims(self, pks):
+        with self._claims_lock:
+            for pk in pks:
+                self._claims.pop(pk, None)
 
     @staticmethod
     def _key(message):
@@ -1324,7 +1396,10 @@ class Store:
         retry_count)`` or ``("released", message)`` (back to pending)."""
         if not outcomes:
             return
-        with self._transaction(durable=False) as conn:
+        # the claims are settled before the commit: a delete that comes
+        # after it finds a finished message, never one "on the wire"
+        settled = [outcome[1]["pk"] for outcome in outcomes]
+        with self._transaction(durable=False) as conn, self._settling(settled):
             for outcome in outcomes:
                 kind, message = outcome[0], outcome[1]
                 key = self._key(message)
@@ -2792,6 +2867,13 @@ class _Dispatcher(_Worker):
             data = build_mime(payload, attachments, self.core.now())
             del attachments
             sender, recipients = envelope(payload)
+            if not self.core.store.begin_send(message["pk"]):
+                # deleted, or failed by a forced account deletion, since the
+                # claim: its transaction never begins (releasing it is a no-op)
+                if self.activity:
+                    self.log.info("not sending %s: it (or its account) was deleted "
+                                  "since its claim", message["id"])
+                return ("released", message)
             refused = relay.send(sender, recipients, data)
         except SmtpFailure as exc:
             metrics.observe_smtp(time.monotonic() - started)
@@ -3761,8 +3843,12 @@ class AsyncMailCore:
         if len(ids) > MAX_DELETE_IDS:
             raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
         unique = list(dict.fromkeys(ids))
-        not_found = self.store.delete_messages(unique) if unique else []
-        return {"ok": True, "removed": len(unique) - len(not_found), "not_found": not_found}
+        not_found, being_sent = self.store.delete_messages(unique) if unique else ([], [])
+        answer = {"ok": True, "removed": len(unique) - len(not_found) - len(being_sent),
+                  "not_found": not_found}
+        if being_sent:   # on the wire: not removed; the outcome will be reported
+            answer["being_sent"] = being_sent
+        return answer
 
     def _cmd_cleanup_messages(self, payload):
         older_than = payload.get("older_than_seconds")

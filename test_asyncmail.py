@@ -3264,7 +3264,7 @@ class HardeningTests(CoreCase):
             data = asyncmail.build_mime(normalised, [], 1e9)
             self.assertLessEqual(max(len(line) for line in data.split(b"\r\n")), 998)
 
-    # -- 12 (and 7): claims and the chunk ------------------------------
+    # -- 7 and 12: claims, deletes and the chunk ------------------------------
 
     def gated_connect(self, held_id):
         """An smtp_connect seam: the DATA of message ``held_id`` (its body
@@ -3303,6 +3303,46 @@ class HardeningTests(CoreCase):
                               smtp_connect=self.gated_connect(held_id))
         self.add_account(core, smtp)
         return core, upstream
+
+    def test_a_deleted_message_of_a_claimed_chunk_is_never_sent(self):
+        smtp = self.smtp_server()
+        core, upstream = self.reporting_core(smtp, "held")
+        self.add(core, message("held"), message("later1"), message("later2"))
+        runner = self.hold_a_send(core)
+        answer = core.handle_command("delete messages", {"ids": ["later1", "held"]})
+        self.release.set()
+        runner.join(WAIT)
+        self.run_now(core)
+        self.assertEqual(sorted(str(parse_mail(m["data"])["Subject"]) for m in smtp.messages),
+                         ["subject held", "subject later2"])
+        # "held" was on the wire: not removed, and its outcome is reported
+        self.assertEqual(answer, {"ok": True, "removed": 1, "not_found": [],
+                                  "being_sent": ["held"]})
+        self.assertFalse(core.handle_command("get message", {"id": "later1"})["ok"])
+        self.assertEqual(self.record(core, "held")["status"], "sent")
+        reports = [(e["id"], e["status"]) for e in upstream.entries()]
+        self.assertEqual(sorted(reports), [("held", "sent"), ("later2", "sent")])
+        self.assertEqual(core.handle_command("status")["queue"]["sending"], 0)
+
+    def test_a_forced_account_delete_during_a_send_sends_nothing_more(self):
+        smtp = self.smtp_server()
+        core, upstream = self.reporting_core(smtp, "held")
+        self.add(core, message("held"), message("later1"), message("later2"))
+        runner = self.hold_a_send(core)
+        self.assertTrue(core.handle_command("delete account", {"id": "acct", "force": True})["ok"])
+        self.release.set()
+        runner.join(WAIT)
+        self.run_now(core)
+        self.assertEqual([str(parse_mail(m["data"])["Subject"]) for m in smtp.messages],
+                         ["subject held"])
+        reports = [(e["id"], e["status"]) for e in upstream.entries()]
+        for mid in ("later1", "later2"):
+            record = self.record(core, mid)
+            self.assertEqual((record["status"], record["error"]), ("error", "account deleted"))
+            self.assertEqual([r for r in reports if r[0] == mid], [(mid, "error")])
+        # the message on the wire ends as the relay said, and is reported so last
+        self.assertEqual(self.record(core, "held")["status"], "sent")
+        self.assertEqual([r for r in reports if r[0] == "held"][-1], ("held", "sent"))
 
     def test_a_rate_limit_does_not_widen_the_claim_beyond_one_chunk(self):
         smtp = self.smtp_server()
