@@ -1940,11 +1940,12 @@ def _is_public_address(address):
 class AttachmentFetcher:
     """Fetches URL and S3 attachments at send time.
 
-    Every fetch connects to an address that was resolved and checked (the SSRF
-    guard) and pins the connection to it, so a DNS answer cannot change
-    between check and connect; redirects are followed by hand, at most
-    MAX_REDIRECTS, each hop re-checked.  The body is read in chunks and
-    refused as soon as it passes ``max_bytes``.  Raises TemporaryError
+    Every fetch, URL or S3, connects to an address that was resolved and
+    checked (the SSRF guard; only an [s3] endpoint_url, which the admin
+    configured, is trusted as it is) and pins the connection to it, so a DNS
+    answer cannot change between check and connect; redirects are followed by
+    hand, at most MAX_REDIRECTS, each hop re-checked.  The body is read in
+    chunks and refused as soon as it passes ``max_bytes``.  Raises TemporaryError
     (network, timeout, 5xx) or PermanentError (403/404, too large, refused
     target, missing credentials), always naming the attachment and never a
     secret.  Thread-safe (no shared state).
@@ -2000,7 +2001,10 @@ class AttachmentFetcher:
             return body, _content_type(headers)
         raise PermanentError("attachment %s: more than %d redirects" % (filename, MAX_REDIRECTS))
 
-    def _checked_address(self, filename, host, port):
+    def _checked_address(self, filename, host, port, trusted=False):
+        """The address to connect to for ``host``: resolved, and refused when
+        any of its addresses is not allowed, unless the admin configured this
+        very host (``trusted``: the [s3] endpoint_url)."""
         try:
             addresses = self._resolve(host, port)
         except (OSError, UnicodeError) as exc:
@@ -2008,7 +2012,7 @@ class AttachmentFetcher:
         if not addresses:
             raise TemporaryError("attachment %s: %s has no address" % (filename, host))
         for address in addresses:
-            if not self._allowed(address):
+            if not trusted and not self._allowed(address):
                 raise PermanentError(
                         "attachment %s: refused target %s (%s is not a public address; "
                         "see [attachments] allow_private_urls)" % (filename, host, address))
@@ -2044,13 +2048,12 @@ class AttachmentFetcher:
         signed = sigv4_sign("GET", raw_path, [], headers, _EMPTY_SHA256, s3.access_key_id,
                             s3.secret_access_key, region, "s3", amz_date)
         headers["authorization"] = signed["authorization"]
-        try:
-            addresses = self._resolve(host, port)
-        except (OSError, UnicodeError) as exc:
-            raise TemporaryError("attachment %s: cannot resolve %s: %s" % (filename, host, exc))
+        # the bucket and region come from the message: checked like any URL,
+        # unless the admin named the endpoint (a MinIO on a private address)
+        address = self._checked_address(filename, host, port, trusted=bool(s3.endpoint_url))
         where = "s3://%s/%s" % (bucket, key)
         status, response_headers, body = self._get(
-            filename, scheme, host, port, addresses[0], _aws_quote(raw_path, True), headers,
+            filename, scheme, host, port, address, _aws_quote(raw_path, True), headers,
             where)
         if status in (301, 302, 303, 307, 308):
             raise PermanentError("attachment %s: %s answered a redirect (HTTP %d): wrong "

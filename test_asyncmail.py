@@ -3357,6 +3357,35 @@ class HardeningTests(CoreCase):
         self.assertEqual(claimed, asyncmail.CLAIM_CHUNK)
         self.assertEqual(core.handle_command("status")["queue"]["sent"], 45)
 
+    # -- 11. S3 fetches pass the address check --------------------------------
+
+    def test_s3_fetches_pass_the_address_check_unless_the_admin_named_the_endpoint(self):
+        resolved = []
+
+        def resolve(host, port):
+            resolved.append(host)
+            return ["127.0.0.1"]   # what a hostile DNS answer could say
+
+        clock = FakeClock()
+        config = asyncmail.Config({"s3": {"access_key_id": "AK", "secret_access_key": "SK"}})
+        fetcher = asyncmail.AttachmentFetcher(config.attachments, config.s3, clock,
+                                              resolve=resolve)
+        with self.assertRaises(asyncmail.PermanentError) as caught:
+            fetcher.fetch({"filename": "inv.pdf", "s3": {"bucket": "bills", "key": "k"}})
+        self.assertIn("refused target", str(caught.exception))
+        self.assertEqual(resolved, ["bills.s3.us-east-1.amazonaws.com"])
+        # an endpoint_url the admin configured is allowed, private or not
+        files = FileServer()
+        self.addCleanup(files.close)
+        files.routes["/bills/k"] = (200, {"Content-Type": "application/pdf"}, b"%PDF")
+        config = asyncmail.Config({"s3": {"access_key_id": "AK", "secret_access_key": "SK",
+                                          "endpoint_url": files.base}})
+        self.assertFalse(config.attachments.allow_private_urls)
+        fetcher = asyncmail.AttachmentFetcher(config.attachments, config.s3, clock)
+        self.assertEqual(fetcher.fetch({"filename": "inv.pdf",
+                                        "s3": {"bucket": "bills", "key": "k"}}),
+                         ("inv.pdf", "application/pdf", b"%PDF"))
+
 
 class FuzzTests(CoreCase):
     """A deterministic corpus of hostile requests: no 5xx, no dropped
