@@ -48,6 +48,7 @@ import email.utils
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -1945,7 +1946,10 @@ class AttachmentFetcher:
     configured, is trusted as it is) and pins the connection to it, so a DNS
     answer cannot change between check and connect; redirects are followed by
     hand, at most MAX_REDIRECTS, each hop re-checked.  The body is read in
-    chunks and refused as soon as it passes ``max_bytes``.  Raises TemporaryError
+    chunks and refused as soon as it passes ``max_bytes``.  The whole fetch
+    (connects, TLS, redirects, headers and body) ends within
+    ``timeout_seconds``: every socket operation waits at most the time left,
+    so a server dripping bytes cannot hold it longer.  Raises TemporaryError
     (network, timeout, 5xx) or PermanentError (403/404, too large, refused
     target, missing credentials), always naming the attachment and never a
     secret.  Thread-safe (no shared state).
@@ -1973,19 +1977,20 @@ class AttachmentFetcher:
     def fetch(self, attachment):
         """(filename, mime type, bytes) of one attachment."""
         filename = attachment["filename"]
+        deadline = time.monotonic() + self.timeout   # for the whole fetch
         if "content" in attachment:
             data, content_type = base64.b64decode(attachment["content"]), None
         elif "url" in attachment:
-            data, content_type = self._fetch_url(filename, attachment["url"])
+            data, content_type = self._fetch_url(filename, attachment["url"], deadline)
         else:
-            data, content_type = self._fetch_s3(filename, attachment["s3"])
+            data, content_type = self._fetch_s3(filename, attachment["s3"], deadline)
         mime_type = (attachment.get("mime_type") or content_type
                      or _guess_mime_type(filename))
         return filename, mime_type, data
 
     # -- URL ----------------------------------------------------------------
 
-    def _fetch_url(self, filename, url):
+    def _fetch_url(self, filename, url, deadline):
         for _ in range(MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -1994,7 +1999,7 @@ class AttachmentFetcher:
             address = self._checked_address(filename, parts.hostname, port)
             path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
             status, headers, body = self._get(filename, parts.scheme, parts.hostname, port,
-                                              address, path, {}, _redact_url(url))
+                                              address, path, {}, _redact_url(url), deadline)
             if status in (301, 302, 303, 307, 308) and headers.get("location"):
                 url = urllib.parse.urljoin(url, headers["location"])
                 continue
@@ -2020,7 +2025,7 @@ class AttachmentFetcher:
 
     # -- S3 -----------------------------------------------------------------
 
-    def _fetch_s3(self, filename, source):
+    def _fetch_s3(self, filename, source, deadline):
         s3 = self.s3
         if not s3.access_key_id or not s3.secret_access_key:
             raise PermanentError("attachment %s: no S3 credentials configured ([s3] or "
@@ -2054,7 +2059,7 @@ class AttachmentFetcher:
         where = "s3://%s/%s" % (bucket, key)
         status, response_headers, body = self._get(
             filename, scheme, host, port, address, _aws_quote(raw_path, True), headers,
-            where)
+            where, deadline)
         if status in (301, 302, 303, 307, 308):
             raise PermanentError("attachment %s: %s answered a redirect (HTTP %d): wrong "
                                  "region?" % (filename, where, status))
@@ -2062,12 +2067,13 @@ class AttachmentFetcher:
 
     # -- one HTTP exchange --------------------------------------------------
 
-    def _get(self, filename, scheme, host, port, address, path, headers, where):
-        """GET over a connection pinned to ``address``.  Returns (status,
-        lower-case headers, body) for 2xx and redirects; raises otherwise."""
+    def _get(self, filename, scheme, host, port, address, path, headers, where, deadline):
+        """GET over a connection pinned to ``address``, ending by ``deadline``
+        (time.monotonic()).  Returns (status, lower-case headers, body) for
+        2xx and redirects; raises otherwise."""
         if scheme == "https" and self._tls is None:
             self._tls = _ssl_context({"tls_verify": True})   # thread-safe to share
-        connection = _pinned_connection(scheme, host, port, address, self.timeout, self._tls)
+        connection = _pinned_connection(scheme, host, port, address, deadline, self._tls)
         request_headers = {"User-Agent": "asyncmail/" + __version__, "Accept": "*/*"}
         request_headers.update(headers)
         try:
@@ -2086,7 +2092,6 @@ class AttachmentFetcher:
                 raise PermanentError("attachment %s: %s bytes at %s exceed max_bytes %d"
                                      % (filename, length, where, self.max_bytes))
             chunks, total = [], 0
-            deadline = time.monotonic() + self.timeout * 10
             while True:
                 chunk = response.read(65536)
                 if not chunk:
@@ -2096,46 +2101,114 @@ class AttachmentFetcher:
                     raise PermanentError("attachment %s: %s is larger than max_bytes %d"
                                          % (filename, where, self.max_bytes))
                 if time.monotonic() > deadline:
-                    raise TemporaryError("attachment %s: %s too slow" % (filename, where))
+                    raise TemporaryError("attachment %s: fetching %s took longer than "
+                                         "[attachments] timeout_seconds (%g s)"
+                                         % (filename, where, self.timeout))
                 chunks.append(chunk)
             return status, response_headers, b"".join(chunks)
         except (TemporaryError, PermanentError):
             raise
         except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() >= deadline:
+                raise TemporaryError("attachment %s: fetching %s took longer than "
+                                     "[attachments] timeout_seconds (%g s)"
+                                     % (filename, where, self.timeout))
             raise TemporaryError("attachment %s: fetching %s failed: %s"
                                  % (filename, where, exc or type(exc).__name__))
         finally:
             connection.close()
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to a pre-checked address, whatever DNS says by now."""
+def _time_left(deadline):
+    """Seconds until ``deadline`` (time.monotonic()); socket.timeout once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return left
 
-    def __init__(self, host, port, address, timeout):
-        super().__init__(host, port, timeout=timeout)
+
+class _DeadlineSocket:
+    """A connected socket (plain or TLS) whose every operation ends by
+    ``deadline``: each waits at most the time left, where a plain socket
+    timeout would start afresh with every byte a server drips.  Offers what
+    http.client uses of a socket: sendall, makefile("rb") and close."""
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data):
+        self._sock.settimeout(_time_left(self._deadline))
+        self._sock.sendall(data)
+
+    def makefile(self, mode="rb", *args, **kwargs):
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self):
+        self._sock.close()   # the socket stays open while a reader still uses it
+
+
+class _DeadlineReader(io.RawIOBase):
+    """socket.makefile's raw reader, each read waiting at most the time left."""
+
+    def __init__(self, sock, deadline):
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)   # keeps the socket open until closed
+        self._deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self):
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to a pre-checked address, whatever DNS says by now, and
+    ends every socket operation by ``deadline``."""
+
+    def __init__(self, host, port, address, deadline):
+        super().__init__(host, port)
         self.pinned_address = address
+        self.deadline = deadline
 
     def connect(self):
-        self.sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
+        sock = socket.create_connection((self.pinned_address, self.port),
+                                        _time_left(self.deadline))
+        self.sock = _DeadlineSocket(sock, self.deadline)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """TLS to a pre-checked address, verifying the certificate for ``host``."""
+    """TLS to a pre-checked address, verifying the certificate for ``host``,
+    every socket operation ending by ``deadline``."""
 
-    def __init__(self, host, port, address, timeout, context):
-        super().__init__(host, port, timeout=timeout, context=context)
+    def __init__(self, host, port, address, deadline, context):
+        super().__init__(host, port, context=context)
         self.pinned_address = address
+        self.deadline = deadline
 
     def connect(self):
-        sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        sock = socket.create_connection((self.pinned_address, self.port),
+                                        _time_left(self.deadline))
+        # the handshake's timeout is its total duration (ssl, Python 3.5+)
+        sock.settimeout(_time_left(self.deadline))
+        sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = _DeadlineSocket(sock, self.deadline)
 
 
-def _pinned_connection(scheme, host, port, address, timeout, context):
-    """An http.client connection to ``host`` that connects to ``address``."""
+def _pinned_connection(scheme, host, port, address, deadline, context):
+    """An http.client connection to ``host`` that connects to ``address``
+    and ends every socket operation by ``deadline`` (time.monotonic())."""
     if scheme == "https":
-        return _PinnedHTTPSConnection(host, port, address, timeout, context)
-    return _PinnedHTTPConnection(host, port, address, timeout)
+        return _PinnedHTTPSConnection(host, port, address, deadline, context)
+    return _PinnedHTTPConnection(host, port, address, deadline)
 
 
 def _content_type(headers):

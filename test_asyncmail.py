@@ -3386,6 +3386,67 @@ class HardeningTests(CoreCase):
                                         "s3": {"bucket": "bills", "key": "k"}}),
                          ("inv.pdf", "application/pdf", b"%PDF"))
 
+    # -- 9. [attachments] timeout_seconds bounds the whole fetch --------------
+
+    def drip_server(self, head, body):
+        """A server that answers every request with ``head`` sent at once and
+        then ``body`` one byte every 0.25 s; returns its base URL."""
+        stop = threading.Event()
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass
+                try:
+                    self.wfile.write(head)
+                    for index in range(len(body)):
+                        if stop.wait(0.25):
+                            return
+                        self.wfile.write(body[index:index + 1])
+                except OSError:
+                    return   # the fetcher hung up: what it should do
+
+        class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            block_on_close = False
+
+        server = Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        self.addCleanup(stop.set)
+        return "http://127.0.0.1:%d" % server.server_address[1]
+
+    def test_attachment_timeout_bounds_the_whole_fetch(self):
+        config = asyncmail.Config({"attachments": {"timeout_seconds": "1",
+                                                   "allow_private_urls": "true"}})
+        fetcher = asyncmail.AttachmentFetcher(config.attachments, config.s3, FakeClock())
+        slow_body = self.drip_server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+                                     b"x" * 1000)
+        slow_head = self.drip_server(b"", b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 1000)
+        for url in (slow_body + "/a.bin", slow_head + "/a.bin"):
+            outcome = []
+
+            def fetch():
+                try:
+                    outcome.append(fetcher.fetch({"filename": "a.bin", "url": url}))
+                except asyncmail.AsyncmailError as exc:
+                    outcome.append(exc)
+            worker = threading.Thread(target=fetch, daemon=True)
+            worker.start()
+            # dripped in full, each answer would take 250 s; one second is the limit
+            worker.join(WAIT)
+            self.assertFalse(worker.is_alive(), "the fetch of %s outlived its timeout" % url)
+            self.assertIsInstance(outcome[0], asyncmail.TemporaryError)
+            self.assertIn("timeout_seconds", str(outcome[0]))
+        # a prompt answer, even one that closes the connection early, still arrives
+        prompt = self.drip_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                  b"Content-Length: 5\r\n\r\nhello", b"")
+        self.assertEqual(fetcher.fetch({"filename": "a.txt", "url": prompt + "/a.txt"}),
+                         ("a.txt", "text/plain", b"hello"))
+
 
 class FuzzTests(CoreCase):
     """A deterministic corpus of hostile requests: no 5xx, no dropped
