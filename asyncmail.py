@@ -87,6 +87,7 @@ MAX_CONNECTIONS = 512   # concurrent HTTP connections (one thread each); more ge
 CLAIM_CHUNK = 20        # messages claimed (and their outcomes committed) together
 MAX_HEADER_LINE = 65536  # as http.server: longer header lines get 431 ...
 MAX_HEADERS = 100        # ... and so do more header lines than this
+MAX_CHUNK_LINE = 1024    # a chunk-size line with its (ignored) extensions
 LARGE_BODY_BYTES = 256 * 1024   # requests larger than this are parsed ...
 LARGE_BODY_CONCURRENCY = 1      # ... at most this many at a time (bounds peak memory)
 HEARTBEAT_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
@@ -3435,10 +3436,31 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
+        framing_error = self._framing_error()
+        if framing_error is not None:
+            self.send_error(400, framing_error)   # and close: the body's end is unknown
+            return False
         if (headers.get("expect", "").lower() == "100-continue"
                 and self.request_version == "HTTP/1.1"):
             return self.handle_expect_100()
         return True
+
+    def _framing_error(self):
+        """Why the body's framing is refused (RFC 9112 6.1-6.3), or None.
+
+        Only ``chunked`` alone is a transfer coding this server decodes, and
+        never together with a Content-Length: a proxy in front could frame
+        the body the other way and smuggle a request past it.
+        """
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None:
+            if self.headers.get("Content-Length") is not None:
+                return "Content-Length and Transfer-Encoding together"
+            if [part.strip().lower() for part in coding.split(",")] != ["chunked"]:
+                return "unsupported Transfer-Encoding %r (only chunked)" % coding[:60]
+        elif self._content_length() == -1:
+            return "invalid Content-Length"
+        return None
 
     def _content_length(self):
         """The declared body length: None when absent, -1 when malformed
@@ -3470,7 +3492,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         """
         limit = self.server.max_request_bytes
         deadline = time.monotonic() + self.server.body_deadline
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.headers.get("Transfer-Encoding") is not None:   # chunked: see _framing_error
             return self._read_chunked(limit, deadline)
         length = self._content_length()
         if length is None:
@@ -3501,27 +3523,54 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return b"".join(chunks)
 
     def _read_chunked(self, limit, deadline):
+        """A chunked body (RFC 9112 7.1), read strictly: hex digits only in a
+        size (``int`` would also take "0x", "_", "+" and spaces), CRLF after
+        every line and every chunk's data, at most MAX_HEADERS trailer lines
+        (ignored).  Counts against ``limit`` and ``deadline`` exactly like a
+        Content-Length body.  Raises ApiError (400/408/413)."""
         chunks, total = [], 0
         while True:
-            line = self.rfile.readline(1026)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise ApiError("malformed chunked body", status=400)
-            if size < 0:
-                self.close_connection = True
-                raise ApiError("malformed chunked body", status=400)
+            size, separator, _ = self._chunk_line(deadline).partition(b";")
+            if separator:
+                size = size.rstrip(b" \t")   # whitespace is allowed before an extension
+            if not _CHUNK_SIZE.fullmatch(size):
+                self._malformed_chunk("chunk size %r is not hexadecimal" % size[:20])
+            size = int(size, 16)
             if size == 0:
-                while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
-                    pass   # trailers are ignored
-                return b"".join(chunks)
+                break
             total += size
             if total > limit:
                 self.close_connection = True
                 raise ApiError("request body larger than %d bytes" % limit, status=413)
             chunks.append(self._read_exact(size, deadline))
-            self.rfile.readline(1026)
+            try:
+                end = self.rfile.read(2)
+            except (socket.timeout, OSError):
+                end = b""
+            if end != b"\r\n":
+                self._malformed_chunk("chunk data not followed by CRLF")
+        for _ in range(MAX_HEADERS + 1):
+            if self._chunk_line(deadline) == b"":
+                return b"".join(chunks)
+        self._malformed_chunk("too many trailer lines")
+
+    def _chunk_line(self, deadline):
+        """The next line of a chunked body without its CRLF; ApiError unless
+        it ends in CRLF within MAX_CHUNK_LINE octets and ``deadline``."""
+        if time.monotonic() > deadline:
+            self.close_connection = True
+            raise ApiError("request body too slow", status=408)
+        try:
+            line = self.rfile.readline(MAX_CHUNK_LINE + 2)
+        except (socket.timeout, OSError):
+            line = b""
+        if not line.endswith(b"\r\n"):
+            self._malformed_chunk("chunked body line without CRLF, too long, or cut short")
+        return line[:-2]
+
+    def _malformed_chunk(self, reason):
+        self.close_connection = True
+        raise ApiError("malformed chunked body: %s" % reason, status=400)
 
     def _authorized(self):
         token = self.server.api_token
@@ -3651,6 +3700,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _ASCII_DIGITS = re.compile(r"[0-9]+")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")   # RFC 9112 7.1: 1*HEXDIG, and nothing else
 
 
 def _has_lone_surrogate(value):

@@ -3447,6 +3447,45 @@ class HardeningTests(CoreCase):
         self.assertEqual(fetcher.fetch({"filename": "a.txt", "url": prompt + "/a.txt"}),
                          ("a.txt", "text/plain", b"hello"))
 
+    # -- 4, 5, 6 and 10: the HTTP server ----------------------------------------
+
+    LOCAL = b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+    def test_ambiguous_framing_is_refused_and_the_connection_closed(self):
+        core = self.make_core()
+        self.add_account(core)
+        te = b"Transfer-Encoding: chunked\r\n"
+        cases = [  # (headers, chunk size line from the hex size, what follows the data)
+            (te + b"Content-Length: %(length)d\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: gzip\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: chunked, gzip\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: gzip, chunked\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: chunked, chunked\r\n", lambda size: size, b"\r\n"),
+            (te, lambda size: b"0x" + size, b"\r\n"),
+            (te, lambda size: b"+" + size, b"\r\n"),
+            (te, lambda size: size[:1] + b"_" + size[1:], b"\r\n"),
+            (te, lambda size: b" " + size, b"\r\n"),
+            (te, lambda size: size, b"XY\r\n")]
+        for number, (headers, size_line, after_data) in enumerate(cases):
+            mid = "smuggled-%d" % number
+            body = json.dumps({"messages": [message(mid)]}).encode()
+            chunked = size_line(b"%x" % len(body)) + b"\r\n" + body + after_data + b"0\r\n\r\n"
+            raw = (b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+                   + headers.replace(b"%(length)d", b"%d" % len(chunked)) + b"\r\n" + chunked)
+            with self.subTest(case=number, headers=headers, start=chunked[:8]):
+                status, reply = send_hostile(core.http_address, raw)
+                self.assertEqual(status, 400, reply[:300])
+                self.assertIn(b"Connection: close", reply.partition(b"\r\n\r\n")[0])
+                self.assertFalse(core.handle_command("get message", {"id": mid})["ok"])
+        # strict is not hostile: a chunk extension and a trailer still pass
+        body = json.dumps({"messages": [message("extended")]}).encode()
+        status, reply = send_hostile(core.http_address, (
+            b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+            + b"Transfer-Encoding: chunked\r\n\r\n%X ; name=value\r\n%s\r\n0\r\n"
+            b"X-Trailer: 1\r\n\r\n" % (len(body), body)))
+        self.assertEqual(status, 200, reply)
+
+
 
 class FuzzTests(CoreCase):
     """A deterministic corpus of hostile requests: no 5xx, no dropped
