@@ -3645,17 +3645,25 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 self._discard_body()
                 raise NotFoundError("unknown command")
         payload = dict(params)
-        length = self._content_length() or 0
-        if method == "POST" and length > LARGE_BODY_BYTES:
-            # a parsed 1 MB batch is ~10 MB of objects: at most two at a time
-            with self.server.large_requests:
-                payload = self._json_body()
-                status, answer = self.server.core.execute(command, payload)
-                del payload
-            self._send_json(status, answer)
-            return
         if method == "POST":
-            payload = self._json_body()
+            # The whole body first, outside the slot: a client that stalls or
+            # dribbles holds only its own thread and bytes (until the body
+            # deadline), never the slot every other large request waits for.
+            body = self._read_body()
+            if len(body) > LARGE_BODY_BYTES:   # counted alike, Content-Length or chunked
+                # a parsed 1 MB batch is ~10 MB of objects: one at a time
+                if not self.server.large_requests.acquire(timeout=self.server.body_deadline):
+                    raise ApiError("busy with other large requests, retry later", status=503)
+                try:
+                    payload = self._json_body(body)
+                    del body
+                    status, answer = self.server.core.execute(command, payload)
+                    del payload
+                finally:
+                    self.server.large_requests.release()
+                self._send_json(status, answer)
+                return
+            payload = self._json_body(body)
         elif parts.query:
             try:
                 query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
@@ -3678,8 +3686,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         elif length or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
 
-    def _json_body(self):
-        body = self._read_body()
+    def _json_body(self, body):
         if not body.strip():
             return {}
         try:

@@ -3485,6 +3485,55 @@ class HardeningTests(CoreCase):
             b"X-Trailer: 1\r\n\r\n" % (len(body), body)))
         self.assertEqual(status, 200, reply)
 
+    def test_a_chunked_upload_counts_against_the_body_limits(self):
+        class CountingSemaphore(threading.BoundedSemaphore):
+            uses = 0
+
+            def acquire(self, *args, **kwargs):
+                self.uses += 1
+                return super().acquire(*args, **kwargs)
+            __enter__ = acquire
+
+        core = self.make_core({"server": {"max_request_bytes": "400000"}})
+        self.add_account(core)
+        core._http.large_requests = counting = CountingSemaphore(1)
+
+        def chunked(body):
+            return (b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+                    + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
+                        b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                        for i in range(0, len(body), 65536)) + b"0\r\n\r\n")
+        big = json.dumps({"messages": [message("big%d" % i, body="x" * 2000)
+                                       for i in range(150)]}).encode()
+        self.assertTrue(asyncmail.LARGE_BODY_BYTES < len(big) < 400000)
+        status, reply = send_hostile(core.http_address, chunked(big))
+        self.assertEqual(status, 200, reply[:300])
+        self.assertEqual(counting.uses, 1)   # parsed in the large-body slot
+        status, _ = send_hostile(core.http_address, chunked(big + b" " * 100000))
+        self.assertEqual(status, 413)
+
+    def test_a_stalled_upload_delays_no_other_client(self):
+        core = self.make_core()
+        self.add_account(core)
+        stalled_body = json.dumps({"messages": [message("stalled")], "pad": ""}).encode()
+        stalled_body = stalled_body[:-2] + b"x" * (400000 - len(stalled_body)) + b'"}'
+        stalled = socket.create_connection(core.http_address, timeout=WAIT)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+                        + b"Content-Length: 400000\r\n\r\n" + stalled_body[:1000])
+        # its handler is past the headers (the deadline moved on to the body)
+        wait_until(lambda: any(deadline > time.monotonic() + core._http.idle_timeout + 1
+                               for deadline in list(core._http._deadlines.values())),
+                   message="the stalled upload's body being read")
+        big = [message("other%d" % i, body="x" * 2000) for i in range(150)]
+        status, answer = self.client(core).request("POST", "/commands/add-messages",
+                                                   {"messages": big})
+        self.assertEqual((status, answer["queued"]), (200, 150))   # not after the staller
+        stalled.sendall(stalled_body[1000:])
+        stalled.settimeout(WAIT)
+        self.assertTrue(stalled.recv(65536).startswith(b"HTTP/1.1 200"))
+        self.assertEqual(self.record(core, "stalled")["status"], "pending")
+
 
 
 class FuzzTests(CoreCase):
