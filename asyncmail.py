@@ -3615,11 +3615,9 @@ class _ApiHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
     def _route(self):
+        parts = self._request_target()
         if not self._authorized():
-            if self._content_length() or self.headers.get("Transfer-Encoding"):
-                self.close_connection = True   # the body is not read
-            raise ApiError("Invalid or missing API token", status=401)
-        parts = urllib.parse.urlsplit(self.path)
+            self._refuse(401, "Invalid or missing API token")
         segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
         matches = _match_route(segments)
         if not matches:
@@ -3674,6 +3672,37 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 payload.setdefault(key, values[-1])
         status, answer = self.server.core.execute(command, payload)
         self._send_json(status, answer)
+
+    def _request_target(self):
+        """The request target split like urlsplit (RFC 9112 3.2): origin-form
+        ``/path?query``, or absolute-form ``http(s)://authority/path``.
+        Anything else is a 400 before any route or auth logic: a target
+        urlsplit cannot split (``http://[::1/``), or an origin-form with
+        ``[`` or ``]`` (RFC 3986 allows them only around an IP literal in an
+        authority; ``//[`` is what urlsplit took for one)."""
+        target = self.path
+        if target.startswith("/"):   # never parsed for an authority: "//x" is a path
+            if "[" not in target and "]" not in target:
+                path, _, query = target.partition("#")[0].partition("?")
+                return urllib.parse.SplitResult("", "", path, query, "")
+            self._refuse(400, "malformed request target %r (percent-encode [ and ])"
+                         % target[:100])
+        if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+            try:
+                parts = urllib.parse.urlsplit(target)
+                parts.port   # raises ValueError for a malformed port
+            except ValueError:
+                parts = None
+            if parts is not None and parts.hostname:
+                return parts._replace(path=parts.path or "/")
+        self._refuse(400, "malformed request target %r" % target[:100])
+
+    def _refuse(self, status, message):
+        """Answer ``status`` without reading the body, which then closes the
+        connection (the unread body would be taken for the next request)."""
+        if self._content_length() or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+        raise ApiError(message, status=status)
 
     def _discard_body(self):
         """Read (bounded) or give up on the body of a request that failed

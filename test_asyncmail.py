@@ -3534,6 +3534,22 @@ class HardeningTests(CoreCase):
         self.assertTrue(stalled.recv(65536).startswith(b"HTTP/1.1 200"))
         self.assertEqual(self.record(core, "stalled")["status"], "pending")
 
+    def test_a_target_that_cannot_be_split_is_400_before_auth(self):
+        for token in (None, "tok"):
+            core = self.make_core({"server": {"api_token": token}} if token else None)
+            for target in (b"//[", b"http://[::1/status", b"//[::1", b"[", b"*",
+                           b"http://[/commands/run-now", b"ftp://x/status", b"http://:80/"):
+                for method in (b"GET", b"POST"):
+                    with self.subTest(token=token, target=target, method=method):
+                        status, reply = send_hostile(core.http_address, method + b" " + target
+                                                     + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                        self.assertEqual(status, 400, reply[:300])
+                        self.assertIn(b'"ok":false', reply)
+            headers = b"X-API-Token: tok\r\n" if token else b""
+            status, reply = send_hostile(core.http_address, b"GET http://127.0.0.1/status "
+                                         b"HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
+            self.assertEqual(status, 200, reply[:300])   # the absolute form is fine
+
 
 
 class FuzzTests(CoreCase):
