@@ -3235,6 +3235,21 @@ _SINGLE_HEADERS = frozenset(["content-length", "transfer-encoding", "host", "aut
                              "x-api-token", "expect"])
 
 
+def _is_loopback_authority(authority):
+    """Whether a Host value ``host[:port]`` names a loopback interface
+    (``localhost:8000``, ``127.0.0.1``, ``[::1]:1234``); False when malformed."""
+    if authority.startswith("["):
+        host, bracket, port = authority[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        host, _, port = authority.partition(":")
+    if port and not _ASCII_DIGITS.fullmatch(port):
+        return False
+    return bool(host) and _is_loopback_host(host)
+
+
 class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
     """The HTTP listener: one daemon thread per client connection.
 
@@ -3616,6 +3631,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def _route(self):
         parts = self._request_target()
+        self._refuse_browser_requests(parts)
         if not self._authorized():
             self._refuse(401, "Invalid or missing API token")
         segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
@@ -3696,6 +3712,35 @@ class _ApiHandler(BaseHTTPRequestHandler):
             if parts is not None and parts.hostname:
                 return parts._replace(path=parts.path or "/")
         self._refuse(400, "malformed request target %r" % target[:100])
+
+    def _refuse_browser_requests(self, parts):
+        """Without an api_token, refuse what a web page could make a browser
+        send here: a body that is not application/json (cross-site, a page
+        can send only text/plain, form or multipart bodies without a CORS
+        preflight, which is never granted), a Host that is not a loopback name
+        or address (DNS rebinding), and an Origin other than the daemon's own.
+        With a token a page cannot forge its header, so none of this applies
+        and whatever curl sends is accepted.  Raises ApiError (400/403/415).
+        """
+        if self.server.api_token is not None:
+            return
+        host = self.headers.get("Host")
+        if host is None:
+            if self.request_version != "HTTP/1.0":   # RFC 9112 3.2: required in 1.1
+                self._refuse(400, "Host header required")
+        elif not _is_loopback_authority(host):
+            self._refuse(403, "Host %r is not a loopback name or address (without "
+                              "api_token only local clients are served)" % host[:100])
+        if parts.netloc and not _is_loopback_host(parts.hostname):
+            self._refuse(403, "request target names a host that is not loopback")
+        origin = self.headers.get("Origin")
+        if origin is not None and (host is None or origin.lower() != "http://" + host.lower()):
+            self._refuse(403, "cross-origin request refused (Origin %r)" % origin[:100])
+        if self._content_length() or self.headers.get("Transfer-Encoding") is not None:
+            media_type = self.headers.get("Content-Type", "").partition(";")[0]
+            if media_type.strip().lower() != "application/json":
+                self._refuse(415, "request body must be application/json (without api_token "
+                                  "a body a browser could send cross-site is refused)")
 
     def _refuse(self, status, message):
         """Answer ``status`` without reading the body, which then closes the

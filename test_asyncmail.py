@@ -330,6 +330,8 @@ class Client:
             headers["X-API-Token"] = self.token
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode("utf-8")
+        if body is not None and "Content-Type" not in headers:
+            headers["Content-Type"] = "application/json"   # what a tokenless daemon requires
         self.conn.request(method, path, body=body, headers=headers)
         response = self.conn.getresponse()
         data = response.read()
@@ -812,7 +814,8 @@ class ApiTests(CoreCase):
 
     def test_short_body_gets_an_answer_not_a_hang(self):
         reply = raw_exchange(self.core.http_address,
-                             b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\n"
+                             b"POST /commands/add-messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\n"
                              b"Content-Length: 100\r\n\r\n{\"messages\": [", shutdown=True)
         self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
 
@@ -839,8 +842,9 @@ class ApiTests(CoreCase):
         body = json.dumps({"messages": [message("expect")]}).encode()
         sock = socket.create_connection(self.core.http_address, timeout=WAIT)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\nExpect: 100-continue"
-                     b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(b"POST /commands/add-messages HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: "
+                     b"100-continue\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
         self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 Continue"))
         sock.sendall(body)
         self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
@@ -854,7 +858,8 @@ class ApiTests(CoreCase):
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
                           for i in range(0, len(body), 10))
         reply = raw_exchange(self.core.http_address,
-                             b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\n"
+                             b"POST /commands/add-messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\n"
                              b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
         self.assertTrue(reply.startswith("HTTP/1.1 200"), reply)
         self.assertEqual(self.record(self.core, "chunked")["status"], "pending")
@@ -3076,7 +3081,8 @@ def hostile_requests(seed, count):
         kind = rng.randrange(12)
         method = rng.choice(["POST"] * 4 + methods)
         path = rng.choice(paths)
-        headers = {"Host": "x"}
+        # what the daemon serves without api_token: a local Host and JSON bodies
+        headers = {"Host": "127.0.0.1", "Content-Type": "application/json"}
         if kind == 0:
             batch = [message_like() if rng.random() < 0.5 else valid_message()
                      for _ in range(rng.randint(1, 5))]
@@ -3550,6 +3556,57 @@ class HardeningTests(CoreCase):
                                          b"HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
             self.assertEqual(status, 200, reply[:300])   # the absolute form is fine
 
+    def test_without_a_token_a_browser_cannot_queue_mail(self):
+        core = self.make_core()
+        self.add_account(core)
+        port = core.http_address[1]
+        local = "127.0.0.1:%d" % port
+
+        def post(path, body, **headers):
+            """The status of one raw POST; header names with _ for -."""
+            head = "POST %s HTTP/1.1\r\n" % path + "".join(
+                "%s: %s\r\n" % (name.replace("_", "-"), value) for name, value in headers.items())
+            head += ("Content-Length: %d\r\n\r\n" % len(body)) if body else "\r\n"
+            return send_hostile(core.http_address, head.encode() + body)[0]
+
+        refused = [  # what a web page can make a browser send, and DNS rebinding
+            (415, dict(Host=local, Content_Type="text/plain")),
+            (415, dict(Host=local, Content_Type="application/x-www-form-urlencoded")),
+            (415, dict(Host=local)),
+            (403, dict(Host="evil.example:%d" % port, Content_Type="application/json")),
+            (403, dict(Host=local, Content_Type="application/json",
+                       Origin="http://evil.example")),
+            (403, dict(Host=local, Content_Type="application/json", Origin="null")),
+            (400, dict(Content_Type="application/json"))]
+        for number, (expected, headers) in enumerate(refused):
+            with self.subTest(headers=headers):
+                body = json.dumps({"messages": [message("forged%d" % number)]}).encode()
+                self.assertEqual(post("/commands/add-messages", body, **headers), expected)
+                self.assertFalse(core.handle_command("get message",
+                                                     {"id": "forged%d" % number})["ok"])
+        status, _ = send_hostile(core.http_address, b"GET /status HTTP/1.1\r\nHost: "
+                                 b"rebound.example\r\n\r\n")
+        self.assertEqual(status, 403)
+        accepted = [dict(Host=local, Content_Type="application/json; charset=utf-8"),
+                    dict(Host="localhost:%d" % port, Content_Type="application/json"),
+                    dict(Host="[::1]:%d" % port, Content_Type="application/json"),
+                    dict(Host=local, Content_Type="application/json",
+                         Origin="http://%s" % local)]
+        for number, headers in enumerate(accepted):
+            with self.subTest(headers=headers):
+                body = json.dumps({"messages": [message("local%d" % number)]}).encode()
+                self.assertEqual(post("/commands/add-messages", body, **headers), 200)
+        self.assertEqual(post("/commands/run-now", b"", Host=local), 200)   # no body, no type
+        self.assertEqual(send_hostile(core.http_address,
+                                      b"GET /status HTTP/1.0\r\n\r\n")[0], 200)
+        # with a token a browser cannot forge the request: curl's defaults are fine
+        guarded = self.make_core({"server": {"api_token": "tok"}})
+        self.add_account(guarded)
+        batch = json.dumps({"messages": [message("curl")]}).encode()
+        self.assertEqual(send_hostile(guarded.http_address, (
+            b"POST /commands/add-messages HTTP/1.1\r\nHost: mail.example\r\nX-API-Token: tok\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(batch), batch)))[0], 200)
 
 
 class FuzzTests(CoreCase):
