@@ -1458,9 +1458,10 @@ def _check_text(value, field, required=False, max_chars=None, single_line=False)
         raise ValueError("%s must be a string" % field)
     if single_line and _CRLF.search(value):
         raise ValueError("%s must not contain CR or LF" % field)
-    if single_line and _LINE_BREAKS.search(value):
+    line_break = _LINE_BREAKS.search(value) if single_line else None
+    if line_break:   # VT, FF, NEL, U+2028...: the email package refuses them too
         raise ValueError("%s must not contain a line break (U+%04X)"
-                         % (field, ord(_LINE_BREAKS.search(value).group())))
+                         % (field, ord(line_break.group())))
     if "\x00" in value:
         raise ValueError("%s must not contain NUL" % field)
     if max_chars is not None and len(value) > max_chars:
@@ -3584,6 +3585,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return line[:-2]
 
     def _malformed_chunk(self, reason):
+        """Raise the 400 of a chunked body; the connection closes (its rest
+        cannot be framed)."""
         self.close_connection = True
         raise ApiError("malformed chunked body: %s" % reason, status=400)
 
