@@ -49,6 +49,7 @@ import email.utils
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import itertools
 import json
@@ -90,6 +91,7 @@ MAX_CONNECTIONS = 512   # concurrent HTTP connections (one thread each); more ge
 CLAIM_CHUNK = 20        # messages claimed (and their outcomes committed) together
 MAX_HEADER_LINE = 65536  # as http.server: longer header lines get 431 ...
 MAX_HEADERS = 100        # ... and so do more header lines than this
+MAX_CHUNK_LINE = 1024    # a chunk-size line with its (ignored) extensions
 LARGE_BODY_BYTES = 256 * 1024   # requests larger than this are parsed ...
 LARGE_BODY_CONCURRENCY = 1      # ... at most this many at a time (bounds peak memory)
 HEARTBEAT_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
@@ -98,6 +100,13 @@ SQLITE_BUSY_TIMEOUT_MS = 15000
 STORE_CONNECTIONS = 8   # pooled SQLite connections (more threads wait for one)
 SQL_CHUNK = 500         # stays under SQLite's historic 999-variable limit
 LATEST_TS = 253402300799    # 9999-12-31T23:59:59Z: later deferred_ts is garbage
+# Mail limits, checked before any pattern runs so that no parser sees more.
+MAX_LOCAL_PART = 64     # RFC 5321 4.5.3.1.1: octets of a local part
+MAX_DOMAIN = 253        # RFC 5321 allows 255 octets; a DNS name has 253 in text form
+MAX_ADDR_SPEC = 254     # RFC 5321 4.5.3.1.3: a path is 256 octets including its < >
+MAX_MAIL_LINE = 998     # RFC 5322 2.1.1: octets of one line of a message
+MAX_ADDRESS_CHARS = MAX_MAIL_LINE - len("Reply-To: ")   # an address fits one header line
+MAX_MIME_TYPE_CHARS = 255   # RFC 6838 4.2: type and subtype names are at most 127 each
 
 PRIORITY_NAMES = {"immediate": 0, "high": 1, "medium": 2, "low": 3}
 STATUSES = ("pending", "deferred", "held", "sending", "sent", "error")
@@ -107,6 +116,10 @@ FINISHED_STATUSES = ("sent", "error")
 COMMAND_STATUSES = {"retry": ("deferred",), "requeue": ("error",),
                     "hold": ("pending", "deferred"), "release": ("held",)}
 ATTEMPTS_KEPT = 20      # per message, besides its first attempt
+# What a delete may still do to a message claimed by this process (Store._claims)
+_CLAIMED = "claimed"          # its SMTP transaction has not begun: a delete stops it
+_ON_WIRE = "on the wire"      # its transaction has begun: it ends as the relay says
+_WITHDRAWN = "withdrawn"      # deleted or failed since its claim: never to be sent
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 SCHEMA_VERSION = 4
@@ -221,6 +234,7 @@ SQL_INSERT_MESSAGE = (
     " deferred_ts, subject, recipients, message_id, payload)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_EXISTING_IDS = "SELECT id FROM messages WHERE id IN ({marks})"
+SQL_EXISTING_KEYS = "SELECT pk, id FROM messages WHERE id IN ({marks})"
 SQL_RECORD_COLUMNS = (
     "id, account_id, priority, status, created_ts, deferred_ts, sent_ts,"
     " error_ts, error, retry_count, reported_ts, subject, recipients, refused,"
@@ -446,15 +460,20 @@ def _smtp_error(message, temporary, account_level=False, smtp_code=None):
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _CRLF = re.compile(r"[\r\n]")
 _ASCII_DIGITS = re.compile(r"[0-9]+")   # str.isdigit would accept "²", which int refuses
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")   # RFC 5322 ftext: printable, no colon
-_MIME_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+# Every character str.splitlines() breaks on: the email package refuses all of
+# them in a header value, so a single-line field that holds one cannot be sent.
+_LINE_BREAKS = re.compile(r"[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+# Validation patterns are used with fullmatch only: "$" also matches before a
+# final newline, which let "Bcc\n" pass for a header name.
+_HEADER_NAME = re.compile(r"[!-9;-~]+")   # RFC 5322 ftext: printable, no colon
+_MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LOCAL_PART = re.compile(
-    r'^(?:%s+(?:\.%s+)*|"(?:[^"\\\r\n]|\\[^\r\n])*")$' % (_ATEXT, _ATEXT))
+    r'%s+(?:\.%s+)*|"(?:[^"\\\r\n]|\\[^\r\n])*"' % (_ATEXT, _ATEXT))
 _DOMAIN = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-    r"|\[[A-Za-z0-9:.]+\])$")
+    r"|\[[A-Za-z0-9:.]+\]")
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
 _DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -525,17 +544,25 @@ def _split_addresses(text):
     return parts
 
 
-_NAMED_ADDRESS = re.compile(r'^\s*(?P<name>"(?:[^"\\]|\\.)*"|[^<>"]*?)\s*<(?P<addr>[^<>]*)>\s*$')
-
-
 def _check_addr_spec(addr):
     """Return ``addr`` (domain IDNA-encoded) if it is a valid addr-spec.
 
-    Raises ValueError naming what is wrong.
+    The RFC 5321 length limits are checked before any pattern or codec runs
+    (IDNA's punycode is quadratic in a label's length).  Raises ValueError
+    naming what is wrong.
     """
     if "@" not in addr:
-        raise ValueError("invalid address %r: no @" % addr)
+        raise ValueError("invalid address %r: no @" % addr[:80])
+    if len(addr) > MAX_ADDR_SPEC:
+        raise ValueError("invalid address %r...: longer than %d characters"
+                         % (addr[:80], MAX_ADDR_SPEC))
     local, _, domain = addr.rpartition("@")
+    if len(local) > MAX_LOCAL_PART:
+        raise ValueError("invalid address %r: local part longer than %d characters"
+                         % (addr[:80], MAX_LOCAL_PART))
+    if len(domain) > MAX_DOMAIN:   # IDNA never makes a name shorter
+        raise ValueError("invalid address %r: domain longer than %d characters"
+                         % (addr[:80], MAX_DOMAIN))
     try:
         ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
@@ -543,29 +570,62 @@ def _check_addr_spec(addr):
     if not local.isascii():
         raise ValueError("invalid address %r: a non-ASCII local part needs SMTPUTF8, "
                          "which asyncmail does not speak" % addr)
-    if not _LOCAL_PART.match(local) or len(local) > 64:
+    if not _LOCAL_PART.fullmatch(local):
         raise ValueError("invalid address %r" % addr)
-    if not _DOMAIN.match(ascii_domain) or len(ascii_domain) > 253:
+    if len(ascii_domain) > MAX_DOMAIN or not _DOMAIN.fullmatch(ascii_domain):
         raise ValueError("invalid address %r" % addr)
+    if len(local) + 1 + len(ascii_domain) > MAX_ADDR_SPEC:
+        raise ValueError("invalid address %r: longer than %d characters once encoded"
+                         % (addr, MAX_ADDR_SPEC))
     return local + "@" + ascii_domain
+
+
+def _is_quoted_string(text):
+    """Whether ``text`` is exactly one RFC 5322 quoted-string: ``"..."`` with
+    every inner ``"`` and ``\\`` escaped by a backslash.  One pass."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return False
+    index, end = 1, len(text) - 1
+    while index < end:
+        if text[index] == "\\":
+            index += 2
+        elif text[index] == '"':
+            return False
+        else:
+            index += 1
+    return index == end   # a final backslash would have escaped the closing quote
 
 
 def _parse_address(text):
     """Parse one ``addr``, ``<addr>`` or ``Name <addr>`` into (name, addr).
 
-    Raises ValueError for anything else, including CR/LF (header injection).
+    The name is a quoted-string or text without ``<>"``.  Linear in the
+    input, which is refused unparsed beyond MAX_ADDRESS_CHARS (it could not
+    fit one header line).  Raises ValueError for anything else, including
+    CR/LF (header injection).
     """
     if not isinstance(text, str):
         raise ValueError("address must be a string")
+    if len(text) > MAX_ADDRESS_CHARS:
+        raise ValueError("address %r... is longer than %d characters"
+                         % (text[:40], MAX_ADDRESS_CHARS))
     if _CONTROL_CHARS.search(text):
         raise ValueError("address contains a control character (CR/LF?)")
-    named = _NAMED_ADDRESS.match(text)
-    if named:
-        name = named.group("name").strip()
-        if name.startswith('"') and name.endswith('"') and len(name) >= 2:
+    stripped = text.strip()
+    opening = stripped.rfind("<")   # the address itself holds no < or >
+    if stripped.endswith(">") and opening >= 0 and ">" not in stripped[opening:-1]:
+        name = stripped[:opening].strip()
+        if _is_quoted_string(name):
             name = re.sub(r"\\(.)", r"\1", name[1:-1])
-        return name, _check_addr_spec(named.group("addr").strip())
-    return "", _check_addr_spec(text.strip())
+        elif any(char in name for char in '<>"'):
+            name = None
+        if name is not None:
+            addr = _check_addr_spec(stripped[opening + 1:-1].strip())
+            if len(_format_address(name, addr)) > MAX_ADDRESS_CHARS:
+                raise ValueError("address %r... is longer than %d characters once quoted"
+                                 % (text[:40], MAX_ADDRESS_CHARS))
+            return name, addr
+    return "", _check_addr_spec(stripped)
 
 
 def _parse_address_list(value, field):
@@ -599,6 +659,8 @@ def _format_address(name, addr):
 
 def _is_host(text):
     """A DNS name (IDNA allowed) or an IPv4/IPv6 address."""
+    if len(text) > MAX_DOMAIN:   # before IDNA, which never makes a name shorter
+        return False
     try:
         ipaddress.ip_address(text.strip("[]"))
         return True
@@ -608,8 +670,8 @@ def _is_host(text):
         ascii_name = text.encode("idna").decode("ascii")
     except UnicodeError:
         return False
-    return bool(ascii_name) and len(ascii_name) <= 253 and bool(_DOMAIN.match(ascii_name)) \
-        and not ascii_name.startswith("[")
+    return bool(ascii_name) and len(ascii_name) <= MAX_DOMAIN \
+        and bool(_DOMAIN.fullmatch(ascii_name)) and not ascii_name.startswith("[")
 
 
 def _is_loopback_host(host):
@@ -720,7 +782,7 @@ def _conf_int(low=None, high=None):
             raise ValueError("expected an integer")
         if isinstance(value, str):
             value = value.strip()
-            if not re.match(r"^[+-]?\d+$", value):
+            if not re.fullmatch(r"[+-]?[0-9]+", value):
                 raise ValueError("expected an integer")
         number = int(value)
         if low is not None and number < low:
@@ -801,7 +863,7 @@ def _conf_timezone(value):
     name = str(value).strip() or "UTC"
     if name.upper() in ("UTC", "Z", "GMT"):
         return _FixedOffset(0, "UTC")
-    offset = re.match(r"^(?:UTC)?([+-])(\d\d):?(\d\d)$", name)
+    offset = re.fullmatch(r"(?:UTC)?([+-])([0-9]{2}):?([0-9]{2})", name)
     if offset:
         minutes = int(offset.group(2)) * 60 + int(offset.group(3))
         if minutes > 18 * 60:
@@ -833,7 +895,8 @@ class SendingWindow:
         text = str(text).strip()
         if not text:
             return None
-        match = re.match(r"^(\S+)\s+(\d{1,2}):(\d\d)\s*-\s*(\d{1,2}):(\d\d)$", text)
+        match = re.fullmatch(
+            r"(\S+)\s+([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})", text)
         if not match:
             raise ValueError("expected 'DAYS HH:MM-HH:MM', e.g. 'mon-fri 08:00-18:00'")
         days = set()
@@ -1084,6 +1147,10 @@ class Store:
         self._slots = threading.BoundedSemaphore(STORE_CONNECTIONS)
         self._intake_leader = threading.Lock()
         self._intake = []
+        # This process's claimed messages by pk (see claim and begin_send):
+        # what a delete may still stop, and what it must leave to the relay.
+        self._claims = {}
+        self._claims_lock = threading.Lock()
         self._closed = False
         if path != ":memory:":
             self._create_private_file(path)
@@ -1345,18 +1412,26 @@ class Store:
     def delete_messages(self, ids):
         """Delete messages (and their unsent report events) by id.
 
-        Returns the list of ids that were not found.
+        A claimed message that is deleted is never sent (begin_send refuses
+        it); one whose SMTP transaction has begun cannot be called back, so
+        it is left alone and its outcome is recorded and reported as usual.
+        Returns (ids not found, ids left alone because they are being sent).
         """
         with self._transaction(durable=True) as conn:
-            existing = set()
+            existing, being_sent = set(), []
             for start in range(0, len(ids), SQL_CHUNK):
                 chunk = ids[start:start + SQL_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                existing.update(row[0] for row in conn.execute(
-                    SQL_EXISTING_IDS.format(marks=marks), chunk))
-                conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
-                conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
-        return [i for i in ids if i not in existing]
+                keys = conn.execute(SQL_EXISTING_KEYS.format(
+                    marks=",".join("?" * len(chunk))), chunk).fetchall()
+                existing.update(message_id for _, message_id in keys)
+                on_wire = set(self._withdraw_claims(keys))
+                being_sent.extend(message_id for message_id in chunk if message_id in on_wire)
+                chunk = [message_id for message_id in chunk if message_id not in on_wire]
+                if chunk:
+                    marks = ",".join("?" * len(chunk))
+                    conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
+                    conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
+        return [i for i in ids if i not in existing], being_sent
 
     # -- operator control (SPEC 7) -----------------------------------------
 
@@ -1441,6 +1516,9 @@ class Store:
                     SQL_ACCOUNT_ACTIVE_MESSAGES, (status, account_id)).fetchall())
             if undelivered and not force:
                 return len(undelivered)
+            # one already on the wire is failed too: if the relay accepts it,
+            # record_outcomes turns it into "sent" (the truth) and reports that
+            self._withdraw_claims([(pk, message_id) for pk, message_id, _ in undelivered])
             for pk, message_id, priority in undelivered:
                 self._fail(conn, (pk, message_id, account_id, priority), now,
                            "account deleted")
@@ -1506,14 +1584,66 @@ class Store:
 
     def claim(self, account_id, max_priority, limit):
         """Atomically move up to ``limit`` pending messages of one account,
-        by priority then age, to ``sending`` and return them as dicts."""
-        with self._transaction(durable=False) as conn:
-            rows = conn.execute(SQL_CLAIM_SELECT, (account_id, max_priority, limit)).fetchall()
-            if rows:
-                pks = [row[0] for row in rows]
-                conn.execute(SQL_CLAIM_UPDATE.format(marks=",".join("?" * len(pks))), pks)
+        by priority then age, to ``sending`` and return them as dicts.
+
+        Each stays claimed until record_outcomes settles it; call begin_send
+        right before its SMTP transaction."""
+        pks = []
+        try:
+            with self._transaction(durable=False) as conn:
+                rows = conn.execute(SQL_CLAIM_SELECT,
+                                    (account_id, max_priority, limit)).fetchall()
+                if rows:
+                    pks = [row[0] for row in rows]
+                    conn.execute(SQL_CLAIM_UPDATE.format(marks=",".join("?" * len(pks))), pks)
+                    # inside the transaction: no delete can come in between
+                    with self._claims_lock:
+                        self._claims.update((pk, _CLAIMED) for pk in pks)
+        except BaseException:
+            self._settle_claims(pks)
+            raise
         keys = ("pk", "id", "account_id", "priority", "retry_count", "message_id", "payload")
         return [dict(zip(keys, row)) for row in rows]
+
+    def begin_send(self, pk):
+        """Whether the claimed message ``pk`` may start its SMTP transaction.
+
+        False when it was deleted, or failed by a forced account deletion,
+        since its claim: it must not be sent.  True marks it on the wire, so
+        a later delete leaves it to its outcome.  Never blocks on SQLite.
+        """
+        with self._claims_lock:
+            if self._claims.get(pk) != _CLAIMED:
+                return False
+            self._claims[pk] = _ON_WIRE
+            return True
+
+    def _withdraw_claims(self, keys):
+        """Mark claimed messages among ``keys`` ((pk, id) pairs) withdrawn, so
+        begin_send refuses them; returns the ids already on the wire.  Called
+        inside the deleting transaction, which serialises it with claim."""
+        on_wire = []
+        with self._claims_lock:
+            for pk, message_id in keys:
+                state = self._claims.get(pk)
+                if state == _ON_WIRE:
+                    on_wire.append(message_id)
+                elif state == _CLAIMED:
+                    self._claims[pk] = _WITHDRAWN
+        return on_wire
+
+    @contextlib.contextmanager
+    def _settling(self, pks):
+        """Forget the claims of ``pks`` when the block ends, however it ends."""
+        try:
+            yield
+        finally:
+            self._settle_claims(pks)
+
+    def _settle_claims(self, pks):
+        with self._claims_lock:
+            for pk in pks:
+                self._claims.pop(pk, None)
 
     @staticmethod
     def _key(message):
@@ -1526,7 +1656,10 @@ class Store:
         retry_count)`` or ``("released", message)`` (back to pending)."""
         if not outcomes:
             return
-        with self._transaction(durable=False) as conn:
+        # the claims are settled before the commit: a delete that comes
+        # after it finds a finished message, never one "on the wire"
+        settled = [outcome[1]["pk"] for outcome in outcomes]
+        with self._transaction(durable=False) as conn, self._settling(settled):
             for outcome in outcomes:
                 kind, message = outcome[0], outcome[1]
                 key = self._key(message)
@@ -1573,7 +1706,8 @@ class Store:
 _RESERVED_HEADERS = frozenset([
     "from", "to", "cc", "bcc", "subject", "reply-to", "return-path", "message-id",
     "date", "mime-version", "content-type", "content-transfer-encoding", "sender"])
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$", re.IGNORECASE)
+_MESSAGE_ID_TEXT = re.compile(r"[!-~]+")   # printable ASCII, no space
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}", re.IGNORECASE)
 
 
 def _check_text(value, field, required=False, max_chars=None, single_line=False):
@@ -1586,6 +1720,10 @@ def _check_text(value, field, required=False, max_chars=None, single_line=False)
         raise ValueError("%s must be a string" % field)
     if single_line and _CRLF.search(value):
         raise ValueError("%s must not contain CR or LF" % field)
+    line_break = _LINE_BREAKS.search(value) if single_line else None
+    if line_break:   # VT, FF, NEL, U+2028...: the email package refuses them too
+        raise ValueError("%s must not contain a line break (U+%04X)"
+                         % (field, ord(line_break.group())))
     if "\x00" in value:
         raise ValueError("%s must not contain NUL" % field)
     if max_chars is not None and len(value) > max_chars:
@@ -1627,7 +1765,8 @@ def _check_attachment(raw, index):
     attachment = {"filename": filename}
     mime_type = raw.get("mime_type")
     if mime_type is not None:
-        if not isinstance(mime_type, str) or not _MIME_TYPE.match(mime_type):
+        if (not isinstance(mime_type, str) or len(mime_type) > MAX_MIME_TYPE_CHARS
+                or not _MIME_TYPE.fullmatch(mime_type)):
             raise ValueError("%s.mime_type must look like type/subtype" % field)
         attachment["mime_type"] = mime_type.lower()
     sources = [key for key in ("content", "url", "s3") if raw.get(key) is not None]
@@ -1662,14 +1801,14 @@ def _check_attachment(raw, index):
             raise ValueError("%s.s3 must be an object with bucket and key" % field)
         bucket = value.get("bucket")
         key = value.get("key")
-        if not isinstance(bucket, str) or not _S3_BUCKET.match(bucket):
+        if not isinstance(bucket, str) or not _S3_BUCKET.fullmatch(bucket):
             raise ValueError("%s.s3.bucket must be a bucket name" % field)
         if not isinstance(key, str) or not key or len(key) > 1024 or "\x00" in key:
             raise ValueError("%s.s3.key must be a non-empty object key" % field)
         s3 = {"bucket": bucket, "key": key}
         region = value.get("region")
         if region is not None:
-            if not isinstance(region, str) or not re.match(r"^[a-z0-9-]{1,64}$", region):
+            if not isinstance(region, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", region):
                 raise ValueError("%s.s3.region must be a region name" % field)
             s3["region"] = region
         attachment["s3"] = s3
@@ -1729,7 +1868,7 @@ def validate_message(raw, default_priority, resolve_account):
         if not isinstance(headers, dict):
             raise ValueError("headers must be an object of name: value strings")
         for name, value in headers.items():
-            if not _HEADER_NAME.match(name) or len(name) > 76:
+            if len(name) > 76 or not _HEADER_NAME.fullmatch(name):
                 raise ValueError("header name %r is not a valid field name" % name[:80])
             if name.lower() in _RESERVED_HEADERS:
                 raise ValueError("header %s comes from its own field and cannot be set" % name)
@@ -1741,9 +1880,11 @@ def validate_message(raw, default_priority, resolve_account):
             message["headers"][name] = value
     message_id = raw.get("message_id")
     if message_id is not None:
-        if (not isinstance(message_id, str) or _CONTROL_CHARS.search(message_id)
-                or " " in message_id or "@" not in message_id or len(message_id) > 250):
-            raise ValueError("message_id must look like <unique@domain>")
+        # printable ASCII only: RFC 5322 has no encoding for a msg-id, so
+        # anything else (U+2028 too) would fail the message at send time
+        if (not isinstance(message_id, str) or len(message_id) > 250
+                or not _MESSAGE_ID_TEXT.fullmatch(message_id) or "@" not in message_id):
+            raise ValueError("message_id must look like <unique@domain> (printable ASCII)")
         message_id = message_id.strip("<>")
         if not message_id or "<" in message_id or ">" in message_id:
             raise ValueError("message_id must look like <unique@domain>")
@@ -1923,11 +2064,41 @@ def build_mime(message, attachments, now):
     package's header machinery is ~85% of the delivery CPU); anything else
     goes through ``email.message.EmailMessage``.
     """
+    _check_header_fields(message, attachments)
     if not attachments:
         simple = _simple_mime(message, now)
         if simple is not None:
             return simple
     return _rich_mime(message, attachments, now)
+
+
+def _check_header_fields(message, attachments):
+    """Check once more, where the headers are written, everything that
+    becomes a header: a message stored by an older version, or a gap in
+    intake validation, must fail here rather than end the header block
+    early or add a header.  Raises PermanentError."""
+    def refuse(what):
+        raise PermanentError("cannot build the message: %s" % what)
+
+    for name, value in message["headers"].items():
+        if (len(name) > 76 or not _HEADER_NAME.fullmatch(name)
+                or name.lower() in _RESERVED_HEADERS):
+            refuse("header name %r is not allowed" % name[:80])
+        if not isinstance(value, str) or _LINE_BREAKS.search(value):
+            refuse("header %s holds a line break" % name)
+    if _LINE_BREAKS.search(message["subject"]):
+        refuse("the subject holds a line break")
+    if not _MESSAGE_ID_TEXT.fullmatch(message["message_id"]):
+        refuse("message_id %r is not printable ASCII" % message["message_id"][:80])
+    pairs = [message["from"]] + message["to"] + message["cc"] + message["reply_to"]
+    for name, addr in pairs + message["bcc"]:
+        if _CONTROL_CHARS.search(name) or _CONTROL_CHARS.search(addr):
+            refuse("address %r holds a control character" % addr[:80])
+    for filename, mime_type, _ in attachments:
+        if _CONTROL_CHARS.search(filename):
+            refuse("attachment filename %r holds a control character" % filename[:80])
+        if len(mime_type) > MAX_MIME_TYPE_CHARS or not _MIME_TYPE.fullmatch(mime_type):
+            refuse("attachment %s has MIME type %r" % (filename, mime_type[:80]))
 
 
 def _simple_mime(message, now):
@@ -1939,7 +2110,7 @@ def _simple_mime(message, now):
 
     def add(name, value):
         line = "%s: %s" % (name, value)
-        if len(line) > 78 or not _PRINTABLE_ASCII.match(value):
+        if len(line) > 78 or not _PRINTABLE_ASCII.fullmatch(value):
             raise _NotSimple()
         lines.append(line)
 
@@ -1948,7 +2119,7 @@ def _simple_mime(message, now):
         add(name, _format_address(*pairs[0]) + ("," if len(pairs) > 1 else ""))
         for index, pair in enumerate(pairs[1:], 1):
             text = " " + _format_address(*pair) + ("," if index < len(pairs) - 1 else "")
-            if len(text) > 78 or not _PRINTABLE_ASCII.match(text):
+            if len(text) > 78 or not _PRINTABLE_ASCII.fullmatch(text):
                 raise _NotSimple()
             lines.append(text)
 
@@ -1969,7 +2140,7 @@ def _simple_mime(message, now):
         return None
     body = message["body"]
     text_lines = _LINE_BREAK.split(body[:-1] if body.endswith("\n") else body)
-    if _PRINTABLE_ASCII.match(body.replace("\n", " ").replace("\r", " ").replace("\t", " ")) \
+    if _PRINTABLE_ASCII.fullmatch(body.replace("\n", " ").replace("\r", " ").replace("\t", " ")) \
             and max(len(line) for line in text_lines) <= 78:
         encoding, payload = "7bit", "\r\n".join(text_lines).encode("ascii") + b"\r\n"
     else:
@@ -1986,7 +2157,7 @@ class _NotSimple(Exception):
     """Internal to _simple_mime: this message needs the email package."""
 
 
-_PRINTABLE_ASCII = re.compile(r"^[ -~]*$")
+_PRINTABLE_ASCII = re.compile(r"[ -~]*")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")   # what the email package splits on; not \f or \u2028
 
 
@@ -2103,11 +2274,15 @@ def _is_public_address(address):
 class AttachmentFetcher:
     """Fetches URL and S3 attachments at send time.
 
-    Every fetch connects to an address that was resolved and checked (the SSRF
-    guard) and pins the connection to it, so a DNS answer cannot change
-    between check and connect; redirects are followed by hand, at most
-    MAX_REDIRECTS, each hop re-checked.  The body is read in chunks and
-    refused as soon as it passes ``max_bytes``.  Raises TemporaryError
+    Every fetch, URL or S3, connects to an address that was resolved and
+    checked (the SSRF guard; only an [s3] endpoint_url, which the admin
+    configured, is trusted as it is) and pins the connection to it, so a DNS
+    answer cannot change between check and connect; redirects are followed by
+    hand, at most MAX_REDIRECTS, each hop re-checked.  The body is read in
+    chunks and refused as soon as it passes ``max_bytes``.  The whole fetch
+    (connects, TLS, redirects, headers and body) ends within
+    ``timeout_seconds``: every socket operation waits at most the time left,
+    so a server dripping bytes cannot hold it longer.  Raises TemporaryError
     (network, timeout, 5xx) or PermanentError (403/404, too large, refused
     target, missing credentials), always naming the attachment and never a
     secret.  Thread-safe (no shared state).
@@ -2135,19 +2310,20 @@ class AttachmentFetcher:
     def fetch(self, attachment):
         """(filename, mime type, bytes) of one attachment."""
         filename = attachment["filename"]
+        deadline = time.monotonic() + self.timeout   # for the whole fetch
         if "content" in attachment:
             data, content_type = base64.b64decode(attachment["content"]), None
         elif "url" in attachment:
-            data, content_type = self._fetch_url(filename, attachment["url"])
+            data, content_type = self._fetch_url(filename, attachment["url"], deadline)
         else:
-            data, content_type = self._fetch_s3(filename, attachment["s3"])
+            data, content_type = self._fetch_s3(filename, attachment["s3"], deadline)
         mime_type = (attachment.get("mime_type") or content_type
                      or _guess_mime_type(filename))
         return filename, mime_type, data
 
     # -- URL ----------------------------------------------------------------
 
-    def _fetch_url(self, filename, url):
+    def _fetch_url(self, filename, url, deadline):
         for _ in range(MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -2156,14 +2332,17 @@ class AttachmentFetcher:
             address = self._checked_address(filename, parts.hostname, port)
             path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
             status, headers, body = self._get(filename, parts.scheme, parts.hostname, port,
-                                              address, path, {}, _redact_url(url))
+                                              address, path, {}, _redact_url(url), deadline)
             if status in (301, 302, 303, 307, 308) and headers.get("location"):
                 url = urllib.parse.urljoin(url, headers["location"])
                 continue
             return body, _content_type(headers)
         raise PermanentError("attachment %s: more than %d redirects" % (filename, MAX_REDIRECTS))
 
-    def _checked_address(self, filename, host, port):
+    def _checked_address(self, filename, host, port, trusted=False):
+        """The address to connect to for ``host``: resolved, and refused when
+        any of its addresses is not allowed, unless the admin configured this
+        very host (``trusted``: the [s3] endpoint_url)."""
         try:
             addresses = self._resolve(host, port)
         except (OSError, UnicodeError) as exc:
@@ -2171,7 +2350,7 @@ class AttachmentFetcher:
         if not addresses:
             raise TemporaryError("attachment %s: %s has no address" % (filename, host))
         for address in addresses:
-            if not self._allowed(address):
+            if not trusted and not self._allowed(address):
                 raise PermanentError(
                         "attachment %s: refused target %s (%s is not a public address; "
                         "see [attachments] allow_private_urls)" % (filename, host, address))
@@ -2179,7 +2358,7 @@ class AttachmentFetcher:
 
     # -- S3 -----------------------------------------------------------------
 
-    def _fetch_s3(self, filename, source):
+    def _fetch_s3(self, filename, source, deadline):
         s3 = self.s3
         if not s3.access_key_id or not s3.secret_access_key:
             raise PermanentError("attachment %s: no S3 credentials configured ([s3] or "
@@ -2207,14 +2386,13 @@ class AttachmentFetcher:
         signed = sigv4_sign("GET", raw_path, [], headers, _EMPTY_SHA256, s3.access_key_id,
                             s3.secret_access_key, region, "s3", amz_date)
         headers["authorization"] = signed["authorization"]
-        try:
-            addresses = self._resolve(host, port)
-        except (OSError, UnicodeError) as exc:
-            raise TemporaryError("attachment %s: cannot resolve %s: %s" % (filename, host, exc))
+        # the bucket and region come from the message: checked like any URL,
+        # unless the admin named the endpoint (a MinIO on a private address)
+        address = self._checked_address(filename, host, port, trusted=bool(s3.endpoint_url))
         where = "s3://%s/%s" % (bucket, key)
         status, response_headers, body = self._get(
-            filename, scheme, host, port, addresses[0], _aws_quote(raw_path, True), headers,
-            where)
+            filename, scheme, host, port, address, _aws_quote(raw_path, True), headers,
+            where, deadline)
         if status in (301, 302, 303, 307, 308):
             raise PermanentError("attachment %s: %s answered a redirect (HTTP %d): wrong "
                                  "region?" % (filename, where, status))
@@ -2222,12 +2400,13 @@ class AttachmentFetcher:
 
     # -- one HTTP exchange --------------------------------------------------
 
-    def _get(self, filename, scheme, host, port, address, path, headers, where):
-        """GET over a connection pinned to ``address``.  Returns (status,
-        lower-case headers, body) for 2xx and redirects; raises otherwise."""
+    def _get(self, filename, scheme, host, port, address, path, headers, where, deadline):
+        """GET over a connection pinned to ``address``, ending by ``deadline``
+        (time.monotonic()).  Returns (status, lower-case headers, body) for
+        2xx and redirects; raises otherwise."""
         if scheme == "https" and self._tls is None:
             self._tls = _ssl_context({"tls_verify": True})   # thread-safe to share
-        connection = _pinned_connection(scheme, host, port, address, self.timeout, self._tls)
+        connection = _pinned_connection(scheme, host, port, address, deadline, self._tls)
         request_headers = {"User-Agent": "asyncmail/" + __version__, "Accept": "*/*"}
         request_headers.update(headers)
         try:
@@ -2246,7 +2425,6 @@ class AttachmentFetcher:
                 raise PermanentError("attachment %s: %s bytes at %s exceed max_bytes %d"
                                      % (filename, length, where, self.max_bytes))
             chunks, total = [], 0
-            deadline = time.monotonic() + self.timeout * 10
             while True:
                 chunk = response.read(65536)
                 if not chunk:
@@ -2256,51 +2434,119 @@ class AttachmentFetcher:
                     raise PermanentError("attachment %s: %s is larger than max_bytes %d"
                                          % (filename, where, self.max_bytes))
                 if time.monotonic() > deadline:
-                    raise TemporaryError("attachment %s: %s too slow" % (filename, where))
+                    raise TemporaryError("attachment %s: fetching %s took longer than "
+                                         "[attachments] timeout_seconds (%g s)"
+                                         % (filename, where, self.timeout))
                 chunks.append(chunk)
             return status, response_headers, b"".join(chunks)
         except (TemporaryError, PermanentError):
             raise
         except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() >= deadline:
+                raise TemporaryError("attachment %s: fetching %s took longer than "
+                                     "[attachments] timeout_seconds (%g s)"
+                                     % (filename, where, self.timeout))
             raise TemporaryError("attachment %s: fetching %s failed: %s"
                                  % (filename, where, exc or type(exc).__name__))
         finally:
             connection.close()
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to a pre-checked address, whatever DNS says by now."""
+def _time_left(deadline):
+    """Seconds until ``deadline`` (time.monotonic()); socket.timeout once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return left
 
-    def __init__(self, host, port, address, timeout):
-        super().__init__(host, port, timeout=timeout)
+
+class _DeadlineSocket:
+    """A connected socket (plain or TLS) whose every operation ends by
+    ``deadline``: each waits at most the time left, where a plain socket
+    timeout would start afresh with every byte a server drips.  Offers what
+    http.client uses of a socket: sendall, makefile("rb") and close."""
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data):
+        self._sock.settimeout(_time_left(self._deadline))
+        self._sock.sendall(data)
+
+    def makefile(self, mode="rb", *args, **kwargs):
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self):
+        self._sock.close()   # the socket stays open while a reader still uses it
+
+
+class _DeadlineReader(io.RawIOBase):
+    """socket.makefile's raw reader, each read waiting at most the time left."""
+
+    def __init__(self, sock, deadline):
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)   # keeps the socket open until closed
+        self._deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self):
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to a pre-checked address, whatever DNS says by now, and
+    ends every socket operation by ``deadline``."""
+
+    def __init__(self, host, port, address, deadline):
+        super().__init__(host, port)
         self.pinned_address = address
+        self.deadline = deadline
 
     def connect(self):
-        self.sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
+        sock = socket.create_connection((self.pinned_address, self.port),
+                                        _time_left(self.deadline))
+        self.sock = _DeadlineSocket(sock, self.deadline)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """TLS to a pre-checked address, verifying the certificate for ``host``."""
+    """TLS to a pre-checked address, verifying the certificate for ``host``,
+    every socket operation ending by ``deadline``."""
 
-    def __init__(self, host, port, address, timeout, context):
-        super().__init__(host, port, timeout=timeout, context=context)
+    def __init__(self, host, port, address, deadline, context):
+        super().__init__(host, port, context=context)
         self.pinned_address = address
+        self.deadline = deadline
 
     def connect(self):
-        sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        sock = socket.create_connection((self.pinned_address, self.port),
+                                        _time_left(self.deadline))
+        # the handshake's timeout is its total duration (ssl, Python 3.5+)
+        sock.settimeout(_time_left(self.deadline))
+        sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = _DeadlineSocket(sock, self.deadline)
 
 
-def _pinned_connection(scheme, host, port, address, timeout, context):
-    """An http.client connection to ``host`` that connects to ``address``."""
+def _pinned_connection(scheme, host, port, address, deadline, context):
+    """An http.client connection to ``host`` that connects to ``address``
+    and ends every socket operation by ``deadline`` (time.monotonic())."""
     if scheme == "https":
-        return _PinnedHTTPSConnection(host, port, address, timeout, context)
-    return _PinnedHTTPConnection(host, port, address, timeout)
+        return _PinnedHTTPSConnection(host, port, address, deadline, context)
+    return _PinnedHTTPConnection(host, port, address, deadline)
 
 
 def _content_type(headers):
     value = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return value if _MIME_TYPE.match(value) else None
+    return value if len(value) <= MAX_MIME_TYPE_CHARS and _MIME_TYPE.fullmatch(value) else None
 
 
 # ####################################################################### #
@@ -3040,7 +3286,11 @@ class _Dispatcher(_Worker):
                 if allowed == 0:
                     self._rate_limited(account, max_priority, budget, free_at, now)
                     break
-                chunk = min(budget, CLAIM_CHUNK if allowed is None else allowed)
+                # never more than one chunk, rate limit or not: a crash resends
+                # at most CLAIM_CHUNK messages
+                chunk = min(budget, CLAIM_CHUNK)
+                if allowed is not None:
+                    chunk = min(chunk, allowed)
                 messages = store.claim(account_id, max_priority, chunk)
                 if not messages:
                     break
@@ -3112,6 +3362,13 @@ class _Dispatcher(_Worker):
             data = build_mime(payload, attachments, self.core.now())
             del attachments
             sender, recipients = envelope(payload)
+            if not self.core.store.begin_send(message["pk"]):
+                # deleted, or failed by a forced account deletion, since the
+                # claim: its transaction never begins (releasing it is a no-op)
+                if self.activity:
+                    self.log.info("not sending %s: it (or its account) was deleted "
+                                  "since its claim", message["id"])
+                return ("released", message)
             refused = relay.send(sender, recipients, data)
         except _SMTP_ERRORS as exc:
             metrics.observe_smtp(time.monotonic() - started)
@@ -3481,6 +3738,21 @@ _SINGLE_HEADERS = frozenset(["content-length", "transfer-encoding", "host", "aut
                              "x-api-token", "expect"])
 
 
+def _is_loopback_authority(authority):
+    """Whether a Host value ``host[:port]`` names a loopback interface
+    (``localhost:8000``, ``127.0.0.1``, ``[::1]:1234``); False when malformed."""
+    if authority.startswith("["):
+        host, bracket, port = authority[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        host, _, port = authority.partition(":")
+    if port and not _ASCII_DIGITS.fullmatch(port):
+        return False
+    return bool(host) and _is_loopback_host(host)
+
+
 class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
     """The HTTP listener: one daemon thread per client connection.
 
@@ -3635,7 +3907,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
             return False
         if len(words) >= 3:
             version = words[-1]
-            match = re.match(r"^HTTP/(\d)\.(\d)$", version)
+            match = re.fullmatch(r"HTTP/([0-9])\.([0-9])", version)
             if not match:
                 self.send_error(400, "Bad request version (%r)" % version[:40])
                 return False
@@ -3682,10 +3954,31 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
+        framing_error = self._framing_error()
+        if framing_error is not None:
+            self.send_error(400, framing_error)   # and close: the body's end is unknown
+            return False
         if (headers.get("expect", "").lower() == "100-continue"
                 and self.request_version == "HTTP/1.1"):
             return self.handle_expect_100()
         return True
+
+    def _framing_error(self):
+        """Why the body's framing is refused (RFC 9112 6.1-6.3), or None.
+
+        Only ``chunked`` alone is a transfer coding this server decodes, and
+        never together with a Content-Length: a proxy in front could frame
+        the body the other way and smuggle a request past it.
+        """
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None:
+            if self.headers.get("Content-Length") is not None:
+                return "Content-Length and Transfer-Encoding together"
+            if [part.strip().lower() for part in coding.split(",")] != ["chunked"]:
+                return "unsupported Transfer-Encoding %r (only chunked)" % coding[:60]
+        elif self._content_length() == -1:
+            return "invalid Content-Length"
+        return None
 
     def _content_length(self):
         """The declared body length: None when absent, -1 when malformed
@@ -3694,7 +3987,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         if value is None:
             return None
         value = value.strip()
-        if not _ASCII_DIGITS.fullmatch(value) or len(value) > 15:
+        if len(value) > 15 or not _ASCII_DIGITS.fullmatch(value):
             return -1
         return int(value)
 
@@ -3717,7 +4010,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         """
         limit = self.server.max_request_bytes
         deadline = time.monotonic() + self.server.body_deadline
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.headers.get("Transfer-Encoding") is not None:   # chunked: see _framing_error
             return self._read_chunked(limit, deadline)
         length = self._content_length()
         if length is None:
@@ -3748,27 +4041,56 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return b"".join(chunks)
 
     def _read_chunked(self, limit, deadline):
+        """A chunked body (RFC 9112 7.1), read strictly: hex digits only in a
+        size (``int`` would also take "0x", "_", "+" and spaces), CRLF after
+        every line and every chunk's data, at most MAX_HEADERS trailer lines
+        (ignored).  Counts against ``limit`` and ``deadline`` exactly like a
+        Content-Length body.  Raises ApiError (400/408/413)."""
         chunks, total = [], 0
         while True:
-            line = self.rfile.readline(1026)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise ApiError("malformed chunked body", status=400)
-            if size < 0:
-                self.close_connection = True
-                raise ApiError("malformed chunked body", status=400)
+            size, separator, _ = self._chunk_line(deadline).partition(b";")
+            if separator:
+                size = size.rstrip(b" \t")   # whitespace is allowed before an extension
+            if not _CHUNK_SIZE.fullmatch(size):
+                self._malformed_chunk("chunk size %r is not hexadecimal" % size[:20])
+            size = int(size, 16)
             if size == 0:
-                while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
-                    pass   # trailers are ignored
-                return b"".join(chunks)
+                break
             total += size
             if total > limit:
                 self.close_connection = True
                 raise ApiError("request body larger than %d bytes" % limit, status=413)
             chunks.append(self._read_exact(size, deadline))
-            self.rfile.readline(1026)
+            try:
+                end = self.rfile.read(2)
+            except (socket.timeout, OSError):
+                end = b""
+            if end != b"\r\n":
+                self._malformed_chunk("chunk data not followed by CRLF")
+        for _ in range(MAX_HEADERS + 1):
+            if self._chunk_line(deadline) == b"":
+                return b"".join(chunks)
+        self._malformed_chunk("too many trailer lines")
+
+    def _chunk_line(self, deadline):
+        """The next line of a chunked body without its CRLF; ApiError unless
+        it ends in CRLF within MAX_CHUNK_LINE octets and ``deadline``."""
+        if time.monotonic() > deadline:
+            self.close_connection = True
+            raise ApiError("request body too slow", status=408)
+        try:
+            line = self.rfile.readline(MAX_CHUNK_LINE + 2)
+        except (socket.timeout, OSError):
+            line = b""
+        if not line.endswith(b"\r\n"):
+            self._malformed_chunk("chunked body line without CRLF, too long, or cut short")
+        return line[:-2]
+
+    def _malformed_chunk(self, reason):
+        """Raise the 400 of a chunked body; the connection closes (its rest
+        cannot be framed)."""
+        self.close_connection = True
+        raise ApiError("malformed chunked body: %s" % reason, status=400)
 
     def _authorized(self):
         token = self.server.api_token
@@ -3813,11 +4135,10 @@ class _ApiHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
     def _route(self):
+        parts = self._request_target()
+        self._refuse_browser_requests(parts)
         if not self._authorized():
-            if self._content_length() or self.headers.get("Transfer-Encoding"):
-                self.close_connection = True   # the body is not read
-            raise ApiError("Invalid or missing API token", status=401)
-        parts = urllib.parse.urlsplit(self.path)
+            self._refuse(401, "Invalid or missing API token")
         segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
         matches = _match_route(segments)
         if not matches:
@@ -3843,17 +4164,25 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 self._discard_body()
                 raise NotFoundError("unknown command")
         payload = dict(params)
-        length = self._content_length() or 0
-        if method == "POST" and length > LARGE_BODY_BYTES:
-            # a parsed 1 MB batch is ~10 MB of objects: at most two at a time
-            with self.server.large_requests:
-                payload = self._json_body()
-                status, answer = self.server.core.execute(command, payload)
-                del payload
-            self._send_json(status, answer)
-            return
         if method == "POST":
-            payload = self._json_body()
+            # The whole body first, outside the slot: a client that stalls or
+            # dribbles holds only its own thread and bytes (until the body
+            # deadline), never the slot every other large request waits for.
+            body = self._read_body()
+            if len(body) > LARGE_BODY_BYTES:   # counted alike, Content-Length or chunked
+                # a parsed 1 MB batch is ~10 MB of objects: one at a time
+                if not self.server.large_requests.acquire(timeout=self.server.body_deadline):
+                    raise ApiError("busy with other large requests, retry later", status=503)
+                try:
+                    payload = self._json_body(body)
+                    del body
+                    status, answer = self.server.core.execute(command, payload)
+                    del payload
+                finally:
+                    self.server.large_requests.release()
+                self._send_json(status, answer)
+                return
+            payload = self._json_body(body)
         elif parts.query:
             try:
                 query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
@@ -3864,6 +4193,66 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 payload.setdefault(key, values[-1])
         status, answer = self.server.core.execute(command, payload)
         self._send_json(status, answer)
+
+    def _request_target(self):
+        """The request target split like urlsplit (RFC 9112 3.2): origin-form
+        ``/path?query``, or absolute-form ``http(s)://authority/path``.
+        Anything else is a 400 before any route or auth logic: a target
+        urlsplit cannot split (``http://[::1/``), or an origin-form with
+        ``[`` or ``]`` (RFC 3986 allows them only around an IP literal in an
+        authority; ``//[`` is what urlsplit took for one)."""
+        target = self.path
+        if target.startswith("/"):   # never parsed for an authority: "//x" is a path
+            if "[" not in target and "]" not in target:
+                path, _, query = target.partition("#")[0].partition("?")
+                return urllib.parse.SplitResult("", "", path, query, "")
+            self._refuse(400, "malformed request target %r (percent-encode [ and ])"
+                         % target[:100])
+        if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+            try:
+                parts = urllib.parse.urlsplit(target)
+                parts.port   # raises ValueError for a malformed port
+            except ValueError:
+                parts = None
+            if parts is not None and parts.hostname:
+                return parts._replace(path=parts.path or "/")
+        self._refuse(400, "malformed request target %r" % target[:100])
+
+    def _refuse_browser_requests(self, parts):
+        """Without an api_token, refuse what a web page could make a browser
+        send here: a body that is not application/json (cross-site, a page
+        can send only text/plain, form or multipart bodies without a CORS
+        preflight, which is never granted), a Host that is not a loopback name
+        or address (DNS rebinding), and an Origin other than the daemon's own.
+        With a token a page cannot forge its header, so none of this applies
+        and whatever curl sends is accepted.  Raises ApiError (400/403/415).
+        """
+        if self.server.api_token is not None:
+            return
+        host = self.headers.get("Host")
+        if host is None:
+            if self.request_version != "HTTP/1.0":   # RFC 9112 3.2: required in 1.1
+                self._refuse(400, "Host header required")
+        elif not _is_loopback_authority(host):
+            self._refuse(403, "Host %r is not a loopback name or address (without "
+                              "api_token only local clients are served)" % host[:100])
+        if parts.netloc and not _is_loopback_host(parts.hostname):
+            self._refuse(403, "request target names a host that is not loopback")
+        origin = self.headers.get("Origin")
+        if origin is not None and (host is None or origin.lower() != "http://" + host.lower()):
+            self._refuse(403, "cross-origin request refused (Origin %r)" % origin[:100])
+        if self._content_length() or self.headers.get("Transfer-Encoding") is not None:
+            media_type = self.headers.get("Content-Type", "").partition(";")[0]
+            if media_type.strip().lower() != "application/json":
+                self._refuse(415, "request body must be application/json (without api_token "
+                                  "a body a browser could send cross-site is refused)")
+
+    def _refuse(self, status, message):
+        """Answer ``status`` without reading the body, which then closes the
+        connection (the unread body would be taken for the next request)."""
+        if self._content_length() or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+        raise ApiError(message, status=status)
 
     def _discard_body(self):
         """Read (bounded) or give up on the body of a request that failed
@@ -3876,8 +4265,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         elif length or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
 
-    def _json_body(self):
-        body = self._read_body()
+    def _json_body(self, body):
         if not body.strip():
             return {}
         try:
@@ -3897,6 +4285,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")   # RFC 9112 7.1: 1*HEXDIG, and nothing else
 
 
 def _has_lone_surrogate(value):
@@ -4191,8 +4580,12 @@ class AsyncMailCore:
         if len(ids) > MAX_DELETE_IDS:
             raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
         unique = list(dict.fromkeys(ids))
-        not_found = self.store.delete_messages(unique) if unique else []
-        return {"ok": True, "removed": len(unique) - len(not_found), "not_found": not_found}
+        not_found, being_sent = self.store.delete_messages(unique) if unique else ([], [])
+        answer = {"ok": True, "removed": len(unique) - len(not_found) - len(being_sent),
+                  "not_found": not_found}
+        if being_sent:   # on the wire: not removed; the outcome will be reported
+            answer["being_sent"] = being_sent
+        return answer
 
     def _cmd_cleanup_messages(self, payload):
         older_than = payload.get("older_than_seconds")
@@ -4501,7 +4894,7 @@ def _query_int(payload, name, default, low, high):
     value = payload.get(name)
     if value is None or value == "":
         return default
-    if isinstance(value, str) and re.match(r"^\d{1,19}$", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ValidationError("%s must be a whole number between %d and %d" % (name, low, high))

@@ -333,6 +333,8 @@ class Client:
             headers["X-API-Token"] = self.token
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode("utf-8")
+        if body is not None and "Content-Type" not in headers:
+            headers["Content-Type"] = "application/json"   # what a tokenless daemon requires
         self.conn.request(method, path, body=body, headers=headers)
         response = self.conn.getresponse()
         data = response.read()
@@ -838,7 +840,8 @@ class ApiTests(CoreCase):
 
     def test_short_body_gets_an_answer_not_a_hang(self):
         reply = raw_exchange(self.core.http_address,
-                             b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\n"
+                             b"POST /commands/add-messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\n"
                              b"Content-Length: 100\r\n\r\n{\"messages\": [", shutdown=True)
         self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
 
@@ -865,8 +868,9 @@ class ApiTests(CoreCase):
         body = json.dumps({"messages": [message("expect")]}).encode()
         sock = socket.create_connection(self.core.http_address, timeout=WAIT)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\nExpect: 100-continue"
-                     b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(b"POST /commands/add-messages HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: "
+                     b"100-continue\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
         self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 Continue"))
         sock.sendall(body)
         self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
@@ -880,7 +884,8 @@ class ApiTests(CoreCase):
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
                           for i in range(0, len(body), 10))
         reply = raw_exchange(self.core.http_address,
-                             b"POST /commands/add-messages HTTP/1.1\r\nHost: x\r\n"
+                             b"POST /commands/add-messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\n"
                              b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
         self.assertTrue(reply.startswith("HTTP/1.1 200"), reply)
         self.assertEqual(self.record(self.core, "chunked")["status"], "pending")
@@ -3113,7 +3118,8 @@ def hostile_requests(seed, count):
         kind = rng.randrange(12)
         method = rng.choice(["POST"] * 4 + methods)
         path = rng.choice(paths)
-        headers = {"Host": "x"}
+        # what the daemon serves without api_token: a local Host and JSON bodies
+        headers = {"Host": "127.0.0.1", "Content-Type": "application/json"}
         if kind == 0:
             batch = [message_like() if rng.random() < 0.5 else valid_message()
                      for _ in range(rng.randint(1, 5))]
@@ -3177,6 +3183,470 @@ def send_hostile(address, raw, timeout=10.0):
     if not received.startswith(b"HTTP/1."):
         return None, received
     return int(received[9:12]), received
+
+
+class HardeningTests(CoreCase):
+    """The hardening issue: each class of defect pinned by behaviour."""
+
+    def rejection(self, core, **fields):
+        """The reason one message with ``fields`` is rejected, or None when queued."""
+        answer = core.handle_command("add messages", {"messages": [message("h", **fields)]})
+        if not answer["rejected"]:
+            core.handle_command("delete messages", {"ids": ["h"]})
+            return None
+        return answer["rejected"][0]["reason"]
+
+    # -- 1. validation patterns match the whole string ------------------------
+
+    def test_a_final_newline_does_not_pass_validation(self):
+        core = self.make_core(http=False)
+        self.add_account(core)
+        for fields in ({"headers": {"X-Injected\n": "1"}}, {"headers": {"Bcc\n": "x@y.com"}},
+                       {"attachments": [{"filename": "a.txt", "content": "aGk=",
+                                         "mime_type": "text/plain\n"}]},
+                       {"attachments": [{"filename": "a", "s3": {"bucket": "b\n", "key": "k"}}]},
+                       {"attachments": [{"filename": "a", "s3": {"bucket": "bk", "key": "k",
+                                                                 "region": "eu-west-1\n"}}]}):
+            with self.subTest(fields=fields):
+                self.assertIsNotNone(self.rejection(core, **fields))
+        answer = core.handle_command("add account", {"id": "nl", "host": "smtp.example.com\n"})
+        self.assertFalse(answer["ok"], answer)
+        self.assertNotIn("nl", core.accounts())
+
+    def test_headers_are_checked_again_where_they_are_written(self):
+        valid = asyncmail.validate_message(message("old"), 2, lambda account_id: "acct")
+        for name in ("X-Injected\n", "Bcc\n", "Bcc", "Bad Name"):
+            stored = json.loads(json.dumps(valid))
+            stored["headers"] = {name: "evil@example.com"}
+            with self.subTest(name=name), self.assertRaises(asyncmail.PermanentError):
+                asyncmail.build_mime(stored, [], 1e9)
+        for mime_type in ("text/plain\n", "text/plain\r\nX-Injected: 1", "text"):
+            with self.subTest(mime_type=mime_type), self.assertRaises(asyncmail.PermanentError):
+                asyncmail.build_mime(valid, [("a.txt", mime_type, b"x")], 1e9)
+        # a message stored by an older version that let such a header in fails
+        # at send time, and nothing reaches the relay
+        smtp = self.smtp_server()
+        core = self.make_core(http=False)
+        self.add_account(core, smtp)
+        stored = json.loads(json.dumps(valid))
+        stored["headers"] = {"X-Injected\n": "1"}
+        core.store.insert_messages([("old", "acct", 2, "pending", self.clock(), None, "s",
+                                     "[]", stored["message_id"], json.dumps(stored))])
+        self.run_now(core)
+        record = self.record(core, "old")
+        self.assertEqual(record["status"], "error")
+        self.assertIn("header name", record["error"])
+        self.assertEqual(smtp.messages, [])
+
+    # -- 2. Unicode line breaks -------------------------------------------------
+
+    def test_line_breaks_are_refused_at_intake_not_at_send_time(self):
+        smtp = self.smtp_server()
+        core = self.make_core(http=False)
+        self.add_account(core, smtp)
+        for char in ("\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c"):
+            for fields in ({"subject": "a%sb" % char}, {"headers": {"X-Tag": "a%sb" % char}},
+                           {"message_id": "<a%sb@example.com>" % char}):
+                with self.subTest(char=char, field=list(fields)[0]):
+                    reason = self.rejection(core, **fields)
+                    self.assertIsNotNone(reason, "accepted, so it would fail at send time")
+                    self.assertRegex(reason, "line break|printable ASCII")
+        # what can be sent is still accepted, and is sent
+        self.add(core, message("fine", subject="Tab\there, Grüße \u2603",
+                               headers={"X-Tag": "caf\u00e9 \u2603"},
+                               **{"from": "Line\u2028Name <a@example.com>"}))
+        self.run_now(core)
+        self.assertEqual(self.record(core, "fine")["status"], "sent")
+        parsed = parse_mail(smtp.messages[0]["data"])
+        self.assertEqual(str(parsed["Subject"]), "Tab\there, Grüße \u2603")
+        self.assertEqual(str(parsed["X-Tag"]), "caf\u00e9 \u2603")
+
+    # -- 3. address parsing is linear and bounded by the RFC limits -----------
+
+    def test_worst_case_addresses_validate_in_bounded_time(self):
+        # The worst inputs for the old regex parser (cubic in a run of spaces:
+        # a second at 1,000 characters, ~35 s at 4,000, a batch of them froze
+        # the daemon for hours) and for each RFC limit, in every address field.
+        hostile = [" " * 987 + "a", " " * 4000 + "a", " " * 100000 + "a",
+                   " " * 490 + "<" + " " * 490, " " * 980 + "<a@b.com", "<" * 987,
+                   '"' * 987, '"' + '\\"' * 490 + '" <a@b.com>', "\\" * 900 + " <a@b.com>",
+                   "a" * 987, "a." * 490 + "@x.com", "a@" + "b-" * 490,
+                   "a@" + "\u00fc" * 985, "a@" + "\u00fc" * 100000,
+                   "x" * 64 + "@" + "y" * 250, "a@[" + "1" * 980 + "]"]
+        valid = ['"%s" <%s@%s.example.com>' % ("n" * 600, "l" * 64, "d" * 63),
+                 "%s <a@b.com>" % ("w " * 480), '"%s" <a@b.com>' % ("\\\\" * 400)]
+        fields = ("from", "to", "cc", "reply_to", "return_path")
+        batch = []
+        for index in range(996):   # with the 4 below: a full batch of 1000
+            text = hostile[index % len(hostile)]
+            field = fields[index % len(fields)]
+            batch.append(message("w%d" % index, **{field: [text] if field in ("to", "cc")
+                                                    else text}))
+        batch.extend(message("v%d" % i, **{"from": text}) for i, text in enumerate(valid))
+        batch.append(message("list", to=", ".join(["a@b.com"] * 5000),
+                             cc='"' * 100000, bcc="," * 100000))
+        # In a child process: the old parser held the GIL for minutes, so a
+        # thread could not even be timed out.
+        script = ("import json, sys, asyncmail\n"
+                  "accepted = []\n"
+                  "for raw in json.load(sys.stdin):\n"
+                  "    try:\n"
+                  "        accepted.append(asyncmail.validate_message(raw, 2, lambda a: 'a'))\n"
+                  "    except ValueError:\n"
+                  "        pass\n"
+                  "json.dump(accepted, sys.stdout)\n")
+        bound = 10.0   # a bound, not a benchmark: it takes well under a second
+        try:
+            result = subprocess.run([sys.executable, "-c", script], input=json.dumps(batch),
+                                    capture_output=True, text=True, cwd=HERE, timeout=bound)
+        except subprocess.TimeoutExpired:
+            self.fail("1000 worst-case addresses took over %g s to validate" % bound)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        accepted = json.loads(result.stdout)
+        self.assertEqual([m["id"] for m in accepted], ["v%d" % i for i in range(len(valid))])
+        for normalised in accepted:   # accepted means sendable: one line per address
+            data = asyncmail.build_mime(normalised, [], 1e9)
+            self.assertLessEqual(max(len(line) for line in data.split(b"\r\n")), 998)
+
+    # -- 7 and 12: claims, deletes and the chunk ------------------------------
+
+    def gated_connect(self, held_id):
+        """An smtp_connect seam: the DATA of message ``held_id`` (its MAIL
+        FROM and RCPT TO done: its transaction under way) sets
+        ``self.on_wire`` and waits, bounded, for ``self.release``."""
+        self.on_wire, self.release = threading.Event(), threading.Event()
+        marker = ("\r\nSubject: subject %s\r\n" % held_id).encode()
+
+        def connect(account, timeout, local_hostname):
+            conn = asyncmail._smtp_connect(account, timeout, local_hostname)
+            real_data = conn.data
+
+            def data(payload):
+                if marker in payload:
+                    self.on_wire.set()
+                    self.release.wait(WAIT)
+                return real_data(payload)
+            conn.data = data
+            return conn
+        return connect
+
+    def hold_a_send(self, core):
+        """Run a cycle in the background until the held message is on the
+        wire; returns the thread (release with ``self.release``)."""
+        runner = threading.Thread(target=core.handle_command, args=("run now",), daemon=True)
+        runner.start()
+        self.addCleanup(runner.join, WAIT)
+        self.addCleanup(self.release.set)   # before core.stop waits for the transaction
+        self.assertTrue(self.on_wire.wait(WAIT), "the held message never reached DATA")
+        return runner
+
+    def reporting_core(self, smtp, held_id):
+        """A core reporting to an Upstream, sending to ``smtp`` through
+        gated_connect(``held_id``); returns (core, upstream)."""
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        core = self.make_core({"client": {"client_sync_url": upstream.url}},
+                              smtp_connect=self.gated_connect(held_id))
+        self.add_account(core, smtp)
+        return core, upstream
+
+    def test_a_deleted_message_of_a_claimed_chunk_is_never_sent(self):
+        smtp = self.smtp_server()
+        core, upstream = self.reporting_core(smtp, "held")
+        self.add(core, message("held"), message("later1"), message("later2"))
+        runner = self.hold_a_send(core)
+        answer = core.handle_command("delete messages", {"ids": ["later1", "held"]})
+        self.release.set()
+        runner.join(WAIT)
+        self.run_now(core)
+        self.assertEqual(sorted(str(parse_mail(m["data"])["Subject"]) for m in smtp.messages),
+                         ["subject held", "subject later2"])
+        # "held" was on the wire: not removed, and its outcome is reported
+        self.assertEqual(answer, {"ok": True, "removed": 1, "not_found": [],
+                                  "being_sent": ["held"]})
+        self.assertFalse(core.handle_command("get message", {"id": "later1"})["ok"])
+        self.assertEqual(self.record(core, "held")["status"], "sent")
+        reports = [(e["id"], e["status"]) for e in upstream.entries()]
+        self.assertEqual(sorted(reports), [("held", "sent"), ("later2", "sent")])
+        self.assertEqual(core.handle_command("status")["queue"]["sending"], 0)
+
+    def test_a_forced_account_delete_during_a_send_sends_nothing_more(self):
+        smtp = self.smtp_server()
+        core, upstream = self.reporting_core(smtp, "held")
+        self.add(core, message("held"), message("later1"), message("later2"))
+        runner = self.hold_a_send(core)
+        self.assertTrue(core.handle_command("delete account", {"id": "acct", "force": True})["ok"])
+        self.release.set()
+        runner.join(WAIT)
+        self.run_now(core)
+        self.assertEqual([str(parse_mail(m["data"])["Subject"]) for m in smtp.messages],
+                         ["subject held"])
+        reports = [(e["id"], e["status"]) for e in upstream.entries()]
+        for mid in ("later1", "later2"):
+            record = self.record(core, mid)
+            self.assertEqual((record["status"], record["error"]), ("error", "account deleted"))
+            self.assertEqual([r for r in reports if r[0] == mid], [(mid, "error")])
+        # the message on the wire ends as the relay said, and is reported so last
+        self.assertEqual(self.record(core, "held")["status"], "sent")
+        self.assertEqual([r for r in reports if r[0] == "held"][-1], ("held", "sent"))
+
+    def test_a_rate_limit_does_not_widen_the_claim_beyond_one_chunk(self):
+        smtp = self.smtp_server()
+        core = self.make_core(smtp_connect=self.gated_connect("c0"))
+        self.add_account(core, smtp, limit_per_minute=1000, batch_size=100)
+        self.add(core, *[message("c%d" % i) for i in range(45)])
+        runner = self.hold_a_send(core)
+        claimed = core.handle_command("status")["queue"]["sending"]
+        self.release.set()
+        runner.join(WAIT)
+        # claimed and not yet settled is what a crash now would resend
+        self.assertEqual(claimed, asyncmail.CLAIM_CHUNK)
+        self.assertEqual(core.handle_command("status")["queue"]["sent"], 45)
+
+    # -- 11. S3 fetches pass the address check --------------------------------
+
+    def test_s3_fetches_pass_the_address_check_unless_the_admin_named_the_endpoint(self):
+        resolved = []
+
+        def resolve(host, port):
+            resolved.append(host)
+            return ["127.0.0.1"]   # what a hostile DNS answer could say
+
+        clock = FakeClock()
+        config = asyncmail.Config({"s3": {"access_key_id": "AK", "secret_access_key": "SK"}})
+        fetcher = asyncmail.AttachmentFetcher(config.attachments, config.s3, clock,
+                                              resolve=resolve)
+        with self.assertRaises(asyncmail.PermanentError) as caught:
+            fetcher.fetch({"filename": "inv.pdf", "s3": {"bucket": "bills", "key": "k"}})
+        self.assertIn("refused target", str(caught.exception))
+        self.assertEqual(resolved, ["bills.s3.us-east-1.amazonaws.com"])
+        # an endpoint_url the admin configured is allowed, private or not
+        files = FileServer()
+        self.addCleanup(files.close)
+        files.routes["/bills/k"] = (200, {"Content-Type": "application/pdf"}, b"%PDF")
+        config = asyncmail.Config({"s3": {"access_key_id": "AK", "secret_access_key": "SK",
+                                          "endpoint_url": files.base}})
+        self.assertFalse(config.attachments.allow_private_urls)
+        fetcher = asyncmail.AttachmentFetcher(config.attachments, config.s3, clock)
+        self.assertEqual(fetcher.fetch({"filename": "inv.pdf",
+                                        "s3": {"bucket": "bills", "key": "k"}}),
+                         ("inv.pdf", "application/pdf", b"%PDF"))
+
+    # -- 9. [attachments] timeout_seconds bounds the whole fetch --------------
+
+    def drip_server(self, head, body):
+        """A server that answers every request with ``head`` sent at once and
+        then ``body`` one byte every 0.25 s; returns its base URL."""
+        stop = threading.Event()
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass
+                try:
+                    self.wfile.write(head)
+                    for index in range(len(body)):
+                        if stop.wait(0.25):
+                            return
+                        self.wfile.write(body[index:index + 1])
+                except OSError:
+                    return   # the fetcher hung up: what it should do
+
+        class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            block_on_close = False
+
+        server = Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        self.addCleanup(stop.set)
+        return "http://127.0.0.1:%d" % server.server_address[1]
+
+    def test_attachment_timeout_bounds_the_whole_fetch(self):
+        config = asyncmail.Config({"attachments": {"timeout_seconds": "1",
+                                                   "allow_private_urls": "true"}})
+        fetcher = asyncmail.AttachmentFetcher(config.attachments, config.s3, FakeClock())
+        slow_body = self.drip_server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+                                     b"x" * 1000)
+        slow_head = self.drip_server(b"", b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 1000)
+        for url in (slow_body + "/a.bin", slow_head + "/a.bin"):
+            outcome = []
+
+            def fetch():
+                try:
+                    outcome.append(fetcher.fetch({"filename": "a.bin", "url": url}))
+                except asyncmail.AsyncmailError as exc:
+                    outcome.append(exc)
+            worker = threading.Thread(target=fetch, daemon=True)
+            worker.start()
+            # dripped in full, each answer would take 250 s; one second is the limit
+            worker.join(WAIT)
+            self.assertFalse(worker.is_alive(), "the fetch of %s outlived its timeout" % url)
+            self.assertIsInstance(outcome[0], asyncmail.TemporaryError)
+            self.assertIn("timeout_seconds", str(outcome[0]))
+        # a prompt answer, even one that closes the connection early, still arrives
+        prompt = self.drip_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                  b"Content-Length: 5\r\n\r\nhello", b"")
+        self.assertEqual(fetcher.fetch({"filename": "a.txt", "url": prompt + "/a.txt"}),
+                         ("a.txt", "text/plain", b"hello"))
+
+    # -- 4, 5, 6 and 10: the HTTP server ----------------------------------------
+
+    LOCAL = b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+    def test_ambiguous_framing_is_refused_and_the_connection_closed(self):
+        core = self.make_core()
+        self.add_account(core)
+        te = b"Transfer-Encoding: chunked\r\n"
+        cases = [  # (headers, chunk size line from the hex size, what follows the data)
+            (te + b"Content-Length: %(length)d\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: gzip\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: chunked, gzip\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: gzip, chunked\r\n", lambda size: size, b"\r\n"),
+            (b"Transfer-Encoding: chunked, chunked\r\n", lambda size: size, b"\r\n"),
+            (te, lambda size: b"0x" + size, b"\r\n"),
+            (te, lambda size: b"+" + size, b"\r\n"),
+            (te, lambda size: size[:1] + b"_" + size[1:], b"\r\n"),
+            (te, lambda size: b" " + size, b"\r\n"),
+            (te, lambda size: size, b"XY\r\n")]
+        for number, (headers, size_line, after_data) in enumerate(cases):
+            mid = "smuggled-%d" % number
+            body = json.dumps({"messages": [message(mid)]}).encode()
+            chunked = size_line(b"%x" % len(body)) + b"\r\n" + body + after_data + b"0\r\n\r\n"
+            raw = (b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+                   + headers.replace(b"%(length)d", b"%d" % len(chunked)) + b"\r\n" + chunked)
+            with self.subTest(case=number, headers=headers, start=chunked[:8]):
+                status, reply = send_hostile(core.http_address, raw)
+                self.assertEqual(status, 400, reply[:300])
+                self.assertIn(b"Connection: close", reply.partition(b"\r\n\r\n")[0])
+                self.assertFalse(core.handle_command("get message", {"id": mid})["ok"])
+        # strict is not hostile: a chunk extension and a trailer still pass
+        body = json.dumps({"messages": [message("extended")]}).encode()
+        status, reply = send_hostile(core.http_address, (
+            b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+            + b"Transfer-Encoding: chunked\r\n\r\n%X ; name=value\r\n%s\r\n0\r\n"
+            b"X-Trailer: 1\r\n\r\n" % (len(body), body)))
+        self.assertEqual(status, 200, reply)
+
+    def test_a_chunked_upload_counts_against_the_body_limits(self):
+        class CountingSemaphore(threading.BoundedSemaphore):
+            uses = 0
+
+            def acquire(self, *args, **kwargs):
+                self.uses += 1
+                return super().acquire(*args, **kwargs)
+            __enter__ = acquire
+
+        core = self.make_core({"server": {"max_request_bytes": "400000"}})
+        self.add_account(core)
+        core._http.large_requests = counting = CountingSemaphore(1)
+
+        def chunked(body):
+            return (b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+                    + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
+                        b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                        for i in range(0, len(body), 65536)) + b"0\r\n\r\n")
+        big = json.dumps({"messages": [message("big%d" % i, body="x" * 2000)
+                                       for i in range(150)]}).encode()
+        self.assertTrue(asyncmail.LARGE_BODY_BYTES < len(big) < 400000)
+        status, reply = send_hostile(core.http_address, chunked(big))
+        self.assertEqual(status, 200, reply[:300])
+        self.assertEqual(counting.uses, 1)   # parsed in the large-body slot
+        status, _ = send_hostile(core.http_address, chunked(big + b" " * 100000))
+        self.assertEqual(status, 413)
+
+    def test_a_stalled_upload_delays_no_other_client(self):
+        core = self.make_core()
+        self.add_account(core)
+        stalled_body = json.dumps({"messages": [message("stalled")], "pad": ""}).encode()
+        stalled_body = stalled_body[:-2] + b"x" * (400000 - len(stalled_body)) + b'"}'
+        stalled = socket.create_connection(core.http_address, timeout=WAIT)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"POST /commands/add-messages HTTP/1.1\r\n" + self.LOCAL
+                        + b"Content-Length: 400000\r\n\r\n" + stalled_body[:1000])
+        # its handler is past the headers (the deadline moved on to the body)
+        wait_until(lambda: any(deadline > time.monotonic() + core._http.idle_timeout + 1
+                               for deadline in list(core._http._deadlines.values())),
+                   message="the stalled upload's body being read")
+        big = [message("other%d" % i, body="x" * 2000) for i in range(150)]
+        status, answer = self.client(core).request("POST", "/commands/add-messages",
+                                                   {"messages": big})
+        self.assertEqual((status, answer["queued"]), (200, 150))   # not after the staller
+        stalled.sendall(stalled_body[1000:])
+        stalled.settimeout(WAIT)
+        self.assertTrue(stalled.recv(65536).startswith(b"HTTP/1.1 200"))
+        self.assertEqual(self.record(core, "stalled")["status"], "pending")
+
+    def test_a_target_that_cannot_be_split_is_400_before_auth(self):
+        for token in (None, "tok"):
+            core = self.make_core({"server": {"api_token": token}} if token else None)
+            for target in (b"//[", b"http://[::1/status", b"//[::1", b"[", b"*",
+                           b"http://[/commands/run-now", b"ftp://x/status", b"http://:80/"):
+                for method in (b"GET", b"POST"):
+                    with self.subTest(token=token, target=target, method=method):
+                        status, reply = send_hostile(core.http_address, method + b" " + target
+                                                     + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                        self.assertEqual(status, 400, reply[:300])
+                        self.assertIn(b'"ok":false', reply)
+            headers = b"X-API-Token: tok\r\n" if token else b""
+            status, reply = send_hostile(core.http_address, b"GET http://127.0.0.1/status "
+                                         b"HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
+            self.assertEqual(status, 200, reply[:300])   # the absolute form is fine
+
+    def test_without_a_token_a_browser_cannot_queue_mail(self):
+        core = self.make_core()
+        self.add_account(core)
+        port = core.http_address[1]
+        local = "127.0.0.1:%d" % port
+
+        def post(path, body, **headers):
+            """The status of one raw POST; header names with _ for -."""
+            head = "POST %s HTTP/1.1\r\n" % path + "".join(
+                "%s: %s\r\n" % (name.replace("_", "-"), value) for name, value in headers.items())
+            head += ("Content-Length: %d\r\n\r\n" % len(body)) if body else "\r\n"
+            return send_hostile(core.http_address, head.encode() + body)[0]
+
+        refused = [  # what a web page can make a browser send, and DNS rebinding
+            (415, dict(Host=local, Content_Type="text/plain")),
+            (415, dict(Host=local, Content_Type="application/x-www-form-urlencoded")),
+            (415, dict(Host=local)),
+            (403, dict(Host="evil.example:%d" % port, Content_Type="application/json")),
+            (403, dict(Host=local, Content_Type="application/json",
+                       Origin="http://evil.example")),
+            (403, dict(Host=local, Content_Type="application/json", Origin="null")),
+            (400, dict(Content_Type="application/json"))]
+        for number, (expected, headers) in enumerate(refused):
+            with self.subTest(headers=headers):
+                body = json.dumps({"messages": [message("forged%d" % number)]}).encode()
+                self.assertEqual(post("/commands/add-messages", body, **headers), expected)
+                self.assertFalse(core.handle_command("get message",
+                                                     {"id": "forged%d" % number})["ok"])
+        status, _ = send_hostile(core.http_address, b"GET /status HTTP/1.1\r\nHost: "
+                                 b"rebound.example\r\n\r\n")
+        self.assertEqual(status, 403)
+        accepted = [dict(Host=local, Content_Type="application/json; charset=utf-8"),
+                    dict(Host="localhost:%d" % port, Content_Type="application/json"),
+                    dict(Host="[::1]:%d" % port, Content_Type="application/json"),
+                    dict(Host=local, Content_Type="application/json",
+                         Origin="http://%s" % local)]
+        for number, headers in enumerate(accepted):
+            with self.subTest(headers=headers):
+                body = json.dumps({"messages": [message("local%d" % number)]}).encode()
+                self.assertEqual(post("/commands/add-messages", body, **headers), 200)
+        self.assertEqual(post("/commands/run-now", b"", Host=local), 200)   # no body, no type
+        self.assertEqual(send_hostile(core.http_address,
+                                      b"GET /status HTTP/1.0\r\n\r\n")[0], 200)
+        # with a token a browser cannot forge the request: curl's defaults are fine
+        guarded = self.make_core({"server": {"api_token": "tok"}})
+        self.add_account(guarded)
+        batch = json.dumps({"messages": [message("curl")]}).encode()
+        self.assertEqual(send_hostile(guarded.http_address, (
+            b"POST /commands/add-messages HTTP/1.1\r\nHost: mail.example\r\nX-API-Token: tok\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(batch), batch)))[0], 200)
 
 
 class FuzzTests(CoreCase):

@@ -82,7 +82,9 @@ class Daemon:
 def request(address, method, path, body=None, timeout=10):
     conn = http.client.HTTPConnection(*address, timeout=timeout)
     try:
-        conn.request(method, path, body=json.dumps(body) if body is not None else None)
+        # without api_token the daemon takes only application/json bodies
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"} if body is not None else {})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
     finally:
@@ -261,7 +263,8 @@ def scenario_load(options):
                 method, path, body, ids = "GET", "/status", None, []
             started = time.perf_counter()
             try:
-                conn.request(method, path, body=body)
+                conn.request(method, path, body=body,
+                             headers={"Content-Type": "application/json"} if body else {})
                 response = conn.getresponse()
                 response.read()
                 status = response.status
