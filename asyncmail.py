@@ -30,7 +30,8 @@ __all__ = [
     # the daemon
     "AsyncMailCore", "Config", "load_config", "main",
     # its parts, usable on their own
-    "Store", "Metrics", "SendingWindow", "SmtpRelay", "RateLimiter", "AttachmentFetcher",
+    "Store", "MessageKey", "Claim", "Attempt", "Outcome", "Metrics", "SendingWindow",
+    "SmtpRelay", "SmtpReply", "RateLimiter", "AttachmentFetcher",
     "sigv4_sign", "build_mime", "envelope", "validate_message", "validate_account",
     "public_account",
     # errors
@@ -42,6 +43,7 @@ __all__ = [
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import datetime
 import email.errors
@@ -116,6 +118,9 @@ FINISHED_STATUSES = ("sent", "error")
 COMMAND_STATUSES = {"retry": ("deferred",), "requeue": ("error",),
                     "hold": ("pending", "deferred"), "release": ("held",)}
 ATTEMPTS_KEPT = 20      # per message, besides its first attempt
+PURGE_BATCH = 500       # finished messages deleted per transaction by the retention purge
+DAY = 86400.0           # the longest rate window, and how long the send log is kept
+RUN_NOW_SLACK = 10.0    # seconds a test-mode run-now allows the store beyond network timeouts
 # What a delete may still do to a message claimed by this process (Store._claims)
 _CLAIMED = "claimed"          # its SMTP transaction has not begun: a delete stops it
 _ON_WIRE = "on the wire"      # its transaction has begun: it ends as the relay says
@@ -269,11 +274,13 @@ SQL_INSERT_ATTEMPT = (
     "INSERT INTO attempts (message_pk, ts, duration, relay, outcome, code, text, refused)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 # keep a message's first attempt and its last ATTEMPTS_KEPT: the first says
-# how it began, the last what it does now
+# how it began, the last what it does now (two index seeks when there is
+# nothing to trim, as for nearly every message)
 SQL_TRIM_ATTEMPTS = (
-    "DELETE FROM attempts WHERE message_pk = :pk AND seq NOT IN ("
-    " SELECT MIN(seq) FROM attempts WHERE message_pk = :pk) AND seq NOT IN ("
-    " SELECT seq FROM attempts WHERE message_pk = :pk ORDER BY seq DESC LIMIT :kept)")
+    "DELETE FROM attempts WHERE message_pk = :pk"
+    " AND seq > (SELECT MIN(seq) FROM attempts WHERE message_pk = :pk)"
+    " AND seq < (SELECT seq FROM attempts WHERE message_pk = :pk"
+    " ORDER BY seq DESC LIMIT 1 OFFSET :kept - 1)")
 # Operator commands (SPEC 7).  ``{where}`` is the selector: ``id IN (...)``,
 # ``account_id = ?``, ``status = ?`` or ``1``; each command also names the
 # statuses it applies to, so a selector can only narrow it.
@@ -355,7 +362,7 @@ SQL_HAS_PENDING = (
     "SELECT 1 FROM messages WHERE status = 'pending' AND account_id = ?"
     " AND priority <= ? LIMIT 1")
 SQL_CLAIM_SELECT = (
-    "SELECT pk, id, account_id, priority, retry_count, message_id, payload FROM messages"
+    "SELECT pk, id, account_id, priority, retry_count, payload FROM messages"
     " WHERE status = 'pending' AND account_id = ? AND priority <= ?"
     " ORDER BY priority, pk LIMIT ?")
 SQL_CLAIM_UPDATE = "UPDATE messages SET status = 'sending' WHERE pk IN ({marks})"
@@ -1109,6 +1116,66 @@ def load_config(path=None, environ=None):
 # ###########################  Store (SQLite)  ########################## #
 # ####################################################################### #
 
+class MessageKey(collections.namedtuple("MessageKey", "pk ref account_id priority")):
+    """A message as outcomes and report events name it: ``pk`` its row,
+    ``ref`` the id its client gave it (never the RFC Message-ID, which is in
+    the payload)."""
+
+    __slots__ = ()
+
+
+class Claim(collections.namedtuple("Claim", MessageKey._fields + ("retry_count", "payload"))):
+    """A message claimed for delivery (status ``sending``): its key fields,
+    ``retry_count`` so far and ``payload``, the normalised message as JSON."""
+
+    __slots__ = ()
+
+
+class Attempt(collections.namedtuple("Attempt", "ts duration relay code text refused")):
+    """One delivery attempt for the message's history: when, how long, over
+    which relay (host:port), the SMTP reply code and text, and the
+    recipients refused while others were accepted."""
+
+    __slots__ = ()
+
+
+class Outcome(collections.namedtuple(
+        "Outcome", "kind claim ts until reason error retry_count refused attempt account_down")):
+    """What became of one claimed message, made by the constructors below
+    and applied by Store.record_outcomes in one place.
+
+    ``kind``: ``sent`` (at ``ts``, ``refused`` recipients), ``failed``
+    (``error``), ``deferred`` (until ``until`` for ``reason``, with
+    ``error`` and the new ``retry_count``) or ``released`` (back to pending,
+    never attempted).  ``attempt`` is the Attempt behind it, if any;
+    ``account_down`` says the relay itself failed, so the account's other
+    messages wait (the dispatcher's business, not the store's).
+    """
+
+    __slots__ = ()
+    KINDS = ("sent", "failed", "deferred", "released")
+
+    @classmethod
+    def sent(cls, claim, ts, refused=None, attempt=None):
+        return cls("sent", claim, ts, None, None, None, None, refused or None, attempt, False)
+
+    @classmethod
+    def failed(cls, claim, ts, error, attempt=None):
+        return cls("failed", claim, ts, None, None, error, None, None, attempt, False)
+
+    @classmethod
+    def deferred(cls, claim, ts, until, reason, error=None, retry_count=None, attempt=None):
+        retries = claim.retry_count if retry_count is None else retry_count
+        return cls("deferred", claim, ts, until, reason, error, retries, None, attempt, False)
+
+    @classmethod
+    def released(cls, claim):
+        return cls("released", claim, None, None, None, None, None, None, None, False)
+
+
+ATTEMPT_LABELS = {"sent": "sent", "deferred": "deferred", "failed": "error"}
+
+
 class _IntakeRequest:
     """One add-messages batch waiting for a group commit."""
 
@@ -1480,13 +1547,17 @@ class Store:
                                 [now, now] + args).rowcount
         raise ValueError("unknown operator command %r" % command)
 
-    def purge_reported(self, before, limit):
-        """Delete up to ``limit`` finished messages reported before ``before``.
-
-        Returns how many were deleted; small batches keep the write lock short.
-        """
-        with self._transaction(durable=False) as conn:
-            return conn.execute(SQL_PURGE_REPORTED, (before, limit)).rowcount
+    def purge_reported(self, before):
+        """Delete the finished messages reported before ``before`` (their
+        attempts go with them), PURGE_BATCH per transaction so intake and
+        dispatch never wait long.  Returns how many were deleted."""
+        removed = 0
+        while True:
+            with self._transaction(durable=False) as conn:
+                batch = conn.execute(SQL_PURGE_REPORTED, (before, PURGE_BATCH)).rowcount
+            removed += batch
+            if batch < PURGE_BATCH:
+                return removed
 
     # -- accounts -----------------------------------------------------------
 
@@ -1519,28 +1590,29 @@ class Store:
             # one already on the wire is failed too: if the relay accepts it,
             # record_outcomes turns it into "sent" (the truth) and reports that
             self._withdraw_claims([(pk, message_id) for pk, message_id, _ in undelivered])
-            for pk, message_id, priority in undelivered:
-                self._fail(conn, (pk, message_id, account_id, priority), now,
+            for pk, ref, priority in undelivered:
+                self._fail(conn, MessageKey(pk, ref, account_id, priority), now,
                            "account deleted")
             conn.execute(SQL_DELETE_ACCOUNT, (account_id,))
             return len(undelivered)
 
     # -- report events ------------------------------------------------------
-    # A message is (pk, id, account_id, priority).  Each state change that the
-    # upstream must hear about becomes one row of ``events`` when reporting is
+    # Each state change that the upstream must hear about becomes one row of
+    # ``events`` (naming its message by MessageKey fields) when reporting is
     # on; without reporting a finished message counts as reported at once.
 
-    def _event(self, conn, msg, kind, sent_ts=None, error_ts=None, error=None,
+    def _event(self, conn, key, kind, sent_ts=None, error_ts=None, error=None,
                deferred_ts=None, reason=None, refused=None):
         if self.reporting:
             conn.execute(SQL_INSERT_EVENT, (
-                msg[0], msg[1], msg[2], msg[3], kind, sent_ts, error_ts, error,
-                deferred_ts, reason, json.dumps(refused) if refused else None))
+                key.pk, key.ref, key.account_id, key.priority, kind, sent_ts, error_ts,
+                error, deferred_ts, reason, json.dumps(refused) if refused else None))
 
-    def _fail(self, conn, msg, now, error):
-        conn.execute(SQL_FAIL_MESSAGE, {"now": now, "error": error, "pk": msg[0],
+    def _fail(self, conn, key, now, error):
+        """Fail a message whatever its state (a forced account deletion)."""
+        conn.execute(SQL_FAIL_MESSAGE, {"now": now, "error": error, "pk": key.pk,
                                         "reported": None if self.reporting else now})
-        self._event(conn, msg, "error", error_ts=now, error=error)
+        self._event(conn, key, "error", error_ts=now, error=error)
 
     def pending_events(self, limit):
         """Up to ``limit`` unacknowledged report events, oldest first."""
@@ -1584,7 +1656,7 @@ class Store:
 
     def claim(self, account_id, max_priority, limit):
         """Atomically move up to ``limit`` pending messages of one account,
-        by priority then age, to ``sending`` and return them as dicts.
+        by priority then age, to ``sending`` and return them as Claims.
 
         Each stays claimed until record_outcomes settles it; call begin_send
         right before its SMTP transaction."""
@@ -1602,8 +1674,7 @@ class Store:
         except BaseException:
             self._settle_claims(pks)
             raise
-        keys = ("pk", "id", "account_id", "priority", "retry_count", "message_id", "payload")
-        return [dict(zip(keys, row)) for row in rows]
+        return [Claim(*row) for row in rows]
 
     def begin_send(self, pk):
         """Whether the claimed message ``pk`` may start its SMTP transaction.
@@ -1645,47 +1716,63 @@ class Store:
             for pk in pks:
                 self._claims.pop(pk, None)
 
-    @staticmethod
-    def _key(message):
-        return (message["pk"], message["id"], message["account_id"], message["priority"])
-
     def record_outcomes(self, outcomes):
-        """Apply delivery outcomes in one transaction.  Each outcome is one of
-        ``("sent", message, now, refused)``, ``("failed", message, now,
-        error)``, ``("deferred", message, now, until, reason, error,
-        retry_count)`` or ``("released", message)`` (back to pending)."""
+        """Apply delivery outcomes, and the attempts behind them, in one
+        transaction.
+
+        An outcome applies only to a message still claimed: one deleted, or
+        failed by a forced account deletion meanwhile, keeps that state,
+        except that a relay's acceptance is the truth and wins over
+        "account deleted".  Raises ValueError, writing nothing, for an
+        outcome of an unknown kind.
+        """
+        unknown = sorted({repr(o.kind) for o in outcomes if o.kind not in Outcome.KINDS})
+        if unknown:
+            raise ValueError("unknown outcome kind %s" % ", ".join(unknown))
         if not outcomes:
             return
         # the claims are settled before the commit: a delete that comes
         # after it finds a finished message, never one "on the wire"
-        settled = [outcome[1]["pk"] for outcome in outcomes]
+        settled = [outcome.claim.pk for outcome in outcomes]
         with self._transaction(durable=False) as conn, self._settling(settled):
             for outcome in outcomes:
-                kind, message = outcome[0], outcome[1]
-                key = self._key(message)
-                if kind == "sent":
-                    now, refused = outcome[2], outcome[3]
-                    conn.execute(SQL_INSERT_SEND, (message["account_id"], now))
-                    if conn.execute(SQL_SENT_MESSAGE, {
-                            "now": now, "refused": json.dumps(refused) if refused else None,
-                            "reported": None if self.reporting else now,
-                            "pk": message["pk"]}).rowcount:
-                        self._event(conn, key, "sent", sent_ts=now, refused=refused)
-                elif kind == "failed":
-                    now, error = outcome[2], outcome[3]
-                    if conn.execute(SQL_FAIL_CLAIMED, {
-                            "now": now, "error": error, "pk": message["pk"],
-                            "reported": None if self.reporting else now}).rowcount:
-                        self._event(conn, key, "error", error_ts=now, error=error)
-                elif kind == "deferred":
-                    _, _, now, until, reason, error, retry_count = outcome
-                    if conn.execute(SQL_DEFER_MESSAGE, {
-                            "now": now, "until": until, "error": error,
-                            "retry_count": retry_count, "pk": message["pk"],
-                            "reason": reason}).rowcount:
-                        self._event(conn, key, "deferred", deferred_ts=until, reason=reason)
-                else:
-                    conn.execute(SQL_RELEASE_MESSAGE, (message["pk"],))
+                getattr(self, "_apply_" + outcome.kind)(conn, outcome)
+                if outcome.attempt is not None:
+                    self._record_attempt(conn, outcome)
+
+    def _apply_sent(self, conn, outcome):
+        claim, refused = outcome.claim, outcome.refused
+        conn.execute(SQL_INSERT_SEND, (claim.account_id, outcome.ts))
+        if conn.execute(SQL_SENT_MESSAGE, {
+                "now": outcome.ts, "refused": json.dumps(refused) if refused else None,
+                "reported": None if self.reporting else outcome.ts, "pk": claim.pk}).rowcount:
+            self._event(conn, claim, "sent", sent_ts=outcome.ts, refused=refused)
+
+    def _apply_failed(self, conn, outcome):
+        claim = outcome.claim
+        if conn.execute(SQL_FAIL_CLAIMED, {
+                "now": outcome.ts, "error": outcome.error, "pk": claim.pk,
+                "reported": None if self.reporting else outcome.ts}).rowcount:
+            self._event(conn, claim, "error", error_ts=outcome.ts, error=outcome.error)
+
+    def _apply_deferred(self, conn, outcome):
+        claim = outcome.claim
+        if conn.execute(SQL_DEFER_MESSAGE, {
+                "now": outcome.ts, "until": outcome.until, "error": outcome.error,
+                "retry_count": outcome.retry_count, "pk": claim.pk,
+                "reason": outcome.reason}).rowcount:
+            self._event(conn, claim, "deferred", deferred_ts=outcome.until,
+                        reason=outcome.reason)
+
+    def _apply_released(self, conn, outcome):
+        conn.execute(SQL_RELEASE_MESSAGE, (outcome.claim.pk,))
+
+    def _record_attempt(self, conn, outcome):
+        attempt, pk = outcome.attempt, outcome.claim.pk
+        conn.execute(SQL_INSERT_ATTEMPT, (
+            pk, attempt.ts, attempt.duration, attempt.relay, ATTEMPT_LABELS[outcome.kind],
+            attempt.code, attempt.text, json.dumps(attempt.refused) if attempt.refused else None))
+        conn.execute(SQL_TRIM_ATTEMPTS, {"pk": pk, "kept": ATTEMPTS_KEPT})
 
     def sends_since(self, account_id, since):
         """Timestamps of successful sends of one account after ``since``."""
@@ -2797,6 +2884,14 @@ def _close_quietly(conn):
             conn.close()
 
 
+class SmtpReply(collections.namedtuple("SmtpReply", "code text refused")):
+    """A relay's acceptance of a message: the reply to DATA (code, text) and
+    ``{recipient: "code text"}`` of recipients refused while others were
+    accepted (empty when none)."""
+
+    __slots__ = ()
+
+
 class SmtpRelay:
     """One account's SMTP connection, reused for up to ``ttl`` seconds.
 
@@ -2808,6 +2903,7 @@ class SmtpRelay:
 
     def __init__(self, account, timeout, connect, local_hostname, clock=time.monotonic):
         self.account = account
+        self.where = "%s:%d" % (account["host"], account["port"])   # for logs and history
         self.timeout = timeout
         self._connect = connect
         self._local_hostname = local_hostname
@@ -2844,9 +2940,8 @@ class SmtpRelay:
         _close_quietly(conn)
 
     def send(self, sender, recipients, data):
-        """One transaction.  Returns ``{recipient: "code text"}`` of refused
-        recipients when others were accepted; raises SmtpTemporaryError or
-        SmtpPermanentError."""
+        """One transaction.  Returns the SmtpReply of an accepted message;
+        raises SmtpTemporaryError or SmtpPermanentError."""
         import smtplib
         for attempt in (1, 2):
             conn, reused = self._connection()
@@ -2855,16 +2950,15 @@ class SmtpRelay:
             except _StaleConnection as exc:
                 self.close()
                 if not reused or attempt == 2:
-                    raise _smtp_error("connection to %s:%d lost: %s" % (
-                        self.account["host"], self.account["port"], exc.reason), True, True)
+                    raise _smtp_error("connection to %s lost: %s" % (self.where, exc.reason),
+                                      True, True)
             except _SMTP_ERRORS:
                 self._reset()
                 raise
             except (smtplib.SMTPException, OSError) as exc:
                 self.close()
-                raise _smtp_error("connection to %s:%d lost during the transaction: %s" % (
-                    self.account["host"], self.account["port"],
-                    exc or type(exc).__name__), True)
+                raise _smtp_error("connection to %s lost during the transaction: %s" % (
+                    self.where, exc or type(exc).__name__), True)
             finally:
                 self._used = self._clock()
             if self.account["ttl"] <= 0:
@@ -2908,7 +3002,8 @@ class SmtpRelay:
                               code < 500, smtp_code=code)
         if self.account["ttl"] <= 0:
             self.close()
-        return {r: text for r, (_, text) in refused.items()}
+        return SmtpReply(code, _reply_text(code, reply),
+                         {r: text for r, (_, text) in refused.items()})
 
 
 class _StaleConnection(Exception):
@@ -2928,7 +3023,7 @@ class RateLimiter:
     """
 
     WINDOWS = (("limit_per_minute", 60.0), ("limit_per_hour", 3600.0),
-               ("limit_per_day", 86400.0))
+               ("limit_per_day", DAY))
 
     def __init__(self, store):
         self._store = store
@@ -2938,10 +3033,10 @@ class RateLimiter:
     def _log(self, account_id, now):
         sends = self._sends.get(account_id)
         if sends is None:
-            loaded = self._store.sends_since(account_id, now - 86400.0)
+            loaded = self._store.sends_since(account_id, now - DAY)
             with self._lock:
                 sends = self._sends.setdefault(account_id, loaded)
-        cutoff = now - 86400.0
+        cutoff = now - DAY
         with self._lock:
             drop = 0
             while drop < len(sends) and sends[drop] <= cutoff:
@@ -3020,20 +3115,27 @@ class _Controls:
 
 
 class _Worker:
-    """A loop thread: ``cycle(now)`` runs when woken or every ``interval()``
-    seconds; in test mode only ``run_now`` wakes it.  Exceptions from a
-    cycle are logged with their traceback and the loop carries on."""
+    """A loop thread: ``cycle(now)`` runs when woken, and every
+    ``interval()`` seconds when ``poll`` is true.  Without ``poll`` (test
+    mode) nothing but ``run_now`` starts a cycle, so a test drives each one;
+    a test may also call ``cycle(now)`` itself.  A cycle returns the Events
+    of work it started elsewhere (or nothing); a ``run_now`` that waits also
+    waits for those.  An exception from a cycle is logged with its traceback
+    and the loop carries on.  ``heartbeat`` is when the loop last looked up
+    (the systemd watchdog reads it)."""
 
     name = "asyncmail-worker"
 
-    def __init__(self, core):
-        self.core = core
-        self.log = core.log
+    def __init__(self, log, clock, poll):
+        self.log = log
+        self.clock = clock
+        self._poll = poll
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._requested = 0
         self._done = 0
+        self._await_work = 0.0   # seconds a waiting run_now lets the cycle's work take
         self._thread = None
         self.heartbeat = time.monotonic()
 
@@ -3051,15 +3153,19 @@ class _Worker:
         self._thread.start()
 
     def wake(self):
-        """Ask for a cycle soon (ignored in test mode, where only run-now counts)."""
-        if not self.core.test_mode:
+        """Ask for a cycle soon; without ``poll`` only run-now counts."""
+        if self._poll:
             self._wake.set()
 
     def run_now(self, wait=None):
-        """Request a cycle; with ``wait`` seconds, block until it has run."""
+        """Request a cycle; with ``wait`` seconds, block until it and the
+        work it started have finished (each piece of work waited for at most
+        ``wait`` seconds)."""
         with self._cond:
             self._requested += 1
             ticket = self._requested
+            if wait:
+                self._await_work = max(self._await_work, wait)
         self._wake.set()
         if wait:
             with self._cond:
@@ -3078,13 +3184,10 @@ class _Worker:
         self.shutdown()
 
     def _run(self):
-        next_cycle = time.monotonic() + (0 if self.core.test_mode else self.interval())
+        next_cycle = time.monotonic() + self.interval() if self._poll else math.inf
         while not self._stop.is_set():
-            if self.core.test_mode:
-                woken = self._wake.wait()
-            else:
-                timeout = min(max(0.0, next_cycle - time.monotonic()), HEARTBEAT_EVERY)
-                woken = self._wake.wait(timeout)
+            woken = self._wake.wait(min(max(0.0, next_cycle - time.monotonic()),
+                                        HEARTBEAT_EVERY))
             self.heartbeat = time.monotonic()
             if self._stop.is_set():
                 break
@@ -3092,13 +3195,16 @@ class _Worker:
                 continue
             self._wake.clear()
             with self._cond:
-                ticket = self._requested
+                ticket, await_work, self._await_work = self._requested, self._await_work, 0.0
             try:
-                self.cycle(self.core.now())
+                started = self.cycle(self.clock()) or ()
+                if await_work:
+                    for done in started:
+                        done.wait(await_work)
             except Exception:
                 self.log.exception("%s: cycle failed", self.name)
             self.heartbeat = time.monotonic()
-            if not self.core.test_mode:
+            if self._poll:
                 next_cycle = self.heartbeat + self.interval()
             with self._cond:
                 self._done = max(self._done, ticket)
@@ -3130,7 +3236,7 @@ class _Pool:
             job, done = item
             try:
                 job()
-            except Exception:
+            except Exception:   # a job is a unit of work like a thread's loop
                 self._log.exception("delivery job failed")
             finally:
                 done.set()
@@ -3150,14 +3256,27 @@ class _Pool:
 
 class _Dispatcher(_Worker):
     """Finds due messages and delivers them, one job per account at a time,
-    on a pool of ``max_workers`` threads."""
+    on a pool of ``max_workers`` threads.
+
+    Given what it uses: the store, ``accounts()`` (a snapshot of the
+    accounts), the suspension controls, the attachment fetcher, the metrics,
+    the clock, and ``on_delivered()``, called when a job changed messages
+    (the core wakes the reporter with it).  ``timer`` measures durations.
+    """
 
     name = "asyncmail-dispatcher"
     PRUNE_EVERY = 300.0   # seconds between send-log prunes
 
-    def __init__(self, core, smtp_connect=None):
-        super().__init__(core)
-        config = core.config
+    def __init__(self, store, accounts, controls, fetcher, metrics, config, log, clock,
+                 poll, on_delivered, smtp_connect=None, timer=time.monotonic):
+        super().__init__(log, clock, poll)
+        self.store = store
+        self.accounts = accounts
+        self.controls = controls
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.on_delivered = on_delivered
+        self.timer = timer
         self.delivery = config.delivery
         self.window = config.scheduler.window
         self.timezone = config.scheduler.timezone
@@ -3169,7 +3288,7 @@ class _Dispatcher(_Worker):
         self._relays = {}
         self._backoff = {}
         self._last_prune = None
-        self.rate = RateLimiter(core.store)
+        self.rate = RateLimiter(store)
         self._pool = None
 
     def start(self):
@@ -3214,31 +3333,31 @@ class _Dispatcher(_Worker):
         return 3 if self.window.contains(moment) else 1
 
     def cycle(self, now):
-        store = self.core.store
+        """Promote what came due, then start a job for every account with
+        due mail that is not busy, held back or suspended.  Returns the jobs'
+        Events."""
         if self._last_prune is None or now - self._last_prune >= self.PRUNE_EVERY:
-            store.prune_send_log(now - 86400.0)
+            self.store.prune_send_log(now - DAY)
             self._last_prune = now
         self._close_idle_relays()
-        if not self.core.controls.active:
-            return
-        store.promote_due(now)
+        if not self.controls.active:
+            return []
+        self.store.promote_due(now)
         max_priority = self._max_priority(now)
         jobs = []
-        for account_id, account in sorted(self.core.accounts().items()):
+        for account_id, account in sorted(self.accounts().items()):
             with self._lock:
                 if account_id in self._busy or self._backoff.get(account_id, 0) > now:
                     continue
-            if not self.core.controls.may_send(account_id):
+            if not self.controls.may_send(account_id):
                 continue
-            if not store.has_pending(account_id, max_priority):
+            if not self.store.has_pending(account_id, max_priority):
                 continue
             with self._lock:
                 self._busy.add(account_id)
             jobs.append(self._pool.submit(
-                lambda account=account: self._deliver_account(account, max_priority)))
-        if self.core.test_mode:
-            for done in jobs:
-                done.wait(self.delivery.smtp_timeout_seconds * 4 + 10)
+                lambda account=account: self._deliver_account(account, max_priority, now)))
+        return jobs
 
     def _close_idle_relays(self):
         with self._lock:
@@ -3263,167 +3382,167 @@ class _Dispatcher(_Worker):
             stale.close()   # QUIT may wait: never under the lock
         return relay
 
-    def _deliver_account(self, account, max_priority):
+    def _deliver_account(self, account, max_priority, now):
         """Send up to the account's batch_size due messages over its relay.
 
-        Messages are claimed in chunks of CLAIM_CHUNK; the outcomes of a chunk
-        are committed together (one transaction instead of one per message),
-        so a crash can at most resend one chunk: delivery is at-least-once.
+        Messages are claimed at most CLAIM_CHUNK at a time (a rate limit can
+        only lower that) and a chunk's outcomes are committed together, so a
+        crash resends at most one chunk: delivery is at-least-once.  ``now``
+        is the cycle's; each later decision reads the clock again, because
+        SMTP transactions take time.
         """
         account_id = account["id"]
-        store = self.core.store
-        attempted = 0
-        outcomes = []
-        claimed = []
+        delivered = False
         try:
-            budget = account["batch_size"]
             relay = self._relay(account)
-            while budget > 0 and not self._stop.is_set():
-                if not self.core.controls.may_send(account_id):
-                    break
-                now = self.core.now()
+            budget = account["batch_size"]
+            while budget > 0 and not self._stop.is_set() and self.controls.may_send(account_id):
                 allowed, free_at = self.rate.allowance(account, now)
                 if allowed == 0:
-                    self._rate_limited(account, max_priority, budget, free_at, now)
+                    delivered = self._rate_limited(account, max_priority, budget, free_at, now)
                     break
-                # never more than one chunk, rate limit or not: a crash resends
-                # at most CLAIM_CHUNK messages
-                chunk = min(budget, CLAIM_CHUNK)
-                if allowed is not None:
-                    chunk = min(chunk, allowed)
-                messages = store.claim(account_id, max_priority, chunk)
-                if not messages:
+                size = min(budget, CLAIM_CHUNK, CLAIM_CHUNK if allowed is None else allowed)
+                chunk = self.store.claim(account_id, max_priority, size)
+                if not chunk:
                     break
-                claimed = messages
-                budget -= len(messages)
-                for index, message in enumerate(messages):
-                    if self._stop.is_set() or not self.core.controls.may_send(account_id):
-                        outcomes.extend(("released", m) for m in messages[index:])
-                        return
-                    outcome = self._attempt(relay, account, message)
-                    outcomes.append(outcome)
-                    attempted += 1
-                    if outcome[0] == "account down":
-                        outcomes[-1] = outcome[1]
-                        outcomes.extend(("released", m) for m in messages[index + 1:])
-                        return
-                store.record_outcomes(outcomes)
-                outcomes, claimed = [], []
+                budget -= len(chunk)
+                account_down = self._send_chunk(relay, account, chunk)
+                delivered = True
+                if account_down:
+                    break
+                now = self.clock()
         finally:
-            try:
-                # a claimed message without an outcome (an unexpected error
-                # above) goes back to pending instead of staying in "sending"
-                done = {outcome[1]["pk"] for outcome in outcomes}
-                outcomes.extend(("released", m) for m in claimed if m["pk"] not in done)
-                store.record_outcomes(outcomes)
-            finally:
-                with self._lock:
-                    self._busy.discard(account_id)
-                if attempted:
-                    self.core.reporter.wake()
-                    self.wake()
+            with self._lock:
+                self._busy.discard(account_id)
+            if delivered:
+                self.on_delivered()
+                self.wake()
+
+    def _send_chunk(self, relay, account, chunk):
+        """Attempt each claimed message in turn and commit the chunk's
+        outcomes together; the ones not attempted (stop, suspension, the
+        relay down) go back to pending, whatever ends the loop.  Returns
+        True when the relay itself failed, so the account's job ends."""
+        outcomes = []
+        try:
+            for claim in chunk:
+                if self._stop.is_set() or not self.controls.may_send(account["id"]):
+                    break
+                outcomes.append(self._attempt(relay, account, claim))
+                if outcomes[-1].account_down:
+                    break
+        finally:
+            outcomes.extend(Outcome.released(claim) for claim in chunk[len(outcomes):])
+            self.store.record_outcomes(outcomes)
+        return any(outcome.account_down for outcome in outcomes)
 
     def _rate_limited(self, account, max_priority, budget, free_at, now):
         """Over the account's rate limit: with ``limit_behavior = defer``
         the messages this cycle would have sent wait for the instant a slot
         frees (and the account is skipped until then); with ``reject`` they
-        fail at once with ``rate limit exceeded``."""
+        fail at once with ``rate limit exceeded``.  Returns whether any
+        message changed."""
         account_id = account["id"]
-        store = self.core.store
-        messages = store.claim(account_id, max_priority, budget)
-        self.core.metrics.inc("asyncmail_rate_limited_total", account_id, len(messages))
+        claims = self.store.claim(account_id, max_priority, budget)
+        self.metrics.inc("asyncmail_rate_limited_total", account_id, len(claims))
         if account.get("limit_behavior") == "reject":
-            store.record_outcomes([self._fail(m, now, RATE_LIMIT_ERROR) for m in messages])
-            if messages:
+            self.store.record_outcomes([self._fail(c, now, RATE_LIMIT_ERROR) for c in claims])
+            if claims:
                 self.log.info("account %s over its rate limit: %d message(s) rejected",
-                              account_id, len(messages))
-                self.core.reporter.wake()
-            return
-        store.record_outcomes([("deferred", m, now, free_at, "rate limit", None, m["retry_count"])
-                               for m in messages])
-        self.core.metrics.inc("asyncmail_deferred_total", account_id, len(messages))
+                              account_id, len(claims))
+            return bool(claims)
+        self.store.record_outcomes([Outcome.deferred(c, now, free_at, "rate limit")
+                                    for c in claims])
+        self.metrics.inc("asyncmail_deferred_total", account_id, len(claims))
         with self._lock:
             self._backoff[account_id] = free_at
-        if messages:
+        if claims:
             self.log.info("account %s over its rate limit: %d message(s) deferred until %s",
-                          account_id, len(messages), _iso(free_at))
-            self.core.reporter.wake()
+                          account_id, len(claims), _iso(free_at))
+        return bool(claims)
 
-    def _attempt(self, relay, account, message):
-        """One delivery attempt of a claimed message.  Returns its outcome
-        for Store.record_outcomes, or ("account down", outcome) when the relay
-        itself failed and the account's other messages should wait."""
-        metrics = self.core.metrics
-        account_id = account["id"]
-        payload = json.loads(message["payload"])
-        started = time.monotonic()
+    def _attempt(self, relay, account, claim):
+        """One delivery attempt of a claimed message: its Outcome, with the
+        Attempt behind it (``account_down`` when the relay itself failed)."""
+        payload = json.loads(claim.payload)
+        started = self.timer()
         try:
-            attachments = [self.core.fetcher.fetch(a) for a in payload["attachments"]]
-            data = build_mime(payload, attachments, self.core.now())
+            attachments = [self.fetcher.fetch(a) for a in payload["attachments"]]
+            data = build_mime(payload, attachments, self.clock())
             del attachments
             sender, recipients = envelope(payload)
-            if not self.core.store.begin_send(message["pk"]):
+            if not self.store.begin_send(claim.pk):
                 # deleted, or failed by a forced account deletion, since the
                 # claim: its transaction never begins (releasing it is a no-op)
                 if self.activity:
                     self.log.info("not sending %s: it (or its account) was deleted "
-                                  "since its claim", message["id"])
-                return ("released", message)
-            refused = relay.send(sender, recipients, data)
-        except _SMTP_ERRORS as exc:
-            metrics.observe_smtp(time.monotonic() - started)
-            now = self.core.now()
-            if isinstance(exc, PermanentError):
-                return self._fail(message, now, str(exc))
-            outcome = self._retry(message, now, str(exc))
-            if exc.account_level:
-                self.log.error("account %s: %s", account_id, exc)
-                with self._lock:
-                    self._backoff[account_id] = now + self._delay(message["retry_count"])
-                return ("account down", outcome)
-            return outcome
-        except TemporaryError as exc:
-            return self._retry(message, self.core.now(), str(exc))
-        except PermanentError as exc:
-            return self._fail(message, self.core.now(), str(exc))
+                                  "since its claim", claim.ref)
+                return Outcome.released(claim)
+            reply = relay.send(sender, recipients, data)
+        except DeliveryError as exc:
+            return self._failed_attempt(relay, claim, exc, started)
         except Exception as exc:
             # A message that crashes the sender would otherwise come back after
-            # every restart and block its chunk: fail it, loudly.
+            # every restart and block its chunk: fail it alone, loudly (this
+            # is the boundary of one message's work, as a thread's loop is).
             self.log.exception("message %s of account %s could not be handled",
-                               message["id"], account_id)
+                               claim.ref, claim.account_id)
             relay.close()
-            return self._fail(message, self.core.now(), "internal error while sending: %s: %s"
+            return self._fail(claim, self.clock(), "internal error while sending: %s: %s"
                               % (type(exc).__name__, str(exc)[:200]))
-        metrics.observe_smtp(time.monotonic() - started)
-        now = self.core.now()
-        self.rate.record(account_id, now)
-        metrics.inc("asyncmail_sent_total", account_id)
+        duration = self.timer() - started
+        self.metrics.observe_smtp(duration)
+        now = self.clock()
+        self.rate.record(claim.account_id, now)
+        self.metrics.inc("asyncmail_sent_total", claim.account_id)
         if self.activity:
-            self.log.info("sent %s via account %s%s", message["id"], account_id,
-                          " (refused: %s)" % ", ".join(sorted(refused)) if refused else "")
-        return ("sent", message, now, refused or None)
+            self.log.info("sent %s via account %s%s", claim.ref, claim.account_id,
+                          " (refused: %s)" % ", ".join(sorted(reply.refused))
+                          if reply.refused else "")
+        attempt = Attempt(now, duration, relay.where, reply.code, reply.text, reply.refused)
+        return Outcome.sent(claim, now, reply.refused, attempt)
+
+    def _failed_attempt(self, relay, claim, exc, started):
+        """The Outcome of an attempt that raised a DeliveryError: failed when
+        permanent, else deferred (or failed once retries are used up); an
+        account-level failure also holds the account back until the retry."""
+        duration = self.timer() - started
+        if isinstance(exc, _SMTP_ERRORS):
+            self.metrics.observe_smtp(duration)
+        now = self.clock()
+        attempt = Attempt(now, duration, relay.where, exc.smtp_code, str(exc), None)
+        if isinstance(exc, PermanentError):
+            return self._fail(claim, now, str(exc), attempt)
+        outcome = self._retry(claim, now, str(exc), attempt)
+        if not exc.account_level:
+            return outcome
+        self.log.error("account %s: %s", claim.account_id, exc)
+        with self._lock:
+            self._backoff[claim.account_id] = now + self._delay(claim.retry_count)
+        return outcome._replace(account_down=True)
 
     def _delay(self, retry_count):
         delays = self.delivery.retry_delays
         return delays[min(retry_count, len(delays) - 1)]
 
-    def _retry(self, message, now, error):
-        retries = message["retry_count"]
+    def _retry(self, claim, now, error, attempt):
+        retries = claim.retry_count
         if retries >= self.delivery.max_retries:
-            return self._fail(message, now, "gave up after %d retries: %s" % (retries, error))
+            return self._fail(claim, now, "gave up after %d retries: %s" % (retries, error),
+                              attempt)
         until = now + self._delay(retries)
-        self.core.metrics.inc("asyncmail_deferred_total", message["account_id"])
+        self.metrics.inc("asyncmail_deferred_total", claim.account_id)
         if self.activity:
-            self.log.info("deferred %s via account %s until %s: %s", message["id"],
-                          message["account_id"], _iso(until), error)
-        return ("deferred", message, now, until, "temporary failure", error, retries + 1)
+            self.log.info("deferred %s via account %s until %s: %s", claim.ref,
+                          claim.account_id, _iso(until), error)
+        return Outcome.deferred(claim, now, until, "temporary failure", error, retries + 1,
+                                attempt)
 
-    def _fail(self, message, now, error):
-        self.core.metrics.inc("asyncmail_errors_total", message["account_id"])
+    def _fail(self, claim, now, error, attempt=None):
+        self.metrics.inc("asyncmail_errors_total", claim.account_id)
         if self.activity:
-            self.log.info("failed %s via account %s: %s", message["id"],
-                          message["account_id"], error)
-        return ("failed", message, now, error)
+            self.log.info("failed %s via account %s: %s", claim.ref, claim.account_id, error)
+        return Outcome.failed(claim, now, error, attempt)
 
     def shutdown(self):
         if self._pool is not None:
@@ -3464,17 +3583,22 @@ class _Reporter(_Worker):
     # An upstream's pause longer than these is taken as these: a garbage date
     # must not silence reporting for good.
     MAX_RETRY_AFTER = 3600.0
-    MAX_HEARTBEAT_PAUSE = 86400.0
+    MAX_HEARTBEAT_PAUSE = DAY
     # POSTs in one cycle before the loop looks up (stop flag, watchdog); more
     # work then continues in the next cycle, at once.
     MAX_POSTS_PER_CYCLE = 50
 
-    def __init__(self, core):
-        super().__init__(core)
-        client = core.config.client
+    def __init__(self, store, metrics, config, log, clock, poll, intake_serial):
+        """``intake_serial()`` counts well-formed add-messages batches: work
+        handed over while a POST was open means the upstream may have more."""
+        super().__init__(log, clock, poll)
+        self.store = store
+        self.metrics = metrics
+        self.intake_serial = intake_serial
+        client = config.client
         self.client = client
-        self.retention = core.config.delivery.delivery_report_retention_seconds
-        self.activity = core.config.logging.delivery_activity
+        self.retention = config.delivery.delivery_report_retention_seconds
+        self.activity = config.logging.delivery_activity
         self._last_post = None
         self._last_purge = None
         self._failures = 0
@@ -3498,7 +3622,7 @@ class _Reporter(_Worker):
         forced, self._forced = self._forced, False
         if forced or self._last_purge is None or now - self._last_purge >= self.PURGE_EVERY:
             self._last_purge = now
-            removed = self.core.purge_reported(now - self.retention)
+            removed = self.store.purge_reported(now - self.retention)
             if removed:
                 self.log.info("purged %d reported message(s) past retention", removed)
         if not self.client.client_sync_url or now < self._not_before:
@@ -3512,18 +3636,18 @@ class _Reporter(_Worker):
         for _ in range(self.MAX_POSTS_PER_CYCLE):
             if self._stop.is_set():
                 return
-            events = self.core.store.pending_events(self.client.batch_size)
+            events = self.store.pending_events(self.client.batch_size)
             if not events and not want_post:
                 return
-            intake = self.core.intake_serial
+            intake = self.intake_serial()
             summary = self._post(events, now)
             if summary is None:
                 return
             self.heartbeat = time.monotonic()
             self._more = (_is_number(summary.get("queued")) and summary["queued"] > 0
-                          or self.core.intake_serial != intake)
+                          or self.intake_serial() != intake)
             want_post = self._more
-            now = self.core.now()
+            now = self.clock()
         self.wake()   # more to do: the next cycle follows at once
 
     def _post(self, events, now):
@@ -3549,10 +3673,10 @@ class _Reporter(_Worker):
         if problem is not None:
             self._failed(problem, status, retry_after, len(entries), now)
             return None
-        self.core.store.acknowledge_events(events, self.core.now())
+        self.store.acknowledge_events(events, self.clock())
         self._failures, self._retry_at, self._last_post = 0, 0.0, now
-        self.core.metrics.inc("asyncmail_report_posts_total")
-        self.core.metrics.inc("asyncmail_report_entries_total", amount=len(events))
+        self.metrics.inc("asyncmail_report_posts_total")
+        self.metrics.inc("asyncmail_report_entries_total", amount=len(events))
         summary = _parse_summary(answer)
         after = summary.get("next_sync_after")
         if _is_number(after):
@@ -3577,7 +3701,7 @@ class _Reporter(_Worker):
         else:
             delay = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2 ** (self._failures - 1))
         self._retry_at = now + delay
-        self.core.metrics.inc("asyncmail_report_failures_total")
+        self.metrics.inc("asyncmail_report_failures_total")
         self.log.warning("delivery report to %s failed (%s); %d entr%s kept, retry in %gs%s",
                          self._safe_url, problem, kept, "y" if kept == 1 else "ies", delay,
                          " (the upstream's Retry-After)" if pause is not None else "")
@@ -4357,8 +4481,13 @@ class AsyncMailCore:
         if recovered:
             self.log.warning("%d message(s) were being sent when asyncmail last stopped; "
                              "they will be retried with their Message-ID", recovered)
-        self.dispatcher = _Dispatcher(self, smtp_connect)
-        self.reporter = _Reporter(self)
+        poll = not self.test_mode
+        self.dispatcher = _Dispatcher(
+            self.store, self.accounts, self.controls, self.fetcher, self.metrics, config,
+            self.log, self.now, poll, on_delivered=lambda: self.reporter.wake(),
+            smtp_connect=smtp_connect)
+        self.reporter = _Reporter(self.store, self.metrics, config, self.log, self.now, poll,
+                                  intake_serial=lambda: self.intake_serial)
         self._commands = {
             "status": self._cmd_status,
             "run now": self._cmd_run_now,
@@ -4471,10 +4600,21 @@ class AsyncMailCore:
                 "queue": {status: counts.get(status, 0) for status in STATUSES}}
 
     def _cmd_run_now(self, payload):
-        wait = self.config.delivery.smtp_timeout_seconds * 4 + 10 if self.test_mode else None
+        """Both loops run a cycle now; in test mode the answer waits for
+        the cycles and the deliveries they started."""
+        wait = self._run_now_wait() if self.test_mode else None
         self.dispatcher.run_now(wait)
         self.reporter.run_now(wait)
         return {"ok": True}
+
+    def _run_now_wait(self):
+        """How long a test-mode run-now waits for one piece of work: an SMTP
+        job's steps (connect, TLS and AUTH, the transaction, QUIT) are each
+        bounded by the SMTP timeout, a report exchange by its own, and the
+        store gets some slack besides."""
+        smtp_steps = 4
+        return max(self.config.delivery.smtp_timeout_seconds * smtp_steps,
+                   self.config.client.timeout_seconds) + RUN_NOW_SLACK
 
     def _account_argument(self, payload):
         account_id = payload.get("account_id")
@@ -4594,17 +4734,7 @@ class AsyncMailCore:
         elif not _is_number(older_than) or older_than < 0:
             raise ValidationError("older_than_seconds must be a number >= 0")
         older_than = min(older_than, 1e12)   # 30,000 years: beyond it, float() overflows
-        return {"ok": True, "removed": self.purge_reported(self.now() - older_than)}
-
-    def purge_reported(self, before):
-        """Delete finished messages reported before ``before``, in small
-        transactions so intake and dispatch never wait long.  Returns the count."""
-        removed = 0
-        while True:
-            batch = self.store.purge_reported(before, 500)
-            removed += batch
-            if batch < 500:
-                return removed
+        return {"ok": True, "removed": self.store.purge_reported(self.now() - older_than)}
 
     def _cmd_add_account(self, payload):
         try:

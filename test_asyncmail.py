@@ -1054,7 +1054,8 @@ class ApiTests(CoreCase):
     def test_list_messages_active_only_limit_offset(self):
         self.post("/commands/add-messages", {"messages": [message("l%d" % i) for i in range(5)]})
         claimed = self.core.store.claim("acct", 3, 1)
-        self.core.store.record_outcomes([("failed", claimed[0], self.clock(), "test")])
+        self.core.store.record_outcomes([asyncmail.Outcome.failed(claimed[0], self.clock(),
+                                                                  "test")])
         status, body = self.http.request("GET", "/messages")
         self.assertEqual([m["id"] for m in body["messages"]], ["l0", "l1", "l2", "l3", "l4"])
         record = body["messages"][0]
@@ -1096,7 +1097,8 @@ class ApiTests(CoreCase):
     def test_cleanup_messages(self):
         self.post("/commands/add-messages", {"messages": [message("c1"), message("c2")]})
         claimed = self.core.store.claim("acct", 3, 1)
-        self.core.store.record_outcomes([("failed", claimed[0], self.clock(), "test")])
+        self.core.store.record_outcomes([asyncmail.Outcome.failed(claimed[0], self.clock(),
+                                                                  "test")])
         self.clock.advance(100)
         status, body = self.post("/commands/cleanup-messages", {"older_than_seconds": 200})
         self.assertEqual(body, {"ok": True, "removed": 0})
@@ -1450,9 +1452,9 @@ class DeliveryTests(CoreCase):
     def test_restart_retries_message_left_in_sending(self):
         self.add(self.core, message("crash"))
         claimed = self.core.store.claim("acct", 3, 10)
-        self.assertEqual([m["id"] for m in claimed], ["crash"])
+        self.assertEqual([m.ref for m in claimed], ["crash"])
         self.assertEqual(self.record(self.core, "crash")["status"], "sending")
-        expected_id = json.loads(claimed[0]["payload"])["message_id"]
+        expected_id = json.loads(claimed[0].payload)["message_id"]
         self.core.stop()
         again = self.make_core(db=self.db_path)
         self.assertEqual(self.record(again, "crash")["status"], "pending")
@@ -3855,9 +3857,9 @@ class ReviewRegressionTests(CoreCase):
         core.handle_command("delete account", {"id": "acct", "force": True})
         late_defer, late_sent = claimed
         core.store.record_outcomes([
-            ("deferred", late_defer, self.clock(), self.clock() + 60, "temporary failure",
-             "451 later", 1),
-            ("sent", late_sent, self.clock(), None)])
+            asyncmail.Outcome.deferred(late_defer, self.clock(), self.clock() + 60,
+                                       "temporary failure", "451 later", 1),
+            asyncmail.Outcome.sent(late_sent, self.clock())])
         self.assertEqual(self.record(core, "deferred-late")["status"], "error")   # not revived
         sent = self.record(core, "sent-late")
         self.assertEqual((sent["status"], sent["error"]), ("sent", None))         # the truth
@@ -4556,7 +4558,8 @@ class UpstreamPacingTests(ReportingCase):
         core.reporter.cycle(self.clock())
         self.assertEqual(self.posts(), 1)        # ...but the upstream said later
         self.add(core, message("b"))
-        core.dispatcher.cycle(self.clock())
+        for job in core.dispatcher.cycle(self.clock()):   # one cycle, its deliveries
+            job.wait(WAIT)
         core.reporter.cycle(self.clock())        # a report of a new event still goes
         self.assertEqual(self.posts(), 2)
         self.assertEqual(self.upstream.entries()[-1]["id"], "b")
@@ -4883,3 +4886,69 @@ class StoreConcurrencyTests(CoreCase):
         for thread in writers + deletes:
             thread.join(WAIT)
         self.assertEqual(store.queue_counts()["pending"], asyncmail.STORE_CONNECTIONS + 2)
+
+
+class AttemptHistoryTests(CoreCase):
+
+    def test_two_451s_then_a_250(self):
+        smtp = self.smtp_server()
+        core = self.make_core({"delivery": {"retry_delays": "60,300", "max_retries": "5"}})
+        self.add_account(core, smtp)
+        self.add(core, message("a1"))
+        smtp.script("RCPT", "451 4.3.0 greylisted", "451 4.3.0 still greylisted")
+        self.run_now(core)
+        self.clock.advance(60)
+        self.run_now(core)
+        self.clock.advance(300)
+        self.run_now(core)
+        smtp.wait_messages(1)
+        attempts = self.record(core, "a1")["attempts"]
+        self.assertEqual([(a["outcome"], a["code"]) for a in attempts],
+                         [("deferred", 451), ("deferred", 451), ("sent", 250)])
+        self.assertEqual([a["ts"] for a in attempts],
+                         [self.clock() - 360, self.clock() - 300, self.clock()])
+        self.assertIn("greylisted", attempts[0]["text"])
+        self.assertEqual(attempts[2]["text"], "250 queued")
+        self.assertEqual({a["relay"] for a in attempts}, {"127.0.0.1:%d" % smtp.port})
+        self.assertTrue(all(a["duration"] >= 0 for a in attempts))
+        # the history goes with its message
+        self.clock.advance(1)
+        core.handle_command("cleanup messages", {"older_than_seconds": 0})
+        self.assertEqual(core.store.attempts("a1"), [])
+
+    def test_the_first_and_the_last_20_are_kept(self):
+        core = self.make_core(http=False)
+        self.add_account(core)
+        self.add(core, message("many"))
+        for number in range(30):
+            claim = core.store.claim("acct", 3, 1)[0]
+            attempt = asyncmail.Attempt(float(number), 0.1, "relay:25", 451, "try %d" % number,
+                                        None)
+            core.store.record_outcomes([asyncmail.Outcome.deferred(
+                claim, float(number), 0.0, "temporary failure", "451", number + 1, attempt)])
+            core.store.promote_due(1.0)
+        texts = [a["text"] for a in core.store.attempts("many")]
+        self.assertEqual(texts, ["try 0"] + ["try %d" % n for n in range(10, 30)])
+        self.assertEqual(self.record(core, "many")["attempts"][1]["refused"], None)
+
+    def test_partial_refusals_are_in_the_attempt(self):
+        smtp = self.smtp_server()
+        smtp.rcpt_replies["gone@example.org"] = "550 5.1.1 no such user"
+        core = self.make_core()
+        self.add_account(core, smtp)
+        self.add(core, message("p", to=["ok@example.org", "gone@example.org"]))
+        self.run_now(core)
+        smtp.wait_messages(1)
+        attempt = self.record(core, "p")["attempts"][0]
+        self.assertEqual(attempt["refused"], {"gone@example.org": "550 5.1.1 no such user"})
+
+    def test_an_outcome_of_unknown_kind_is_an_error_and_writes_nothing(self):
+        core = self.make_core(http=False)
+        self.add_account(core)
+        self.add(core, message("u1"), message("u2"))
+        first, second = core.store.claim("acct", 3, 2)
+        bogus = asyncmail.Outcome.sent(second, 1.0)._replace(kind="delivered-ish")
+        with self.assertRaises(ValueError):
+            core.store.record_outcomes([asyncmail.Outcome.sent(first, 1.0), bogus])
+        self.assertEqual([self.record(core, m)["status"] for m in ("u1", "u2")],
+                         ["sending", "sending"])
