@@ -245,6 +245,21 @@ class SmtpServer:
 # An upstream application that records delivery-report POSTs
 # --------------------------------------------------------------------------
 
+class _LocalHttpServer(socketserver.ThreadingMixIn, HTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+
+def serve_locally(handler, port=0):
+    """An HTTP server on 127.0.0.1 (port 0: any free one), serving in a
+    daemon thread; the caller shuts it down."""
+    server = _LocalHttpServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    return server
+
+
 class Upstream:
     """An HTTP server on 127.0.0.1:0 recording every POST (path, headers,
     JSON body).  ``answers`` is a list of (status, body) to give in turn;
@@ -292,16 +307,9 @@ class Upstream:
                 self.end_headers()
                 self.wfile.write(data)
 
-        class Server(socketserver.ThreadingMixIn, HTTPServer):
-            daemon_threads = True
-            block_on_close = False
-            allow_reuse_address = True
-
-        self.server = Server(("127.0.0.1", port), Handler)
+        self.server = serve_locally(Handler, port)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d/sync" % self.port
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
 
     def close(self):
         self.release.set()
@@ -4122,16 +4130,9 @@ class GenropySite:
                 self.end_headers()
                 self.wfile.write(data)
 
-        class Server(socketserver.ThreadingMixIn, HTTPServer):
-            daemon_threads = True
-            block_on_close = False
-            allow_reuse_address = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = serve_locally(Handler)
         self.url = "http://127.0.0.1:%d/email/mailproxy/mp_endpoint/proxy_sync" % (
             self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
 
     def close(self):
         self.server.shutdown()

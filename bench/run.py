@@ -1340,7 +1340,27 @@ def scenario_footprint(ctx):
     return {"rows": rows, "raw": raw}
 
 
-class _Upstream:
+class _LocalServer:
+    """An http.server on 127.0.0.1:0 that serves while the ``with`` block runs."""
+
+    def _serve(self, handler):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+class _Upstream(_LocalServer):
     """The delivery-report endpoint: answers 503 or 200 (with a JSON summary)."""
 
     def __init__(self):
@@ -1381,20 +1401,8 @@ class _Upstream:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.1}, daemon=True)
+        self._serve(Handler)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def scenario_reports(ctx):
@@ -1446,7 +1454,7 @@ def scenario_reports(ctx):
     return {"rows": rows, "raw": raw}
 
 
-class _GenropySite:
+class _GenropySite(_LocalServer):
     """A Genropy site's ``proxy_sync`` endpoint (SPEC 9): applies each
     report, then, before answering, hands up to 1000 pending messages over
     by calling add-messages back on the daemon, and answers ``{...}::JS``."""
@@ -1480,11 +1488,7 @@ class _GenropySite:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.1}, daemon=True)
+        self._serve(Handler)
 
     def sync(self, body):
         sent = 0
@@ -1512,14 +1516,6 @@ class _GenropySite:
                 raise RuntimeError("the daemon rejected %r" % answer["rejected"][:3])
         return {"sent": sent, "error": 0, "deferred": 0}
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def scenario_pull(ctx):
