@@ -323,6 +323,8 @@ SQL_ACCOUNT_ACTIVE_MESSAGES = (
 SQL_PURGE_REPORTED = (
     "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages INDEXED BY messages_reported"
     " WHERE reported_ts IS NOT NULL AND reported_ts < ? LIMIT ?)")
+# events.message_id holds the client's id (MessageKey.ref), not the RFC
+# Message-ID that messages.message_id holds: a name from schema version 1.
 SQL_INSERT_EVENT = (
     "INSERT INTO events (message_pk, message_id, account_id, priority, kind,"
     " sent_ts, error_ts, error, deferred_ts, reason, refused)"
@@ -1591,7 +1593,7 @@ class Store:
             # record_outcomes turns it into "sent" (the truth) and reports that
             self._withdraw_claims([(pk, message_id) for pk, message_id, _ in undelivered])
             for pk, ref, priority in undelivered:
-                self._fail(conn, MessageKey(pk, ref, account_id, priority), now,
+                self._force_fail(conn, MessageKey(pk, ref, account_id, priority), now,
                            "account deleted")
             conn.execute(SQL_DELETE_ACCOUNT, (account_id,))
             return len(undelivered)
@@ -1608,7 +1610,7 @@ class Store:
                 key.pk, key.ref, key.account_id, key.priority, kind, sent_ts, error_ts,
                 error, deferred_ts, reason, json.dumps(refused) if refused else None))
 
-    def _fail(self, conn, key, now, error):
+    def _force_fail(self, conn, key, now, error):
         """Fail a message whatever its state (a forced account deletion)."""
         conn.execute(SQL_FAIL_MESSAGE, {"now": now, "error": error, "pk": key.pk,
                                         "reported": None if self.reporting else now})
@@ -2058,7 +2060,7 @@ ACCOUNT_SCHEMA = {
     "limit_behavior": (_account_choice("defer", "reject"), "defer"),
     "timeout": (_account_seconds(0.1, 3600), None),   # None: smtp_timeout_seconds
     "batch_size": (_account_whole(1, 100000), 100),   # messages per dispatch cycle
-    "ttl": (_account_seconds(0, 86400), 300),   # seconds a connection is reused
+    "ttl": (_account_seconds(0, DAY), 300),   # seconds a connection is reused
 }
 IMPLICIT_TLS_PORT = 465   # "submissions" (RFC 8314): TLS from the first byte
 
@@ -4300,7 +4302,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 try:
                     payload = self._json_body(body)
                     del body
-                    status, answer = self.server.core.execute(command, payload)
+                    status, answer = self.server.core.run_command(command, payload)
                     del payload
                 finally:
                     self.server.large_requests.release()
@@ -4315,7 +4317,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 raise ValidationError("malformed query string")
             for key, values in query.items():
                 payload.setdefault(key, values[-1])
-        status, answer = self.server.core.execute(command, payload)
+        status, answer = self.server.core.run_command(command, payload)
         self._send_json(status, answer)
 
     def _request_target(self):
@@ -4572,7 +4574,7 @@ class AsyncMailCore:
 
     # -- commands -----------------------------------------------------------
 
-    def execute(self, name, payload=None):
+    def run_command(self, name, payload=None):
         """Run a command: returns (HTTP status, answer); raises ApiError."""
         handler = self._commands.get(name)
         if handler is None:
@@ -4587,7 +4589,7 @@ class AsyncMailCore:
         """Run a command and return its answer as a dict (``ok`` false and an
         ``error`` on failure)."""
         try:
-            return self.execute(name, payload)[1]
+            return self.run_command(name, payload)[1]
         except ApiError as exc:
             answer = {"ok": False, "error": str(exc)}
             if exc.detail is not None:
