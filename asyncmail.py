@@ -87,6 +87,7 @@ MAX_DELETE_IDS = 10000      # bounds one delete-messages transaction
 MAX_ID_CHARS = 256
 MAX_LIST_LIMIT = 10000      # GET /messages page size ceiling
 MAX_IGNORED_SHOWN = 100     # unknown account fields named in one answer or log line
+MAX_SUPPRESS_DAYS = 36500   # a suppression of a hundred years is "for good" already
 REQUEST_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
 REQUEST_BODY_DEADLINE = 60.0  # seconds to receive a whole request body
 MAX_CONNECTIONS = 512   # concurrent HTTP connections (one thread each); more get 503
@@ -127,7 +128,7 @@ _ON_WIRE = "on the wire"      # its transaction has begun: it ends as the relay 
 _WITHDRAWN = "withdrawn"      # deleted or failed since its claim: never to be sent
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Schema version 1.  Messages move pending -> sending -> sent/error, or to
 # deferred (waiting for deferred_ts) and back to pending when due, the way
@@ -234,6 +235,35 @@ SQL_SCHEMA_V4 = (
         DELETE FROM attempts WHERE message_pk = OLD.pk; END""",
 )
 
+# Schema version 5: bounces (SPEC 8).  A per-database key for VERP tokens;
+# the bounces a message collected (one per recipient and kind); suppressed
+# recipients; the bounce fields of a report event; and the RFC Message-ID
+# of sent messages, for matching a bounce that carries no VERP token (sent
+# only: intake does not pay for it).
+SQL_SCHEMA_V5 = (
+    "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "INSERT INTO settings (name, value) VALUES ('verp_key', lower(hex(randomblob(16))))",
+    """CREATE TABLE bounces (
+        seq INTEGER PRIMARY KEY,
+        message_pk INTEGER NOT NULL,
+        recipient TEXT NOT NULL,
+        type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        diagnostic TEXT,
+        ts REAL NOT NULL)""",
+    "CREATE UNIQUE INDEX bounces_message ON bounces (message_pk, recipient, type)",
+    """CREATE TRIGGER messages_bounces_delete AFTER DELETE ON messages BEGIN
+        DELETE FROM bounces WHERE message_pk = OLD.pk; END""",
+    """CREATE TABLE suppressions (
+        address TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        created_ts REAL NOT NULL,
+        expires_ts REAL)""",
+    "CREATE INDEX suppressions_expiry ON suppressions (expires_ts)",
+    "ALTER TABLE events ADD COLUMN bounce TEXT",
+    "CREATE INDEX messages_sent_rfc_id ON messages (message_id) WHERE status = 'sent'",
+)
+
 SQL_INSERT_MESSAGE = (
     "INSERT INTO messages (id, account_id, priority, status, created_ts,"
     " deferred_ts, subject, recipients, message_id, payload)"
@@ -281,6 +311,35 @@ SQL_TRIM_ATTEMPTS = (
     " AND seq > (SELECT MIN(seq) FROM attempts WHERE message_pk = :pk)"
     " AND seq < (SELECT seq FROM attempts WHERE message_pk = :pk"
     " ORDER BY seq DESC LIMIT 1 OFFSET :kept - 1)")
+# Bounces and suppressions (SPEC 8).
+SQL_SETTING = "SELECT value FROM settings WHERE name = ?"
+SQL_SENT_BY_PK = (
+    "SELECT pk, id, account_id, priority, sent_ts FROM messages WHERE pk = ? AND status = 'sent'")
+SQL_SENT_BY_RFC_ID = (
+    "SELECT pk, id, account_id, priority, sent_ts FROM messages"
+    " WHERE message_id = ? AND status = 'sent'")
+SQL_INSERT_BOUNCE = (
+    "INSERT OR IGNORE INTO bounces (message_pk, recipient, type, status, diagnostic, ts)"
+    " VALUES (?, ?, ?, ?, ?, ?)")
+SQL_MESSAGE_BOUNCES = (
+    "SELECT recipient, type, status, diagnostic, ts FROM bounces"
+    " WHERE message_pk = (SELECT pk FROM messages WHERE id = ?) ORDER BY seq")
+SQL_INSERT_BOUNCE_EVENT = (
+    "INSERT INTO events (message_pk, message_id, account_id, priority, kind, sent_ts,"
+    " error_ts, error, bounce) VALUES (?, ?, ?, ?, 'bounce', ?, ?, ?, ?)")
+SQL_UPSERT_SUPPRESSION = (
+    "INSERT OR REPLACE INTO suppressions (address, reason, created_ts, expires_ts)"
+    " VALUES (?, ?, ?, ?)")
+SQL_SUPPRESSED = (
+    "SELECT address, reason, created_ts FROM suppressions WHERE address IN ({marks})"
+    " AND (expires_ts IS NULL OR expires_ts > ?)")
+SQL_LIST_SUPPRESSIONS = (
+    "SELECT address, reason, created_ts, expires_ts FROM suppressions"
+    " WHERE expires_ts IS NULL OR expires_ts > ? ORDER BY address")
+SQL_DELETE_SUPPRESSION = "DELETE FROM suppressions WHERE address = ?"
+SQL_PRUNE_SUPPRESSIONS = "DELETE FROM suppressions WHERE expires_ts <= ?"
+SQL_COUNT_SUPPRESSIONS = "SELECT COUNT(*) FROM suppressions"
+
 # Operator commands (SPEC 7).  ``{where}`` is the selector: ``id IN (...)``,
 # ``account_id = ?``, ``status = ?`` or ``1``; each command also names the
 # statuses it applies to, so a selector can only narrow it.
@@ -331,7 +390,7 @@ SQL_INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_PENDING_EVENTS = (
     "SELECT seq, message_pk, message_id, account_id, priority, kind, sent_ts,"
-    " error_ts, error, deferred_ts, reason, refused FROM events ORDER BY seq LIMIT ?")
+    " error_ts, error, deferred_ts, reason, refused, bounce FROM events ORDER BY seq LIMIT ?")
 SQL_DELETE_EVENTS = "DELETE FROM events WHERE seq IN ({marks})"
 SQL_MARK_REPORTED = (
     "UPDATE messages SET reported_ts = ?, updated_ts = ? WHERE pk IN ({marks})"
@@ -487,7 +546,8 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
 _DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _SECRET_KEYS = frozenset(["api_token", "client_sync_password", "client_sync_token",
-                          "secret_access_key", "session_token", "password"])
+                          "secret_access_key", "session_token", "password",
+                          "imap_password"])
 
 
 def _parse_bool(value):
@@ -764,6 +824,12 @@ def _prefix_end(prefix):
     return "\U0010ffff" * (MAX_ID_CHARS + 1)   # longer than any id
 
 
+def _iso(ts):
+    """Epoch seconds as ISO 8601 UTC, to the second."""
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
 def _redact_url(url):
     """The URL without user:password (safe for logs)."""
     if not url:
@@ -941,6 +1007,25 @@ def _conf_window(value):
     return SendingWindow.parse(value)
 
 
+def _conf_choice(*choices):
+    def parse(value):
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError("expected %s" % " or ".join(choices))
+        return text
+    return parse
+
+
+def _conf_address(value):
+    """An addr-spec (the VERP base address), or empty."""
+    text = str(value).strip()
+    if text:
+        _check_addr_spec(text)
+        if "+" in text.rpartition("@")[0]:
+            raise ValueError("the VERP base address must not contain '+' (it separates the token)")
+    return text
+
+
 # (section, key) -> (parser, default as written in config.ini)
 CONFIG_SCHEMA = {
     ("storage", "db_path"): (_conf_str, "asyncmail.db"),
@@ -975,6 +1060,19 @@ CONFIG_SCHEMA = {
     ("s3", "access_key_id"): (_conf_str, ""),
     ("s3", "secret_access_key"): (_conf_str, ""),
     ("s3", "session_token"): (_conf_str, ""),
+    ("bounces", "imap_host"): (_conf_str, ""),
+    ("bounces", "imap_port"): (_conf_int(1, 65535), "993"),
+    ("bounces", "imap_ssl"): (_parse_bool, "true"),
+    ("bounces", "imap_plain"): (_parse_bool, "false"),
+    ("bounces", "imap_tls_verify"): (_parse_bool, "true"),
+    ("bounces", "imap_ca_file"): (_conf_str, ""),
+    ("bounces", "imap_user"): (_conf_str, ""),
+    ("bounces", "imap_password"): (_conf_str, ""),
+    ("bounces", "folder"): (_conf_str, "INBOX"),
+    ("bounces", "poll_interval_seconds"): (_conf_duration(), "60"),
+    ("bounces", "verp_address"): (_conf_address, ""),
+    ("bounces", "after"): (_conf_choice("mark_seen", "delete"), "mark_seen"),
+    ("bounces", "suppress_days"): (_conf_duration(allow_zero=True), "30"),
     ("logging", "level"): (_conf_level, "INFO"),
     ("logging", "delivery_activity"): (_parse_bool, "false"),
 }
@@ -1220,6 +1318,7 @@ class Store:
         # what a delete may still stop, and what it must leave to the relay.
         self._claims = {}
         self._claims_lock = threading.Lock()
+        self._suppression_count = None   # rows in suppressions; None: count again
         self._closed = False
         if path != ":memory:":
             self._create_private_file(path)
@@ -1308,7 +1407,8 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError("database %s has schema version %d; this asyncmail "
                              "knows up to %d" % (self.path, version, SCHEMA_VERSION))
-        steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2, 3: SQL_SCHEMA_V3, 4: SQL_SCHEMA_V4}
+        steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2, 3: SQL_SCHEMA_V3, 4: SQL_SCHEMA_V4,
+                 5: SQL_SCHEMA_V5}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
             for statement in steps[target]:
@@ -1502,6 +1602,103 @@ class Store:
                     conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
         return [i for i in ids if i not in existing], being_sent
 
+    # -- bounces and suppressions (SPEC 8) ---------------------------------
+
+    def setting(self, name):
+        """A value of the settings table (``verp_key``), or None."""
+        with self._connection() as conn:
+            row = conn.execute(SQL_SETTING, (name,)).fetchone()
+        return row[0] if row else None
+
+    def find_sent(self, pk=None, rfc_message_id=None):
+        """The MessageKey and sent_ts of a sent message, by row or by its
+        RFC Message-ID, or (None, None)."""
+        sql, arg = ((SQL_SENT_BY_PK, pk) if pk is not None
+                    else (SQL_SENT_BY_RFC_ID, rfc_message_id))
+        with self._connection() as conn:
+            row = conn.execute(sql, (arg,)).fetchone()
+        return (MessageKey(*row[:4]), row[4]) if row else (None, None)
+
+    def record_bounce(self, key, sent_ts, bounce, suppress_until):
+        """Add one bounce (a dict: recipient, type hard|soft, status,
+        diagnostic, ts, and error for a hard one) to a sent message, report
+        it, and for a hard bounce with ``suppress_until`` (0: for good)
+        suppress the recipient.  A bounce the message already has (same
+        recipient and type) changes nothing.  Returns whether it was new."""
+        with self._transaction(durable=False) as conn:
+            if not conn.execute(SQL_INSERT_BOUNCE, (
+                    key.pk, bounce["recipient"], bounce["type"], bounce["status"],
+                    bounce["diagnostic"], bounce["ts"])).rowcount:
+                return False
+            hard = bounce["type"] == "hard"
+            if self.reporting:
+                conn.execute(SQL_INSERT_BOUNCE_EVENT, (
+                    key.pk, key.ref, key.account_id, key.priority,
+                    None if hard else sent_ts, bounce["ts"] if hard else None,
+                    bounce.get("error") if hard else None, json.dumps(bounce)))
+            if hard and suppress_until is not None:
+                self._suppress(conn, bounce["recipient"],
+                               "hard bounce %s" % _iso(bounce["ts"])[:10], bounce["ts"],
+                               suppress_until or None)
+        return True
+
+    def bounces(self, message_id):
+        """The bounces of a message, oldest first."""
+        keys = ("recipient", "type", "status", "diagnostic", "ts")
+        with self._connection() as conn:
+            return [dict(zip(keys, row))
+                    for row in conn.execute(SQL_MESSAGE_BOUNCES, (message_id,))]
+
+    def _suppress(self, conn, address, reason, now, until):
+        conn.execute(SQL_UPSERT_SUPPRESSION, (address.lower(), reason, now, until))
+        self._suppression_count = None   # counted again at the next look-up
+
+    def suppress(self, address, reason, now, until):
+        """Suppress ``address`` (compared lower-cased) until ``until`` (None:
+        until deleted)."""
+        with self._transaction(durable=True) as conn:
+            self._suppress(conn, address, reason, now, until)
+
+    def unsuppress(self, address):
+        """Lift a suppression; False when there was none."""
+        with self._transaction(durable=True) as conn:
+            removed = conn.execute(SQL_DELETE_SUPPRESSION, (address.lower(),)).rowcount
+        self._suppression_count = None
+        return bool(removed)
+
+    def suppressions(self, now):
+        """The suppressions in force, by address."""
+        keys = ("address", "reason", "created_ts", "expires_ts")
+        with self._connection() as conn:
+            return [dict(zip(keys, row))
+                    for row in conn.execute(SQL_LIST_SUPPRESSIONS, (now,))]
+
+    def suppressed(self, addresses, now):
+        """``{address: (reason, created_ts)}`` of the given addresses that
+        are suppressed now (compared lower-cased).  With no suppression at
+        all (the usual case) no query runs."""
+        if self._suppression_count is None:
+            with self._connection() as conn:
+                self._suppression_count = conn.execute(SQL_COUNT_SUPPRESSIONS).fetchone()[0]
+        if not self._suppression_count or not addresses:
+            return {}
+        wanted = {address.lower(): address for address in addresses}
+        names, found = list(wanted), {}
+        with self._connection() as conn:
+            for start in range(0, len(names), SQL_CHUNK):
+                chunk = names[start:start + SQL_CHUNK]
+                for address, reason, created in conn.execute(
+                        SQL_SUPPRESSED.format(marks=",".join("?" * len(chunk))), chunk + [now]):
+                    found[wanted[address]] = (reason, created)
+        return found
+
+    def prune_suppressions(self, now):
+        with self._transaction(durable=False) as conn:
+            removed = conn.execute(SQL_PRUNE_SUPPRESSIONS, (now,)).rowcount
+        if removed:
+            self._suppression_count = None
+        return removed
+
     # -- operator control (SPEC 7) -----------------------------------------
 
     def operate(self, command, selector, now, include_scheduled=False):
@@ -1621,10 +1818,11 @@ class Store:
         with self._connection() as conn:
             rows = conn.execute(SQL_PENDING_EVENTS, (limit,)).fetchall()
         keys = ("seq", "message_pk", "id", "account_id", "priority", "kind", "sent_ts",
-                "error_ts", "error", "deferred_ts", "reason", "refused")
+                "error_ts", "error", "deferred_ts", "reason", "refused", "bounce")
         events = [dict(zip(keys, row)) for row in rows]
         for event in events:
             event["refused"] = json.loads(event["refused"]) if event["refused"] else None
+            event["bounce"] = json.loads(event["bounce"]) if event["bounce"] else None
         return events
 
     def acknowledge_events(self, events, now):
@@ -2214,7 +2412,8 @@ def _simple_mime(message, now):
 
     try:
         add_addresses("From", [message["from"]])
-        add_addresses("To", message["to"])
+        if message["to"]:     # empty when every To recipient was suppressed
+            add_addresses("To", message["to"])
         if message["cc"]:
             add_addresses("Cc", message["cc"])
         if message["reply_to"]:
@@ -2258,7 +2457,8 @@ def _rich_mime(message, attachments, now):
     mime = EmailMessage(policy=policy)
     try:
         mime["From"] = _address_objects([message["from"]])
-        mime["To"] = _address_objects(message["to"])
+        if message["to"]:
+            mime["To"] = _address_objects(message["to"])
         if message["cc"]:
             mime["Cc"] = _address_objects(message["cc"])
         if message["reply_to"]:
@@ -2290,16 +2490,69 @@ def _guess_mime_type(filename):
     return mimetypes.guess_type(filename)[0] or "application/octet-stream"
 
 
-def envelope(message):
-    """(sender, [recipients]) for the SMTP envelope: return_path or From;
-    To, Cc and Bcc without duplicates."""
-    sender = message["return_path"] or message["from"][1]
+def envelope(message, verp_sender=None):
+    """(sender, [recipients]) for the SMTP envelope: the message's own
+    return_path, else ``verp_sender``, else From; To, Cc and Bcc without
+    duplicates."""
+    sender = message["return_path"] or verp_sender or message["from"][1]
     recipients = []
     for field in ("to", "cc", "bcc"):
         for _, addr in message[field]:
             if addr.lower() not in (r.lower() for r in recipients):
                 recipients.append(addr)
     return sender, recipients
+
+
+# -- VERP (SPEC 8): a bounce names the message it is about --------------------
+
+VERP_MAC_CHARS = 8   # 40 bits of HMAC: a forged bounce would have to guess them
+_VERP_TOKEN = re.compile(r"[a-z2-7]{%d}[0-9a-z]{1,13}" % VERP_MAC_CHARS)
+
+
+def _base36(number):
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, digit = divmod(number, 36)
+        text = digits[digit] + text
+        if not number:
+            return text
+
+
+def verp_token(key, pk):
+    """The VERP token of the message stored as row ``pk``: letters and
+    digits only (lower case, as some MTAs fold local parts), at most 21
+    characters: an HMAC of the row under the database's own key, then the
+    row in base 36.  Only this database can make one, and reading it back
+    needs no index."""
+    mac = hmac.new(key, b"%d" % pk, hashlib.sha256).digest()
+    return base64.b32encode(mac).decode("ascii").lower()[:VERP_MAC_CHARS] + _base36(pk)
+
+
+def verp_pk(key, token):
+    """The row a VERP token names, or None when it is not one of ours."""
+    token = token.lower()
+    if not _VERP_TOKEN.fullmatch(token):
+        return None
+    pk = int(token[VERP_MAC_CHARS:], 36)
+    return pk if hmac.compare_digest(verp_token(key, pk), token) else None
+
+
+def verp_sender(base, token):
+    """``bounces+TOKEN@example.com`` from ``bounces@example.com``."""
+    local, _, domain = base.rpartition("@")
+    return "%s+%s@%s" % (local, token, domain)
+
+
+def verp_token_of(base, address):
+    """The token of a VERP address built on ``base`` (case-insensitive), or
+    None when ``address`` is not one."""
+    local, _, domain = address.strip().strip("<>").rpartition("@")
+    base_local, _, base_domain = base.rpartition("@")
+    prefix = base_local.lower() + "+"
+    if domain.lower() != base_domain.lower() or not local.lower().startswith(prefix):
+        return None
+    return local[len(prefix):] or None
 
 
 # -- attachments: URL and S3 sources -----------------------------------------
@@ -2665,6 +2918,13 @@ class Metrics:
         ("asyncmail_report_failures_total", "Delivery report POSTs that failed.", None),
         ("asyncmail_report_entries_total", "Delivery report entries acknowledged.", None),
         ("asyncmail_http_requests_total", "HTTP requests answered, by status code.", "code"),
+        ("asyncmail_bounces_total", "Bounces matched to a sent message, by type.", "type"),
+        ("asyncmail_bounces_unmatched_total",
+         "Messages in the bounce mailbox not matched to a sent message (or not a bounce).",
+         None),
+        ("asyncmail_bounces_skipped_total",
+         "Messages in the bounce mailbox too large or malformed to read.", None),
+        ("asyncmail_suppressed_total", "Recipients dropped because they are suppressed.", None),
     )
     PER_ACCOUNT = ("asyncmail_sent_total", "asyncmail_errors_total",
                    "asyncmail_deferred_total", "asyncmail_rate_limited_total")
@@ -2672,6 +2932,7 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self._counters = {name: {} for name, _, _ in self.COUNTERS}
+        self._counters["asyncmail_bounces_total"].update({"hard": 0, "soft": 0})
         self._smtp_counts = [0] * (len(self.SMTP_BUCKETS) + 1)
         self._smtp_sum = 0.0
 
@@ -3270,8 +3531,10 @@ class _Dispatcher(_Worker):
     PRUNE_EVERY = 300.0   # seconds between send-log prunes
 
     def __init__(self, store, accounts, controls, fetcher, metrics, config, log, clock,
-                 poll, on_delivered, smtp_connect=None, timer=time.monotonic):
+                 poll, on_delivered, smtp_connect=None, timer=time.monotonic, verp=None):
+        """``verp``: (base address, key) when bounces come back by VERP."""
         super().__init__(log, clock, poll)
+        self.verp = verp
         self.store = store
         self.accounts = accounts
         self.controls = controls
@@ -3467,12 +3730,16 @@ class _Dispatcher(_Worker):
         """One delivery attempt of a claimed message: its Outcome, with the
         Attempt behind it (``account_down`` when the relay itself failed)."""
         payload = json.loads(claim.payload)
+        suppressed = self._drop_suppressed(payload)
+        if suppressed and not (payload["to"] or payload["cc"] or payload["bcc"]):
+            return self._fail(claim, self.clock(), "all recipients suppressed")
         started = self.timer()
         try:
             attachments = [self.fetcher.fetch(a) for a in payload["attachments"]]
             data = build_mime(payload, attachments, self.clock())
             del attachments
-            sender, recipients = envelope(payload)
+            sender, recipients = envelope(payload, self.verp and verp_sender(
+                self.verp[0], verp_token(self.verp[1], claim.pk)))
             if not self.store.begin_send(claim.pk):
                 # deleted, or failed by a forced account deletion, since the
                 # claim: its transaction never begins (releasing it is a no-op)
@@ -3497,12 +3764,24 @@ class _Dispatcher(_Worker):
         now = self.clock()
         self.rate.record(claim.account_id, now)
         self.metrics.inc("asyncmail_sent_total", claim.account_id)
+        refused = dict(reply.refused, **suppressed)
         if self.activity:
             self.log.info("sent %s via account %s%s", claim.ref, claim.account_id,
-                          " (refused: %s)" % ", ".join(sorted(reply.refused))
-                          if reply.refused else "")
-        attempt = Attempt(now, duration, relay.where, reply.code, reply.text, reply.refused)
-        return Outcome.sent(claim, now, reply.refused, attempt)
+                          " (refused: %s)" % ", ".join(sorted(refused)) if refused else "")
+        attempt = Attempt(now, duration, relay.where, reply.code, reply.text, refused)
+        return Outcome.sent(claim, now, refused, attempt)
+
+    def _drop_suppressed(self, payload):
+        """Take suppressed recipients out of to, cc and bcc (SPEC 8);
+        returns ``{address: "suppressed: <reason>"}`` of those dropped."""
+        addresses = [addr for field in ("to", "cc", "bcc") for _, addr in payload[field]]
+        found = self.store.suppressed(addresses, self.clock())
+        if not found:
+            return {}
+        for field in ("to", "cc", "bcc"):
+            payload[field] = [pair for pair in payload[field] if pair[1] not in found]
+        self.metrics.inc("asyncmail_suppressed_total", amount=len(found))
+        return {address: "suppressed: %s" % reason for address, (reason, _) in found.items()}
 
     def _failed_attempt(self, relay, claim, exc, started):
         """The Outcome of an attempt that raised a DeliveryError: failed when
@@ -3553,11 +3832,6 @@ class _Dispatcher(_Worker):
             relays, self._relays = list(self._relays.values()), {}
         for relay in relays:
             relay.close()
-
-
-def _iso(ts):
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Reporter(_Worker):
@@ -3744,6 +4018,7 @@ class _Reporter(_Worker):
 
 
 def _report_entry(event):
+    """One delivery report entry (SPEC 5; a bounce adds SPEC 8's fields)."""
     entry = {"id": event["id"], "account_id": event["account_id"],
              "priority": event["priority"], "status": event["kind"],
              "sent_ts": event["sent_ts"], "error_ts": event["error_ts"],
@@ -3752,6 +4027,11 @@ def _report_entry(event):
         entry["deferred_reason"] = event["reason"]
     if event["refused"]:
         entry["refused"] = event["refused"]
+    bounce = event.get("bounce")
+    if bounce:
+        entry.update({"bounce_ts": bounce["ts"], "bounce_type": bounce["type"],
+                      "bounce_code": bounce["status"], "bounce_reason": bounce["reason"],
+                      "bounce_recipient": bounce["recipient"]})
     return entry
 
 
@@ -3821,6 +4101,9 @@ _ROUTES = (
     ("DELETE", ("account", "{id}"), "delete account"),
     ("GET", ("messages",), "list messages"),
     ("GET", ("messages", "{id}"), "get message"),
+    ("GET", ("suppressions",), "list suppressions"),
+    ("POST", ("suppressions",), "add suppression"),
+    ("DELETE", ("suppressions", "{address}"), "delete suppression"),
 )
 
 
@@ -4484,10 +4767,14 @@ class AsyncMailCore:
             self.log.warning("%d message(s) were being sent when asyncmail last stopped; "
                              "they will be retried with their Message-ID", recovered)
         poll = not self.test_mode
+        verp = None
+        if config.bounces.verp_address:
+            verp = (config.bounces.verp_address, bytes.fromhex(self.store.setting("verp_key")))
+        self.verp = verp
         self.dispatcher = _Dispatcher(
             self.store, self.accounts, self.controls, self.fetcher, self.metrics, config,
             self.log, self.now, poll, on_delivered=lambda: self.reporter.wake(),
-            smtp_connect=smtp_connect)
+            smtp_connect=smtp_connect, verp=verp)
         self.reporter = _Reporter(self.store, self.metrics, config, self.log, self.now, poll,
                                   intake_serial=lambda: self.intake_serial)
         self._commands = {
@@ -4507,6 +4794,9 @@ class AsyncMailCore:
             "requeue": self._cmd_requeue,
             "hold": self._cmd_hold,
             "release": self._cmd_release,
+            "list suppressions": self._cmd_list_suppressions,
+            "add suppression": self._cmd_add_suppression,
+            "delete suppression": self._cmd_delete_suppression,
         }
 
     # -- accounts (cached: read on every intake and every dispatch cycle) -----
@@ -4837,7 +5127,40 @@ class AsyncMailCore:
             raise NotFoundError("unknown message")
         record = _present_record(record, full=True)
         record["attempts"] = self.store.attempts(message_id)
+        record["bounces"] = self.store.bounces(message_id)
         return {"ok": True, "message": record}
+
+    # -- suppressions (SPEC 8) -----------------------------------------------
+
+    def _cmd_list_suppressions(self, payload):
+        return {"ok": True, "suppressions": self.store.suppressions(self.now())}
+
+    def _cmd_add_suppression(self, payload):
+        """Suppress an address for ``days`` (default ``suppress_days``; 0:
+        until deleted, so that with automatic suppression off an admin's
+        suppression still holds)."""
+        unknown = sorted(str(k)[:80] for k in payload if k not in ("address", "days"))
+        if unknown:
+            raise ValidationError("unknown field %s" % unknown[0])
+        address = payload.get("address")
+        try:
+            name, address = _parse_address(address)
+        except ValueError as exc:
+            raise ValidationError("address: %s" % exc)
+        if name:
+            raise ValidationError("address must be a bare address")
+        days = payload.get("days", self.config.bounces.suppress_days)
+        if not _is_number(days) or not 0 <= days <= MAX_SUPPRESS_DAYS:
+            raise ValidationError("days must be 0-%d (0: until deleted)" % MAX_SUPPRESS_DAYS)
+        now = self.now()
+        self.store.suppress(address, "manual", now, now + days * DAY if days else None)
+        return {"ok": True, "address": address.lower()}
+
+    def _cmd_delete_suppression(self, payload):
+        address = payload.get("address")
+        if not isinstance(address, str) or not self.store.unsuppress(address):
+            raise NotFoundError("not suppressed")
+        return {"ok": True}
 
     # -- operator control (SPEC 7) -------------------------------------------
 
