@@ -729,21 +729,24 @@ def post_batches(port, n_batches, threads, make=None, prebuilt=None, timeout=600
     return elapsed, state["accepted"]
 
 
-def wait_sent(api, target, timeout, interval=0.02):
-    """Poll GET /status every ``interval`` until sent >= target (plus error
-    count, so a failing sink does not hang); returns (queue, elapsed)."""
+def wait_sent(api, target, timeout, interval=0.02, failed_before=0):
+    """Poll GET /status every ``interval`` until sent >= target (plus new
+    errors, so a failing sink does not hang); returns (queue, elapsed).
+    ``failed_before``: messages already in ``error`` that are not the
+    sink's doing (scale's failed probe-err messages)."""
     box = {}
 
     def done():
         queue = api.status()
         box["q"] = queue
-        return queue["sent"] + queue["error"] >= target
+        return queue["sent"] + queue["error"] - failed_before >= target
 
     ok, elapsed = wait_until(done, timeout, interval)
     if not ok:
         raise RuntimeError("timed out waiting for %d sent: %r" % (target, box.get("q")))
-    if box["q"]["error"]:
-        raise RuntimeError("%d message(s) failed: %r" % (box["q"]["error"], box["q"]))
+    if box["q"]["error"] != failed_before:
+        raise RuntimeError("%d message(s) failed: %r" % (box["q"]["error"] - failed_before,
+                                                          box["q"]))
     return box["q"], elapsed
 
 
@@ -1077,11 +1080,11 @@ def raw_ceiling(port, count, rounds=3):
     return statistics.median(rates), rates, len(data)
 
 
-def measure_dispatch(api, n, already_sent, timeout):
+def measure_dispatch(api, n, already_sent, timeout, failed_before=0):
     """Activate, time until sent reaches already_sent + n, suspend again."""
     start = time.perf_counter()
     api.ok("POST", "/commands/activate")
-    queue, _ = wait_sent(api, already_sent + n, timeout)
+    queue, _ = wait_sent(api, already_sent + n, timeout, failed_before=failed_before)
     elapsed = time.perf_counter() - start
     api.ok("POST", "/commands/suspend")
     return n / elapsed, elapsed, queue
@@ -1149,9 +1152,84 @@ def scenario_latency(ctx):
 
 
 # scale: rates at the big size >= SCALE_RATE_RATIO x those at 1k; GET /status
-# and /metrics medians at the big size <= SCALE_REQUEST_RATIO x those at 1k
+# and /metrics medians at the big size <= SCALE_REQUEST_RATIO x those at 1k;
+# the operator calls (one account's failed messages listed, one account's
+# scheduled messages retried) at the big size >= SCALE_OPERATOR_RATIO x the
+# speed at 1k (time at 1k / time at the big size), as the issue set it
 SCALE_RATE_RATIO = 0.8
 SCALE_REQUEST_RATIO = 4.0
+SCALE_OPERATOR_RATIO = 0.9
+PROBE_ERR_ACCOUNT = "probe-err"     # deleted with force: its messages fail
+PROBE_ERR_MESSAGES = 100
+PROBE_RETRY_ACCOUNT = "probe"       # exists only while the retry rounds run
+PROBE_RETRY_MESSAGES = 1000
+PROBE_RETRY_ROUNDS = 3
+DISCARD_PORT = 9                    # nothing is ever sent: the daemon is suspended
+LIST_ERRORS_PATH = "/messages?status=error&account_id=%s&limit=100" % PROBE_ERR_ACCOUNT
+
+
+def seed_failed(api, account_id, n):
+    """n messages in ``error`` for ``account_id``, the way an operator gets
+    them: queue them for an account, then DELETE it with force ("account
+    deleted"; the messages keep their account_id).  Returns the error count."""
+    add_account(api, account_id, DISCARD_PORT)
+    answer = api.ok("POST", "/commands/add-messages", batch_bytes(n, account_id=account_id))
+    if answer["queued"] != n:
+        raise RuntimeError("probe-err intake queued %r of %d" % (answer["queued"], n))
+    api.ok("DELETE", "/account/%s?force=true" % account_id)
+    failed = api.status()["error"]
+    if failed != n:
+        raise RuntimeError("%d messages in error after the forced delete, not %d" % (failed, n))
+    return failed
+
+
+def time_list_errors(api, failed):
+    """Median, min and max ms of 20 ``GET /messages?status=error&account_id=X&limit=100``
+    (after one untimed call that checks the answer is those messages)."""
+    answer = api.ok("GET", LIST_ERRORS_PATH)
+    messages = answer["messages"]
+    if len(messages) != min(100, failed) or any(
+            m["status"] != "error" or m["account_id"] != PROBE_ERR_ACCOUNT for m in messages):
+        raise RuntimeError("GET %s did not list the %d failed messages" % (
+            LIST_ERRORS_PATH, failed))
+    samples = timed_requests(api, "GET", LIST_ERRORS_PATH, 20)
+    return {"median": statistics.median(samples) * 1e3, "min": min(samples) * 1e3,
+            "max": max(samples) * 1e3}
+
+
+def time_retry(api, far, rounds=PROBE_RETRY_ROUNDS, n=PROBE_RETRY_MESSAGES):
+    """ms of ``POST /commands/retry {"account_id": probe, "include_scheduled":
+    true}`` over n client-scheduled messages, in ``rounds`` rounds.  Each round
+    queues the n messages (deferred to ``far``), times the retry, checks that
+    they wait as pending (the daemon is suspended: none claimed, tried or
+    failed), then deletes them by id, so the queue is as it was before.  The
+    account is added first and deleted last: the dispatch probes and the next
+    backlog load (messages without account_id) see the one account they did."""
+    add_account(api, PROBE_RETRY_ACCOUNT, DISCARD_PORT)
+    samples = []
+    for _ in range(rounds):
+        body = batch_bytes(n, account_id=PROBE_RETRY_ACCOUNT, deferred_ts=far)
+        ids = [m["id"] for m in json.loads(body.decode("utf-8"))["messages"]]
+        answer = api.ok("POST", "/commands/add-messages", body)
+        if answer["queued"] != n:
+            raise RuntimeError("retry probe queued %r of %d" % (answer["queued"], n))
+        before = api.status()
+        command = {"account_id": PROBE_RETRY_ACCOUNT, "include_scheduled": True}
+        start = time.perf_counter()
+        answer = api.ok("POST", "/commands/retry", command)
+        samples.append((time.perf_counter() - start) * 1e3)
+        if answer["affected"] != n:
+            raise RuntimeError("retry affected %r, not %d" % (answer["affected"], n))
+        after = api.status()
+        expected = dict(before, pending=before["pending"] + n, deferred=before["deferred"] - n)
+        if any(after.get(k) != v for k, v in expected.items()):
+            raise RuntimeError("after retry the queue is %r, expected %r" % (after, expected))
+        answer = api.ok("POST", "/commands/delete-messages", {"ids": ids})
+        if answer["removed"] != n or answer["not_found"] or answer.get("being_sent"):
+            raise RuntimeError("delete of the retried probe: %r" % {
+                k: (v if not isinstance(v, list) else len(v)) for k, v in answer.items()})
+    api.ok("DELETE", "/account/%s" % PROBE_RETRY_ACCOUNT)   # 409 if anything were left
+    return {"median": statistics.median(samples), "rounds": samples}
 
 
 def scenario_scale(ctx):
@@ -1161,7 +1239,13 @@ def scenario_scale(ctx):
     far = int(time.time()) + 10 * 365 * 86400
     raw = {"sizes": list(sizes), "probe_messages": probe_batches * 1000,
            "id_kind": "sequential" if SEQUENTIAL_IDS else "uuid4 hex",
-           "backlog": "deferred_ts +10 years, same account"}
+           "backlog": "deferred_ts +10 years, same account",
+           "operator_probes": {
+               "error_account": PROBE_ERR_ACCOUNT, "error_messages": PROBE_ERR_MESSAGES,
+               "list_path": LIST_ERRORS_PATH, "list_requests": 20,
+               "retry_account": PROBE_RETRY_ACCOUNT, "retry_messages": PROBE_RETRY_MESSAGES,
+               "retry_rounds": PROBE_RETRY_ROUNDS,
+               "when": "at each size after the dispatch probe; ratio = ms at 1k / ms at big"}}
     if ctx.quick:
         print("  (--quick: big queue is %s messages instead of 1,000,000)" % fmt(big))
     with Sink() as sink:
@@ -1169,6 +1253,10 @@ def scenario_scale(ctx):
         with ctx.daemon("scale", SUSPENDED) as daemon:
             api = daemon.api()
             add_account(api, "bulk", sink.port, batch_size=1000)
+            # once, before the first size: failed messages of one account for
+            # GET /messages?status=error&account_id=X; they stay in the queue,
+            # so the dispatch probes count them as already failed
+            failed = seed_failed(api, PROBE_ERR_ACCOUNT, PROBE_ERR_MESSAGES)
             loaded = 0
             sent = 0
             for queued in sizes:
@@ -1194,20 +1282,29 @@ def scenario_scale(ctx):
                 elapsed, accepted = post_batches(daemon.port, probe_batches, 4, prebuilt=bodies)
                 step["intake_msg_per_s"] = accepted / elapsed
                 rate, elapsed, queue = measure_dispatch(api, accepted, sent,
-                                                        max(120.0, accepted / 20.0))
+                                                        max(120.0, accepted / 20.0),
+                                                        failed_before=failed)
                 sent += accepted
                 step["dispatch_msg_per_s"] = rate
                 step["queue_after"] = queue
                 step["rss_hwm_kb"] = daemon.vm()
                 step["db_bytes"] = sum(os.path.getsize(daemon.db + ext) for ext in
                                        ("", "-wal") if os.path.exists(daemon.db + ext))
+                if queued == big:   # footprint's big-queue RSS, read before the operator calls
+                    raw["rss_hwm_kb_big"] = daemon.vm()
+                    raw["rss_kb_big_now"] = daemon.vm("VmRSS")
+                # the operator calls come last at each size, so the intake and
+                # dispatch probes above see the queue they always did
+                step["list_errors_ms"] = time_list_errors(api, failed)
+                step["retry_ms"] = time_retry(api, far)
                 raw[str(queued)] = step
-                print("  %s queued: intake %s, dispatch %s, status %.2f ms, metrics %.2f ms" % (
-                    fmt(queued), fmt(step["intake_msg_per_s"], "msg/s"),
-                    fmt(rate, "msg/s"), step["status_ms"]["median"],
-                    step["metrics_ms"]["median"]))
-            raw["rss_hwm_kb_big"] = daemon.vm()
-            raw["rss_kb_big_now"] = daemon.vm("VmRSS")
+                print("  %s queued: intake %s, dispatch %s, status %.2f ms, metrics %.2f ms, "
+                      "list errors %.2f ms, retry %.1f ms" % (
+                          fmt(queued), fmt(step["intake_msg_per_s"], "msg/s"),
+                          fmt(rate, "msg/s"), step["status_ms"]["median"],
+                          step["metrics_ms"]["median"], step["list_errors_ms"]["median"],
+                          step["retry_ms"]["median"]))
+            raw["rss_hwm_kb_after_operator_calls"] = daemon.vm()
             raw["loader_clients"] = 4
             raw["daemon_error_lines"] = daemon.problems
             api.close()
@@ -1231,6 +1328,17 @@ def scenario_scale(ctx):
                      "%.2f / %.2f ms (%.2fx)" % (small[key]["median"], large[key]["median"],
                                                  ratio),
                      "<= %gx of 1k" % SCALE_REQUEST_RATIO, verdict(ratio <= SCALE_REQUEST_RATIO)))
+    for key, name in (("list_errors_ms", "GET /messages?status=error&account_id=X"),
+                      ("retry_ms", "retry %s of one account" % fmt(PROBE_RETRY_MESSAGES))):
+        # speed at the big size as a share of the speed at 1k: an index seek
+        # stays near 1, a scan of the queue falls with its size
+        speed = small[key]["median"] / large[key]["median"]
+        raw[key.replace("_ms", "_speed_ratio")] = speed
+        rows.append(("scale, %s at 1k / %s" % (name, label_big),
+                     "%.2f / %.2f ms (speed %.2fx)" % (small[key]["median"],
+                                                       large[key]["median"], speed),
+                     "speed at %s >= %gx at 1k" % (label_big, SCALE_OPERATOR_RATIO),
+                     verdict(speed >= SCALE_OPERATOR_RATIO)))
     return {"rows": rows, "raw": raw}
 
 
