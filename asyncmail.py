@@ -48,6 +48,7 @@ import contextlib
 import datetime
 import email.errors
 import email.utils
+import functools
 import hashlib
 import hmac
 import http.client
@@ -314,9 +315,10 @@ SQL_TRIM_ATTEMPTS = (
 # Bounces and suppressions (SPEC 8).
 SQL_SETTING = "SELECT value FROM settings WHERE name = ?"
 SQL_SENT_BY_PK = (
-    "SELECT pk, id, account_id, priority, sent_ts FROM messages WHERE pk = ? AND status = 'sent'")
+    "SELECT pk, id, account_id, priority, sent_ts, payload FROM messages"
+    " WHERE pk = ? AND status = 'sent'")
 SQL_SENT_BY_RFC_ID = (
-    "SELECT pk, id, account_id, priority, sent_ts FROM messages"
+    "SELECT pk, id, account_id, priority, sent_ts, payload FROM messages"
     " WHERE message_id = ? AND status = 'sent'")
 SQL_INSERT_BOUNCE = (
     "INSERT OR IGNORE INTO bounces (message_pk, recipient, type, status, diagnostic, ts)"
@@ -502,6 +504,17 @@ class TemporaryError(DeliveryError):
 
 class PermanentError(DeliveryError):
     """Failed for good: SMTP 5xx, an attachment that is gone or too large."""
+
+
+class ImapError(AsyncmailError):
+    """The bounce mailbox refused a command, or imaplib refused what the
+    mailbox said."""
+
+
+class BounceParseError(AsyncmailError):
+    """A message in the bounce mailbox that cannot be parsed safely (more
+    MIME nesting or longer Content-Type fields than the limits allow, or the
+    email package gave up on it)."""
 
 
 class SmtpTemporaryError(TemporaryError):
@@ -1611,13 +1624,17 @@ class Store:
         return row[0] if row else None
 
     def find_sent(self, pk=None, rfc_message_id=None):
-        """The MessageKey and sent_ts of a sent message, by row or by its
-        RFC Message-ID, or (None, None)."""
+        """A sent message by row or by its RFC Message-ID: (MessageKey,
+        sent_ts, its envelope recipients lower-cased), or (None, None, None)."""
         sql, arg = ((SQL_SENT_BY_PK, pk) if pk is not None
                     else (SQL_SENT_BY_RFC_ID, rfc_message_id))
         with self._connection() as conn:
             row = conn.execute(sql, (arg,)).fetchone()
-        return (MessageKey(*row[:4]), row[4]) if row else (None, None)
+        if row is None:
+            return None, None, None
+        payload = json.loads(row[5])
+        recipients = {addr.lower() for field in ("to", "cc", "bcc") for _, addr in payload[field]}
+        return MessageKey(*row[:4]), row[4], recipients
 
     def record_bounce(self, key, sent_ts, bounce, suppress_until):
         """Add one bounce (a dict: recipient, type hard|soft, status,
@@ -2555,6 +2572,459 @@ def verp_token_of(base, address):
     return local[len(prefix):] or None
 
 
+# -- bounces: reading delivery status notifications (SPEC 8) ------------------
+# Pure functions: the bounce collector fetches a message and hands its bytes to
+# parse_bounce.  RFC 3464 reports through the email package (compat32, raw
+# header values, every value cleaned by one bounded function), and the two
+# commonest plain-text formats: qmail's QSBMF and Exim's default bounce.
+
+# Postfix returns at most 50 kB of the original, Exim 100 kB; a 1 MiB DSN
+# parses in ~20 ms.  Larger messages are not parsed (kind "too_large").
+MAX_BOUNCE_BYTES = 1 << 20
+# multipart/ and message/ parts: the email package recurses once per level and
+# checks every line against every enclosing boundary.
+MAX_MIME_CONTAINERS = 32
+MAX_CONTENT_TYPE_CHARS = 2048  # the email package's parameter parsing is quadratic
+MAX_BOUNCE_RECIPIENTS = 1000   # entries reported from one bounce; the rest dropped
+MAX_HEADER_VALUES = 20      # Delivered-To (one per hop) etc. values searched for VERP
+MAX_FIELD_CHARS = 1000      # a DSN field or header value kept (RFC 5322 line: 998)
+MAX_DIAGNOSTIC_CHARS = 1000  # diagnostic text kept; an SMTP reply line is <= 512
+
+BOUNCE_KINDS = ("dsn", "qmail", "exim", "not_a_bounce", "too_large")
+DSN_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 2.3.3
+# The headers that may carry the address a bounce was delivered to, most
+# trustworthy first: the first two are written by the final MTA, To by anyone.
+VERP_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "To")
+
+# RFC 3463 section 3: class, subject, and the detail codes a bounce most
+# often carries.  Details are defined independently of the class.
+_STATUS_CLASSES = {"2": "Success", "4": "Persistent transient failure",
+                   "5": "Permanent failure"}
+_STATUS_SUBJECTS = {
+    "0": "other or undefined status", "1": "addressing status",
+    "2": "mailbox status", "3": "mail system status",
+    "4": "network and routing status", "5": "mail delivery protocol status",
+    "6": "message content or media status", "7": "security or policy status"}
+_STATUS_DETAILS = {
+    "1.1": "Bad destination mailbox address",
+    "1.2": "Bad destination system address",
+    "1.3": "Bad destination mailbox address syntax",
+    "1.6": "Destination mailbox has moved, no forwarding address",
+    "2.1": "Mailbox disabled, not accepting messages",
+    "2.2": "Mailbox full",
+    "2.3": "Message length exceeds administrative limit",
+    "3.4": "Message too big for system",
+    "4.1": "No answer from host",
+    "4.2": "Bad connection",
+    "4.4": "Unable to route",
+    "4.7": "Delivery time expired",
+    "7.1": "Delivery not authorized, message refused"}
+
+_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})")
+# A failure's enhanced status code inside free text ("550 5.1.1 ...", qmail's
+# "(#5.1.1)"); the look-arounds keep it from matching inside an IP address.
+_STATUS_IN_TEXT = re.compile(r"(?<![0-9.])([45])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9.])")
+# A basic SMTP reply code at a line start or after a colon ("said: 550 ...").
+_SMTP_CODE_IN_TEXT = re.compile(r"(?:^|:)[ \t]*([45])[0-9][0-9][ -]", re.M)
+_ADDRESS_SEPARATORS = re.compile(r"[\s<>,;:\"()\[\]]+")
+_TYPED_VALUE = re.compile(r"([A-Za-z0-9-]{1,40})[ \t]*;[ \t]*(.*)", re.S)  # "smtp; 550 ..."
+_MESSAGE_ID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>|([^<>\s@]+@[^<>\s@]+)")
+_UNPRINTABLE_RUN = re.compile(r"[\s\x00-\x1f\x7f]+")
+# A header value with its folded continuation lines (the email package also
+# ends lines at a bare \r).
+_FOLDED_VALUE = re.compile(rb"(?:[^\r\n]|(?:\r\n?|\n)[ \t])*")
+_CONTENT_TYPE = b"content-type:"
+
+_QMAIL_START = "Hi. This is the"          # QSBMF section 2: the body begins so
+_EXIM_START = "This message was created automatically by mail delivery software."
+_EXIM_COPY = "------ This is a copy of the message"
+
+
+RecipientStatus = collections.namedtuple(
+    "RecipientStatus", "recipient action status diagnostic")
+RecipientStatus.__doc__ = """One recipient of a bounce: ``recipient`` as the
+bounce names it, ``action`` (one of DSN_ACTIONS or "unknown"), ``status``
+(RFC 3463 ``x.y.z``, or "" when nothing implies one) and ``diagnostic``
+(the reason text, a DSN's Diagnostic-Code without its type prefix)."""
+
+BounceReport = collections.namedtuple(
+    "BounceReport", "kind verp_token original_message_id recipients")
+BounceReport.__doc__ = """What parse_bounce read from one message: ``kind``
+(one of BOUNCE_KINDS), the VERP token or None, the bounced message's
+``"<id@domain>"`` or None, and a tuple of RecipientStatus."""
+
+
+def bounce_type(action, status):
+    """``"hard"``, ``"soft"``, ``"delayed"`` or None for one recipient.
+
+    SPEC 8: ``failed`` with a 5.x.x status is a hard bounce, with 4.x.x a soft
+    one; ``delayed`` is noted, not a bounce.  Anything else (delivered,
+    relayed, a failure claiming 2.x.x) is None: nothing to record.
+    """
+    if action == "delayed":
+        return "delayed"
+    if action == "failed" and status[:2] == "5.":
+        return "hard"
+    if action == "failed" and status[:2] == "4.":
+        return "soft"
+    return None
+
+
+def status_meaning(status):
+    """A short English text for an RFC 3463 status such as ``"5.1.1"``: the
+    detail's meaning when it is a common one, else the class and subject
+    ("Permanent failure: mailbox status"), else the class alone ("5.0.0":
+    "Permanent failure").  Raises ValueError for a string that is not a
+    status code."""
+    match = _STATUS.fullmatch(status) if isinstance(status, str) else None
+    if not match:
+        raise ValueError("not an RFC 3463 status code: %r" % (status,))
+    klass, subject, detail = (str(int(group)) for group in match.groups())
+    if subject + "." + detail in _STATUS_DETAILS:
+        return _STATUS_DETAILS[subject + "." + detail]
+    if subject in _STATUS_SUBJECTS and subject != "0":
+        return "%s: %s" % (_STATUS_CLASSES[klass], _STATUS_SUBJECTS[subject])
+    return _STATUS_CLASSES[klass]
+
+
+def _normal_status(match):
+    """``x.y.z`` without leading zeros from a match of ``_STATUS*``."""
+    return ".".join(str(int(group)) for group in match.groups())
+
+
+def _status_from_text(text, default):
+    """The status a free-text diagnostic implies: its first enhanced code,
+    else the class of its first SMTP reply code, else ``default``."""
+    match = _STATUS_IN_TEXT.search(text)
+    if match:
+        return _normal_status(match)
+    match = _SMTP_CODE_IN_TEXT.search(text)
+    if match:
+        return match.group(1) + ".0.0"
+    return default
+
+
+# ####################################################################### #
+# ########################  Parsing: the email package  ################# #
+# ####################################################################### #
+
+@functools.lru_cache(maxsize=1)
+def _raw_header_policy():
+    """compat32, but header values come back as the raw str (built at the
+    first bounce: the email package is a heavy import for start-up).
+
+    compat32 rather than ``email.policy.default``: the default policy parses
+    every header it is asked for into structured objects, code with a history
+    of exceptions and super-linear cases on malformed input; here every value
+    goes through this module's own bounded cleaning instead.  And the raw str
+    rather than compat32's ``Header`` wrapper, which would turn 8-bit text into
+    U+FFFD where ``_clean`` recovers UTF-8.
+    """
+
+    import email.policy
+
+    class RawHeaderPolicy(email.policy.Compat32):
+        def header_fetch_parse(self, name, value):
+            return value
+
+    return RawHeaderPolicy()   # policies are immutable
+
+
+def _parse_message(raw, headers_only=False):
+    """A ``Message`` from bytes (``parse_bounce`` translates what this raises)."""
+    import email.parser
+    return email.parser.BytesParser(policy=_raw_header_policy()).parsebytes(
+        raw, headersonly=headers_only)
+
+
+def _clean(value, limit):
+    """A header value or text as one printable line of at most ``limit``
+    characters: bytes the parser carried as surrogate escapes are decoded as
+    UTF-8 (else U+FFFD), and runs of whitespace and control characters, folding
+    included, become one space.  Work is bounded by ``limit``, not by the input."""
+    text = str(value)[:limit * 4]
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:   # a surrogate that is not an escaped byte
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return _UNPRINTABLE_RUN.sub(" ", text).strip()[:limit]
+
+
+def _message_id(value):
+    """``"<id@domain>"`` from a Message-ID header value, else None."""
+    text = _clean(value, MAX_FIELD_CHARS) if value is not None else ""
+    match = _MESSAGE_ID.fullmatch(text)
+    found = match and (match.group(1) or match.group(2))
+    return "<%s>" % found if found and len(found) <= MAX_MESSAGE_ID else None
+
+
+def _message_id_in_text(text):
+    """The Message-ID in the header block at the start of ``text`` (a quoted
+    original message in a plain-text bounce), else None."""
+    raw = text.lstrip("\r\n").encode("utf-8")
+    return _message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
+
+
+def _body_text(message):
+    """The decoded body of a single-part message as str, else None."""
+    if message.is_multipart():
+        return None
+    payload = message.get_payload(decode=True)
+    return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
+
+
+# ####################################################################### #
+# ########################  Parsing: the formats  ####################### #
+# ####################################################################### #
+
+def _dsn_address(value):
+    """The address of a Final-/Original-Recipient value ("rfc822; a@b"), else None."""
+    text = _clean(value, MAX_FIELD_CHARS)
+    typed = _TYPED_VALUE.fullmatch(text)
+    address = (typed.group(2) if typed else text).strip().strip("<>").strip()
+    if not address or len(address) > MAX_ADDR_SPEC:
+        return None
+    return address
+
+
+def _dsn_recipient(fields):
+    """A ``RecipientStatus`` from one per-recipient block (a ``Message`` whose
+    headers are the fields), else None when the block names no recipient."""
+    recipient = _dsn_address(fields.get("Final-Recipient", ""))
+    recipient = recipient or _dsn_address(fields.get("Original-Recipient", ""))
+    if recipient is None:
+        return None
+    action = _clean(fields.get("Action", ""), 40).lower().partition(" ")[0]
+    action = action if action in DSN_ACTIONS else "unknown"
+    diagnostic = _clean(fields.get("Diagnostic-Code", ""), MAX_DIAGNOSTIC_CHARS)
+    typed = _TYPED_VALUE.fullmatch(diagnostic)
+    diagnostic = typed.group(2).strip() if typed else diagnostic
+    # RFC 3464 requires Status; when it is missing or garbled, the diagnostic
+    # or (as a last resort) the action says what kind of failure this was.
+    field = _clean(fields.get("Status", ""), 40).partition(" ")[0]
+    match = _STATUS.fullmatch(field)
+    default = {"failed": "5.0.0", "delayed": "4.0.0", "unknown": ""}.get(action, "2.0.0")
+    status = _normal_status(match) if match else _status_from_text(diagnostic, default)
+    return RecipientStatus(recipient, action, status, diagnostic)
+
+
+def _returned_message_id(part):
+    """The Message-ID in a DSN's third part (``message/rfc822`` or
+    ``text/rfc822-headers``), else None."""
+    if part.is_multipart():   # message/rfc822: parsed as a sub-message
+        payload = part.get_payload()
+        return _message_id(payload[0].get("Message-ID")) if payload else None
+    raw = part.get_payload(decode=True)
+    if not isinstance(raw, bytes):
+        return None
+    return _message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
+
+
+def _parse_dsn(message):
+    """``(original_message_id, recipients)`` of an RFC 3464 report, else None.
+
+    A DSN is a top-level ``multipart/report; report-type=delivery-status`` with
+    a ``message/delivery-status`` part; the original's headers are read from
+    its first ``message/rfc822`` or ``text/rfc822-headers`` part.  (RFC 6533's
+    message/global-delivery-status is not read: asyncmail does not send
+    SMTPUTF8 mail, and only such mail gets one.)
+    """
+    if message.get_content_type() != "multipart/report":
+        return None
+    report_type = email.utils.collapse_rfc2231_value(message.get_param("report-type", ""))
+    if report_type.lower() != "delivery-status" or not message.is_multipart():
+        return None   # not a report, or its boundary is missing
+    # (get_payload() only on multiparts: on a str payload 3.8 can raise.)
+    parts = message.get_payload()
+    status_parts = [part for part in parts if part.is_multipart()
+                    and part.get_content_type() == "message/delivery-status"]
+    if not status_parts:
+        return None
+    recipients = []
+    for fields in status_parts[0].get_payload():
+        entry = _dsn_recipient(fields)
+        if entry is not None and len(recipients) < MAX_BOUNCE_RECIPIENTS:
+            recipients.append(entry)
+    original = None
+    for part in parts:
+        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+            original = _returned_message_id(part)
+            break
+    return original, recipients
+
+
+def _paragraphs(lines):
+    """Split lines into paragraphs: ``(first line index, [lines])`` for each
+    run of non-blank lines."""
+    paragraph, start = [], 0
+    for index, line in enumerate(lines):
+        if line.strip():
+            if not paragraph:
+                start = index
+            paragraph.append(line)
+        elif paragraph:
+            yield start, paragraph
+            paragraph = []
+    if paragraph:
+        yield start, paragraph
+
+
+def _parse_qmail(text, lines):
+    """``(original_message_id, recipients)`` of a qmail bounce, else None.
+
+    QSBMF (https://cr.yp.to/proto/qsbmf.txt): the body begins "Hi. This is
+    the"; after an introductory paragraph come failure paragraphs, whose first
+    line is "<address>:" and the rest a description, then a break paragraph
+    starting with "-", then the original message.  Every failure is permanent
+    (status 5.0.0) unless the description quotes a code ("Remote host said:
+    550 5.1.1 ...", qmail's own "(#5.1.1)").
+    """
+    if not text.startswith(_QMAIL_START):
+        return None
+    recipients, original = [], None
+    paragraphs = _paragraphs(lines)
+    next(paragraphs)   # the introduction
+    for start, paragraph in paragraphs:
+        first = paragraph[0].strip()
+        if first.startswith("-"):
+            original = _message_id_in_text("\n".join(lines[start + len(paragraph):]))
+            break
+        address = first[1:-2].strip()
+        if (not (first.startswith("<") and first.endswith(">:")) or not address
+                or len(address) > MAX_ADDR_SPEC or len(recipients) >= MAX_BOUNCE_RECIPIENTS):
+            continue   # reserved for extensions, or one too many
+        diagnostic = _clean(" ".join(paragraph[1:]), MAX_DIAGNOSTIC_CHARS)
+        recipients.append(RecipientStatus(
+            address, "failed", _status_from_text(diagnostic, "5.0.0"), diagnostic))
+    return original, recipients
+
+
+def _parse_exim(text, lines):
+    """``(original_message_id, recipients)`` of an Exim plain-text bounce, else None.
+
+    Exim's default text (its spec, "Customizing bounce and warning messages",
+    and deliver.c): "This message was created automatically by mail delivery
+    software.", a paragraph saying the message "could not be delivered" and
+    ending "...address(es) failed:", then each address indented two spaces with
+    its error indented four, then "------ This is a copy of the message..."
+    and the original.  The failure is permanent: status 5.0.0 unless the error
+    quotes a code.
+    """
+    first = next((index for index, line in enumerate(lines) if line.strip()), None)
+    if first is None or lines[first].strip() != _EXIM_START:
+        return None
+    index = first + 1
+    while index < len(lines) and not lines[index].rstrip().endswith("failed:"):
+        index += 1
+    intro = _clean(" ".join(lines[first:index + 1]), MAX_FIELD_CHARS)
+    if index == len(lines) or "could not be delivered" not in intro:
+        return None   # a delay warning, or something else
+    failed, errors, original = [], None, None   # failed: [(address, [error line])]
+    for number in range(index + 1, len(lines)):
+        line = lines[number]
+        if line.startswith(_EXIM_COPY):
+            original = _message_id_in_text("\n".join(lines[number + 1:]))
+            break
+        if line.startswith(("    ", "\t")):          # an error line
+            if errors is not None:
+                errors.append(line)
+        elif line.startswith("  ") and line.strip():   # an address
+            address, errors = line.strip().strip("<>"), None
+            if ("@" in address and " " not in address and len(address) <= MAX_ADDR_SPEC
+                    and len(failed) < MAX_BOUNCE_RECIPIENTS):
+                errors = []
+                failed.append((address, errors))
+        elif line.strip():   # "The following text was generated ..." and the like
+            errors = None
+    recipients = []
+    for address, error_lines in failed:
+        diagnostic = _clean(" ".join(error_lines), MAX_DIAGNOSTIC_CHARS)
+        recipients.append(RecipientStatus(
+            address, "failed", _status_from_text(diagnostic, "5.0.0"), diagnostic))
+    return original, recipients
+
+
+def _find_verp_token(message, verp_address):
+    """The VERP token in the first of ``VERP_HEADERS`` that holds one, else None."""
+    for name in VERP_HEADERS:
+        for value in (message.get_all(name) or [])[:MAX_HEADER_VALUES]:
+            for word in _ADDRESS_SEPARATORS.split(_clean(value, MAX_FIELD_CHARS)):
+                token = verp_token_of(verp_address, word) if "@" in word else None
+                if token:
+                    return token
+    return None
+
+
+def _check_mime_limits(raw):
+    """Raise BounceParseError unless every Content-Type field is at most
+    ``MAX_CONTENT_TYPE_CHARS`` long and at most ``MAX_MIME_CONTAINERS`` of them
+    declare a multipart or message type: the two things that make the email
+    package's work grow faster than the input."""
+    lowered, containers = raw.lower(), 0
+    at = lowered.find(_CONTENT_TYPE)
+    while at >= 0:
+        end = at + len(_CONTENT_TYPE)
+        if at == 0 or lowered[at - 1] in b"\r\n":   # a field, not words in a line
+            value = _FOLDED_VALUE.match(lowered, end).group()
+            if len(value) > MAX_CONTENT_TYPE_CHARS:
+                raise BounceParseError("a Content-Type field longer than %d characters"
+                                       % MAX_CONTENT_TYPE_CHARS)
+            if value.lstrip(b" \t\r\n").startswith((b"multipart/", b"message/")):
+                containers += 1
+        at = lowered.find(_CONTENT_TYPE, end)
+    if containers > MAX_MIME_CONTAINERS:
+        raise BounceParseError("more than %d multipart or message parts" % MAX_MIME_CONTAINERS)
+
+
+def _read_bounce(raw, verp_address):
+    """``parse_bounce`` once the input passed its limits."""
+    message = _parse_message(raw)
+    token = _find_verp_token(message, verp_address) if verp_address else None
+    found = _parse_dsn(message)
+    if found is not None:
+        return BounceReport("dsn", token, found[0], tuple(found[1]))
+    text = _body_text(message)
+    if text is not None:
+        lines = text.splitlines()
+        for kind, parse in (("qmail", _parse_qmail), ("exim", _parse_exim)):
+            found = parse(text, lines)
+            if found is not None:
+                return BounceReport(kind, token, found[0], tuple(found[1]))
+    return BounceReport("not_a_bounce", token, None, ())
+
+
+def parse_bounce(raw_bytes, verp_address=None, max_bytes=MAX_BOUNCE_BYTES):
+    """Read one message from the bounce mailbox.
+
+    Returns a ``BounceReport``: kind ``"too_large"`` (nothing parsed) when
+    ``raw_bytes`` is longer than ``max_bytes``; else the VERP token (when
+    ``verp_address`` is set) from ``VERP_HEADERS`` and, for kind ``"dsn"``,
+    ``"qmail"`` or ``"exim"``, the returned Message-ID and the recipients.
+    Anything else is ``"not_a_bounce"``.  Linear in the input.
+
+    Raises BounceParseError for a message with more MIME nesting or longer
+    Content-Type fields than this module parses (``_check_mime_limits``) or
+    one the email package fails on; ValueError for a malformed
+    ``verp_address``; TypeError when ``raw_bytes`` is not bytes.  Nothing
+    else, whatever the bytes hold.
+    """
+    if not isinstance(raw_bytes, (bytes, bytearray)):
+        raise TypeError("raw_bytes must be bytes")
+    if len(raw_bytes) > max_bytes:
+        return BounceReport("too_large", None, None, ())
+    _check_mime_limits(raw_bytes)
+    try:
+        return _read_bounce(bytes(raw_bytes), verp_address)
+    except (email.errors.MessageError, RecursionError, LookupError, ValueError,
+            TypeError) as exc:
+        # The email package records defects rather than raising, but not
+        # always: on 3.8-3.10 a broken uuencoded body lets binascii.Error out
+        # of get_payload(decode=True); 3.8's get_payload() raises TypeError on
+        # an RFC 2231 charset.  The one place its exceptions are translated.
+        raise BounceParseError("unparseable message: %s: %s"
+                               % (type(exc).__name__, exc)) from exc
+
+
 # -- attachments: URL and S3 sources -----------------------------------------
 
 MAX_REDIRECTS = 5
@@ -3014,6 +3484,7 @@ def _format_number(value):
 # ####################################################################### #
 
 REUSE_CHECK_IDLE = 2.0   # seconds idle after which a cached connection gets a NOOP
+IMAP_TIMEOUT = 30.0      # seconds for each IMAP socket operation of the bounce collector
 RATE_LIMIT_ERROR = "rate limit exceeded"   # the error of limit_behavior = reject
 
 
@@ -4017,6 +4488,237 @@ class _Reporter(_Worker):
         return response.status, response.getheader("Retry-After"), answer
 
 
+class _BounceCollector(_Worker):
+    """Polls the ``[bounces]`` mailbox over IMAP and applies what it finds
+    (SPEC 8): every unseen message is read (PEEK, so nothing changes until
+    it is handled), parsed, matched to a sent message by VERP token or by
+    its original Message-ID, recorded and reported; then it is marked seen
+    (or, matched and ``after = delete``, deleted), so each is counted once.
+    A message too large or too malformed to read is counted, marked seen
+    and left in place; so is one that matches nothing.
+
+    A mailbox that is down, refuses the login or misbehaves is logged
+    (never with a secret) and tried again after a back-off that doubles
+    from ``poll_interval_seconds`` to an hour.  Given the store, metrics,
+    the ``[bounces]`` section, ``verp`` ((base, key) or None), the clock and
+    ``on_bounce()`` (the core wakes the reporter with it); ``imap_connect``
+    is the seam that opens, secures and logs in.
+    """
+
+    name = "asyncmail-bounces"
+    BACKOFF_MAX = 3600.0     # seconds between tries of a mailbox that keeps failing
+    MAX_PER_CYCLE = 1000     # messages handled per poll; the rest wait for the next
+
+    def __init__(self, store, metrics, settings, verp, log, clock, poll, on_bounce,
+                 imap_connect=None):
+        super().__init__(log, clock, poll)
+        self.store = store
+        self.metrics = metrics
+        self.settings = settings
+        self.verp = verp
+        self.on_bounce = on_bounce
+        self._connect = imap_connect or _imap_connect
+        self._failures = 0
+        self._retry_at = 0.0
+
+    def interval(self):
+        return self.settings.poll_interval_seconds
+
+    def cycle(self, now):
+        if now < self._retry_at:
+            return
+        try:
+            imap = self._connect(self.settings)
+        except (OSError, ImapError) as exc:
+            return self._failed(exc, now)
+        try:
+            found = self._collect(imap, now)
+        except (OSError, ImapError) as exc:
+            return self._failed(exc, now)
+        finally:
+            _imap_logout(imap)
+        self._failures, self._retry_at = 0, 0.0
+        if found:
+            self.on_bounce()
+
+    def _failed(self, exc, now):
+        self._failures += 1
+        delay = min(self.BACKOFF_MAX, self.settings.poll_interval_seconds
+                    * 2 ** (self._failures - 1))
+        self._retry_at = now + delay
+        text = _without_credentials(str(exc), {"user": self.settings.imap_user,
+                                              "password": self.settings.imap_password})
+        self.log.warning("bounce mailbox %s:%d: %s; next try in %gs", self.settings.imap_host,
+                         self.settings.imap_port, text[:300], delay)
+
+    def _collect(self, imap, now):
+        """Handle the unseen messages; returns how many bounces were new."""
+        uids = _imap(imap, "uid", "SEARCH", None, "UNSEEN")[0].split()[:self.MAX_PER_CYCLE]
+        sizes = _imap_sizes(imap, uids) if uids else {}
+        new, deleted = 0, False
+        for uid in uids:
+            self.heartbeat = time.monotonic()
+            size = sizes.get(uid)
+            if size is None or size > MAX_BOUNCE_BYTES:
+                self.metrics.inc("asyncmail_bounces_skipped_total")
+                self.log.info("bounce mailbox: message %s skipped (%s)", uid.decode(),
+                              "too large" if size else "no size")
+                _imap_flag(imap, uid, "\\Seen")
+                continue
+            raw = _imap_body(imap, uid)
+            matched, count = self._apply(raw, now)
+            new += count
+            if matched and self.settings.after == "delete":
+                _imap_flag(imap, uid, "\\Deleted")
+                deleted = True
+            else:
+                _imap_flag(imap, uid, "\\Seen")
+        if deleted:
+            _imap(imap, "expunge")
+        return new
+
+    def _apply(self, raw, now):
+        """Parse one message and record its bounces: (matched, new bounces)."""
+        try:
+            report = parse_bounce(raw, self.verp[0] if self.verp else None)
+        except BounceParseError as exc:
+            self.metrics.inc("asyncmail_bounces_skipped_total")
+            self.log.info("bounce mailbox: a message could not be read: %s", str(exc)[:200])
+            return False, 0
+        key = recipients = None
+        if report.kind in ("dsn", "qmail", "exim"):
+            if report.verp_token and self.verp:
+                pk = verp_pk(self.verp[1], report.verp_token)
+                key, sent_ts, recipients = self.store.find_sent(pk=pk) if pk else (None,) * 3
+            if key is None and report.original_message_id:
+                key, sent_ts, recipients = self.store.find_sent(
+                    rfc_message_id=report.original_message_id)
+        if key is None:
+            self.metrics.inc("asyncmail_bounces_unmatched_total")
+            return False, 0
+        new = 0
+        suppress = self.settings.suppress_days
+        for entry in report.recipients:
+            kind = bounce_type(entry.action, entry.status)
+            if kind == "delayed":
+                self.log.info("message %s delayed for %s: %s %s", key.ref, entry.recipient,
+                              entry.status, entry.diagnostic[:200])
+                continue
+            # only the message's own recipients: a bounce must not suppress others
+            if kind is None or entry.recipient.lower() not in recipients:
+                continue
+            reason = entry.diagnostic or status_meaning(entry.status)
+            bounce = {"recipient": entry.recipient, "type": kind, "status": entry.status,
+                      "diagnostic": entry.diagnostic or None, "reason": reason, "ts": now,
+                      "error": "bounced: %s: %s %s" % (entry.recipient, entry.status, reason)}
+            if self.store.record_bounce(key, sent_ts, bounce,
+                                        now + suppress * DAY if suppress else None):
+                new += 1
+                self.metrics.inc("asyncmail_bounces_total", kind)
+        return True, new
+
+
+def _imap(imap, command, *args):
+    """The data of an IMAP command that answered OK.  Raises ImapError for
+    any other answer, and for what imaplib raises (a BAD answer, a dropped
+    or garbled connection): its errors are translated here and in
+    _imap_connect only."""
+    import imaplib
+    try:
+        typ, data = getattr(imap, command)(*args)
+    except imaplib.IMAP4.error as exc:
+        raise ImapError("IMAP %s failed: %s" % (command.upper(), str(exc)[:200]))
+    if typ != "OK":
+        raise ImapError("IMAP %s answered %s: %s" % (command.upper(), typ, b" ".join(
+            d for d in data if isinstance(d, bytes))[:200].decode("utf-8", "replace")))
+    return data
+
+
+_FETCH_SIZE = re.compile(rb"UID (\d+) RFC822\.SIZE (\d+)|RFC822\.SIZE (\d+) UID (\d+)")
+
+
+def _imap_sizes(imap, uids):
+    """{uid: size} of messages, in one FETCH."""
+    sizes = {}
+    for item in _imap(imap, "uid", "FETCH", b",".join(uids), "(RFC822.SIZE)"):
+        line = item[0] if isinstance(item, tuple) else item
+        match = _FETCH_SIZE.search(line or b"")
+        if match:
+            uid, size = (match.group(1), match.group(2)) if match.group(1) else (
+                match.group(4), match.group(3))
+            sizes[uid] = int(size)
+    return sizes
+
+
+def _imap_body(imap, uid):
+    """The whole message, without setting \\Seen (BODY.PEEK)."""
+    for item in _imap(imap, "uid", "FETCH", uid, "(BODY.PEEK[])"):
+        if isinstance(item, tuple) and len(item) == 2:
+            return item[1]
+    return b""
+
+
+def _imap_flag(imap, uid, flag):
+    _imap(imap, "uid", "STORE", uid, "+FLAGS.SILENT", "(%s)" % flag)
+
+
+def _imap_logout(imap):
+    with contextlib.suppress(Exception):   # the mailbox may be gone already
+        imap.logout()
+
+
+def _imap_connect(settings):
+    """Open, secure, authenticate and select the bounce folder; the
+    ``imap_connect`` seam.  Implicit TLS with ``imap_ssl``, else STARTTLS,
+    refused when the server does not offer it unless ``imap_plain``.
+    Credentials go as UTF-8 through AUTHENTICATE PLAIN when offered.
+    Raises ImapError or OSError (imaplib's and ssl's errors translated)."""
+    import imaplib
+    import ssl
+    context = _ssl_context({"ca_file": settings.imap_ca_file or None,
+                            "tls_verify": settings.imap_tls_verify})
+
+    class Imap(imaplib.IMAP4):
+        # a bounded socket on every Python (3.8's IMAP4 takes no timeout)
+        def _create_socket(self, *args):
+            return socket.create_connection((self.host, self.port), IMAP_TIMEOUT)
+
+    class ImapSsl(imaplib.IMAP4_SSL):
+        def _create_socket(self, *args):
+            sock = socket.create_connection((self.host, self.port), IMAP_TIMEOUT)
+            return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+    where = "%s:%d" % (settings.imap_host, settings.imap_port)
+    imap = None
+    try:
+        if settings.imap_ssl:
+            imap = ImapSsl(settings.imap_host, settings.imap_port, ssl_context=context)
+        else:
+            imap = Imap(settings.imap_host, settings.imap_port)
+            if "STARTTLS" in imap.capabilities:
+                imap.starttls(ssl_context=context)
+            elif not settings.imap_plain:
+                raise ImapError("%s does not offer STARTTLS and imap_plain is false: "
+                                "refusing to log in in plain text" % where)
+        user, password = settings.imap_user, settings.imap_password
+        if "AUTH=PLAIN" in imap.capabilities:
+            blob = ("\0%s\0%s" % (user, password)).encode("utf-8")
+            _imap(imap, "authenticate", "PLAIN", lambda challenge: blob)
+        else:
+            _imap(imap, "login", user, password)
+        _imap(imap, "select", settings.folder)
+        return imap
+    except (imaplib.IMAP4.error, ssl.SSLError, ImapError, UnicodeError) as exc:
+        if imap is not None:
+            _imap_logout(imap)
+        raise ImapError("%s: %s" % (where, type(exc).__name__ if isinstance(exc, UnicodeError)
+                                    else exc))
+    except OSError:
+        if imap is not None:
+            _imap_logout(imap)
+        raise
+
+
 def _report_entry(event):
     """One delivery report entry (SPEC 5; a bounce adds SPEC 8's fields)."""
     entry = {"id": event["id"], "account_id": event["account_id"],
@@ -4739,7 +5441,7 @@ class AsyncMailCore:
     """
 
     def __init__(self, config=None, test_mode=False, now=None, smtp_connect=None,
-                 logger=None):
+                 logger=None, imap_connect=None):
         if config is None:
             config = Config()
         elif isinstance(config, dict):
@@ -4777,6 +5479,11 @@ class AsyncMailCore:
             smtp_connect=smtp_connect, verp=verp)
         self.reporter = _Reporter(self.store, self.metrics, config, self.log, self.now, poll,
                                   intake_serial=lambda: self.intake_serial)
+        self.bounces = None   # the third loop runs only with a bounce mailbox
+        if config.bounces.imap_host:
+            self.bounces = _BounceCollector(
+                self.store, self.metrics, config.bounces, verp, self.log, self.now, poll,
+                on_bounce=lambda: self.reporter.wake(), imap_connect=imap_connect)
         self._commands = {
             "status": self._cmd_status,
             "run now": self._cmd_run_now,
@@ -4828,6 +5535,8 @@ class AsyncMailCore:
                                     server.max_request_bytes, self.metrics, self.log)
         self.dispatcher.start()
         self.reporter.start()
+        if self.bounces is not None:
+            self.bounces.start()
         if serve_http:
             self._http_thread = threading.Thread(
                 target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
@@ -4854,6 +5563,8 @@ class AsyncMailCore:
         grace = self.config.delivery.smtp_timeout_seconds + 1
         self.dispatcher.stop(grace)
         self.reporter.stop(self.config.client.timeout_seconds + 1)
+        if self.bounces is not None:
+            self.bounces.stop(IMAP_TIMEOUT + 1)
         self.store.close()
 
     def __enter__(self):
@@ -4896,6 +5607,8 @@ class AsyncMailCore:
         the cycles and the deliveries they started."""
         wait = self._run_now_wait() if self.test_mode else None
         self.dispatcher.run_now(wait)
+        if self.bounces is not None:
+            self.bounces.run_now(wait)
         self.reporter.run_now(wait)
         return {"ok": True}
 
@@ -5210,9 +5923,10 @@ class AsyncMailCore:
         return answer
 
     def healthy(self, max_age):
-        """Both loops alive and looking up within ``max_age`` seconds (the
+        """Every loop alive and looking up within ``max_age`` seconds (the
         systemd watchdog is fed only while this holds)."""
-        return self.dispatcher.alive(max_age) and self.reporter.alive(max_age)
+        return (self.dispatcher.alive(max_age) and self.reporter.alive(max_age)
+                and (self.bounces is None or self.bounces.alive(max_age)))
 
     def status_line(self):
         """One line for systemd's STATUS=: queue depth by status."""
