@@ -3609,12 +3609,14 @@ def _smtp_open(account, timeout, local_hostname):
 
 
 def _close_quietly(conn):
+    """QUIT, or just close when the connection is already broken."""
+    import smtplib
     if conn is None:
         return
     try:
         conn.quit()
-    except Exception:
-        with contextlib.suppress(Exception):
+    except (smtplib.SMTPException, OSError):
+        with contextlib.suppress(OSError):
             conn.close()
 
 
@@ -3661,9 +3663,10 @@ class SmtpRelay:
         return self._conn, False
 
     def _alive(self):
+        import smtplib
         try:
             return self._conn.noop()[0] == 250
-        except Exception:
+        except (smtplib.SMTPException, OSError):
             return False
 
     def idle_for(self):
@@ -3701,9 +3704,10 @@ class SmtpRelay:
     def _reset(self):
         if self._conn is None:
             return
+        import smtplib
         try:
             self._conn.rset()
-        except Exception:
+        except (smtplib.SMTPException, OSError):
             self.close()
 
     def _transaction(self, conn, sender, recipients, data):
