@@ -1301,7 +1301,7 @@ class _FramingTally:
     def __init__(self):
         self.cases = self.requests = 0
         self.statuses, self.counts, self.lenient = {}, {}, {}
-        self.problems, self.acked, self.timeline = [], [], []
+        self.problems, self.acked, self.either, self.timeline = [], [], [], []
 
     def problem(self, kind, case, where, detail):
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -1384,6 +1384,8 @@ class _FramingTally:
                              % (mid[:80], rejected[mid]))
             elif verdict is False and mid not in rejected:
                 self.problem("verdict", case, where, "invalid message %r accepted" % mid[:80])
+            elif verdict is None and mid in acked:
+                self.either.append(mid)
         self.acked.extend(acked)
         known.extend(acked)
 
@@ -1411,6 +1413,34 @@ def _framing_worker(address, token, seed, pass_name, worker, stop_at, out_path):
         index += 1
     with open(out_path, "w") as handle:
         json.dump(tally.__dict__, handle)
+
+
+def _framing_unsendable(db_path, ids):
+    """{id: why} of the queued messages the dispatcher could not write (its
+    ``_attempt``: attachments, ``build_mime``, ``envelope``; a
+    PermanentError there ends the message in ``error``)."""
+    found = {}
+    conn = sqlite3.connect(db_path)
+    try:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            for mid, payload in conn.execute("SELECT id, payload FROM messages WHERE id IN (%s)"
+                                             % ",".join("?" * len(chunk)), chunk):
+                message = json.loads(payload)
+                try:
+                    attachments = [(a["filename"], a.get("mime_type") or
+                                    asyncmail._guess_mime_type(a["filename"]),
+                                    base64.b64decode(a["content"]))
+                                   for a in message["attachments"]]
+                    asyncmail.build_mime(message, attachments, time.time())
+                    asyncmail.envelope(message)
+                except asyncmail.PermanentError as exc:
+                    found[mid] = str(exc)
+                except Exception as exc:   # the dispatcher fails these too, as internal errors
+                    found[mid] = "crashed: %s: %s" % (type(exc).__name__, exc)
+    finally:
+        conn.close()
+    return found
 
 
 def _framing_api(address, token, method, path, body=None, timeout=30):
@@ -1643,6 +1673,7 @@ def _framing_pass(name, token, seconds, seed, workers):
                 getattr(tally, key)[item] = getattr(tally, key).get(item, 0) + count
         tally.problems.extend(part["problems"])
         tally.acked.extend(part["acked"])
+        tally.either.extend(part["either"])
         tally.timeline.extend(part["timeline"])
     alive = daemon.process.poll() is None
     timings = {"fuzz_s": round(ended - started, 1)}
@@ -1654,6 +1685,13 @@ def _framing_pass(name, token, seconds, seed, workers):
     lost = acked - set(queued)
     unexpected = set(queued) - acked - set(canary.uncertain)
     daemon.kill(signal.SIGTERM)
+    # accepted means sendable: what intake may take either way (verdict None),
+    # and a sample of the rest, through the dispatcher's build_mime
+    sample = sorted(set(tally.either) | set(random.Random(seed).sample(
+        sorted(acked), min(300, len(acked)))))
+    clock = time.monotonic()
+    unsendable = _framing_unsendable(os.path.join(directory, "queue.db"), sample)
+    timings["sendable_s"] = round(time.monotonic() - clock, 1)
     shutil.rmtree(directory, True)
 
     samples = sorted(canary.samples, key=lambda s: s[1])
@@ -1675,6 +1713,10 @@ def _framing_pass(name, token, seconds, seed, workers):
     if lost or unexpected:
         failures.append("queue: %d acknowledged ids missing (%s), %d unexpected (%s)"
                         % (len(lost), sorted(lost)[:5], len(unexpected), sorted(unexpected)[:5]))
+    for mid, error in sorted(unsendable.items())[:10]:
+        print("framing: accepted but not sendable: %r: %s" % (mid[:100], error), file=sys.stderr)
+    if unsendable:   # the client was told "queued"; the message would end in error
+        failures.append("%d accepted messages cannot be sent" % len(unsendable))
     for line in failures:
         print("framing %s: %s" % (name, line), file=sys.stderr)
     return {
@@ -1691,7 +1733,8 @@ def _framing_pass(name, token, seconds, seed, workers):
             round(1000 * samples[int(len(samples) * 0.99)][1], 1) if samples else None,
         "canary_p50_ms": round(1000 * samples[len(samples) // 2][1], 1) if samples else None,
         "canary_over_1s": len(slow), "canary_errors": len(canary.errors),
-        "dribblers": drib,
+        "dribblers": drib, "sendable_checked": len(sample), "unsendable": len(unsendable),
+        "unsendable_sample": dict(sorted(unsendable.items())[:5]),
         "loadavg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "check_failures": len(failures) + len(slow) + sum(
             count for kind, count in tally.counts.items() if kind not in _FRAMING_COLUMNS),
@@ -1713,7 +1756,7 @@ def scenario_framing(options):
     total = {"scenario": "framing", "seed": seed, "passes": results}
     for key in ("cases", "requests", "accepted", "lost", "unexpected_in_queue", "5xx",
                 "unanswered", "canary_requests", "canary_over_1s", "canary_errors",
-                "check_failures"):
+                "unsendable", "check_failures"):
         total[key] = sum(r[key] for r in results)
     total["canary_max_ms"] = max(r["canary_max_ms"] or 0 for r in results)
     total["duplicates"] = 0   # a listed id twice fails _framing_queue
