@@ -1443,7 +1443,7 @@ def _framing_unsendable(db_path, ids):
     return found
 
 
-def _framing_api(address, token, method, path, body=None, timeout=30):
+def _framing_api(address, token, method, path, body=None, timeout=30, raw=False):
     headers = {"X-API-Token": token} if token else {}
     if body is not None:
         headers["Content-Type"] = "application/json"
@@ -1452,7 +1452,8 @@ def _framing_api(address, token, method, path, body=None, timeout=30):
         conn.request(method, path, body=json.dumps(body) if body is not None else None,
                      headers=headers)
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null")
+        data = response.read()
+        return response.status, data.decode("utf-8") if raw else json.loads(data or b"null")
     finally:
         conn.close()
 
@@ -1677,6 +1678,12 @@ def _framing_pass(name, token, seconds, seed, workers):
         tally.timeline.extend(part["timeline"])
     alive = daemon.process.poll() is None
     timings = {"fuzz_s": round(ended - started, 1)}
+    # the daemon's own count of 5xx answers, delivered or not
+    counted_5xx = 0
+    if alive:
+        status, exposition = _framing_api(address, token, "GET", "/metrics", raw=True)
+        counted_5xx = sum(int(float(value)) for value in re.findall(
+            r'^asyncmail_http_requests_total\{code="5\d\d"\} (\S+)$', exposition, re.M))
     # the queue holds exactly what was acknowledged: fuzz workers and canary
     acked = set(tally.acked) | set(canary.acked)
     clock = time.monotonic()
@@ -1685,6 +1692,8 @@ def _framing_pass(name, token, seconds, seed, workers):
     lost = acked - set(queued)
     unexpected = set(queued) - acked - set(canary.uncertain)
     daemon.kill(signal.SIGTERM)
+    with open(daemon.log.name, "rb") as handle:
+        log = handle.read().decode("utf-8", "replace")
     # accepted means sendable: what intake may take either way (verdict None),
     # and a sample of the rest, through the dispatcher's build_mime
     sample = sorted(set(tally.either) | set(random.Random(seed).sample(
@@ -1717,6 +1726,12 @@ def _framing_pass(name, token, seconds, seed, workers):
         print("framing: accepted but not sendable: %r: %s" % (mid[:100], error), file=sys.stderr)
     if unsendable:   # the client was told "queued"; the message would end in error
         failures.append("%d accepted messages cannot be sent" % len(unsendable))
+    records = re.split(r"\n(?=\d{4}-\d\d-\d\d )", log)
+    internal = [record for record in records if "internal error answering" in record]
+    for record in internal[:3]:
+        print("framing %s: the daemon logged a 500:\n%s" % (name, record[-3000:]), file=sys.stderr)
+    escaped = [record.strip().splitlines()[-1] for record in records
+               if "unexpected error on a connection" in record]
     for line in failures:
         print("framing %s: %s" % (name, line), file=sys.stderr)
     return {
@@ -1725,7 +1740,8 @@ def _framing_pass(name, token, seconds, seed, workers):
         "statuses": dict(sorted(tally.statuses.items())), "problems": dict(tally.counts),
         "lenient": tally.lenient, "accepted": len(tally.acked), "queued": len(queued),
         "lost": len(lost), "unexpected_in_queue": len(unexpected),
-        "5xx": tally.counts.get("5xx", 0),
+        "5xx": max(tally.counts.get("5xx", 0), counted_5xx, len(internal)),
+        "5xx_seen_by_clients": tally.counts.get("5xx", 0), "5xx_in_metrics": counted_5xx,
         "unanswered": tally.counts.get("unanswered", 0) + tally.counts.get("hung", 0),
         "canary_requests": len(samples), "canary_connections": canary.connections,
         "canary_max_ms": round(1000 * samples[-1][1], 1) if samples else None,
@@ -1735,6 +1751,8 @@ def _framing_pass(name, token, seconds, seed, workers):
         "canary_over_1s": len(slow), "canary_errors": len(canary.errors),
         "dribblers": drib, "sendable_checked": len(sample), "unsendable": len(unsendable),
         "unsendable_sample": dict(sorted(unsendable.items())[:5]),
+        "log_internal_errors": len(internal), "log_escaped_exceptions": len(escaped),
+        "log_escaped_sample": sorted(set(escaped))[:5],
         "loadavg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "check_failures": len(failures) + len(slow) + sum(
             count for kind, count in tally.counts.items() if kind not in _FRAMING_COLUMNS),
