@@ -4981,7 +4981,10 @@ class _ApiHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        try:
+            self.wfile.write(head if self.command == "HEAD" else head + body)
+        except OSError:   # the client is gone (or was cut off): nothing left to tell it
+            self.close_connection = True
 
     def _send_json(self, status, payload, extra_headers=()):
         try:
@@ -5016,6 +5019,10 @@ class _ApiHandler(BaseHTTPRequestHandler):
         self.command = None
         self.request_version = version = self.default_request_version
         self.close_connection = True
+        if self.raw_requestline in (b"\r\n", b"\n"):   # RFC 9112 2.2: skip one empty line
+            self.raw_requestline = self.rfile.readline(MAX_HEADER_LINE + 1)
+        if not self.raw_requestline.endswith(b"\n"):
+            return False   # cut off (the client left, or was cut): never run half a request
         self.requestline = requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = requestline.split()
         if not words:
@@ -5042,13 +5049,15 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 self.send_error(400, "Bad HTTP/0.9 request type (%r)" % self.command[:20])
                 return False
         headers = _RequestHeaders()
-        while True:
+        while len(words) == 3:   # an HTTP/0.9 request line has no header block
             line = self.rfile.readline(MAX_HEADER_LINE + 1)
             if len(line) > MAX_HEADER_LINE:
                 self.send_error(431, "header line too long")
                 return False
-            if line in (b"\r\n", b"\n", b""):
+            if line in (b"\r\n", b"\n"):
                 break
+            if not line.endswith(b"\n"):
+                return False   # the header block was cut off: run nothing, answer nothing
             if len(headers) >= MAX_HEADERS:
                 self.send_error(431, "too many headers")
                 return False
@@ -5056,7 +5065,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
             if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
                 self.send_error(400, "malformed header line")
                 return False
-            key, value = name.lower(), value.strip()
+            key, value = name.lower(), value.strip(" \t\r\n")   # RFC 9110 5.6.3: OWS is SP/HTAB
             if key in headers:
                 if key in _SINGLE_HEADERS:
                     self.send_error(400, "repeated %s header" % name)
@@ -5064,6 +5073,9 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 value = headers[key] + ", " + value
             headers[key] = value
         self.headers = headers
+        if self.request_version == "HTTP/1.1" and "host" not in headers:
+            self.send_error(400, "Host header required")   # RFC 9112 3.2
+            return False
         connection = headers.get("connection", "").lower()
         if connection == "close":
             self.close_connection = True
@@ -5089,7 +5101,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         if coding is not None:
             if self.headers.get("Content-Length") is not None:
                 return "Content-Length and Transfer-Encoding together"
-            if [part.strip().lower() for part in coding.split(",")] != ["chunked"]:
+            if [part.strip(" \t").lower() for part in coding.split(",")] != ["chunked"]:
                 return "unsupported Transfer-Encoding %r (only chunked)" % coding[:60]
         elif self._content_length() == -1:
             return "invalid Content-Length"
@@ -5101,7 +5113,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         value = self.headers.get("Content-Length")
         if value is None:
             return None
-        value = value.strip()
+        value = value.strip(" \t")
         if len(value) > 15 or not _ASCII_DIGITS.fullmatch(value):
             return -1
         return int(value)
@@ -5344,11 +5356,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
         """
         if self.server.api_token is not None:
             return
-        host = self.headers.get("Host")
-        if host is None:
-            if self.request_version != "HTTP/1.0":   # RFC 9112 3.2: required in 1.1
-                self._refuse(400, "Host header required")
-        elif not _is_loopback_authority(host):
+        host = self.headers.get("Host")   # present on HTTP/1.1 (parse_request)
+        if host is not None and not _is_loopback_authority(host):
             self._refuse(403, "Host %r is not a loopback name or address (without "
                               "api_token only local clients are served)" % host[:100])
         if parts.netloc and not _is_loopback_host(parts.hostname):

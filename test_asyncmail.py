@@ -4953,3 +4953,47 @@ class AttemptHistoryTests(CoreCase):
             core.store.record_outcomes([asyncmail.Outcome.sent(first, 1.0), bogus])
         self.assertEqual([self.record(core, m)["status"] for m in ("u1", "u2")],
                          ["sending", "sending"])
+
+
+class CutRequestTests(CoreCase):
+    """Found by reliability/run.py's framing pass: a request whose line or
+    header block is cut off (the client left, or the daemon cut a
+    dribbler) was run as if complete, and the failed answer counted a 500."""
+
+    def send_and_close(self, core, data):
+        sock = socket.create_connection(core.http_address, timeout=WAIT)
+        with sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+
+    def test_a_cut_off_request_is_never_run(self):
+        core = self.make_core()
+        for data in (b"POST /commands/suspend HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a",
+                     b"POST /commands/suspend HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                     b"POST /commands/suspend HTTP/1.1"):
+            with self.subTest(data=data):
+                self.send_and_close(core, data)
+                self.assertTrue(core.handle_command("status")["active"])
+        self.assertNotIn('code="500"', core.render_metrics())
+
+    def test_only_space_and_tab_surround_a_header_value(self):
+        core = self.make_core()
+        body = json.dumps({"messages": []}).encode()
+        for name, value in (("Content-Length", b"\x0b%d" % len(body)),
+                            ("Transfer-Encoding", b"\x0cchunked")):
+            with self.subTest(name=name):
+                answer = raw_exchange(core.http_address, b"POST /commands/add-messages HTTP/1.1"
+                                      b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                      + name.encode() + b": " + value + b"\r\n\r\n" + body)
+                self.assertTrue(answer.startswith("HTTP/1.1 400"), answer[:100])
+
+    def test_http_1_1_needs_host_with_a_token_too(self):
+        core = self.make_core({"server": {"api_token": "t"}})
+        answer = raw_exchange(core.http_address,
+                              b"GET /status HTTP/1.1\r\nX-API-Token: t\r\n\r\n")
+        self.assertTrue(answer.startswith("HTTP/1.1 400"), answer[:100])
+        answer = raw_exchange(core.http_address,
+                              b"\r\nGET /status HTTP/1.1\r\nHost: x\r\nX-API-Token: t\r\n\r\n")
+        self.assertTrue(answer.startswith("HTTP/1.1 200"), answer[:100])
