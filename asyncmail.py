@@ -16,9 +16,15 @@ bound):
   one account's messages go in order over its reused connection.
 - ``asyncmail-reporter``: POSTs delivery reports upstream and purges reported,
   finished messages.
+- ``asyncmail-bounces`` (only with a ``[bounces]`` mailbox): polls it over
+  IMAP and records the bounces it finds.
 
-Exit codes: 0 on a clean stop (SIGTERM/SIGINT), 1 on an unexpected error,
-78 (EX_CONFIG) on a configuration error.
+The same file is the admin's CLI (``asyncmail.py queue``, ``retry``...), which
+talks to the running daemon through its API.
+
+Exit codes: 0 on a clean stop (SIGTERM/SIGINT), 1 on an unexpected error
+(the CLI: the API refused), 69 (EX_UNAVAILABLE: the CLI found no daemon), 78
+(EX_CONFIG) on a configuration error.
 
 Standard library only; CPython 3.8 or newer. ``certifi`` is used for the CA
 bundle when importable.
