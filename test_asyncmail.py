@@ -4953,3 +4953,643 @@ class AttemptHistoryTests(CoreCase):
             core.store.record_outcomes([asyncmail.Outcome.sent(first, 1.0), bogus])
         self.assertEqual([self.record(core, m)["status"] for m in ("u1", "u2")],
                          ["sending", "sending"])
+
+
+# ==========================================================================
+# Bounces (SPEC 8): parsing, VERP tokens
+# ==========================================================================
+# Every sample here was written for these tests (addresses at example.com,
+# .net and .org): the DSNs after the examples in RFC 3464's appendix, the
+# qmail bounce after QSBMF (cr.yp.to/proto/qsbmf.txt), the Exim bounce after
+# the default text Exim's spec and deliver.c print.  %(token)s is the VERP
+# token of row BOUNCE_PK under BOUNCE_KEY.
+
+BOUNCE_KEY = bytes(range(16))
+BOUNCE_PK = 1042
+BOUNCE_TOKEN = asyncmail.verp_token(BOUNCE_KEY, BOUNCE_PK)
+VERP_BASE = "bounces@example.com"
+
+# RFC 3464 A.1: one recipient given up after days of 4xx replies (Action
+# failed, Status 4.0.0: a soft bounce); the original as message/rfc822.
+SIMPLE_DSN = """\
+Date: Thu, 7 Mar 2024 17:16:05 -0400
+From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.net>
+Message-Id: <20240307211605.AA1412@mx.example.net>
+Subject: Returned mail: Cannot send message for 5 days
+To: <bounces+%(token)s@example.com>
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+    boundary="AA1412.1709846165/mx.example.net"
+
+This is a MIME-encapsulated message
+
+--AA1412.1709846165/mx.example.net
+
+The original message was received at Sat, 2 Mar 2024 17:10:28 -0400
+
+   ----- The following addresses had delivery problems -----
+<lou@slow.example.org>  (unrecoverable error)
+
+--AA1412.1709846165/mx.example.net
+content-type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.net
+
+Original-Recipient: rfc822;lou@slow.example.org
+Final-Recipient: rfc822;lou@slow.example.org
+Action: failed
+Status: 4.0.0
+Diagnostic-Code: smtp; 426 connection timed out
+Last-Attempt-Date: Thu, 7 Mar 2024 17:15:49 -0400
+
+--AA1412.1709846165/mx.example.net
+content-type: message/rfc822
+
+Return-Path: <bounces+%(token)s@example.com>
+Date: Sat, 2 Mar 2024 17:10:20 -0400
+From: Shop <shop@example.com>
+To: lou@slow.example.org
+Subject: Your order
+Message-ID: <c0ffee42@example.com>
+
+Thanks for your order.
+
+--AA1412.1709846165/mx.example.net--
+"""
+
+# RFC 3464 A.2: three recipients (hard, delayed, hard), status comments, a
+# folded Diagnostic-Code, the original's headers as text/rfc822-headers.
+MULTI_DSN = """\
+From: Mail Delivery System <MAILER-DAEMON@relay.example.net>
+To: bounces+%(token)s@example.com
+Subject: Delivery Notification: Delivery has failed
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type="delivery-status"; boundary="=_b1"
+
+--=_b1
+Content-Type: text/plain
+
+Some recipients could not be reached.
+
+--=_b1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; relay.example.net
+Arrival-Date: Fri, 8 Mar 2024 10:00:00 +0000
+
+Original-Recipient: rfc822;ann@corp.example.org
+Final-Recipient: rfc822;ann@corp.example.org
+Action: failed
+Status: 5.0.0 (permanent failure)
+Diagnostic-Code: smtp; 550 'ann@corp.example.org' is not a
+  registered gateway user
+Remote-MTA: dns; corp.example.org
+
+Original-Recipient: rfc822;bob@far.example.org
+Final-Recipient: rfc822;bob@far.example.org
+Action: delayed
+Status: 4.0.0 (far.example.org: host name lookup failure)
+
+Final-Recipient: RFC822; <Cat@Lab.Example.Org>
+Action: Failed
+Status: 5.1.1
+Diagnostic-Code: SMTP; 550 5.1.1 <Cat@Lab.Example.Org>: user unknown
+Remote-MTA: dns; lab.example.org
+
+--=_b1
+Content-Type: text/rfc822-headers
+
+Return-Path: <bounces+%(token)s@example.com>
+From: Shop <shop@example.com>
+To: ann@corp.example.org, bob@far.example.org, Cat@Lab.Example.Org
+Subject: Newsletter
+Message-ID:
+ <multi-1@example.com>
+
+--=_b1--
+"""
+
+# RFC 3464 A.3: a delay warning, no Diagnostic-Code.
+DELAYED_DSN = """\
+From: MAILER-DAEMON@mx.example.net
+To: bounces+%(token)s@example.com
+Subject: Warning: message delayed
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="XX"
+
+--XX
+Content-Type: text/plain
+
+Your message has not been delivered yet.  Retrying.
+--XX
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.net
+
+Final-Recipient: rfc822; dee@busy.example.org
+Action: delayed
+Status: 4.4.7
+Will-Retry-Until: Wed, 13 Mar 2024 10:00:00 +0000
+
+--XX
+Content-Type: text/rfc822-headers
+
+Message-ID: <late-7@example.com>
+Subject: Invoice
+
+--XX--
+"""
+
+# Upper-case type, lower-case field names, no Final-Recipient (Original-
+# Recipient instead), no Diagnostic-Code, no VERP address.
+ODD_DSN = """\
+From: postmaster@example.net
+To: shop@example.com
+MIME-Version: 1.0
+Content-Type: MULTIPART/REPORT; REPORT-TYPE=Delivery-Status; boundary=zz
+
+--zz
+content-type: message/delivery-status
+
+reporting-mta: dns; example.net
+
+original-recipient: rfc822;eve@example.org
+action: failed
+status: 5.2.2
+
+--zz
+content-type: message/rfc822
+
+message-id: <odd-1@example.com>
+
+body
+--zz--
+"""
+
+# QSBMF's layout with qmail-remote's "Remote host said" texts.
+QMAIL_BOUNCE = """\
+Return-Path: <>
+Delivered-To: bounces+%(token)s@example.com
+Date: 9 Mar 2024 03:54:40 -0000
+From: MAILER-DAEMON@mail.example.net
+To: bounces+%(token)s@example.com
+Subject: failure notice
+
+Hi. This is the qmail-send program at mail.example.net.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<gone@example.org>:
+192.0.2.25 does not like recipient.
+Remote host said: 550 5.1.1 <gone@example.org>: Recipient address rejected
+Giving up on 192.0.2.25.
+
+<nohost@nowhere.example>:
+Sorry, I couldn't find any host by that name. (#5.1.2)
+
+<plain@example.org>:
+Sorry, I couldn't deliver this.
+
+<full@example.org>:
+192.0.2.26 does not like recipient.
+Remote host said: 452 mailbox full
+I'm not going to try again; this message has been in the queue too long.
+
+--- Below this line is a copy of the message.
+
+Return-Path: <bounces+%(token)s@example.com>
+Received: (qmail 317 invoked by uid 1000); 9 Mar 2024 03:54:38 -0000
+Date: 9 Mar 2024 03:54:38 -0000
+Message-ID: <qmail-1@example.com>
+From: shop@example.com
+To: gone@example.org
+Subject: are you there?
+
+Just checking.
+"""
+
+# Exim's default bounce text in its pre-MIME plain form.
+EXIM_BOUNCE = """\
+Return-path: <>
+Envelope-to: bounces+%(token)s@example.com
+X-Failed-Recipients: nobody@example.org
+Auto-Submitted: auto-replied
+From: Mail Delivery System <Mailer-Daemon@mx.example.net>
+To: bounces+%(token)s@example.com
+Subject: Mail delivery failed: returning message to sender
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  nobody@example.org
+    SMTP error from remote mail server after RCPT TO:<nobody@example.org>:
+    host mx.example.org [192.0.2.7]: 550 5.1.1 <nobody@example.org>:
+    Recipient address rejected: User unknown
+  lost@example.org
+    Unrouteable address
+  an undisclosed address
+    (generated from list@example.com)
+  full@example.org
+    SMTP error from remote mail server after end of data:
+    host mx.example.org [192.0.2.7]: 452 Mailbox over quota
+
+------ This is a copy of the message, including all the headers. ------
+
+Return-path: <bounces+%(token)s@example.com>
+Received: from shop by mx.example.com with local (Exim 4.96)
+Message-Id: <exim-1@example.com>
+From: shop@example.com
+To: nobody@example.org
+Subject: hello
+
+Hello.
+"""
+
+EXIM_DELAY = """\
+From: Mail Delivery System <Mailer-Daemon@mx.example.net>
+To: shop@example.com
+Subject: Warning: message 1abc-0001 delayed 24 hours
+
+This message was created automatically by mail delivery software.
+
+A message that you sent has not yet been delivered to one or more of its
+recipients after more than 24 hours on the queue on mx.example.net.
+
+The following address(es) have not yet been delivered:
+
+  slow@example.org
+    host mx.example.org [192.0.2.7]: 451 try again later
+"""
+
+BOUNCE_SAMPLES = (SIMPLE_DSN, MULTI_DSN, DELAYED_DSN, ODD_DSN, QMAIL_BOUNCE, EXIM_BOUNCE)
+
+
+def wire(text, token=BOUNCE_TOKEN):
+    """A sample as IMAP delivers it: the token filled in, CRLF line ends."""
+    return (text % {"token": token} if "%(token)s" in text else text).replace(
+        "\n", "\r\n").encode("utf-8")
+
+
+class BounceParsingTests(unittest.TestCase):
+    """parse_bounce, bounce_type, status_meaning and the VERP helpers: pure
+    functions, so no servers here."""
+
+    def parse(self, text, verp=VERP_BASE, **kwargs):
+        return asyncmail.parse_bounce(wire(text), verp, **kwargs)
+
+    def survives(self, raw, **kwargs):
+        """Parse hostile bytes: a well-formed report, or BounceParseError
+        (then None); nothing else may come out."""
+        try:
+            report = asyncmail.parse_bounce(raw, VERP_BASE, **kwargs)
+        except asyncmail.BounceParseError:
+            return None
+        self.assertIn(report.kind, asyncmail.BOUNCE_KINDS)
+        for entry in report.recipients:
+            self.assertIsInstance(entry, asyncmail.RecipientStatus)
+            self.assertLessEqual(len(entry.diagnostic), asyncmail.MAX_DIAGNOSTIC_CHARS)
+            self.assertRegex(entry.status, r"\A(|[245]\.[0-9]{1,3}\.[0-9]{1,3})\Z")
+            entry.recipient.encode("utf-8")   # storable: no lone surrogates
+            entry.diagnostic.encode("utf-8")
+        return report
+
+    # -- VERP ------------------------------------------------------------------
+
+    def test_verp_token_round_trip_is_short_lower_case_letters_and_digits(self):
+        for pk in (0, 1, 35, 36, BOUNCE_PK, 2 ** 31, 2 ** 63 - 1):
+            token = asyncmail.verp_token(BOUNCE_KEY, pk)
+            self.assertRegex(token, r"\A[a-z0-9]{1,32}\Z")
+            self.assertEqual(token, asyncmail.verp_token(BOUNCE_KEY, pk))
+            self.assertEqual(asyncmail.verp_pk(BOUNCE_KEY, token), pk)
+            self.assertEqual(asyncmail.verp_pk(BOUNCE_KEY, token.upper()), pk)  # MTAs fold case
+        self.assertNotEqual(asyncmail.verp_token(BOUNCE_KEY, 1)[:asyncmail.VERP_MAC_CHARS],
+                            asyncmail.verp_token(bytes(16), 1)[:asyncmail.VERP_MAC_CHARS])
+
+    def test_verp_token_under_another_key_or_tampered_names_no_row(self):
+        self.assertIsNone(asyncmail.verp_pk(bytes(16), BOUNCE_TOKEN))
+        for index, char in enumerate(BOUNCE_TOKEN):
+            tampered = BOUNCE_TOKEN[:index] + ("b" if char != "b" else "c") + BOUNCE_TOKEN[index + 1:]
+            self.assertIsNone(asyncmail.verp_pk(BOUNCE_KEY, tampered), tampered)
+        mac = BOUNCE_TOKEN[:asyncmail.VERP_MAC_CHARS]
+        for token in (BOUNCE_TOKEN[:-1], BOUNCE_TOKEN + "0", mac + "0" + BOUNCE_TOKEN[len(mac):],
+                      mac + "z" * 13, mac + "z" * 14, mac, "", "-", "ä" * 10, "a" * 32):
+            self.assertIsNone(asyncmail.verp_pk(BOUNCE_KEY, token), token)
+
+    def test_verp_sender_and_its_token(self):
+        address = asyncmail.verp_sender(VERP_BASE, BOUNCE_TOKEN)
+        self.assertEqual(address, "bounces+%s@example.com" % BOUNCE_TOKEN)
+        self.assertEqual(asyncmail.verp_sender("Bounce.Box@Mail.Example.com", "t1"),
+                         "Bounce.Box+t1@Mail.Example.com")
+        for seen in (address, "<%s>" % address, address.upper(), " %s " % address):
+            self.assertEqual(asyncmail.verp_token_of(VERP_BASE, seen).lower(), BOUNCE_TOKEN)
+        self.assertEqual(asyncmail.verp_token_of("BOUNCES@EXAMPLE.COM", address), BOUNCE_TOKEN)
+        for other in ("bounces@example.com", "bounces+@example.com", "",
+                      "bounces+%s@example.org" % BOUNCE_TOKEN,
+                      "xbounces+%s@example.com" % BOUNCE_TOKEN,
+                      "Name <bounces+%s@example.com>" % BOUNCE_TOKEN):
+            self.assertIsNone(asyncmail.verp_token_of(VERP_BASE, other), other)
+
+    # -- status codes ------------------------------------------------------------
+
+    def test_status_meanings_and_their_fallbacks(self):
+        for status, words in (("5.1.1", "Bad destination mailbox"),
+                              ("5.1.2", "Bad destination system"),
+                              ("5.2.2", "Mailbox full"), ("4.2.2", "Mailbox full"),
+                              ("5.7.1", "not authorized"), ("4.4.1", "No answer"),
+                              ("4.4.7", "time expired")):
+            self.assertIn(words, asyncmail.status_meaning(status))
+        for status, meaning in (
+                ("5.0.0", "Permanent failure"), ("4.0.0", "Persistent transient failure"),
+                ("2.0.0", "Success"), ("5.9.1", "Permanent failure"),
+                ("4.3.9", "Persistent transient failure: mail system status"),
+                ("5.7.99", "Permanent failure: security or policy status")):
+            self.assertEqual(asyncmail.status_meaning(status), meaning)
+        for status in ("", "5.1", "3.1.1", "5.1.1 ", "5.1.1\n", "5.1111.1", "\u0665.1.1", None):
+            with self.assertRaises(ValueError):
+                asyncmail.status_meaning(status)
+
+    def test_bounce_type(self):
+        for action, status, kind in (("failed", "5.1.1", "hard"), ("failed", "4.4.7", "soft"),
+                                     ("delayed", "4.4.7", "delayed"), ("failed", "2.0.0", None),
+                                     ("delivered", "2.0.0", None), ("unknown", "", None)):
+            self.assertEqual(asyncmail.bounce_type(action, status), kind, (action, status))
+
+    # -- RFC 3464 ----------------------------------------------------------------
+
+    # DEFECT in asyncmail.py (fa43578), for the lead to fix: _message_id()
+    # compares with MAX_MESSAGE_ID, which asyncmail.py never defines, so every
+    # bounce that returns the original's Message-ID raises NameError out of
+    # parse_bounce (untranslated; the collector's cycle dies on it and leaves
+    # the message unseen, stalling the mailbox).  This test and every other
+    # one that parses a returned Message-ID fail until the constant exists
+    # (MAX_MESSAGE_ID = 250, the length validate_message accepts).
+    def test_a_returned_message_id_is_read(self):
+        self.assertEqual(self.parse(ODD_DSN).original_message_id, "<odd-1@example.com>")
+        long_id = "<%s@example.com>" % ("x" * 300)
+        self.assertIsNone(self.parse(ODD_DSN.replace("<odd-1@example.com>", long_id))
+                          .original_message_id)
+
+    def test_simple_dsn_with_the_original_as_message_rfc822(self):
+        report = self.parse(SIMPLE_DSN)
+        self.assertEqual(report, asyncmail.BounceReport(
+            "dsn", BOUNCE_TOKEN, "<c0ffee42@example.com>", (asyncmail.RecipientStatus(
+                "lou@slow.example.org", "failed", "4.0.0", "426 connection timed out"),)))
+        self.assertEqual(asyncmail.bounce_type("failed", "4.0.0"), "soft")
+
+    def test_mixed_recipients_with_text_rfc822_headers(self):
+        report = self.parse(MULTI_DSN)
+        self.assertEqual((report.kind, report.verp_token, report.original_message_id),
+                         ("dsn", BOUNCE_TOKEN, "<multi-1@example.com>"))
+        self.assertEqual(report.recipients, (
+            asyncmail.RecipientStatus(
+                "ann@corp.example.org", "failed", "5.0.0",
+                "550 'ann@corp.example.org' is not a registered gateway user"),
+            asyncmail.RecipientStatus("bob@far.example.org", "delayed", "4.0.0", ""),
+            asyncmail.RecipientStatus("Cat@Lab.Example.Org", "failed", "5.1.1",
+                                      "550 5.1.1 <Cat@Lab.Example.Org>: user unknown")))
+        self.assertEqual([asyncmail.bounce_type(r.action, r.status) for r in report.recipients],
+                         ["hard", "delayed", "hard"])
+
+    def test_delay_warning(self):
+        report = self.parse(DELAYED_DSN)
+        self.assertEqual((report.kind, report.original_message_id),
+                         ("dsn", "<late-7@example.com>"))
+        self.assertEqual(report.recipients, (asyncmail.RecipientStatus(
+            "dee@busy.example.org", "delayed", "4.4.7", ""),))
+
+    def test_case_insensitive_names_and_original_recipient_fallback(self):
+        report = asyncmail.parse_bounce(ODD_DSN.encode(), VERP_BASE)   # bare LF line ends
+        self.assertEqual(report, asyncmail.BounceReport(
+            "dsn", None, "<odd-1@example.com>",
+            (asyncmail.RecipientStatus("eve@example.org", "failed", "5.2.2", ""),)))
+
+    def test_missing_or_garbled_status_comes_from_the_diagnostic_or_the_action(self):
+        unknown = ODD_DSN.replace("action: failed", "action: exploded")
+        for text, index, status in (
+                (MULTI_DSN.replace("Status: 5.1.1\n", "Status: five\n"), 2, "5.1.1"),
+                (SIMPLE_DSN.replace("Status: 4.0.0\n", "").replace("smtp; 426", "smtp; 554"),
+                 0, "5.0.0"),
+                (SIMPLE_DSN.replace("Status: 4.0.0\n", "").replace("smtp; 426 ", ""), 0, "5.0.0"),
+                (DELAYED_DSN.replace("Status: 4.4.7\n", ""), 0, "4.0.0"),
+                (unknown.replace("status: 5.2.2\n", ""), 0, "")):
+            self.assertEqual(self.parse(text).recipients[index].status, status)
+        self.assertEqual(self.parse(unknown).recipients[0].action, "unknown")
+
+    def test_a_block_without_recipient_is_skipped(self):
+        text = SIMPLE_DSN.replace("Original-Recipient: rfc822;lou@slow.example.org\n", "")
+        text = text.replace("Final-Recipient: rfc822;lou@slow.example.org\n", "")
+        report = self.parse(text)
+        self.assertEqual((report.kind, report.recipients), ("dsn", ()))
+
+    def test_other_reports_and_plain_mail_are_not_bounces(self):
+        for text in (SIMPLE_DSN.replace("report-type=delivery-status",
+                                        "report-type=feedback-report"),
+                     SIMPLE_DSN.replace("message/delivery-status", "text/plain"),
+                     EXIM_DELAY):
+            self.assertEqual(self.parse(text).kind, "not_a_bounce")
+        plain = "From: a@example.org\nTo: %s\nSubject: Re: hi\n\nThanks!\n" % VERP_BASE
+        self.assertEqual(self.parse(plain), asyncmail.BounceReport("not_a_bounce", None, None, ()))
+
+    # -- qmail and Exim ------------------------------------------------------------
+
+    def test_qmail(self):
+        report = self.parse(QMAIL_BOUNCE)
+        self.assertEqual((report.kind, report.verp_token, report.original_message_id),
+                         ("qmail", BOUNCE_TOKEN, "<qmail-1@example.com>"))
+        self.assertEqual([(r.recipient, r.action, r.status) for r in report.recipients], [
+            ("gone@example.org", "failed", "5.1.1"),
+            ("nohost@nowhere.example", "failed", "5.1.2"),
+            ("plain@example.org", "failed", "5.0.0"),
+            ("full@example.org", "failed", "4.0.0")])
+        self.assertEqual(report.recipients[2].diagnostic, "Sorry, I couldn't deliver this.")
+        self.assertIn("Remote host said: 550 5.1.1", report.recipients[0].diagnostic)
+
+    def test_qmail_without_a_message_id_in_the_copy(self):
+        text = QMAIL_BOUNCE.split("<gone@", 1)[0] + (
+            "<god@heaven.example>:\nSorry, I couldn't find any host by that name.\n\n"
+            "--- Below this line is a copy of the message.\n\nSubject: x\n\nbody\n")
+        report = self.parse(text)
+        self.assertEqual((report.kind, report.original_message_id), ("qmail", None))
+        self.assertEqual(report.recipients, (asyncmail.RecipientStatus(
+            "god@heaven.example", "failed", "5.0.0",
+            "Sorry, I couldn't find any host by that name."),))
+
+    def test_exim(self):
+        report = self.parse(EXIM_BOUNCE)
+        self.assertEqual((report.kind, report.verp_token, report.original_message_id),
+                         ("exim", BOUNCE_TOKEN, "<exim-1@example.com>"))
+        self.assertEqual([(r.recipient, r.status) for r in report.recipients], [
+            ("nobody@example.org", "5.1.1"), ("lost@example.org", "5.0.0"),
+            ("full@example.org", "4.0.0")])
+        self.assertEqual(report.recipients[1].diagnostic, "Unrouteable address")
+        self.assertTrue(report.recipients[0].diagnostic.startswith(
+            "SMTP error from remote mail server after RCPT TO:<nobody@example.org>: host"))
+
+    def test_exim_older_wording_on_one_line(self):
+        text = EXIM_BOUNCE.replace(
+            "A message that you sent could not be delivered to one or more of its\n"
+            "recipients. This is a permanent error. The following address(es) failed:\n",
+            "A message that you sent could not be delivered to all of its recipients."
+            " The following address(es) failed:\n")
+        report = self.parse(text)
+        self.assertEqual((report.kind, len(report.recipients)), ("exim", 3))
+
+    def test_a_reply_quoting_a_bounce_is_not_one(self):
+        quoted = ("From: a@example.org\nSubject: fwd\n\nLook at this:\n\n"
+                  + QMAIL_BOUNCE.split("\n\n", 1)[1])
+        self.assertEqual(self.parse(quoted).kind, "not_a_bounce")
+
+    # -- where the VERP address is read ----------------------------------------------
+
+    def verp_token_in(self, headers):
+        body = "Subject: x\n\nHi. This is the qmail-send program.\n\n<a@example.org>:\nNo.\n"
+        return self.parse(headers + body).verp_token
+
+    def test_verp_headers_in_their_order_of_trust(self):
+        names = asyncmail.VERP_HEADERS
+        tokens = {name: asyncmail.verp_token(BOUNCE_KEY, pk) for pk, name in enumerate(names)}
+        lines = ["%s: bounces+%s@example.com\n" % (name, tokens[name]) for name in names]
+        for first in range(len(lines)):
+            # listed in reverse, so the order of the lines is not what decides
+            self.assertEqual(self.verp_token_in("".join(reversed(lines[first:]))),
+                             tokens[names[first]])
+
+    def test_verp_address_among_others_in_any_case_and_in_later_values(self):
+        token = self.verp_token_in('To: "Shop" <shop@example.com>, Bounces <BOUNCES+%s@Example.COM>\n'
+                                   % BOUNCE_TOKEN.upper())
+        self.assertEqual(asyncmail.verp_pk(BOUNCE_KEY, token), BOUNCE_PK)
+        self.assertEqual(self.verp_token_in("Delivered-To: someone@example.com\n"
+                                            "Delivered-To: bounces+%s@example.com\n" % BOUNCE_TOKEN),
+                         BOUNCE_TOKEN)
+
+    def test_no_verp_address_no_token(self):
+        self.assertIsNone(self.parse(QMAIL_BOUNCE, verp=None).verp_token)
+        self.assertIsNone(self.verp_token_in("To: bounces@example.com\n"))
+
+    # -- hostile input -------------------------------------------------------------
+
+    def test_too_large_is_not_parsed(self):
+        huge = wire(MULTI_DSN) + b"x" * (5 << 20)
+        self.assertEqual(asyncmail.parse_bounce(huge, VERP_BASE),
+                         asyncmail.BounceReport("too_large", None, None, ()))
+        self.assertEqual(self.parse(SIMPLE_DSN, max_bytes=100).kind, "too_large")
+
+    def test_five_megabytes_parse_when_allowed(self):
+        filler = ("A" * 76 + "\r\n").encode() * ((5 << 20) // 78)
+        raw = wire(SIMPLE_DSN).replace(b"Thanks for your order.", filler)
+        report = asyncmail.parse_bounce(raw, VERP_BASE, max_bytes=8 << 20)
+        self.assertEqual((report.kind, report.original_message_id),
+                         ("dsn", "<c0ffee42@example.com>"))
+
+    def test_deep_nesting_and_long_content_types_are_refused_before_parsing(self):
+        nest = "".join('Content-Type: multipart/mixed; boundary="b%d"\n\n--b%d\n' % (i, i)
+                       for i in range(5000))
+        params = "".join("; p%d=v" % i for i in range(20000))   # parsed in quadratic time
+        for raw in (
+                wire("From: x@example.org\nMIME-Version: 1.0\n" + nest + "\nhi\n"),
+                # lines ending in a bare CR are lines, as they are to the email package
+                b"From: x@example.org\r" + nest.replace("\n", "\r").encode(),
+                wire("From: x@example.org\n" + "Content-Type: message/rfc822\n\n" * 5000
+                     + "Subject: x\n\nhi\n"),
+                wire(SIMPLE_DSN.replace("report-type=delivery-status;",
+                                        "report-type=delivery-status" + params + ";")),
+                wire(SIMPLE_DSN.replace("content-type: message/rfc822", "content-type: "
+                                        "text/plain" + params.replace(";", ";\n ")))):
+            with self.assertRaises(asyncmail.BounceParseError):
+                asyncmail.parse_bounce(raw)
+
+    def test_nesting_within_the_limit_parses(self):
+        nest = "".join('Content-Type: multipart/mixed; boundary="b%d"\n\n--b%d\n' % (i, i)
+                       for i in range(asyncmail.MAX_MIME_CONTAINERS - 4))
+        text = SIMPLE_DSN.replace("Thanks for your order.", "MIME-Version: 1.0\n" + nest + "\nhi")
+        self.assertEqual(self.parse(text).original_message_id, "<c0ffee42@example.com>")
+
+    def test_binary_garbage(self):
+        rng = random.Random(3464)
+        for size in (0, 1, 100, 10000, 1 << 20):
+            raw = rng.getrandbits(8 * size).to_bytes(size, "little") if size else b""
+            self.assertEqual(self.survives(raw).kind, "not_a_bounce")
+
+    def test_missing_unused_and_unclosed_boundaries(self):
+        for text in (SIMPLE_DSN.replace('boundary="AA1412.1709846165/mx.example.net"', "x=y"),
+                     SIMPLE_DSN.replace('boundary="AA1412', 'boundary="ZZ1412')):
+            self.assertEqual(self.survives(wire(text)).kind, "not_a_bounce")
+        unclosed = SIMPLE_DSN.rsplit("--AA1412.1709846165/mx.example.net--", 1)[0]
+        report = self.survives(wire(unclosed))
+        self.assertEqual((report.kind, len(report.recipients)), ("dsn", 1))
+
+    def test_huge_header_values_and_many_headers(self):
+        for headers in ("To: " + "a" * 500000 + "@example.com\n",
+                        "Delivered-To: " + "x,\n " * 100000 + "bounces+%(token)s@example.com\n",
+                        "Delivered-To: other@example.com\n" * 20000):
+            self.survives(wire(headers + "Subject: x\n\nbody\n"))
+        report = self.survives(wire(MULTI_DSN.replace("registered gateway user", "y" * 500000)))
+        self.assertGreater(len(report.recipients[0].diagnostic), 900)
+
+    def test_recipients_of_one_bounce_are_capped(self):
+        block = "Final-Recipient: rfc822;r%d@example.org\nAction: failed\nStatus: 5.1.1\n\n"
+        dsn = DELAYED_DSN.replace("Final-Recipient: rfc822; dee@busy.example.org\n",
+                                  "".join(block % i for i in range(3000)) + "Final-Recipient: x@y\n")
+        qmail = QMAIL_BOUNCE.replace("<plain@example.org>:\n", "<q@example.org>:\nno\n\n" * 3000
+                                     + "<plain@example.org>:\n")
+        for text in (dsn, qmail):
+            self.assertEqual(len(self.survives(wire(text)).recipients),
+                             asyncmail.MAX_BOUNCE_RECIPIENTS)
+
+    def test_eight_bit_and_control_characters(self):
+        raw = wire(MULTI_DSN).replace(
+            b"550 'ann@", "550 Benutzer unbekannt: Müller \x00\x1b[31m ".encode("utf-8") + b"'ann@")
+        report = self.survives(raw.replace(b"Status: 5.1.1", b"Status: 5.1.1 \xff\xfe"))
+        self.assertIn("Benutzer unbekannt: Müller", report.recipients[0].diagnostic)
+        self.assertNotIn("\x1b", report.recipients[0].diagnostic)
+        self.assertEqual(report.recipients[2].status, "5.1.1")
+        report = self.survives(wire(EXIM_BOUNCE).replace(b"Unrouteable address",
+                                                         b"Adresse inconnue \xe9\xe8"))
+        self.assertIn("Adresse inconnue", report.recipients[1].diagnostic)
+
+    def test_odd_transfer_encodings_and_parameters(self):
+        qp = QMAIL_BOUNCE.replace("Subject: failure notice\n", "Subject: failure notice\n"
+                                  "Content-Transfer-Encoding: quoted-printable\n")
+        for text in (
+                SIMPLE_DSN.replace("content-type: message/rfc822\n", "content-type: "
+                                   "text/rfc822-headers\ncontent-transfer-encoding: base64\n"),
+                qp,
+                ODD_DSN.replace("boundary=zz", "boundary=zz; charset*=x-unknown''%FF"),
+                ODD_DSN.replace("REPORT-TYPE=Delivery-Status",
+                                "REPORT-TYPE*=x-bogus''delivery-status"),
+                # 3.8's get_payload() raised TypeError on this (a str payload
+                # with 8-bit bytes and an RFC 2231 charset)
+                "Content-Type: multipart/report; report-type=delivery-status;"
+                " charset*=us-ascii''x\n\n\xe9t\xe9\n",
+                # broken uuencode: binascii.Error out of get_payload(decode=True) on 3.8-3.10
+                QMAIL_BOUNCE.replace("Subject: failure notice\n", "Subject: failure notice\n"
+                                     "Content-Transfer-Encoding: x-uuencode\n").replace(
+                                         "Hi. This", "begin 644 x\nM\x7f\x7f\nend\nHi. This")):
+            self.survives(wire(text))
+        self.assertEqual(self.survives(wire(qp)).kind, "qmail")
+
+    def test_random_mutations_of_every_sample(self):
+        rng = random.Random(8)
+        samples = [wire(text) for text in BOUNCE_SAMPLES]
+        junk = [b"\r\n", b"\n\n", b"\r", b":", b";", b"<", b">", b"--", b"\x00", b"\xff",
+                b" ", b"\t", b"=?utf-8?b?AAA?=", b"Content-Type: multipart/mixed\r\n",
+                b"Content-Type: message/rfc822\r\n\r\n", b"boundary=", b'"', b"*=''%"]
+        for _ in range(3000):
+            raw = bytearray(rng.choice(samples))
+            for _ in range(rng.randint(1, 8)):
+                at = rng.randrange(len(raw))
+                choice = rng.random()
+                if choice < 0.4:
+                    raw[at:at] = rng.choice(junk)
+                elif choice < 0.7:
+                    del raw[at:at + rng.randint(1, 40)]
+                else:
+                    raw[at] = rng.getrandbits(8)
+            self.survives(bytes(raw))
+
+    def test_bytes_only(self):
+        with self.assertRaises(TypeError):
+            asyncmail.parse_bounce(QMAIL_BOUNCE)
+        self.assertEqual(asyncmail.parse_bounce(bytearray(wire(QMAIL_BOUNCE))).kind, "qmail")
