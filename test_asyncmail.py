@@ -6026,10 +6026,10 @@ class Dovecot:
         import pwd
         owner = pwd.getpwnam("dovecot")
         maildir = os.path.join(self.directory, "home", "Maildir", "." + folder)
-        for number, raw in enumerate(messages):
-            # S= and W= (the sizes with CRLF line ends): Dovecot need not read the file for them
-            name = "%d.M%dP%d.asyncmail-test,S=%d,W=%d" % (time.time(), number, os.getpid(),
-                                                            len(raw), len(raw))
+        for raw in messages:
+            # a unique name; S= and W= (the sizes with CRLF line ends) spare Dovecot reading it
+            name = "%d.%s.asyncmail-test,S=%d,W=%d" % (time.time(), os.urandom(8).hex(),
+                                                        len(raw), len(raw))
             path = os.path.join(maildir, "tmp", name)
             with open(path, "wb") as handle:
                 handle.write(raw)
