@@ -344,7 +344,8 @@ SQL_SUPPRESSED = (
 SQL_LIST_SUPPRESSIONS = (
     "SELECT address, reason, created_ts, expires_ts FROM suppressions"
     " WHERE expires_ts IS NULL OR expires_ts > ? ORDER BY address")
-SQL_DELETE_SUPPRESSION = "DELETE FROM suppressions WHERE address = ?"
+SQL_DELETE_SUPPRESSION = (
+    "DELETE FROM suppressions WHERE address = ? AND (expires_ts IS NULL OR expires_ts > ?)")
 SQL_PRUNE_SUPPRESSIONS = "DELETE FROM suppressions WHERE expires_ts <= ?"
 SQL_COUNT_SUPPRESSIONS = "SELECT COUNT(*) FROM suppressions"
 
@@ -1682,10 +1683,10 @@ class Store:
         with self._transaction(durable=True) as conn:
             self._suppress(conn, address, reason, now, until)
 
-    def unsuppress(self, address):
-        """Lift a suppression; False when there was none."""
+    def unsuppress(self, address, now):
+        """Lift a suppression in force; False when there was none."""
         with self._transaction(durable=True) as conn:
-            removed = conn.execute(SQL_DELETE_SUPPRESSION, (address.lower(),)).rowcount
+            removed = conn.execute(SQL_DELETE_SUPPRESSION, (address.lower(), now)).rowcount
         self._suppression_count = None
         return bool(removed)
 
@@ -2595,6 +2596,7 @@ MAX_BOUNCE_RECIPIENTS = 1000   # entries reported from one bounce; the rest drop
 MAX_HEADER_VALUES = 20      # Delivered-To (one per hop) etc. values searched for VERP
 MAX_FIELD_CHARS = 1000      # a DSN field or header value kept (RFC 5322 line: 998)
 MAX_DIAGNOSTIC_CHARS = 1000  # diagnostic text kept; an SMTP reply line is <= 512
+MAX_MESSAGE_ID = 250        # as validate_message accepts a client's message_id
 
 BOUNCE_KINDS = ("dsn", "qmail", "exim", "not_a_bounce", "too_large")
 DSN_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 2.3.3
@@ -3010,9 +3012,8 @@ def parse_bounce(raw_bytes, verp_address=None, max_bytes=MAX_BOUNCE_BYTES):
 
     Raises BounceParseError for a message with more MIME nesting or longer
     Content-Type fields than this module parses (``_check_mime_limits``) or
-    one the email package fails on; ValueError for a malformed
-    ``verp_address``; TypeError when ``raw_bytes`` is not bytes.  Nothing
-    else, whatever the bytes hold.
+    one the email package fails on; TypeError when ``raw_bytes`` is not
+    bytes.  Nothing else, whatever the bytes hold.
     """
     if not isinstance(raw_bytes, (bytes, bytearray)):
         raise TypeError("raw_bytes must be bytes")
@@ -4084,6 +4085,7 @@ class _Dispatcher(_Worker):
         Events."""
         if self._last_prune is None or now - self._last_prune >= self.PRUNE_EVERY:
             self.store.prune_send_log(now - DAY)
+            self.store.prune_suppressions(now)
             self._last_prune = now
         self._close_idle_relays()
         if not self.controls.active:
@@ -4259,10 +4261,15 @@ class _Dispatcher(_Worker):
         found = self.store.suppressed(addresses, self.clock())
         if not found:
             return {}
+        reasons = {address.lower(): reason for address, (reason, _) in found.items()}
+        dropped = {}
         for field in ("to", "cc", "bcc"):
-            payload[field] = [pair for pair in payload[field] if pair[1] not in found]
-        self.metrics.inc("asyncmail_suppressed_total", amount=len(found))
-        return {address: "suppressed: %s" % reason for address, (reason, _) in found.items()}
+            for _, addr in payload[field]:
+                if addr.lower() in reasons:
+                    dropped[addr] = "suppressed: %s" % reasons[addr.lower()]
+            payload[field] = [pair for pair in payload[field] if pair[1] not in dropped]
+        self.metrics.inc("asyncmail_suppressed_total", amount=len(dropped))
+        return dropped
 
     def _failed_attempt(self, relay, claim, exc, started):
         """The Outcome of an attempt that raised a DeliveryError: failed when
@@ -4594,6 +4601,12 @@ class _BounceCollector(_Worker):
         except BounceParseError as exc:
             self.metrics.inc("asyncmail_bounces_skipped_total")
             self.log.info("bounce mailbox: a message could not be read: %s", str(exc)[:200])
+            return False, 0
+        except Exception:
+            # a parser bug must not stall the mailbox on one message at every
+            # poll: skip it, loudly (one message's boundary, like a job's)
+            self.metrics.inc("asyncmail_bounces_skipped_total")
+            self.log.exception("bounce mailbox: reading a message failed")
             return False, 0
         key = recipients = None
         if report.kind in ("dsn", "qmail", "exim"):
@@ -5890,7 +5903,7 @@ class AsyncMailCore:
 
     def _cmd_delete_suppression(self, payload):
         address = payload.get("address")
-        if not isinstance(address, str) or not self.store.unsuppress(address):
+        if not isinstance(address, str) or not self.store.unsuppress(address, self.now()):
             raise NotFoundError("not suppressed")
         return {"ok": True}
 

@@ -10,12 +10,14 @@ keep-alive ``http.client`` connections, and delivers to a local SMTP sink
 (Postfix's ``smtp-sink`` when installed, else an aiosmtpd subprocess).  Every
 process it starts is stopped in ``finally`` blocks and again at exit.
 
-Scenarios: intake, single, dispatch, latency, scale, footprint, reports, pull
-(see bench/README.md).  Every target is a ratio to a reference measured in
-the same run (``json.loads`` + ``executemany`` for intake, a bare
-``http.server`` echo, ``run.py _echo``, for single and footprint, the raw
-smtplib loop for dispatch and pull, the daemon itself at 1k queued for
-scale); absolute figures are printed beside the ratios but not judged.
+Scenarios: intake, single, dispatch, latency, scale, footprint, reports, pull,
+bounces (see bench/README.md).  Every target is a ratio to a reference
+measured in the same run (``json.loads`` + ``executemany`` for intake, a
+bare ``http.server`` echo, ``run.py _echo``, for single and footprint, the
+raw smtplib loop for dispatch and pull, the daemon itself at 1k queued for
+scale, a raw imaplib loop for bounces); absolute figures are printed beside
+the ratios but not judged.  bounces needs Dovecot 2.3 and root (it uses
+test_asyncmail.py's fixture) and is skipped with a message without them.
 Prints each figure with its target and verdict, then a Markdown table;
 writes raw numbers and machine info as JSON.
 
@@ -55,7 +57,7 @@ DAEMON = os.path.join(ROOT, "asyncmail.py")
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "reports",
-             "pull")
+             "pull", "bounces")
 
 # ---------------------------------------------------------------------------
 # sizes: (quick, full)
@@ -72,6 +74,8 @@ SIZES = {
     "footprint_starts": (9, 9),
     "reports_n": (3000, 10000),
     "pull_n": (5000, 5000),             # the Genropy issue's site: 5,000 messages
+    "bounces_n": (1000, 1000),          # one poll reads at most 1,000 (MAX_PER_CYCLE)
+    "bounces_rounds": (5, 9),           # daemon and raw IMAP loop take turns
 }
 PICK = 0  # 0 quick, 1 full; set in main()
 
@@ -1660,10 +1664,151 @@ def scenario_pull(ctx):
     return {"rows": rows, "raw": raw}
 
 
+# ---------------------------------------------------------------------------
+# bounces: the collector reading a throw-away Dovecot (fixture from the tests)
+# ---------------------------------------------------------------------------
+BOUNCES_TARGET = 0.40        # daemon's best round >= this x the raw IMAP loop's best round
+BOUNCES_WARMUP = 100         # a first, untimed round of each (logins, the email package)
+BOUNCES_FOLDER = "Bounces"   # what the daemon reads
+REFERENCE_FOLDER = "Reference"
+VERP_BASE = "bounces@example.com"
+_TESTS = []
+
+
+def test_fixtures():
+    """test_asyncmail.py imported as a module, for its Dovecot fixture and
+    bounce_dsn (one copy of each).  It imports asyncmail from ROOT: the
+    file being measured."""
+    if not _TESTS:
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
+        import test_asyncmail
+        _TESTS.append(test_asyncmail)
+    return _TESTS[0]
+
+
+def raw_imap_loop(server, folder):
+    """The IMAP work the collector does, without asyncmail: log in over
+    implicit TLS, SELECT, UID SEARCH UNSEEN, one UID FETCH of the sizes,
+    then per message UID FETCH BODY.PEEK[] and UID STORE +FLAGS.SILENT
+    (\\Seen), log out.  Returns (messages read, seconds)."""
+    import imaplib
+    import ssl
+    start = time.perf_counter()
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.imaps_port,
+                             ssl_context=ssl.create_default_context(cafile=server.ca_file))
+    try:
+        imap.login(server.user, server.password)
+        imap.select(folder)
+        uids = imap.uid("SEARCH", None, "UNSEEN")[1][0].split()
+        imap.uid("FETCH", b",".join(uids), "(RFC822.SIZE)")
+        for uid in uids:
+            typ, data = imap.uid("FETCH", uid, "(BODY.PEEK[])")
+            if typ != "OK" or not isinstance(data[0], tuple):
+                raise RuntimeError("FETCH %s: %s %r" % (uid, typ, data[:1]))
+            imap.uid("STORE", uid, "+FLAGS.SILENT", "(\\Seen)")
+    finally:
+        imap.logout()
+    return len(uids), time.perf_counter() - start
+
+
+def scenario_bounces(ctx):
+    """N bounces in a Dovecot folder, matched by VERP to N messages the
+    daemon delivered to the sink: bounces/s from run-now until
+    asyncmail_bounces_total reaches N, against the raw IMAP loop over a copy
+    of the same N messages, in turns (see bench/README.md)."""
+    tests = test_fixtures()
+    reason = tests.dovecot_unavailable()
+    if reason:
+        print("  SKIPPED: needs %s" % reason, flush=True)
+        return {"rows": [("bounces", "skipped: needs %s" % reason, "-", "SKIP")],
+                "raw": {"skipped": reason}}
+    n, rounds = size("bounces_n"), size("bounces_rounds")
+    module = asyncmail_module()
+    raw = {"bounces_per_round": n, "rounds": rounds, "daemon_per_s": [], "raw_imap_per_s": []}
+    server = tests.Dovecot()
+    with _CLEANUP_LOCK:   # stopped at exit too, whatever happens
+        _CHILDREN.append(server.process)
+    try:
+        for folder in (BOUNCES_FOLDER, REFERENCE_FOLDER):
+            server.append(folder)   # created empty
+        settings = dict(SUSPENDED, bounces=dict(
+            server.bounces_config(BOUNCES_FOLDER), verp_address=VERP_BASE,
+            poll_interval_seconds=3600))   # only run-now polls
+        with Sink() as sink, ctx.daemon("bounces", settings) as daemon:
+            raw["sink"] = sink.kind
+            api = daemon.api()
+            add_account(api, "bounce", sink.port, batch_size=1000)
+            total = BOUNCES_WARMUP + n * rounds
+            post_batches(daemon.port, -(-total // 1000), 2,
+                         make=lambda i: batch_bytes(min(1000, total - 1000 * i)))
+            measure_dispatch(api, total, 0, max(120.0, total / 20.0))
+            db = sqlite3.connect("file:%s?mode=ro" % daemon.db, uri=True)
+            try:   # the rows and the VERP key make each bounce match one message
+                key = bytes.fromhex(db.execute(
+                    "SELECT value FROM settings WHERE name = 'verp_key'").fetchone()[0])
+                pks = [pk for pk, in db.execute(
+                    "SELECT pk FROM messages WHERE status = 'sent' ORDER BY pk")]
+            finally:
+                db.close()
+            bounces = [tests.bounce_dsn(
+                [(RCPT, "failed", "5.1.1", "550 5.1.1 <%s>: user unknown" % RCPT)],
+                verp=module.verp_sender(VERP_BASE, module.verp_token(key, pk)))
+                for pk in pks]
+            raw["bounce_bytes"] = len(bounces[0])
+            start = time.perf_counter()   # what parsing alone costs (not judged)
+            for message in bounces[:n]:
+                module.parse_bounce(message, VERP_BASE)
+            raw["parse_only_per_s"] = n / (time.perf_counter() - start)
+            done_before, end = 0, BOUNCES_WARMUP
+            while done_before < len(bounces):
+                batch, timed = bounces[done_before:end], done_before > 0
+                server.deliver(REFERENCE_FOLDER, batch)
+                read, seconds = raw_imap_loop(server, REFERENCE_FOLDER)
+                if read != len(batch):
+                    raise RuntimeError("the raw loop read %d of %d" % (read, len(batch)))
+                if timed:
+                    raw["raw_imap_per_s"].append(read / seconds)
+                server.deliver(BOUNCES_FOLDER, batch)
+                start = time.perf_counter()
+                api.ok("POST", "/commands/run-now")
+                done, _ = wait_until(
+                    lambda: api.metric("asyncmail_bounces_total") >= end, 120.0, 0.02)
+                seconds = time.perf_counter() - start
+                if not done:
+                    raise RuntimeError("asyncmail_bounces_total stayed below %d" % end)
+                if timed:
+                    raw["daemon_per_s"].append(len(batch) / seconds)
+                done_before, end = end, end + n
+            for name in ("asyncmail_bounces_unmatched_total", "asyncmail_bounces_skipped_total"):
+                raw[name] = api.metric(name)
+                if raw[name]:
+                    raise RuntimeError("%s = %d" % (name, raw[name]))
+            raw["daemon_error_lines"] = daemon.problems
+            api.close()
+    finally:
+        process = server.process
+        server.close()
+        forget(process)
+    # Interference only ever slows a round, and the two took turns: each
+    # side's fastest round is the nearest to its quiet-machine speed (the
+    # medians' ratio spread twice as wide here).
+    rate, reference = max(raw["daemon_per_s"]), max(raw["raw_imap_per_s"])
+    ratio = rate / reference
+    raw.update({"daemon_bounces_per_s": rate, "raw_imap_msg_per_s": reference, "ratio": ratio,
+                "median_ratio": statistics.median(raw["daemon_per_s"])
+                / statistics.median(raw["raw_imap_per_s"])})
+    rows = [("bounces, %s from Dovecot, best of %d" % (fmt(n), rounds),
+             "%s = %.0f%% of raw IMAP %s" % (fmt(rate, "bounces/s"), ratio * 100,
+                                             fmt(reference, "msg/s")),
+             ">= %.0f%% of raw IMAP" % (BOUNCES_TARGET * 100), verdict(ratio >= BOUNCES_TARGET))]
+    return {"rows": rows, "raw": raw}
+
+
 RUNNERS = {"intake": scenario_intake, "single": scenario_single,
            "dispatch": scenario_dispatch, "latency": scenario_latency,
            "scale": scenario_scale, "footprint": scenario_footprint,
-           "reports": scenario_reports, "pull": scenario_pull}
+           "reports": scenario_reports, "pull": scenario_pull, "bounces": scenario_bounces}
 
 
 # ---------------------------------------------------------------------------
