@@ -4449,7 +4449,7 @@ class GenropySiteTests(CoreCase):
                          (0, [], ["store1:0"]))
 
     def test_a_busy_site_is_retried_after_its_retry_after(self):
-        core = self.start()
+        self.start()
         self.site.add("1")
         self.site.busy = 1
         self.sync()
@@ -4463,7 +4463,7 @@ class GenropySiteTests(CoreCase):
         self.assertEqual(self.site.state("1"), "handed")
 
     def test_queue_views_read_the_seed_record_shape(self):
-        core = self.start()
+        self.start()
         self.site.add("1", to_address=["alice@example.org", "bob@example.org"])
         self.site.add("2", subject="")
         self.smtp.rcpt_replies["client-2@example.org"] = "451 4.3.0 try later"
