@@ -546,6 +546,7 @@ def _smtp_error(message, temporary, account_level=False, smtp_code=None):
 # ####################################################################### #
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")   # C0 and DEL; TAB is folding space
 _CRLF = re.compile(r"[\r\n]")
 _ASCII_DIGITS = re.compile(r"[0-9]+")   # str.isdigit would accept "²", which int refuses
 # Every character str.splitlines() breaks on: the email package refuses all of
@@ -2035,6 +2036,10 @@ def _check_text(value, field, required=False, max_chars=None, single_line=False)
     if line_break:   # VT, FF, NEL, U+2028...: the email package refuses them too
         raise ValueError("%s must not contain a line break (U+%04X)"
                          % (field, ord(line_break.group())))
+    control = _HEADER_CONTROLS.search(value) if single_line else None
+    if control:      # they would reach the header raw: RFC 5322 has no place for them
+        raise ValueError("%s must not contain a control character (U+%04X)"
+                         % (field, ord(control.group())))
     if "\x00" in value:
         raise ValueError("%s must not contain NUL" % field)
     if max_chars is not None and len(value) > max_chars:

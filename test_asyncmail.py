@@ -6385,3 +6385,19 @@ class DovecotPeerTests(CoreCase):
         self.assertEqual(len(core.store.suppressions(self.clock())), 1000)
         self.assertEqual(self.dovecot.count(self.folder, "UNSEEN"), 0)
         self.assertEqual(len(self.record(core, "m99")["bounces"]), 10)
+
+
+class HeaderControlCharacterTests(CoreCase):
+
+    def test_control_characters_in_header_fields_are_refused_at_intake(self):
+        # \x01 in a subject went to the wire raw (no line break, so no
+        # injection, but RFC 5322 has no place for it and relays refuse it)
+        core = self.make_core(http=False)
+        self.add_account(core)
+        for fields in ({"subject": "hi\x01there"}, {"headers": {"X-Tag": "a\x1bb"}},
+                       {"subject": "del\x7f"}):
+            with self.subTest(fields=fields):
+                answer = core.handle_command("add messages", {"messages": [message("c", **fields)]})
+                self.assertEqual(answer["queued"], 0)
+                self.assertIn("control character", answer["rejected"][0]["reason"])
+        self.add(core, message("tab", subject="a\tb"))   # TAB is folding white space
