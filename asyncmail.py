@@ -2266,10 +2266,6 @@ def _account_path(value):
     return value or None
 
 
-def _account_bool(value):
-    return _parse_bool(value)
-
-
 # field -> (parser, default).  A missing field or a null value takes the
 # default; a parser raises ValueError saying what the value must be.
 ACCOUNT_SCHEMA = {
@@ -2277,9 +2273,9 @@ ACCOUNT_SCHEMA = {
     "port": (_account_whole(1, 65535), 587),
     "user": (_account_credential, None),
     "password": (_account_credential, None),
-    "use_tls": (_account_bool, False),       # STARTTLS (implicit TLS on 465)
-    "use_ssl": (_account_bool, None),        # implicit TLS; None: port == 465
-    "tls_verify": (_account_bool, True),
+    "use_tls": (_parse_bool, False),       # STARTTLS (implicit TLS on 465)
+    "use_ssl": (_parse_bool, None),        # implicit TLS; None: port == 465
+    "tls_verify": (_parse_bool, True),
     "ca_file": (_account_path, None),        # a private CA for this relay
     "limit_per_minute": (_account_whole(0, 10 ** 9), 0),   # 0: no limit
     "limit_per_hour": (_account_whole(0, 10 ** 9), 0),
@@ -6180,9 +6176,6 @@ def _watchdog_seconds(environ):
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 1e6
-
-
-CLI_COMMANDS = ("queue", "status", "show", "retry", "requeue", "hold", "release", "delete")
 
 
 def _parse_args(argv):
