@@ -67,6 +67,7 @@ import math
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import socketserver
@@ -134,8 +135,20 @@ _CLAIMED = "claimed"          # its SMTP transaction has not begun: a delete sto
 _ON_WIRE = "on the wire"      # its transaction has begun: it ends as the relay says
 _WITHDRAWN = "withdrawn"      # deleted or failed since its claim: never to be sent
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+# Tenants (one daemon for many Genropy sites).  Requests without a tenant,
+# and the [client] section, are the default tenant.
+DEFAULT_TENANT = "default"
+ALL_TENANTS = "*"           # the admin's tenant_id for "every tenant"
+# A tenant's message ids, account ids and suppressed addresses live in the
+# same columns as the default tenant's, as ``tenant<US>name``: ids never hold
+# control characters, so the key is unambiguous, and a database of one
+# tenant keeps its bare ids (no migration of rows, no second code path).
+TENANT_SEP = "\x1f"
+MAX_BATCH_CODE = 64         # Genropy's batch_code column
+TENANT_KEY_BYTES = 32       # secrets.token_urlsafe(32): 43 characters
+MAX_CACHED_ATTACHMENT_BYTES = 64 * 1024 * 1024   # endpoint attachments kept by content_md5
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Schema version 1.  Messages move pending -> sending -> sent/error, or to
 # deferred (waiting for deferred_ts) and back to pending when due, the way
@@ -271,16 +284,81 @@ SQL_SCHEMA_V5 = (
     "CREATE INDEX messages_sent_rfc_id ON messages (message_id) WHERE status = 'sent'",
 )
 
+# Schema version 6: tenants (one daemon for many Genropy sites).  A tenant's
+# rows carry its id in ``tenant`` (and their keys its TENANT_SEP prefix);
+# queue depth is counted per tenant; a message may carry a ``batch_code``
+# (a campaign, which suspend can hold).
+SQL_SCHEMA_V6 = (
+    """CREATE TABLE tenants (
+        id TEXT PRIMARY KEY,
+        settings TEXT NOT NULL,
+        key_hash TEXT NOT NULL,
+        created_ts REAL NOT NULL,
+        updated_ts REAL NOT NULL)""",
+    "ALTER TABLE messages ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
+    "ALTER TABLE messages ADD COLUMN batch_code TEXT",
+    # a tenant's listings, as messages_age serves the whole queue's
+    "CREATE INDEX messages_tenant ON messages (tenant, status, created_ts)",
+    "ALTER TABLE events ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
+    "CREATE INDEX events_tenant ON events (tenant, seq)",
+    "ALTER TABLE accounts ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
+    """CREATE TABLE tenant_counts (
+        tenant TEXT NOT NULL,
+        status TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (tenant, status)) WITHOUT ROWID""",
+    "INSERT INTO tenant_counts (tenant, status, n) SELECT 'default', status, n FROM queue_counts",
+    "DROP TRIGGER messages_count_insert",
+    "DROP TRIGGER messages_count_delete",
+    "DROP TRIGGER messages_count_update",
+    "DROP TABLE queue_counts",
+    # a tenant's rows are made when it registers (SQL_TENANT_COUNTS): the
+    # triggers only ever update
+    """CREATE TRIGGER messages_count_insert AFTER INSERT ON messages BEGIN
+        UPDATE tenant_counts SET n = n + 1
+        WHERE tenant = NEW.tenant AND status = NEW.status; END""",
+    """CREATE TRIGGER messages_count_delete AFTER DELETE ON messages BEGIN
+        UPDATE tenant_counts SET n = n - 1
+        WHERE tenant = OLD.tenant AND status = OLD.status; END""",
+    """CREATE TRIGGER messages_count_update AFTER UPDATE OF status ON messages
+        WHEN OLD.status <> NEW.status BEGIN
+        UPDATE tenant_counts SET n = n - 1 WHERE tenant = OLD.tenant AND status = OLD.status;
+        UPDATE tenant_counts SET n = n + 1 WHERE tenant = NEW.tenant AND status = NEW.status;
+        END""",
+)
+
 SQL_INSERT_MESSAGE = (
     "INSERT INTO messages (id, account_id, priority, status, created_ts,"
-    " deferred_ts, subject, recipients, message_id, payload)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    " deferred_ts, subject, recipients, message_id, payload, tenant, batch_code)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# Resubmitting an id whose message failed is a new attempt (Genropy's
+# "Retry send"): the failed row and its unsent events make room for it.
+SQL_FAILED_KEYS = "SELECT pk, id FROM messages WHERE status = 'error' AND id IN ({marks})"
+SQL_DELETE_EVENTS_OF = "DELETE FROM events WHERE message_pk IN ({marks})"
+SQL_DELETE_PKS = "DELETE FROM messages WHERE pk IN ({marks})"
+# Tenants.
+SQL_TENANT_COUNTS = (
+    "INSERT OR IGNORE INTO tenant_counts (tenant, status, n) VALUES " + ", ".join(
+        "(?, '%s', 0)" % status for status in STATUSES))
+SQL_INSERT_TENANT = (
+    "INSERT INTO tenants (id, settings, key_hash, created_ts, updated_ts) VALUES (?, ?, ?, ?, ?)")
+SQL_UPDATE_TENANT = "UPDATE tenants SET settings = ?, key_hash = ?, updated_ts = ? WHERE id = ?"
+SQL_TENANT_EXISTS = "SELECT 1 FROM tenants WHERE id = ?"
+SQL_LIST_TENANTS = "SELECT id, settings, key_hash, created_ts, updated_ts FROM tenants ORDER BY id"
+SQL_DELETE_TENANT = "DELETE FROM tenants WHERE id = ?"
+SQL_TENANT_MESSAGE_KEYS = "SELECT pk, id FROM messages WHERE tenant = ?"
+SQL_DELETE_TENANT_MESSAGES = "DELETE FROM messages WHERE tenant = ?"
+SQL_DELETE_TENANT_EVENTS = "DELETE FROM events WHERE tenant = ?"
+SQL_DELETE_TENANT_ACCOUNTS = "DELETE FROM accounts WHERE tenant = ?"
+SQL_DELETE_TENANT_SENDS = "DELETE FROM send_log WHERE account_id >= ? AND account_id < ?"
+SQL_DELETE_TENANT_SUPPRESSIONS = "DELETE FROM suppressions WHERE address >= ? AND address < ?"
+SQL_DELETE_TENANT_COUNTS = "DELETE FROM tenant_counts WHERE tenant = ?"
 SQL_EXISTING_IDS = "SELECT id FROM messages WHERE id IN ({marks})"
 SQL_EXISTING_KEYS = "SELECT pk, id FROM messages WHERE id IN ({marks})"
 SQL_RECORD_COLUMNS = (
     "id, account_id, priority, status, created_ts, deferred_ts, sent_ts,"
     " error_ts, error, retry_count, reported_ts, subject, recipients, refused,"
-    " updated_ts, payload")
+    " updated_ts, tenant, batch_code, payload")
 SQL_GET_MESSAGE = "SELECT " + SQL_RECORD_COLUMNS + " FROM messages WHERE id = ?"
 # GET /messages, put together by Store.list_messages from these pieces.  One
 # arm per wanted status, each read in (created_ts, pk) order from
@@ -288,7 +366,9 @@ SQL_GET_MESSAGE = "SELECT " + SQL_RECORD_COLUMNS + " FROM messages WHERE id = ?"
 # created_ts), merged by SQLite's UNION ALL merge: no sort, no scan, and a
 # page reads about as many rows as it returns, whatever the queue's size.
 SQL_LIST_ARM = "SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages WHERE status = ?"
+SQL_LIST_TENANT = " AND tenant = ?"
 SQL_LIST_ACCOUNT = " AND account_id = ?"
+SQL_LIST_BATCH = " AND +batch_code = ?"
 SQL_LIST_SINCE = " AND created_ts >= ?"
 SQL_LIST_UNTIL = " AND created_ts < ?"
 SQL_LIST_AFTER = {"oldest": " AND (created_ts, pk) > (?, ?)",
@@ -300,6 +380,7 @@ SQL_LIST_ORDER = {"oldest": " ORDER BY created_ts, pk LIMIT ? OFFSET ?",
 # the status indexes, which would need a sort).
 SQL_LIST_BY_ID = ("SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages"
                   " WHERE id >= ? AND id < ? AND +status IN ({marks})")
+SQL_LIST_BY_ID_TENANT = " AND +tenant = ?"
 SQL_LIST_BY_ID_ACCOUNT = " AND +account_id = ?"
 SQL_LIST_BY_ID_AFTER = {"oldest": " AND id > ?", "newest": " AND id < ?"}
 SQL_LIST_BY_ID_ORDER = {"oldest": " ORDER BY id LIMIT ? OFFSET ?",
@@ -334,7 +415,7 @@ SQL_MESSAGE_BOUNCES = (
     " WHERE message_pk = (SELECT pk FROM messages WHERE id = ?) ORDER BY seq")
 SQL_INSERT_BOUNCE_EVENT = (
     "INSERT INTO events (message_pk, message_id, account_id, priority, kind, sent_ts,"
-    " error_ts, error, bounce) VALUES (?, ?, ?, ?, 'bounce', ?, ?, ?, ?)")
+    " error_ts, error, bounce, tenant) VALUES (?, ?, ?, ?, 'bounce', ?, ?, ?, ?, ?)")
 SQL_UPSERT_SUPPRESSION = (
     "INSERT OR REPLACE INTO suppressions (address, reason, created_ts, expires_ts)"
     " VALUES (?, ?, ?, ?)")
@@ -356,11 +437,14 @@ SQL_SELECTOR_IDS = "SELECT id, status, account_id IN (SELECT id FROM accounts) F
 SQL_RETRY = (
     "UPDATE messages SET status = 'pending', deferred_ts = NULL, deferred_reason = NULL,"
     " updated_ts = ? WHERE status = 'deferred' AND {scheduled} AND {where}")
-SQL_RETRY_NOT_SCHEDULED = "deferred_reason IS NOT NULL"   # NULL: the client's own schedule
+SQL_RETRY_NOT_SCHEDULED = "deferred_reason IS NOT NULL"
+_SELECTOR_WHERE = {"account_id": "account_id = ?", "status": "status = ?", "all": "1"}   # NULL: the client's own schedule
 SQL_REQUEUE_EVENTS = (
     "INSERT INTO events (message_pk, message_id, account_id, priority, kind, deferred_ts,"
-    " reason) SELECT pk, id, account_id, priority, 'pending', ?, 'requeued' FROM messages"
-    " WHERE status = 'error' AND account_id IN (SELECT id FROM accounts) AND {where}")
+    " reason, tenant) SELECT pk, id, account_id, priority, 'pending', ?, 'requeued', tenant"
+    " FROM messages WHERE status = 'error' AND account_id IN (SELECT id FROM accounts)"
+    " AND {reporting} AND {where}")
+SQL_REPORTING_TENANTS = "tenant <> 'default'"   # without [client] client_sync_url
 SQL_REQUEUE = (
     "UPDATE messages SET status = 'pending', retry_count = 0, error = NULL, error_ts = NULL,"
     " reported_ts = NULL, deferred_ts = NULL, deferred_reason = NULL, updated_ts = ?"
@@ -375,11 +459,11 @@ SQL_DELETE_MESSAGE_EVENTS = (
     "DELETE FROM events WHERE message_pk IN"
     " (SELECT pk FROM messages WHERE id IN ({marks}))")
 SQL_DELETE_MESSAGES = "DELETE FROM messages WHERE id IN ({marks})"
-SQL_QUEUE_COUNTS = "SELECT status, n FROM queue_counts"
+SQL_QUEUE_COUNTS = "SELECT tenant, status, n FROM tenant_counts"
 SQL_OLDEST_ACTIVE = (
     "SELECT MIN(created_ts) FROM messages WHERE status = ?")
 SQL_UPSERT_ACCOUNT = (
-    "INSERT OR REPLACE INTO accounts (id, settings, updated_ts) VALUES (?, ?, ?)")
+    "INSERT OR REPLACE INTO accounts (id, settings, updated_ts, tenant) VALUES (?, ?, ?, ?)")
 SQL_LIST_ACCOUNTS = "SELECT settings FROM accounts ORDER BY id"
 SQL_GET_ACCOUNT = "SELECT settings FROM accounts WHERE id = ?"   # existence check
 SQL_ACCOUNT_IDS = "SELECT id FROM accounts"
@@ -390,16 +474,19 @@ SQL_ACCOUNT_ACTIVE_MESSAGES = (
 # finds them (a status filter here made SQLite walk every finished message).
 SQL_PURGE_REPORTED = (
     "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages INDEXED BY messages_reported"
-    " WHERE reported_ts IS NOT NULL AND reported_ts < ? LIMIT ?)")
+    " WHERE reported_ts IS NOT NULL AND reported_ts < ? {tenant} LIMIT ?)")
 # events.message_id holds the client's id (MessageKey.ref), not the RFC
 # Message-ID that messages.message_id holds: a name from schema version 1.
 SQL_INSERT_EVENT = (
     "INSERT INTO events (message_pk, message_id, account_id, priority, kind,"
-    " sent_ts, error_ts, error, deferred_ts, reason, refused)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    " sent_ts, error_ts, error, deferred_ts, reason, refused, tenant)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_PENDING_EVENTS = (
     "SELECT seq, message_pk, message_id, account_id, priority, kind, sent_ts,"
-    " error_ts, error, deferred_ts, reason, refused, bounce FROM events ORDER BY seq LIMIT ?")
+    " error_ts, error, deferred_ts, reason, refused, bounce FROM events"
+    " WHERE tenant = ? ORDER BY seq LIMIT ?")
+SQL_HAS_EVENTS = "SELECT 1 FROM events WHERE tenant = ? LIMIT 1"
+SQL_EVENT_BACKLOG = "SELECT tenant, COUNT(*) FROM events GROUP BY tenant"
 SQL_DELETE_EVENTS = "DELETE FROM events WHERE seq IN ({marks})"
 SQL_MARK_REPORTED = (
     "UPDATE messages SET reported_ts = ?, updated_ts = ? WHERE pk IN ({marks})"
@@ -430,11 +517,13 @@ SQL_PROMOTE_DUE = (
     " WHERE status = 'deferred' AND deferred_ts <= :now")
 SQL_HAS_PENDING = (
     "SELECT 1 FROM messages WHERE status = 'pending' AND account_id = ?"
-    " AND priority <= ? LIMIT 1")
+    " AND priority <= ?{held} LIMIT 1")
 SQL_CLAIM_SELECT = (
     "SELECT pk, id, account_id, priority, retry_count, payload FROM messages"
-    " WHERE status = 'pending' AND account_id = ? AND priority <= ?"
+    " WHERE status = 'pending' AND account_id = ? AND priority <= ?{held}"
     " ORDER BY priority, pk LIMIT ?")
+# campaigns on hold (suspend with batch_code) are skipped by the claim
+SQL_CLAIM_HELD_BATCHES = " AND (batch_code IS NULL OR batch_code NOT IN ({marks}))"
 SQL_CLAIM_UPDATE = "UPDATE messages SET status = 'sending' WHERE pk IN ({marks})"
 SQL_INSERT_SEND = "INSERT INTO send_log (account_id, ts) VALUES (?, ?)"
 SQL_SENDS_SINCE = "SELECT ts FROM send_log WHERE account_id = ? AND ts > ? ORDER BY ts"
@@ -494,15 +583,17 @@ class ConflictError(ApiError):
 class DeliveryError(AsyncmailError):
     """A step of delivering one message failed.
 
-    ``smtp_code`` is an SMTP server's reply code when one said so;
-    ``account_level`` says that the relay itself failed (connect, TLS, AUTH),
-    so the account's other messages should wait instead of trying too.
+    ``smtp_code`` is an SMTP server's reply code when one said so,
+    ``http_status`` an attachment server's status; ``account_level`` says
+    that the relay itself failed (connect, TLS, AUTH), so the account's
+    other messages should wait instead of trying too.
     """
 
-    def __init__(self, message, smtp_code=None, account_level=False):
+    def __init__(self, message, smtp_code=None, account_level=False, http_status=None):
         super().__init__(message)
         self.smtp_code = smtp_code
         self.account_level = account_level
+        self.http_status = http_status
 
 
 class TemporaryError(DeliveryError):
@@ -845,10 +936,61 @@ def _prefix_end(prefix):
     return "\U0010ffff" * (MAX_ID_CHARS + 1)   # longer than any id
 
 
+_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _scoped(tenant, name):
+    """The store key of ``name`` (a message id, an account id, a suppressed
+    address) in ``tenant``: the bare name in the default tenant, else
+    ``tenant<US>name`` (see TENANT_SEP)."""
+    return name if tenant == DEFAULT_TENANT else tenant + TENANT_SEP + name
+
+
+def _unscoped(key):
+    """(tenant, name) of a store key made by ``_scoped``."""
+    tenant, sep, name = key.partition(TENANT_SEP)
+    return (tenant, name) if sep else (DEFAULT_TENANT, key)
+
+
+def _tenant_of(key):
+    return _unscoped(key)[0]
+
+
+def _name_of(key):
+    return _unscoped(key)[1]
+
+
+def _tenant_range(tenant):
+    """[low, high) of the store keys of a named tenant."""
+    low = tenant + TENANT_SEP
+    return low, _prefix_end(low)
+
+
+def _shown_key(key):
+    """A store key for a log line: ``tenant/name``, or the bare name."""
+    return key.replace(TENANT_SEP, "/")
+
+
 def _iso(ts):
     """Epoch seconds as ISO 8601 UTC, to the second."""
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _auth_headers(user=None, password=None, token=None):
+    """The ``Authorization`` header of a client's credentials: bearer when
+    there is a token, else basic when there is a user, else none."""
+    if token:
+        return {"Authorization": "Bearer " + token}
+    if user:
+        pair = "%s:%s" % (user, password or "")
+        return {"Authorization": "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")}
+    return {}
+
+
+def _key_digest(key):
+    """The SHA-256 (hex) of an API key: all that is kept of a tenant's key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _redact_url(url):
@@ -1297,13 +1439,23 @@ class Outcome(collections.namedtuple(
 ATTEMPT_LABELS = {"sent": "sent", "deferred": "deferred", "failed": "error"}
 
 
+class IntakeRow(collections.namedtuple(
+        "IntakeRow", "key account_key priority status created_ts deferred_ts subject"
+        " recipients rfc_message_id payload tenant batch_code")):
+    """One accepted message as Store.insert_messages stores it, in
+    SQL_INSERT_MESSAGE order: ``key`` and ``account_key`` are store keys
+    (see ``_scoped``), ``payload`` the normalised message as JSON."""
+
+    __slots__ = ()
+
+
 class _IntakeRequest:
     """One add-messages batch waiting for a group commit."""
 
-    __slots__ = ("rows", "duplicates", "orphans", "error", "done")
+    __slots__ = ("rows", "duplicates", "orphans", "replaced", "error", "done")
 
     def __init__(self, rows):
-        self.rows, self.duplicates, self.orphans = rows, set(), set()
+        self.rows, self.duplicates, self.orphans, self.replaced = rows, set(), set(), set()
         self.error, self.done = None, False
 
 
@@ -1429,7 +1581,7 @@ class Store:
             raise StoreError("database %s has schema version %d; this asyncmail "
                              "knows up to %d" % (self.path, version, SCHEMA_VERSION))
         steps = {1: SQL_SCHEMA_V1, 2: SQL_SCHEMA_V2, 3: SQL_SCHEMA_V3, 4: SQL_SCHEMA_V4,
-                 5: SQL_SCHEMA_V5}
+                 5: SQL_SCHEMA_V5, 6: SQL_SCHEMA_V6}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
             for statement in steps[target]:
@@ -1451,10 +1603,12 @@ class Store:
     def insert_messages(self, rows):
         """Insert message rows durably, skipping ids that are already queued.
 
-        ``rows`` are tuples in SQL_INSERT_MESSAGE order (id, account_id, ...)
-        and no id twice.  Returns (ids already present, ids whose account was
-        deleted meanwhile): neither is inserted.  Raises StoreError; blocks
-        until the rows are committed.
+        ``rows`` are IntakeRows, no key twice.  Returns (keys already
+        present, keys whose account was deleted meanwhile, keys that replaced
+        a failed message): the first two are not inserted.  A key whose
+        message ended in error is a new attempt: the failed row, its history
+        and its unsent events make room for the new one.  Raises StoreError;
+        blocks until the rows are committed.
 
         Group commit: concurrent callers share one transaction and one fsync.
         Whoever holds ``_intake_leader`` commits every request queued so far;
@@ -1470,28 +1624,41 @@ class Store:
                 self._commit_intake(group)
         if request.error is not None:
             raise request.error
-        return request.duplicates, request.orphans
+        return request.duplicates, request.orphans, request.replaced
 
     def _commit_intake(self, group):
         try:
             with self._transaction(durable=True) as conn:
-                ids = [row[0] for request in group for row in request.rows]
-                taken = set()
-                for start in range(0, len(ids), SQL_CHUNK):
-                    chunk = ids[start:start + SQL_CHUNK]
-                    sql = SQL_EXISTING_IDS.format(marks=",".join("?" * len(chunk)))
-                    taken.update(row[0] for row in conn.execute(sql, chunk))
+                keys = [row.key for request in group for row in request.rows]
+                taken, failed = set(), {}
+                for start in range(0, len(keys), SQL_CHUNK):
+                    chunk = keys[start:start + SQL_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    taken.update(row[0] for row in conn.execute(
+                        SQL_EXISTING_IDS.format(marks=marks), chunk))
+                    if taken:
+                        failed.update((key, pk) for pk, key in conn.execute(
+                            SQL_FAILED_KEYS.format(marks=marks), chunk))
                 accounts = {row[0] for row in conn.execute(SQL_ACCOUNT_IDS)}
-                inserts = []
+                inserts, replaced = [], []
                 for request in group:
                     for row in request.rows:
-                        if row[1] not in accounts:   # deleted since validation
-                            request.orphans.add(row[0])
-                        elif row[0] in taken:
-                            request.duplicates.add(row[0])
-                        else:
-                            taken.add(row[0])
+                        if row.account_key not in accounts:   # deleted since validation
+                            request.orphans.add(row.key)
+                        elif row.key in failed:
+                            replaced.append(failed.pop(row.key))
+                            request.replaced.add(row.key)
                             inserts.append(row)
+                        elif row.key in taken:
+                            request.duplicates.add(row.key)
+                        else:
+                            taken.add(row.key)
+                            inserts.append(row)
+                for start in range(0, len(replaced), SQL_CHUNK):
+                    chunk = replaced[start:start + SQL_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    conn.execute(SQL_DELETE_EVENTS_OF.format(marks=marks), chunk)
+                    conn.execute(SQL_DELETE_PKS.format(marks=marks), chunk)
                 conn.executemany(SQL_INSERT_MESSAGE, inserts)
         except BaseException as exc:
             # every request of the group failed with its transaction: each
@@ -1514,7 +1681,7 @@ class Store:
         record = dict(zip(("id", "account_id", "priority", "status", "created_ts",
                            "deferred_ts", "sent_ts", "error_ts", "error", "retry_count",
                            "reported_ts", "subject", "to", "refused", "updated_ts",
-                           "payload"), row))
+                           "tenant_id", "batch_code", "payload"), row))
         record["to"] = json.loads(record["to"])
         record["refused"] = json.loads(record["refused"]) if record["refused"] else None
         record["payload"] = json.loads(record["payload"])
@@ -1530,16 +1697,23 @@ class Store:
 
     @staticmethod
     def listing_query(statuses, account_id=None, since=None, until=None, id_prefix=None,
-                      order="oldest", after=None, limit=1000, offset=0):
+                      order="oldest", after=None, limit=1000, offset=0, tenant=None,
+                      batch_code=None):
         """(sql, parameters) of one page of GET /messages: the messages in
         ``statuses`` (created in [since, until)) in (created_ts, pk) order,
         or in id order with ``id_prefix``; ``after`` is the keyset cursor
-        (created_ts, pk), or an id with ``id_prefix``.  Every combination is
+        (created_ts, pk), or an id with ``id_prefix``.  ``tenant`` (None:
+        every tenant) narrows to one tenant; ``account_id`` and ``id_prefix``
+        are store keys, so they name a tenant already.  Every combination is
         served from an index (the store tests pin the plans)."""
+        if account_id is not None:
+            tenant = None    # the account's key holds its tenant
         if id_prefix is not None:
             sql = SQL_LIST_BY_ID.format(marks=",".join("?" * len(statuses)))
             params = [id_prefix, _prefix_end(id_prefix)] + list(statuses)
-            for clause, value in ((SQL_LIST_BY_ID_ACCOUNT, account_id),
+            for clause, value in ((SQL_LIST_BY_ID_TENANT, tenant),
+                                  (SQL_LIST_BY_ID_ACCOUNT, account_id),
+                                  (SQL_LIST_BATCH, batch_code),
                                   (SQL_LIST_SINCE, since), (SQL_LIST_UNTIL, until),
                                   (SQL_LIST_BY_ID_AFTER[order], after)):
                 if value is not None:
@@ -1549,7 +1723,8 @@ class Store:
         arms, params = [], []
         for status in statuses:
             arm, arm_params = SQL_LIST_ARM, [status]
-            for clause, value in ((SQL_LIST_ACCOUNT, account_id), (SQL_LIST_SINCE, since),
+            for clause, value in ((SQL_LIST_TENANT, tenant), (SQL_LIST_ACCOUNT, account_id),
+                                  (SQL_LIST_BATCH, batch_code), (SQL_LIST_SINCE, since),
                                   (SQL_LIST_UNTIL, until)):
                 if value is not None:
                     arm += clause
@@ -1584,10 +1759,29 @@ class Store:
             attempt["refused"] = json.loads(attempt["refused"]) if attempt["refused"] else None
         return attempts
 
-    def queue_counts(self):
-        """``{status: n}`` from the trigger-maintained counters (no row scan)."""
+    def queue_counts(self, tenant=None):
+        """``{status: n}`` of one tenant (None: of them all) from the
+        trigger-maintained counters (no row scan)."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for name, by_status in self.tenant_queue_counts().items():
+            if tenant is None or name == tenant:
+                for status, n in by_status.items():
+                    counts[status] = counts.get(status, 0) + n
+        return counts
+
+    def tenant_queue_counts(self):
+        """``{tenant: {status: n}}`` from the counters."""
         with self._connection() as conn:
-            return dict(conn.execute(SQL_QUEUE_COUNTS).fetchall())
+            rows = conn.execute(SQL_QUEUE_COUNTS).fetchall()
+        counts = {}
+        for tenant, status, n in rows:
+            counts.setdefault(tenant, {})[status] = n
+        return counts
+
+    def event_backlog(self):
+        """``{tenant: report events not yet acknowledged}``."""
+        with self._connection() as conn:
+            return dict(conn.execute(SQL_EVENT_BACKLOG).fetchall())
 
     def oldest_active_created_ts(self):
         """created_ts of the oldest unfinished message, or None (index seeks)."""
@@ -1656,13 +1850,14 @@ class Store:
                     bounce["diagnostic"], bounce["ts"])).rowcount:
                 return False
             hard = bounce["type"] == "hard"
-            if self.reporting:
+            tenant = _tenant_of(key.account_id)
+            if self._reports(tenant):
                 conn.execute(SQL_INSERT_BOUNCE_EVENT, (
                     key.pk, key.ref, key.account_id, key.priority,
                     None if hard else sent_ts, bounce["ts"] if hard else None,
-                    bounce.get("error") if hard else None, json.dumps(bounce)))
+                    bounce.get("error") if hard else None, json.dumps(bounce), tenant))
             if hard and suppress_until is not None:
-                self._suppress(conn, bounce["recipient"],
+                self._suppress(conn, tenant, bounce["recipient"],
                                "hard bounce %s" % _iso(bounce["ts"])[:10], bounce["ts"],
                                suppress_until or None)
         return True
@@ -1674,40 +1869,48 @@ class Store:
             return [dict(zip(keys, row))
                     for row in conn.execute(SQL_MESSAGE_BOUNCES, (message_id,))]
 
-    def _suppress(self, conn, address, reason, now, until):
-        conn.execute(SQL_UPSERT_SUPPRESSION, (address.lower(), reason, now, until))
+    def _suppress(self, conn, tenant, address, reason, now, until):
+        conn.execute(SQL_UPSERT_SUPPRESSION, (_scoped(tenant, address.lower()), reason, now,
+                                              until))
         self._suppression_count = None   # counted again at the next look-up
 
-    def suppress(self, address, reason, now, until):
-        """Suppress ``address`` (compared lower-cased) until ``until`` (None:
-        until deleted)."""
+    def suppress(self, address, reason, now, until, tenant=DEFAULT_TENANT):
+        """Suppress ``address`` (compared lower-cased) for ``tenant`` until
+        ``until`` (None: until deleted)."""
         with self._transaction(durable=True) as conn:
-            self._suppress(conn, address, reason, now, until)
+            self._suppress(conn, tenant, address, reason, now, until)
 
-    def unsuppress(self, address, now):
+    def unsuppress(self, address, now, tenant=DEFAULT_TENANT):
         """Lift a suppression in force; False when there was none."""
         with self._transaction(durable=True) as conn:
-            removed = conn.execute(SQL_DELETE_SUPPRESSION, (address.lower(), now)).rowcount
+            removed = conn.execute(SQL_DELETE_SUPPRESSION,
+                                   (_scoped(tenant, address.lower()), now)).rowcount
         self._suppression_count = None
         return bool(removed)
 
-    def suppressions(self, now):
-        """The suppressions in force, by address."""
+    def suppressions(self, now, tenant=DEFAULT_TENANT):
+        """The suppressions of ``tenant`` in force, by address."""
         keys = ("address", "reason", "created_ts", "expires_ts")
         with self._connection() as conn:
-            return [dict(zip(keys, row))
-                    for row in conn.execute(SQL_LIST_SUPPRESSIONS, (now,))]
+            found = [dict(zip(keys, row))
+                     for row in conn.execute(SQL_LIST_SUPPRESSIONS, (now,))]
+        shown = []
+        for item in found:
+            owner, item["address"] = _unscoped(item["address"])
+            if owner == tenant:
+                shown.append(item)
+        return shown
 
-    def suppressed(self, addresses, now):
+    def suppressed(self, addresses, now, tenant=DEFAULT_TENANT):
         """``{address: (reason, created_ts)}`` of the given addresses that
-        are suppressed now (compared lower-cased).  With no suppression at
-        all (the usual case) no query runs."""
+        are suppressed now for ``tenant`` (compared lower-cased).  With no
+        suppression at all (the usual case) no query runs."""
         if self._suppression_count is None:
             with self._connection() as conn:
                 self._suppression_count = conn.execute(SQL_COUNT_SUPPRESSIONS).fetchone()[0]
         if not self._suppression_count or not addresses:
             return {}
-        wanted = {address.lower(): address for address in addresses}
+        wanted = {_scoped(tenant, address.lower()): address for address in addresses}
         names, found = list(wanted), {}
         with self._connection() as conn:
             for start in range(0, len(names), SQL_CHUNK):
@@ -1726,20 +1929,25 @@ class Store:
 
     # -- operator control (SPEC 7) -----------------------------------------
 
-    def operate(self, command, selector, now, include_scheduled=False):
+    def operate(self, command, selector, now, include_scheduled=False, tenant=None):
         """Apply an operator command (``retry``, ``requeue``, ``hold``,
         ``release``) to the messages a selector names, in one transaction.
 
-        ``selector`` is ("ids", [id, ...]), ("account_id", x), ("status", s)
-        or ("all", None).  Returns (affected, ids not found, ids found but
-        not in a status the command applies to); the last two only for an
-        ids selector.  ``requeue`` reports each message as a new state change.
+        ``selector`` is ("ids", [key, ...]), ("account_id", key), ("status",
+        s) or ("all", None), keys as ``_scoped`` makes them; ``tenant`` (None:
+        every tenant) narrows the last two.  Returns (affected, keys not
+        found, keys found but not in a status the command applies to); the
+        last two only for an ids selector.  ``requeue`` reports each message
+        as a new state change.  Raises ValueError for an unknown selector.
         """
         kind, value = selector
         with self._transaction(durable=True) as conn:
             if kind != "ids":
-                where = {"account_id": "account_id = ?", "status": "status = ?"}.get(kind, "1")
-                args = [] if kind == "all" else [value]
+                if kind not in _SELECTOR_WHERE:
+                    raise ValueError("unknown selector kind %r" % (kind,))
+                where, args = _SELECTOR_WHERE[kind], [] if kind == "all" else [value]
+                if tenant is not None and kind != "account_id":
+                    where, args = where + " AND tenant = ?", args + [tenant]
                 return self._operate(conn, command, where, args, now, include_scheduled), [], []
             found, affected = {}, 0
             for start in range(0, len(value), SQL_CHUNK):
@@ -1761,8 +1969,9 @@ class Store:
             return conn.execute(SQL_RETRY.format(scheduled=scheduled, where=where),
                                 [now] + args).rowcount
         if command == "requeue":
-            if self.reporting:
-                conn.execute(SQL_REQUEUE_EVENTS.format(where=where), [now] + args)
+            conn.execute(SQL_REQUEUE_EVENTS.format(
+                where=where, reporting="1" if self.reporting else SQL_REPORTING_TENANTS),
+                [now] + args)
             return conn.execute(SQL_REQUEUE.format(where=where), [now] + args).rowcount
         if command == "hold":
             return conn.execute(SQL_HOLD.format(where=where), [now] + args).rowcount
@@ -1771,14 +1980,17 @@ class Store:
                                 [now, now] + args).rowcount
         raise ValueError("unknown operator command %r" % command)
 
-    def purge_reported(self, before):
-        """Delete the finished messages reported before ``before`` (their
-        attempts go with them), PURGE_BATCH per transaction so intake and
-        dispatch never wait long.  Returns how many were deleted."""
+    def purge_reported(self, before, tenant=None):
+        """Delete the finished messages reported before ``before`` (of one
+        tenant, or of all), their attempts with them, PURGE_BATCH per
+        transaction so intake and dispatch never wait long.  Returns how many
+        were deleted."""
         removed = 0
+        sql = SQL_PURGE_REPORTED.format(tenant="" if tenant is None else "AND tenant = ?")
+        args = (before,) if tenant is None else (before, tenant)
         while True:
             with self._transaction(durable=False) as conn:
-                batch = conn.execute(SQL_PURGE_REPORTED, (before, PURGE_BATCH)).rowcount
+                batch = conn.execute(sql, args + (PURGE_BATCH,)).rowcount
             removed += batch
             if batch < PURGE_BATCH:
                 return removed
@@ -1786,8 +1998,11 @@ class Store:
     # -- accounts -----------------------------------------------------------
 
     def upsert_account(self, account, now):
+        """Insert or replace an account (``id`` its store key, ``tenant_id``
+        its tenant)."""
         with self._transaction(durable=True) as conn:
-            conn.execute(SQL_UPSERT_ACCOUNT, (account["id"], json.dumps(account), now))
+            conn.execute(SQL_UPSERT_ACCOUNT, (account["id"], json.dumps(account), now,
+                                              account["tenant_id"]))
 
     def list_accounts(self):
         """Every account's settings (with password: callers must strip it)."""
@@ -1820,28 +2035,91 @@ class Store:
             conn.execute(SQL_DELETE_ACCOUNT, (account_id,))
             return len(undelivered)
 
+    # -- tenants ------------------------------------------------------------
+
+    def upsert_tenant(self, tenant_id, settings, key_hash, now):
+        """Register a tenant or replace its settings and key hash; returns
+        whether it is new."""
+        with self._transaction(durable=True) as conn:
+            text = json.dumps(settings)
+            if conn.execute(SQL_TENANT_EXISTS, (tenant_id,)).fetchone() is not None:
+                conn.execute(SQL_UPDATE_TENANT, (text, key_hash, now, tenant_id))
+                return False
+            conn.execute(SQL_INSERT_TENANT, (tenant_id, text, key_hash, now, now))
+            conn.execute(SQL_TENANT_COUNTS, (tenant_id,) * len(STATUSES))
+            return True
+
+    def list_tenants(self):
+        """Every tenant: dicts of id, settings (with secrets: callers strip
+        them), key_hash, created_ts, updated_ts."""
+        keys = ("id", "settings", "key_hash", "created_ts", "updated_ts")
+        with self._connection() as conn:
+            tenants = [dict(zip(keys, row)) for row in conn.execute(SQL_LIST_TENANTS)]
+        for tenant in tenants:
+            tenant["settings"] = json.loads(tenant["settings"])
+        return tenants
+
+    def delete_tenant(self, tenant_id):
+        """Delete a tenant with everything it has: messages (a claimed one
+        is never sent; one on the wire ends as the relay says, unrecorded),
+        report events, accounts, send log, suppressions.  Returns (messages,
+        accounts) removed, or None when there is no such tenant."""
+        low, high = _tenant_range(tenant_id)
+        with self._transaction(durable=True) as conn:
+            if conn.execute(SQL_TENANT_EXISTS, (tenant_id,)).fetchone() is None:
+                return None
+            keys = conn.execute(SQL_TENANT_MESSAGE_KEYS, (tenant_id,)).fetchall()
+            self._withdraw_claims(keys)
+            conn.execute(SQL_DELETE_TENANT_EVENTS, (tenant_id,))
+            messages = conn.execute(SQL_DELETE_TENANT_MESSAGES, (tenant_id,)).rowcount
+            accounts = conn.execute(SQL_DELETE_TENANT_ACCOUNTS, (tenant_id,)).rowcount
+            conn.execute(SQL_DELETE_TENANT_SENDS, (low, high))
+            conn.execute(SQL_DELETE_TENANT_SUPPRESSIONS, (low, high))
+            conn.execute(SQL_DELETE_TENANT_COUNTS, (tenant_id,))
+            conn.execute(SQL_DELETE_TENANT, (tenant_id,))
+        self._suppression_count = None
+        return messages, accounts
+
     # -- report events ------------------------------------------------------
     # Each state change that the upstream must hear about becomes one row of
     # ``events`` (naming its message by MessageKey fields) when reporting is
     # on; without reporting a finished message counts as reported at once.
 
+    def _reports(self, tenant):
+        """Whether ``tenant``'s state changes are reported: a registered
+        tenant always has its sync URL; the default one only with [client]
+        client_sync_url."""
+        return self.reporting or tenant != DEFAULT_TENANT
+
+    def _reported_at(self, key, now):
+        """``reported_ts`` of a message that finishes at ``now``: None while
+        its report is due, ``now`` when its tenant is not reported to."""
+        return None if self._reports(_tenant_of(key.account_id)) else now
+
     def _event(self, conn, key, kind, sent_ts=None, error_ts=None, error=None,
                deferred_ts=None, reason=None, refused=None):
-        if self.reporting:
+        tenant = _tenant_of(key.account_id)
+        if self._reports(tenant):
             conn.execute(SQL_INSERT_EVENT, (
                 key.pk, key.ref, key.account_id, key.priority, kind, sent_ts, error_ts,
-                error, deferred_ts, reason, json.dumps(refused) if refused else None))
+                error, deferred_ts, reason, json.dumps(refused) if refused else None, tenant))
 
     def _force_fail(self, conn, key, now, error):
         """Fail a message whatever its state (a forced account deletion)."""
         conn.execute(SQL_FAIL_MESSAGE, {"now": now, "error": error, "pk": key.pk,
-                                        "reported": None if self.reporting else now})
+                                        "reported": self._reported_at(key, now)})
         self._event(conn, key, "error", error_ts=now, error=error)
 
-    def pending_events(self, limit):
-        """Up to ``limit`` unacknowledged report events, oldest first."""
+    def has_events(self, tenant):
+        """Whether ``tenant`` has a report event waiting (one index seek)."""
         with self._connection() as conn:
-            rows = conn.execute(SQL_PENDING_EVENTS, (limit,)).fetchall()
+            return conn.execute(SQL_HAS_EVENTS, (tenant,)).fetchone() is not None
+
+    def pending_events(self, limit, tenant=DEFAULT_TENANT):
+        """Up to ``limit`` unacknowledged report events of ``tenant``, oldest
+        first."""
+        with self._connection() as conn:
+            rows = conn.execute(SQL_PENDING_EVENTS, (tenant, limit)).fetchall()
         keys = ("seq", "message_pk", "id", "account_id", "priority", "kind", "sent_ts",
                 "error_ts", "error", "deferred_ts", "reason", "refused", "bounce")
         events = [dict(zip(keys, row)) for row in rows]
@@ -1875,21 +2153,34 @@ class Store:
         with self._transaction(durable=False) as conn:
             return conn.execute(SQL_PROMOTE_DUE, {"now": now}).rowcount
 
-    def has_pending(self, account_id, max_priority):
-        with self._connection() as conn:
-            return conn.execute(SQL_HAS_PENDING, (account_id, max_priority)).fetchone() is not None
+    @staticmethod
+    def _held_clause(held_batches):
+        if not held_batches:
+            return "", []
+        held = sorted(held_batches)
+        return SQL_CLAIM_HELD_BATCHES.format(marks=",".join("?" * len(held))), held
 
-    def claim(self, account_id, max_priority, limit):
+    def has_pending(self, account_id, max_priority, held_batches=()):
+        """Whether the account has a due message, leaving out the campaigns
+        (batch codes) on hold."""
+        clause, held = self._held_clause(held_batches)
+        with self._connection() as conn:
+            return conn.execute(SQL_HAS_PENDING.format(held=clause),
+                                [account_id, max_priority] + held).fetchone() is not None
+
+    def claim(self, account_id, max_priority, limit, held_batches=()):
         """Atomically move up to ``limit`` pending messages of one account,
-        by priority then age, to ``sending`` and return them as Claims.
+        by priority then age, to ``sending`` and return them as Claims
+        (leaving out the campaigns in ``held_batches``).
 
         Each stays claimed until record_outcomes settles it; call begin_send
         right before its SMTP transaction."""
         pks = []
+        clause, held = self._held_clause(held_batches)
         try:
             with self._transaction(durable=False) as conn:
-                rows = conn.execute(SQL_CLAIM_SELECT,
-                                    (account_id, max_priority, limit)).fetchall()
+                rows = conn.execute(SQL_CLAIM_SELECT.format(held=clause),
+                                    [account_id, max_priority] + held + [limit]).fetchall()
                 if rows:
                     pks = [row[0] for row in rows]
                     conn.execute(SQL_CLAIM_UPDATE.format(marks=",".join("?" * len(pks))), pks)
@@ -1970,14 +2261,14 @@ class Store:
         conn.execute(SQL_INSERT_SEND, (claim.account_id, outcome.ts))
         if conn.execute(SQL_SENT_MESSAGE, {
                 "now": outcome.ts, "refused": json.dumps(refused) if refused else None,
-                "reported": None if self.reporting else outcome.ts, "pk": claim.pk}).rowcount:
+                "reported": self._reported_at(claim, outcome.ts), "pk": claim.pk}).rowcount:
             self._event(conn, claim, "sent", sent_ts=outcome.ts, refused=refused)
 
     def _apply_failed(self, conn, outcome):
         claim = outcome.claim
         if conn.execute(SQL_FAIL_CLAIMED, {
                 "now": outcome.ts, "error": outcome.error, "pk": claim.pk,
-                "reported": None if self.reporting else outcome.ts}).rowcount:
+                "reported": self._reported_at(claim, outcome.ts)}).rowcount:
             self._event(conn, claim, "error", error_ts=outcome.ts, error=outcome.error)
 
     def _apply_deferred(self, conn, outcome):
@@ -2020,6 +2311,9 @@ _RESERVED_HEADERS = frozenset([
     "date", "mime-version", "content-type", "content-transfer-encoding", "sender"])
 _MESSAGE_ID_TEXT = re.compile(r"[!-~]+")   # printable ASCII, no space
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}", re.IGNORECASE)
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
+ATTACHMENT_SOURCES = ("content", "url", "s3", "storage_path")
+MAX_STORAGE_PATH = 1024
 
 
 def _check_text(value, field, required=False, max_chars=None, single_line=False):
@@ -2085,12 +2379,28 @@ def _check_attachment(raw, index):
                 or not _MIME_TYPE.fullmatch(mime_type)):
             raise ValueError("%s.mime_type must look like type/subtype" % field)
         attachment["mime_type"] = mime_type.lower()
-    sources = [key for key in ("content", "url", "s3") if raw.get(key) is not None]
+    sources = [key for key in ATTACHMENT_SOURCES if raw.get(key) is not None]
     if len(sources) != 1:
-        raise ValueError("%s needs exactly one of content, url or s3" % field)
+        raise ValueError("%s needs exactly one of content, url, s3 or storage_path" % field)
     source = sources[0]
     value = raw[source]
-    if source == "content":
+    fetch_mode = raw.get("fetch_mode")
+    if fetch_mode is not None and (source != "storage_path" or fetch_mode != "endpoint"):
+        raise ValueError("%s.fetch_mode must be endpoint, with storage_path" % field)
+    if source == "storage_path":
+        # a path on the tenant's own storage ("volume:path"), fetched back
+        # from its client_attachment_path at send time
+        if (not isinstance(value, str) or not value or len(value) > MAX_STORAGE_PATH
+                or _CONTROL_CHARS.search(value)):
+            raise ValueError("%s.storage_path must be a path of 1-%d characters without "
+                             "control characters" % (field, MAX_STORAGE_PATH))
+        attachment["storage_path"] = value
+        md5 = raw.get("content_md5")
+        if md5 is not None:
+            if not isinstance(md5, str) or not _MD5_HEX.fullmatch(md5):
+                raise ValueError("%s.content_md5 must be 32 hexadecimal digits" % field)
+            attachment["content_md5"] = md5.lower()
+    elif source == "content":
         if not isinstance(value, str):
             raise ValueError("%s.content must be a base64 string" % field)
         compact = "".join(value.split())
@@ -2211,6 +2521,12 @@ def validate_message(raw, default_priority, resolve_account):
     priority = raw.get("priority")
     message["priority"] = default_priority if priority is None else _parse_priority(priority)
     message["deferred_ts"] = _check_timestamp(raw.get("deferred_ts"), "deferred_ts")
+    batch_code = raw.get("batch_code")
+    if batch_code is not None:
+        _check_identifier(batch_code, "batch_code")
+        if len(batch_code) > MAX_BATCH_CODE:
+            raise ValueError("batch_code is longer than %d characters" % MAX_BATCH_CODE)
+    message["batch_code"] = batch_code
     attachments = raw.get("attachments")
     if attachments is None:
         attachments = []
@@ -2327,9 +2643,106 @@ def ignored_account_fields(raw):
 
 
 def public_account(account):
-    """An account as the API shows it: never the password."""
+    """An account as the API shows it: its own id (not its store key), its
+    tenant, never the password."""
     shown = {key: value for key, value in account.items() if key != "password"}
+    shown["id"] = _name_of(account["id"])
+    shown["tenant_id"] = _tenant_of(account["id"])
     return shown
+
+
+TENANT_FIELDS = ("id", "client_base_url", "client_sync_path", "client_attachment_path",
+                 "client_auth")
+TENANT_AUTH_METHODS = ("basic", "bearer", "none")
+MAX_TENANT_URL = 2048
+
+
+def _tenant_url_field(value, field, required=False):
+    """An http(s) URL (``client_base_url``) or a path to append to it."""
+    if value is None or value == "":
+        if required:
+            raise ValueError("%s is required" % field)
+        return ""
+    if (not isinstance(value, str) or len(value) > MAX_TENANT_URL or not value.isascii()
+            or _CONTROL_CHARS.search(value) or " " in value):
+        raise ValueError("%s must be ASCII without spaces or control characters, at most %d"
+                         % (field, MAX_TENANT_URL))
+    if field == "client_base_url":
+        parts = urllib.parse.urlsplit(value)
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError("%s has an invalid port" % field)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            raise ValueError("%s must be an http or https URL" % field)
+    elif not value.startswith("/") or "#" in value:
+        raise ValueError("%s must be a path starting with /" % field)
+    return value
+
+
+def validate_tenant(raw):
+    """Check a POST /tenant body.  Returns (tenant id, settings to store,
+    ignored field names); raises ValueError."""
+    tenant_id = raw.get("id")
+    if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
+        raise ValueError("id must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+    if tenant_id == DEFAULT_TENANT:
+        raise ValueError("id %s is reserved for the [client] section's tenant" % DEFAULT_TENANT)
+    settings = {"client_base_url": _tenant_url_field(raw.get("client_base_url"),
+                                                     "client_base_url", required=True)}
+    for field in ("client_sync_path", "client_attachment_path"):
+        settings[field] = _tenant_url_field(raw.get(field), field)
+    auth = raw.get("client_auth")
+    if auth is None:
+        auth = {"method": "none"}
+    if not isinstance(auth, dict):
+        raise ValueError("client_auth must be an object")
+    unknown = sorted(str(k)[:80] for k in auth if k not in ("method", "user", "password",
+                                                            "token"))
+    if unknown:
+        raise ValueError("client_auth: unknown field %s" % unknown[0])
+    method = auth.get("method", "none")
+    if method not in TENANT_AUTH_METHODS:
+        raise ValueError("client_auth.method must be basic, bearer or none")
+    for field in ("user", "password", "token"):
+        _check_text(auth.get(field), "client_auth." + field, max_chars=1024,
+                    single_line=True)
+    if method == "basic" and (not auth.get("user") or ":" in auth["user"]):
+        raise ValueError("client_auth.user is required for basic (and has no ':')")
+    if method == "bearer" and not auth.get("token"):
+        raise ValueError("client_auth.token is required for bearer")
+    settings["client_auth"] = {"method": method}
+    if method == "basic":
+        settings["client_auth"].update(user=auth["user"], password=auth.get("password") or "")
+    elif method == "bearer":
+        settings["client_auth"]["token"] = auth["token"]
+    ignored = sorted(str(k)[:80] for k in raw if k not in TENANT_FIELDS)
+    return tenant_id, settings, ignored
+
+
+def public_tenant(record):
+    """A tenant as the API shows it: never a password, token or key."""
+    settings = record["settings"]
+    auth = {"method": settings["client_auth"]["method"]}
+    if "user" in settings["client_auth"]:
+        auth["user"] = settings["client_auth"]["user"]
+    shown = {"id": record["id"], "client_auth": auth, "created_ts": record["created_ts"],
+             "updated_ts": record["updated_ts"]}
+    for field in ("client_base_url", "client_sync_path", "client_attachment_path"):
+        shown[field] = settings[field]
+    return shown
+
+
+def _tenant_url(settings, path_field):
+    """``client_base_url`` joined with one of the tenant's paths."""
+    base, path = settings["client_base_url"], settings[path_field]
+    return base.rstrip("/") + path if path else base
+
+
+def _tenant_auth_headers(settings):
+    auth = settings["client_auth"]
+    return _auth_headers(auth.get("user"), auth.get("password"), auth.get("token"))
 
 
 _BULKY_FIELDS = ("body", "body_text")
@@ -3091,8 +3504,19 @@ def _is_public_address(address):
                 or ip.is_unspecified or ip.is_reserved or not ip.is_global)
 
 
+class AttachmentEndpoint(collections.namedtuple("AttachmentEndpoint", "tenant url headers")):
+    """Where a tenant's ``storage_path`` attachments are fetched from: its
+    ``client_base_url + client_attachment_path`` and the headers of its
+    ``client_auth``."""
+
+    __slots__ = ()
+
+
+ENDPOINT_FETCH_FAILED = "Attachment fetch failed"   # Genropy retries errors that say so
+
+
 class AttachmentFetcher:
-    """Fetches URL and S3 attachments at send time.
+    """Fetches URL, S3 and tenant-endpoint attachments at send time.
 
     Every fetch, URL or S3, connects to an address that was resolved and
     checked (the SSRF guard; only an [s3] endpoint_url, which the admin
@@ -3105,7 +3529,13 @@ class AttachmentFetcher:
     so a server dripping bytes cannot hold it longer.  Raises TemporaryError
     (network, timeout, 5xx) or PermanentError (403/404, too large, refused
     target, missing credentials), always naming the attachment and never a
-    secret.  Thread-safe (no shared state).
+    secret.  Thread-safe (the endpoint cache has its own lock).
+
+    A tenant's ``storage_path`` attachment is POSTed for (``{"storage_path":
+    ...}``) to the endpoint the admin registered, so its address is trusted
+    like an [s3] endpoint_url; 404 is permanent, anything temporary says
+    ENDPOINT_FETCH_FAILED.  What came with a ``content_md5`` that the bytes
+    match is kept (per tenant, MAX_CACHED_ATTACHMENT_BYTES in all).
     """
 
     def __init__(self, attachments, s3, now, resolve=None, address_allowed=None):
@@ -3122,19 +3552,25 @@ class AttachmentFetcher:
             address_allowed = ((lambda address: True) if attachments.allow_private_urls
                                else _is_public_address)
         self._allowed = address_allowed
+        self._cache = collections.OrderedDict()   # (tenant, md5) -> bytes, oldest first
+        self._cached_bytes = 0
+        self._cache_lock = threading.Lock()
 
     @staticmethod
     def _getaddrinfo(host, port):
         return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
-    def fetch(self, attachment):
-        """(filename, mime type, bytes) of one attachment."""
+    def fetch(self, attachment, endpoint=None):
+        """(filename, mime type, bytes) of one attachment; ``endpoint`` (an
+        AttachmentEndpoint) is where a ``storage_path`` one comes from."""
         filename = attachment["filename"]
         deadline = time.monotonic() + self.timeout   # for the whole fetch
         if "content" in attachment:
             data, content_type = base64.b64decode(attachment["content"]), None
         elif "url" in attachment:
             data, content_type = self._fetch_url(filename, attachment["url"], deadline)
+        elif "storage_path" in attachment:
+            data, content_type = self._fetch_endpoint(filename, attachment, endpoint, deadline)
         else:
             data, content_type = self._fetch_s3(filename, attachment["s3"], deadline)
         mime_type = (attachment.get("mime_type") or content_type
@@ -3175,6 +3611,61 @@ class AttachmentFetcher:
                         "attachment %s: refused target %s (%s is not a public address; "
                         "see [attachments] allow_private_urls)" % (filename, host, address))
         return addresses[0]
+
+    # -- a tenant's attachment endpoint ---------------------------------------
+
+    def _fetch_endpoint(self, filename, attachment, endpoint, deadline):
+        path = attachment["storage_path"]
+        if endpoint is None:
+            raise PermanentError("attachment %s: %s needs a tenant with a "
+                                 "client_attachment_path" % (filename, path))
+        md5 = attachment.get("content_md5")
+        if md5 is not None:
+            with self._cache_lock:
+                data = self._cache.get((endpoint.tenant, md5))
+                if data is not None:
+                    self._cache.move_to_end((endpoint.tenant, md5))
+                    return data, None
+        parts = urllib.parse.urlsplit(endpoint.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        where = "%s (%s)" % (_redact_url(endpoint.url), path)
+        body = json.dumps({"storage_path": path}).encode("utf-8")
+        headers = dict(endpoint.headers, **{"Content-Type": "application/json"})
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        try:
+            address = self._checked_address(filename, parts.hostname, port, trusted=True)
+            status, response_headers, data = self._get(
+                filename, parts.scheme, parts.hostname, port, address, target, headers,
+                where, deadline, method="POST", body=body)
+        except TemporaryError as exc:
+            raise TemporaryError("%s: %s" % (ENDPOINT_FETCH_FAILED, exc),
+                                 http_status=exc.http_status) from exc
+        except PermanentError as exc:
+            if exc.http_status == 404:
+                raise PermanentError("attachment %s not found: %s answered 404"
+                                     % (filename, where), http_status=404) from exc
+            if exc.http_status in (401, 403):   # the site's credentials: fixable
+                raise TemporaryError("%s: %s" % (ENDPOINT_FETCH_FAILED, exc),
+                                     http_status=exc.http_status) from exc
+            raise
+        if 300 <= status < 400:
+            raise PermanentError("attachment %s: %s answered a redirect (HTTP %d)"
+                                 % (filename, where, status), http_status=status)
+        if md5 is not None and hashlib.md5(data).hexdigest() == md5:
+            self._remember(endpoint.tenant, md5, data)
+        return data, _content_type(response_headers)
+
+    def _remember(self, tenant, md5, data):
+        if len(data) > MAX_CACHED_ATTACHMENT_BYTES // 4:
+            return   # one file must not flush the whole cache
+        with self._cache_lock:
+            if (tenant, md5) in self._cache:
+                return
+            self._cache[(tenant, md5)] = data
+            self._cached_bytes += len(data)
+            while self._cached_bytes > MAX_CACHED_ATTACHMENT_BYTES:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= len(old)
 
     # -- S3 -----------------------------------------------------------------
 
@@ -3220,26 +3711,30 @@ class AttachmentFetcher:
 
     # -- one HTTP exchange --------------------------------------------------
 
-    def _get(self, filename, scheme, host, port, address, path, headers, where, deadline):
-        """GET over a connection pinned to ``address``, ending by ``deadline``
-        (time.monotonic()).  Returns (status, lower-case headers, body) for
-        2xx and redirects; raises otherwise."""
+    def _get(self, filename, scheme, host, port, address, path, headers, where, deadline,
+             method="GET", body=None):
+        """GET (or ``method`` with ``body``) over a connection pinned to
+        ``address``, ending by ``deadline`` (time.monotonic()).  Returns
+        (status, lower-case headers, body) for 2xx and redirects; raises
+        TemporaryError or PermanentError (with ``http_status``) otherwise."""
         if scheme == "https" and self._tls is None:
             self._tls = _ssl_context({"tls_verify": True})   # thread-safe to share
         connection = _pinned_connection(scheme, host, port, address, deadline, self._tls)
         request_headers = {"User-Agent": "asyncmail/" + __version__, "Accept": "*/*"}
         request_headers.update(headers)
         try:
-            connection.request("GET", path, headers=request_headers)
+            connection.request(method, path, body=body, headers=request_headers)
             response = connection.getresponse()
             response_headers = {k.lower(): v for k, v in response.getheaders()}
             status = response.status
             if 300 <= status < 400:
                 return status, response_headers, b""
             if status >= 500 or status in (408, 429):
-                raise TemporaryError("attachment %s: HTTP %d from %s" % (filename, status, where))
+                raise TemporaryError("attachment %s: HTTP %d from %s" % (filename, status, where),
+                                     http_status=status)
             if status >= 400 or status < 200:
-                raise PermanentError("attachment %s: HTTP %d from %s" % (filename, status, where))
+                raise PermanentError("attachment %s: HTTP %d from %s" % (filename, status, where),
+                                     http_status=status)
             length = response_headers.get("content-length", "")
             if length.isdigit() and int(length) > self.max_bytes:
                 raise PermanentError("attachment %s: %s bytes at %s exceed max_bytes %d"
@@ -3384,17 +3879,19 @@ class Metrics:
 
     SMTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+    # The label of each family: "account" series are keyed by an account's
+    # store key and shown as tenant and account_id; "tenant" by a tenant id.
     COUNTERS = (
-        ("asyncmail_sent_total", "Messages accepted by the SMTP relay.", "account_id"),
-        ("asyncmail_errors_total", "Messages failed permanently.", "account_id"),
+        ("asyncmail_sent_total", "Messages accepted by the SMTP relay.", "account"),
+        ("asyncmail_errors_total", "Messages failed permanently.", "account"),
         ("asyncmail_deferred_total",
-         "Deferrals (rate limit, temporary failure, retry).", "account_id"),
+         "Deferrals (rate limit, temporary failure, retry).", "account"),
         ("asyncmail_rate_limited_total", "Deferrals caused by an account rate limit.",
-         "account_id"),
+         "account"),
         ("asyncmail_report_posts_total", "Delivery report POSTs acknowledged by the upstream.",
-         None),
-        ("asyncmail_report_failures_total", "Delivery report POSTs that failed.", None),
-        ("asyncmail_report_entries_total", "Delivery report entries acknowledged.", None),
+         "tenant"),
+        ("asyncmail_report_failures_total", "Delivery report POSTs that failed.", "tenant"),
+        ("asyncmail_report_entries_total", "Delivery report entries acknowledged.", "tenant"),
         ("asyncmail_http_requests_total", "HTTP requests answered, by status code.", "code"),
         ("asyncmail_bounces_total", "Bounces matched to a sent message, by type.", "type"),
         ("asyncmail_bounces_unmatched_total",
@@ -3414,11 +3911,32 @@ class Metrics:
         self._smtp_counts = [0] * (len(self.SMTP_BUCKETS) + 1)
         self._smtp_sum = 0.0
 
+    PER_TENANT = ("asyncmail_report_posts_total", "asyncmail_report_failures_total",
+                  "asyncmail_report_entries_total")
+
     def add_account(self, account_id):
-        """Make the per-account series exist at 0 from now on."""
+        """Make the per-account series exist at 0 from now on (and the
+        account's tenant's)."""
         with self._lock:
             for name in self.PER_ACCOUNT:
                 self._counters[name].setdefault(account_id, 0)
+        self.add_tenant(_tenant_of(account_id))
+
+    def add_tenant(self, tenant):
+        """Make the per-tenant series exist at 0 from now on."""
+        with self._lock:
+            for name in self.PER_TENANT:
+                self._counters[name].setdefault(tenant, 0)
+
+    def forget_tenant(self, tenant):
+        """Drop the series of a deleted tenant."""
+        with self._lock:
+            for name, _, label in self.COUNTERS:
+                if label == "account":
+                    self._counters[name] = {k: v for k, v in self._counters[name].items()
+                                            if _tenant_of(k) != tenant}
+                elif label == "tenant":
+                    self._counters[name].pop(tenant, None)
 
     def inc(self, name, label=None, amount=1):
         with self._lock:
@@ -3426,7 +3944,10 @@ class Metrics:
             series[label] = series.get(label, 0) + amount
 
     def value(self, name, label=None):
+        """One series' value; without ``label``, the family's total."""
         with self._lock:
+            if label is None:
+                return sum(self._counters[name].values())
             return self._counters[name].get(label, 0)
 
     def observe_smtp(self, seconds):
@@ -3452,7 +3973,11 @@ class Metrics:
             lines.append("# TYPE %s counter" % name)
             for key in sorted(counters[name], key=str):
                 value = counters[name][key]
-                if label and key is not None:
+                if label == "account" and key is not None:
+                    tenant, account_id = _unscoped(key)
+                    lines.append('%s{tenant="%s",account_id="%s"} %d' % (
+                        name, _escape_label(tenant), _escape_label(account_id), value))
+                elif label and key is not None:
                     lines.append('%s{%s="%s"} %d' % (name, label, _escape_label(key), value))
                 elif not label:
                     lines.append("%s %d" % (name, value))
@@ -3828,13 +4353,49 @@ class RateLimiter:
 # ####################################################################### #
 
 class _Controls:
-    """Suspension state, global and per account, shared by the API and the
-    dispatcher.  Starts as ``[scheduler] active`` says."""
+    """Suspension state, global, per tenant, per account (by store key) and
+    per campaign (a tenant's batch code), shared by the API and the
+    dispatcher.  Starts as ``[scheduler] active`` says; like Postfix's
+    ``postsuper -h`` state it is the operator's, kept in memory only."""
 
     def __init__(self, active):
         self._lock = threading.Lock()
         self.active = bool(active)
         self._suspended = set()
+        self._tenants = set()
+        self._batches = {}    # tenant -> batch codes on hold
+
+    def suspend_tenant(self, tenant, suspended=True):
+        with self._lock:
+            if suspended:
+                self._tenants.add(tenant)
+            else:
+                self._tenants.discard(tenant)
+
+    def tenant_active(self, tenant):
+        with self._lock:
+            return tenant not in self._tenants
+
+    def hold_batch(self, tenant, batch_code, held=True):
+        with self._lock:
+            codes = self._batches.setdefault(tenant, set())
+            if held:
+                codes.add(batch_code)
+            else:
+                codes.discard(batch_code)
+                if not codes:
+                    del self._batches[tenant]
+
+    def held_batches(self, tenant):
+        """The batch codes of ``tenant`` on hold (a frozenset)."""
+        with self._lock:
+            return frozenset(self._batches.get(tenant, ()))
+
+    def forget_tenant(self, tenant):
+        with self._lock:
+            self._tenants.discard(tenant)
+            self._batches.pop(tenant, None)
+            self._suspended = {key for key in self._suspended if _tenant_of(key) != tenant}
 
     def suspend(self, account_id=None):
         with self._lock:
@@ -3852,7 +4413,9 @@ class _Controls:
 
     def may_send(self, account_id=None):
         with self._lock:
-            return self.active and (account_id is None or account_id not in self._suspended)
+            return self.active and (account_id is None or (
+                account_id not in self._suspended
+                and _tenant_of(account_id) not in self._tenants))
 
     def account_active(self, account_id):
         """The account's own flag, whatever the global one says."""
@@ -4014,10 +4577,13 @@ class _Dispatcher(_Worker):
     PRUNE_EVERY = 300.0   # seconds between send-log prunes
 
     def __init__(self, store, accounts, controls, fetcher, metrics, config, log, clock,
-                 poll, on_delivered, smtp_connect=None, timer=time.monotonic, verp=None):
-        """``verp``: (base address, key) when bounces come back by VERP."""
+                 poll, on_delivered, smtp_connect=None, timer=time.monotonic, verp=None,
+                 endpoint=lambda tenant: None):
+        """``verp``: (base address, key) when bounces come back by VERP;
+        ``endpoint(tenant)``: the AttachmentEndpoint of a tenant, or None."""
         super().__init__(log, clock, poll)
         self.verp = verp
+        self.endpoint = endpoint
         self.store = store
         self.accounts = accounts
         self.controls = controls
@@ -4100,7 +4666,8 @@ class _Dispatcher(_Worker):
                     continue
             if not self.controls.may_send(account_id):
                 continue
-            if not self.store.has_pending(account_id, max_priority):
+            if not self.store.has_pending(account_id, max_priority,
+                                          self.controls.held_batches(_tenant_of(account_id))):
                 continue
             with self._lock:
                 self._busy.add(account_id)
@@ -4151,7 +4718,8 @@ class _Dispatcher(_Worker):
                     delivered = self._rate_limited(account, max_priority, budget, free_at, now)
                     break
                 size = min(budget, CLAIM_CHUNK, CLAIM_CHUNK if allowed is None else allowed)
-                chunk = self.store.claim(account_id, max_priority, size)
+                chunk = self.store.claim(account_id, max_priority, size,
+                                         self.controls.held_batches(_tenant_of(account_id)))
                 if not chunk:
                     break
                 budget -= len(chunk)
@@ -4192,7 +4760,8 @@ class _Dispatcher(_Worker):
         fail at once with ``rate limit exceeded``.  Returns whether any
         message changed."""
         account_id = account["id"]
-        claims = self.store.claim(account_id, max_priority, budget)
+        claims = self.store.claim(account_id, max_priority, budget,
+                                  self.controls.held_batches(_tenant_of(account_id)))
         self.metrics.inc("asyncmail_rate_limited_total", account_id, len(claims))
         if account.get("limit_behavior") == "reject":
             self.store.record_outcomes([self._fail(c, now, RATE_LIMIT_ERROR) for c in claims])
@@ -4214,12 +4783,15 @@ class _Dispatcher(_Worker):
         """One delivery attempt of a claimed message: its Outcome, with the
         Attempt behind it (``account_down`` when the relay itself failed)."""
         payload = json.loads(claim.payload)
-        suppressed = self._drop_suppressed(payload)
+        tenant = _tenant_of(claim.account_id)
+        suppressed = self._drop_suppressed(tenant, payload)
         if suppressed and not (payload["to"] or payload["cc"] or payload["bcc"]):
             return self._fail(claim, self.clock(), "all recipients suppressed")
         started = self.timer()
         try:
-            attachments = [self.fetcher.fetch(a) for a in payload["attachments"]]
+            endpoint = (self.endpoint(tenant) if any("storage_path" in a for a in
+                                                     payload["attachments"]) else None)
+            attachments = [self.fetcher.fetch(a, endpoint) for a in payload["attachments"]]
             data = build_mime(payload, attachments, self.clock())
             del attachments
             sender, recipients = envelope(payload, self.verp and verp_sender(
@@ -4255,11 +4827,12 @@ class _Dispatcher(_Worker):
         attempt = Attempt(now, duration, relay.where, reply.code, reply.text, refused)
         return Outcome.sent(claim, now, refused, attempt)
 
-    def _drop_suppressed(self, payload):
-        """Take suppressed recipients out of to, cc and bcc (SPEC 8);
-        returns ``{address: "suppressed: <reason>"}`` of those dropped."""
+    def _drop_suppressed(self, tenant, payload):
+        """Take the recipients ``tenant`` suppressed out of to, cc and bcc
+        (SPEC 8); returns ``{address: "suppressed: <reason>"}`` of those
+        dropped."""
         addresses = [addr for field in ("to", "cc", "bcc") for _, addr in payload[field]]
-        found = self.store.suppressed(addresses, self.clock())
+        found = self.store.suppressed(addresses, self.clock(), tenant)
         if not found:
             return {}
         reasons = {address.lower(): reason for address, (reason, _) in found.items()}
@@ -4323,15 +4896,49 @@ class _Dispatcher(_Worker):
             relay.close()
 
 
+class ReportTarget(collections.namedtuple("ReportTarget", "tenant url headers")):
+    """Where one tenant's delivery reports go: its sync URL and the headers
+    of its credentials (``Authorization``, or none)."""
+
+    __slots__ = ()
+
+
+class _Upstream:
+    """One tenant's report target and its pacing: our back-off after a
+    failure, its Retry-After, its next_sync_after, whether it has more work
+    for us.  Changed only by the one report job it may have at a time
+    (``busy``, under the reporter's lock)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.busy = False
+        self.forced = False
+        self.last_post = None
+        self.failures = 0
+        self.retry_at = 0.0        # our own back-off after a failure
+        self.not_before = 0.0      # the upstream's Retry-After
+        self.heartbeat_after = 0.0   # the upstream's next_sync_after
+        self.more = False          # the upstream has more work for us
+
+    @property
+    def tenant(self):
+        return self.target.tenant
+
+
 class _Reporter(_Worker):
-    """POSTs delivery report events upstream and purges reported, finished
-    messages past their retention.
+    """POSTs delivery report events upstream, each tenant's to its own
+    target, and purges reported, finished messages past their retention.
+
+    Each tenant is paced on its own: its report exchanges run as jobs on a
+    small pool (REPORT_WORKERS threads, at most one job per tenant), so a
+    site that is slow or down holds one thread and its own reports, never
+    another site's.
 
     A 2xx answer acknowledges exactly the entries of that POST, whatever its
-    body (Genropy answers ``{...}::JS``, not JSON).  Anything else leaves
-    them queued and backs off (5 s doubling to 5 min; run-now retries at
-    once).  With nothing to report it still POSTs an empty list every
-    ``sync_interval_seconds`` so the upstream can push new work.
+    body (Genropy answers ``{...}::JS``, or pure JSON).  Anything else leaves
+    them queued and backs that tenant off (5 s doubling to 5 min; run-now
+    retries at once).  With nothing to report it still POSTs an empty list
+    every ``sync_interval_seconds`` so the upstream can push new work.
 
     The upstream paces it (SPEC 5): ``Retry-After`` on a 503 or 429 means
     no POST before then, run-now included; a summary with ``"queued": n >
@@ -4349,13 +4956,15 @@ class _Reporter(_Worker):
     # must not silence reporting for good.
     MAX_RETRY_AFTER = 3600.0
     MAX_HEARTBEAT_PAUSE = DAY
-    # POSTs in one cycle before the loop looks up (stop flag, watchdog); more
-    # work then continues in the next cycle, at once.
+    # POSTs in one job before it hands its thread back (stop flag, watchdog,
+    # the other tenants); more work then continues in the next cycle, at once.
     MAX_POSTS_PER_CYCLE = 50
+    REPORT_WORKERS = 4
 
     def __init__(self, store, metrics, config, log, clock, poll, intake_serial):
-        """``intake_serial()`` counts well-formed add-messages batches: work
-        handed over while a POST was open means the upstream may have more."""
+        """``intake_serial(tenant)`` counts a tenant's well-formed
+        add-messages batches: work handed over while a POST was open means
+        the upstream may have more."""
         super().__init__(log, clock, poll)
         self.store = store
         self.metrics = metrics
@@ -4364,115 +4973,176 @@ class _Reporter(_Worker):
         self.client = client
         self.retention = config.delivery.delivery_report_retention_seconds
         self.activity = config.logging.delivery_activity
-        self._last_post = None
         self._last_purge = None
-        self._failures = 0
-        self._retry_at = 0.0        # our own back-off after a failure
-        self._not_before = 0.0      # the upstream's Retry-After
-        self._heartbeat_after = 0.0   # the upstream's next_sync_after
-        self._more = False          # the upstream has more work for us
-        self._forced = False
-        self._safe_url = _redact_url(client.client_sync_url)
-        self._target = urllib.parse.urlsplit(client.client_sync_url)
+        self._purge_forced = False
+        self._lock = threading.Lock()
+        self._upstreams = {}
         self._tls = None   # built at the first https POST
+        self._pool = None
+        if client.client_sync_url:
+            self.set_target(ReportTarget(DEFAULT_TENANT, client.client_sync_url,
+                                         _auth_headers(client.client_sync_user,
+                                                       client.client_sync_password,
+                                                       client.client_sync_token)))
+
+    def start(self):
+        self._pool = _Pool(self.REPORT_WORKERS, "asyncmail-report", self.log)
+        super().start()
+
+    def shutdown(self):
+        if self._pool is not None:
+            self._pool.stop(self.client.timeout_seconds + 1)
+
+    def set_target(self, target):
+        """Report ``target.tenant``'s events to ``target`` from now on
+        (its pacing state stays)."""
+        with self._lock:
+            upstream = self._upstreams.get(target.tenant)
+            if upstream is None:
+                self._upstreams[target.tenant] = _Upstream(target)
+            else:
+                upstream.target = target
+        self.metrics.add_tenant(target.tenant)
+
+    def drop_target(self, tenant):
+        with self._lock:
+            self._upstreams.pop(tenant, None)
 
     def interval(self):
         return min(self.POLL, self.client.sync_interval_seconds)
 
-    def run_now(self, wait=None):
-        self._forced = True
+    def run_now(self, wait=None, tenant=None):
+        """A cycle now for every tenant (or just ``tenant``), past our own
+        back-off; see _Worker.run_now."""
+        with self._lock:
+            for upstream in self._upstreams.values():
+                if tenant is None or upstream.tenant == tenant:
+                    upstream.forced = True
+            self._purge_forced = True
         super().run_now(wait)
 
     def cycle(self, now):
-        forced, self._forced = self._forced, False
-        if forced or self._last_purge is None or now - self._last_purge >= self.PURGE_EVERY:
+        """Purge what is past retention, then start a report job for every
+        tenant that is due (forced, heartbeat, more work, or events waiting)
+        and has none running.  Returns the jobs' Events."""
+        if (self._purge_forced or self._last_purge is None
+                or now - self._last_purge >= self.PURGE_EVERY):
+            self._purge_forced = False
             self._last_purge = now
             removed = self.store.purge_reported(now - self.retention)
             if removed:
                 self.log.info("purged %d reported message(s) past retention", removed)
-        if not self.client.client_sync_url or now < self._not_before:
-            return
-        if not forced and now < self._retry_at:
-            return
-        heartbeat_due = ((self._last_post is None
-                          or now - self._last_post >= self.client.sync_interval_seconds)
-                         and now >= self._heartbeat_after)
-        want_post = forced or heartbeat_due or self._more
-        for _ in range(self.MAX_POSTS_PER_CYCLE):
-            if self._stop.is_set():
-                return
-            events = self.store.pending_events(self.client.batch_size)
-            if not events and not want_post:
-                return
-            intake = self.intake_serial()
-            summary = self._post(events, now)
-            if summary is None:
-                return
-            self.heartbeat = time.monotonic()
-            self._more = (_is_number(summary.get("queued")) and summary["queued"] > 0
-                          or self.intake_serial() != intake)
-            want_post = self._more
-            now = self.clock()
-        self.wake()   # more to do: the next cycle follows at once
+        jobs = []
+        with self._lock:
+            upstreams = [u for u in self._upstreams.values() if not u.busy]
+        for upstream in upstreams:
+            if not self._due(upstream, now):
+                continue
+            with self._lock:
+                if upstream.busy:
+                    continue
+                upstream.busy = True
+                forced, upstream.forced = upstream.forced, False
+            jobs.append(self._pool.submit(
+                lambda upstream=upstream, forced=forced: self._serve(upstream, forced, now)))
+        return jobs
 
-    def _post(self, events, now):
+    def _due(self, upstream, now):
+        if now < upstream.not_before:
+            return False
+        if upstream.forced or upstream.more:
+            return True
+        if now < upstream.retry_at:
+            return False
+        return self._heartbeat_due(upstream, now) or self.store.has_events(upstream.tenant)
+
+    def _heartbeat_due(self, upstream, now):
+        return ((upstream.last_post is None
+                 or now - upstream.last_post >= self.client.sync_interval_seconds)
+                and now >= upstream.heartbeat_after)
+
+    def _serve(self, upstream, forced, now):
+        """One tenant's report job: POST its events, batch after batch,
+        while there are any or the upstream has more work for us."""
+        try:
+            want_post = forced or upstream.more or self._heartbeat_due(upstream, now)
+            for _ in range(self.MAX_POSTS_PER_CYCLE):
+                if self._stop.is_set():
+                    return
+                events = self.store.pending_events(self.client.batch_size, upstream.tenant)
+                if not events and not want_post:
+                    return
+                intake = self.intake_serial(upstream.tenant)
+                summary = self._post(upstream, events, now)
+                if summary is None:
+                    return
+                upstream.more = (_is_number(summary.get("queued")) and summary["queued"] > 0
+                                 or self.intake_serial(upstream.tenant) != intake)
+                want_post = upstream.more
+                now = self.clock()
+            self.wake()   # more to do: the next cycle follows at once
+        finally:
+            with self._lock:
+                upstream.busy = False
+
+    def _post(self, upstream, events, now):
         """One report POST.  Returns the upstream's summary (a dict, maybe
         empty) when it acknowledged the entries, None when it did not."""
+        target = upstream.target
         entries = [_report_entry(event) for event in events]
         body = json.dumps({"delivery_report": entries}).encode("utf-8")
         headers = {"Content-Type": "application/json", "Connection": "close",
                    "User-Agent": "asyncmail/" + __version__}
-        if self.client.client_sync_token:
-            headers["Authorization"] = "Bearer " + self.client.client_sync_token
-        elif self.client.client_sync_user:
-            pair = "%s:%s" % (self.client.client_sync_user, self.client.client_sync_password)
-            headers["Authorization"] = "Basic " + base64.b64encode(
-                pair.encode("utf-8")).decode("ascii")
+        headers.update(target.headers)
         status, retry_after, answer, problem = None, None, b"", None
         try:
-            status, retry_after, answer = self._exchange(body, headers)
+            status, retry_after, answer = self._exchange(target.url, body, headers)
             if not 200 <= status < 300:
                 problem = "HTTP %d" % status
         except (OSError, http.client.HTTPException, ValueError) as exc:
             problem = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
         if problem is not None:
-            self._failed(problem, status, retry_after, len(entries), now)
+            self._failed(upstream, problem, status, retry_after, len(entries), now)
             return None
         self.store.acknowledge_events(events, self.clock())
-        self._failures, self._retry_at, self._last_post = 0, 0.0, now
-        self.metrics.inc("asyncmail_report_posts_total")
-        self.metrics.inc("asyncmail_report_entries_total", amount=len(events))
+        upstream.failures, upstream.retry_at, upstream.last_post = 0, 0.0, now
+        self.heartbeat = time.monotonic()
+        self.metrics.inc("asyncmail_report_posts_total", target.tenant)
+        self.metrics.inc("asyncmail_report_entries_total", target.tenant, len(events))
         summary = _parse_summary(answer)
         after = summary.get("next_sync_after")
         if _is_number(after):
-            self._heartbeat_after = min(after, now + self.MAX_HEARTBEAT_PAUSE)
+            upstream.heartbeat_after = min(after, now + self.MAX_HEARTBEAT_PAUSE)
         counts = {k: summary[k] for k in ("sent", "error", "deferred", "queued") if k in summary}
         if self.activity or counts:
             self.log.info("delivery report to %s: %d entr%s acknowledged (HTTP %d)%s",
-                          self._safe_url, len(entries), "y" if len(entries) == 1 else "ies",
-                          status, "; upstream summary %s" % counts if counts else "")
+                          _redact_url(target.url), len(entries),
+                          "y" if len(entries) == 1 else "ies", status,
+                          "; upstream summary %s" % counts if counts else "")
         return summary
 
-    def _failed(self, problem, status, retry_after, kept, now):
-        """Back off after a POST that was not acknowledged: until the
-        upstream's Retry-After on a 503/429 that has one, else 5 s doubling."""
-        self._failures += 1
+    def _failed(self, upstream, problem, status, retry_after, kept, now):
+        """Back the tenant off after a POST that was not acknowledged: until
+        the upstream's Retry-After on a 503/429 that has one, else 5 s
+        doubling."""
+        upstream.failures += 1
         pause = None
         if status in (429, 503):
             pause = _retry_after_seconds(retry_after, now)
         if pause is not None:
             delay = min(pause, self.MAX_RETRY_AFTER)
-            self._not_before = now + delay
+            upstream.not_before = now + delay
         else:
-            delay = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2 ** (self._failures - 1))
-        self._retry_at = now + delay
-        self.metrics.inc("asyncmail_report_failures_total")
+            delay = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2 ** (upstream.failures - 1))
+        upstream.retry_at = now + delay
+        self.metrics.inc("asyncmail_report_failures_total", upstream.tenant)
         self.log.warning("delivery report to %s failed (%s); %d entr%s kept, retry in %gs%s",
-                         self._safe_url, problem, kept, "y" if kept == 1 else "ies", delay,
+                         _redact_url(upstream.target.url), problem, kept,
+                         "y" if kept == 1 else "ies", delay,
                          " (the upstream's Retry-After)" if pause is not None else "")
 
-    def _exchange(self, body, headers):
-        """POST ``body``; returns (status, Retry-After header, answer bytes).
+    def _exchange(self, url, body, headers):
+        """POST ``body`` to ``url``; returns (status, Retry-After header, answer bytes).
 
         The whole exchange, connect to last byte, is bounded by
         ``timeout_seconds``: a per-read timeout alone lets an upstream that
@@ -4481,10 +5151,11 @@ class _Reporter(_Worker):
         credentials elsewhere, or turn the POST into a GET that
         "acknowledges" everything).  Raises OSError, http.client.HTTPException.
         """
-        target, timeout = self._target, self.client.timeout_seconds
+        target, timeout = urllib.parse.urlsplit(url), self.client.timeout_seconds
         if target.scheme == "https":
-            if self._tls is None:
-                self._tls = _ssl_context({"tls_verify": True})
+            with self._lock:
+                if self._tls is None:
+                    self._tls = _ssl_context({"tls_verify": True})
             conn = http.client.HTTPSConnection(target.hostname, target.port, timeout=timeout,
                                                context=self._tls)
         else:
@@ -4504,6 +5175,14 @@ class _Reporter(_Worker):
         if deadline.expired:
             raise socket.timeout("no complete answer within %gs" % timeout)
         return response.status, response.getheader("Retry-After"), answer
+
+
+def _report_target(record):
+    """The ReportTarget of a tenant record (``client_base_url +
+    client_sync_path``, its client_auth)."""
+    settings = record["settings"]
+    return ReportTarget(record["id"], _tenant_url(settings, "client_sync_path"),
+                        _tenant_auth_headers(settings))
 
 
 class _BounceCollector(_Worker):
@@ -4745,7 +5424,8 @@ def _imap_connect(settings):
 
 def _report_entry(event):
     """One delivery report entry (SPEC 5; a bounce adds SPEC 8's fields)."""
-    entry = {"id": event["id"], "account_id": event["account_id"],
+    tenant, ref = _unscoped(event["id"])
+    entry = {"id": ref, "account_id": _name_of(event["account_id"]),
              "priority": event["priority"], "status": event["kind"],
              "sent_ts": event["sent_ts"], "error_ts": event["error_ts"],
              "error": event["error"], "deferred_ts": event["deferred_ts"]}
@@ -4753,6 +5433,8 @@ def _report_entry(event):
         entry["deferred_reason"] = event["reason"]
     if event["refused"]:
         entry["refused"] = event["refused"]
+    if tenant != DEFAULT_TENANT:
+        entry["tenant_id"] = tenant
     bounce = event.get("bounce")
     if bounce:
         entry.update({"bounce_ts": bounce["ts"], "bounce_type": bounce["type"],
@@ -4810,6 +5492,23 @@ def _retry_after_seconds(value, now):
 # ##############################  HTTP API  ############################# #
 # ####################################################################### #
 
+class Caller(collections.namedtuple("Caller", "admin tenant")):
+    """Who sent a request: the admin (the ``[server] api_token``, or any
+    local client when there is none) or a tenant (by its API key)."""
+
+    __slots__ = ()
+
+
+ADMIN = Caller(True, None)
+# Commands only the admin may run (a tenant key gets 403).
+ADMIN_COMMANDS = frozenset(["add tenant", "get tenant", "list tenants", "delete tenant",
+                            "metrics"])
+# Commands that, for the admin without a tenant_id, span the whole daemon.
+SPAN_COMMANDS = frozenset(["status", "run now", "suspend", "activate", "metrics"])
+# Commands that take tenant_id=* (every tenant) from the admin.
+ALL_TENANT_COMMANDS = SPAN_COMMANDS | frozenset(["list messages", "list accounts", "retry",
+                                                 "requeue", "hold", "release"])
+
 # HTTP routes: (method, path pattern) -> command name.  ``{id}`` matches one
 # percent-decoded path segment.
 _COMMAND_PATHS = {
@@ -4830,6 +5529,11 @@ _ROUTES = (
     ("GET", ("suppressions",), "list suppressions"),
     ("POST", ("suppressions",), "add suppression"),
     ("DELETE", ("suppressions", "{address}"), "delete suppression"),
+    ("POST", ("tenant",), "add tenant"),
+    ("GET", ("tenants",), "list tenants"),
+    ("GET", ("tenant", "{id}"), "get tenant"),
+    ("DELETE", ("tenant", "{id}"), "delete tenant"),
+    ("GET", ("health",), "health"),
 )
 
 
@@ -5239,18 +5943,22 @@ class _ApiHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         raise ApiError("malformed chunked body: %s" % reason, status=400)
 
-    def _authorized(self):
+    def _caller(self):
+        """The Caller of this request, or None (a 401): the admin token, a
+        tenant's key, or, when there is no admin token, no token at all."""
         token = self.server.api_token
-        if token is None:
-            return True
         given = self.headers.get("X-API-Token")
         if given is None:
             auth = self.headers.get("Authorization", "")
             if auth[:7].lower() == "bearer ":
                 given = auth[7:].strip()
         if given is None:
-            return False
-        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token)
+            return ADMIN if token is None else None
+        if token is not None and hmac.compare_digest(
+                given.encode("utf-8", "surrogateescape"), token):
+            return ADMIN
+        tenant = self.server.core.tenant_for_key(given)
+        return Caller(False, tenant) if tenant is not None else None
 
     def handle_one_request(self):
         # the next request line and headers must arrive within the idle timeout
@@ -5282,11 +5990,22 @@ class _ApiHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
     def _route(self):
+        """Answer one request: frame and check it (browser rules, token),
+        match its route, read its body (bounded), run its command through
+        the core for its Caller.  Raises ApiError for the answer to send
+        instead; the core's StoreError becomes a 503 in ``_handle``."""
         parts = self._request_target()
-        self._refuse_browser_requests(parts)
-        if not self._authorized():
-            self._refuse(401, "Invalid or missing API token")
         segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
+        if segments == ["health"] and self.command in ("GET", "HEAD"):
+            # for probes (Genropy's "Proxy reachable", load balancers): no
+            # token, no database, nothing about the queue
+            self._discard_body()
+            self._send_json(200, {"ok": True, "status": "ok"})
+            return
+        self._refuse_browser_requests(parts)
+        caller = self._caller()
+        if caller is None:
+            self._refuse(401, "Invalid or missing API token")
         matches = _match_route(segments)
         if not matches:
             self._discard_body()
@@ -5301,15 +6020,25 @@ class _ApiHandler(BaseHTTPRequestHandler):
                            detail={"allow": allowed})
         if method != "POST":
             self._discard_body()      # keep-alive stays in sync with a GET that has a body
-        if command == "metrics":
-            body = self.server.core.render_metrics().encode("utf-8")
-            self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
-            return
         if command is None:
             command = _COMMAND_PATHS.get(params["name"])
             if command is None:
                 self._discard_body()
                 raise NotFoundError("unknown command")
+        query = {}
+        if parts.query:
+            try:
+                parsed = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
+                                               strict_parsing=False, max_num_fields=50)
+            except ValueError:
+                self._discard_body()
+                raise ValidationError("malformed query string")
+            query = {key: values[-1] for key, values in parsed.items()}
+        if command == "metrics":
+            _, answer = self.server.core.run_command(command, {}, caller)
+            self._send(200, answer["text"].encode("utf-8"),
+                       "text/plain; version=0.0.4; charset=utf-8")
+            return
         payload = dict(params)
         if method == "POST":
             # The whole body first, outside the slot: a client that stalls or
@@ -5321,25 +6050,32 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 if not self.server.large_requests.acquire(timeout=self.server.body_deadline):
                     raise ApiError("busy with other large requests, retry later", status=503)
                 try:
-                    payload = self._json_body(body)
+                    payload = self._with_query(self._json_body(body), query)
                     del body
-                    status, answer = self.server.core.run_command(command, payload)
+                    status, answer = self.server.core.run_command(command, payload, caller)
                     del payload
                 finally:
                     self.server.large_requests.release()
                 self._send_json(status, answer)
                 return
-            payload = self._json_body(body)
-        elif parts.query:
-            try:
-                query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
-                                              strict_parsing=False, max_num_fields=50)
-            except ValueError:
-                raise ValidationError("malformed query string")
-            for key, values in query.items():
-                payload.setdefault(key, values[-1])
-        status, answer = self.server.core.run_command(command, payload)
+            payload = self._with_query(self._json_body(body), query)
+        else:
+            for key, value in query.items():
+                payload.setdefault(key, value)
+        status, answer = self.server.core.run_command(command, payload, caller)
         self._send_json(status, answer)
+
+    @staticmethod
+    def _with_query(body, query):
+        """A POST's payload: its JSON body and, from the query, only
+        ``tenant_id`` (which must not contradict the body's)."""
+        payload = dict(body)
+        for key in ("tenant_id",):
+            if key in query:
+                if payload.get(key) not in (None, query[key]):
+                    raise ValidationError("%s in the query and in the body differ" % key)
+                payload[key] = query[key]
+        return payload
 
     def _request_target(self):
         """The request target split like urlsplit (RFC 9112 3.2): origin-form
@@ -5470,11 +6206,16 @@ class AsyncMailCore:
     test_mode``): the loops run only on run-now, which then returns after the
     cycle finished.
 
-    ``handle_command(name, payload)`` is safe from any thread.
+    ``handle_command(name, payload)`` is safe from any thread; it acts as
+    the admin, in the default tenant unless the payload names a
+    ``tenant_id``.
     """
 
     def __init__(self, config=None, test_mode=False, now=None, smtp_connect=None,
                  logger=None, imap_connect=None):
+        """Open the store (recovering what a crash left in ``sending``),
+        load accounts and tenants, and build the workers; nothing runs and
+        nothing listens until ``start``.  Raises StoreError."""
         if config is None:
             config = Config()
         elif isinstance(config, dict):
@@ -5493,8 +6234,10 @@ class AsyncMailCore:
         self._accounts_lock = threading.Lock()
         self._ignored_fields = set()   # account field names already logged as ignored
         self._intake_counter = itertools.count(1)
-        self.intake_serial = 0
+        self._intake_serials = {}      # tenant -> serial of its last add-messages batch
         self._accounts = self._load_accounts()
+        self._tenants, self._tenant_keys = self._load_tenants()
+        self.metrics.add_tenant(DEFAULT_TENANT)
         for account_id in self._accounts:
             self.metrics.add_account(account_id)
         recovered = self.store.recover_interrupted()
@@ -5509,9 +6252,11 @@ class AsyncMailCore:
         self.dispatcher = _Dispatcher(
             self.store, self.accounts, self.controls, self.fetcher, self.metrics, config,
             self.log, self.now, poll, on_delivered=lambda: self.reporter.wake(),
-            smtp_connect=smtp_connect, verp=verp)
+            smtp_connect=smtp_connect, verp=verp, endpoint=self.attachment_endpoint)
         self.reporter = _Reporter(self.store, self.metrics, config, self.log, self.now, poll,
-                                  intake_serial=lambda: self.intake_serial)
+                                  intake_serial=self.intake_serial)
+        for tenant in self._tenants.values():
+            self.reporter.set_target(_report_target(tenant))
         self.bounces = None   # the third loop runs only with a bounce mailbox
         if config.bounces.imap_host:
             self.bounces = _BounceCollector(
@@ -5537,6 +6282,11 @@ class AsyncMailCore:
             "list suppressions": self._cmd_list_suppressions,
             "add suppression": self._cmd_add_suppression,
             "delete suppression": self._cmd_delete_suppression,
+            "add tenant": self._cmd_add_tenant,
+            "get tenant": self._cmd_get_tenant,
+            "list tenants": self._cmd_list_tenants,
+            "delete tenant": self._cmd_delete_tenant,
+            "metrics": self._cmd_metrics,
         }
 
     # -- accounts (cached: read on every intake and every dispatch cycle) -----
@@ -5545,14 +6295,58 @@ class AsyncMailCore:
         return {account["id"]: account for account in self.store.list_accounts()}
 
     def accounts(self):
-        """{account id: settings}, a snapshot of the cached accounts table."""
+        """{account store key: settings}, a snapshot of the cached accounts table."""
         with self._accounts_lock:
             return dict(self._accounts)
+
+    def _tenant_accounts(self, tenant):
+        """{account id: settings} of one tenant (ALL_TENANTS: by store key)."""
+        accounts = self.accounts()
+        if tenant == ALL_TENANTS:
+            return accounts
+        return {_name_of(key): account for key, account in accounts.items()
+                if _tenant_of(key) == tenant}
 
     def _reload_accounts(self):
         accounts = self._load_accounts()
         with self._accounts_lock:
             self._accounts = accounts
+
+    # -- tenants (cached: every request with a tenant key looks one up) -------
+
+    def _load_tenants(self):
+        tenants = {t["id"]: t for t in self.store.list_tenants()}
+        return tenants, {t["key_hash"]: t["id"] for t in tenants.values()}
+
+    def _reload_tenants(self):
+        tenants, keys = self._load_tenants()
+        with self._accounts_lock:
+            self._tenants, self._tenant_keys = tenants, keys
+
+    def tenant_for_key(self, key):
+        """The tenant whose API key is ``key``, or None.  Only the key's
+        SHA-256 is kept; the look-up is by that digest, so its timing says
+        nothing about the key, and the match is confirmed in constant time."""
+        digest = _key_digest(key)
+        with self._accounts_lock:
+            tenant = self._tenant_keys.get(digest)
+            stored = self._tenants[tenant]["key_hash"] if tenant is not None else ""
+        return tenant if tenant is not None and hmac.compare_digest(stored, digest) else None
+
+    def attachment_endpoint(self, tenant):
+        """The AttachmentEndpoint of ``tenant``, or None (the default tenant,
+        or one registered without client_attachment_path)."""
+        with self._accounts_lock:
+            record = self._tenants.get(tenant)
+        if record is None or not record["settings"].get("client_attachment_path"):
+            return None
+        settings = record["settings"]
+        return AttachmentEndpoint(tenant, _tenant_url(settings, "client_attachment_path"),
+                                  _tenant_auth_headers(settings))
+
+    def intake_serial(self, tenant):
+        """The serial of ``tenant``'s last well-formed add-messages batch."""
+        return self._intake_serials.get(tenant, 0)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -5608,8 +6402,10 @@ class AsyncMailCore:
 
     # -- commands -----------------------------------------------------------
 
-    def run_command(self, name, payload=None):
-        """Run a command: returns (HTTP status, answer); raises ApiError."""
+    def run_command(self, name, payload=None, caller=None):
+        """Run a command for ``caller`` (a Caller; None: the admin): returns
+        (HTTP status, answer); raises ApiError.  The payload's ``tenant_id``
+        picks the tenant the command acts in (see ``_scope``)."""
         handler = self._commands.get(name)
         if handler is None:
             raise NotFoundError("unknown command")
@@ -5617,11 +6413,43 @@ class AsyncMailCore:
             payload = {}
         if not isinstance(payload, dict):
             raise ValidationError("payload must be an object")
-        return 200, handler(payload)
+        caller = caller or ADMIN
+        if name in ADMIN_COMMANDS and not caller.admin:
+            raise ApiError("this endpoint needs the admin token, not a tenant key", status=403)
+        payload = dict(payload)
+        tenant = self._scope(name, caller, payload.pop("tenant_id", None))
+        return 200, handler(payload, tenant)
+
+    def _scope(self, name, caller, given):
+        """The tenant a command acts in: a tenant key's own (naming another
+        is a 401); for the admin the one ``tenant_id`` names, else the
+        default tenant, or ALL_TENANTS for the commands that span the daemon
+        (status, run-now, suspend, metrics)."""
+        if given is not None and not isinstance(given, str):
+            raise ValidationError("tenant_id must be a string")
+        if given == "":
+            given = None
+        if not caller.admin:
+            if given is not None and given != caller.tenant:
+                raise ApiError("Invalid or missing API token (the key is not tenant %s's)"
+                               % given[:80], status=401)
+            return caller.tenant
+        if given is None:
+            return ALL_TENANTS if name in SPAN_COMMANDS else DEFAULT_TENANT
+        if given == ALL_TENANTS:
+            if name not in ALL_TENANT_COMMANDS:
+                raise ValidationError("tenant_id=* is for listings and operator commands")
+            return given
+        if given != DEFAULT_TENANT:
+            with self._accounts_lock:
+                known = given in self._tenants
+            if not known:
+                raise NotFoundError("unknown tenant %s" % given[:80])
+        return given
 
     def handle_command(self, name, payload=None):
-        """Run a command and return its answer as a dict (``ok`` false and an
-        ``error`` on failure)."""
+        """Run a command as the admin and return its answer as a dict (``ok``
+        false and an ``error`` on failure)."""
         try:
             return self.run_command(name, payload)[1]
         except ApiError as exc:
@@ -5630,19 +6458,34 @@ class AsyncMailCore:
                 answer["detail"] = exc.detail
             return answer
 
-    def _cmd_status(self, payload):
-        counts = self.store.queue_counts()
-        return {"ok": True, "active": self.controls.active, "version": __version__,
+    def _cmd_status(self, payload, tenant):
+        if tenant == ALL_TENANTS:
+            by_tenant = self.store.tenant_queue_counts()
+            counts = self.store.queue_counts()
+            answer = {"ok": True, "active": self.controls.active, "version": __version__,
+                      "queue": {status: counts.get(status, 0) for status in STATUSES}}
+            if len(by_tenant) > 1:
+                answer["tenants"] = {name: {status: by_tenant[name].get(status, 0)
+                                            for status in STATUSES}
+                                     for name in sorted(by_tenant)}
+            return answer
+        counts = self.store.queue_counts(tenant)
+        return {"ok": True, "active": self.controls.active and self.controls.tenant_active(tenant),
+                "version": __version__, "tenant_id": tenant,
                 "queue": {status: counts.get(status, 0) for status in STATUSES}}
 
-    def _cmd_run_now(self, payload):
-        """Both loops run a cycle now; in test mode the answer waits for
-        the cycles and the deliveries they started."""
+    def _cmd_metrics(self, payload, tenant):
+        return {"ok": True, "text": self.render_metrics()}
+
+    def _cmd_run_now(self, payload, tenant):
+        """Both loops run a cycle now (the reporter for one tenant, or all);
+        in test mode the answer waits for the cycles and the deliveries
+        they started."""
         wait = self._run_now_wait() if self.test_mode else None
         self.dispatcher.run_now(wait)
         if self.bounces is not None:
             self.bounces.run_now(wait)
-        self.reporter.run_now(wait)
+        self.reporter.run_now(wait, tenant=None if tenant == ALL_TENANTS else tenant)
         return {"ok": True}
 
     def _run_now_wait(self):
@@ -5654,48 +6497,85 @@ class AsyncMailCore:
         return max(self.config.delivery.smtp_timeout_seconds * smtp_steps,
                    self.config.client.timeout_seconds) + RUN_NOW_SLACK
 
-    def _account_argument(self, payload):
+    def _account_argument(self, payload, tenant):
+        """The store key of the payload's ``account_id`` in ``tenant``
+        (None when absent); NotFoundError when it has no such account."""
         account_id = payload.get("account_id")
         if account_id is None:
             return None
-        if not isinstance(account_id, str) or account_id not in self.accounts():
+        if tenant == ALL_TENANTS:
+            raise ValidationError("account_id needs one tenant_id")
+        key = _scoped(tenant, account_id) if isinstance(account_id, str) else None
+        if key is None or key not in self.accounts():
             raise NotFoundError("unknown account")
-        return account_id
+        return key
 
-    def _cmd_suspend(self, payload):
-        account_id = self._account_argument(payload)
-        self.controls.suspend(account_id)
-        self.log.info("dispatching suspended%s", " for account %s" % account_id
-                      if account_id else "")
-        return self._activity(account_id)
-
-    def _cmd_activate(self, payload):
-        account_id = self._account_argument(payload)
-        self.controls.activate(account_id)
-        self.log.info("dispatching activated%s", " for account %s" % account_id
-                      if account_id else "")
-        self.dispatcher.wake()
-        return self._activity(account_id)
-
-    def _activity(self, account_id):
-        if account_id is None:
+    def _suspension(self, payload, tenant, suspended):
+        """suspend / activate: globally (the admin without tenant_id), one
+        tenant, one account (``account_id``) or one campaign (``batch_code``)."""
+        unknown = sorted(str(k)[:80] for k in payload if k not in ("account_id", "batch_code"))
+        if unknown:
+            raise ValidationError("unknown field %s (suspend and activate take account_id "
+                                  "or batch_code)" % unknown[0])
+        verb = "suspended" if suspended else "activated"
+        batch_code = payload.get("batch_code")
+        if batch_code is not None:
+            if "account_id" in payload:
+                raise ValidationError("name account_id or batch_code, not both")
+            if tenant == ALL_TENANTS:
+                tenant = DEFAULT_TENANT
+            try:
+                _check_identifier(batch_code, "batch_code")
+            except ValueError as exc:
+                raise ValidationError(str(exc))
+            self.controls.hold_batch(tenant, batch_code, held=suspended)
+            self.log.info("dispatching %s for batch %s of tenant %s", verb, batch_code[:80],
+                          tenant)
+            if not suspended:
+                self.dispatcher.wake()
+            return {"ok": True, "batch_code": batch_code, "active": not suspended}
+        if tenant == ALL_TENANTS and "account_id" in payload:
+            tenant = DEFAULT_TENANT   # the seed's per-account suspend, unchanged
+        account_id = self._account_argument(payload, tenant)
+        if account_id is not None:
+            (self.controls.suspend if suspended else self.controls.activate)(account_id)
+            self.log.info("dispatching %s for account %s", verb, _shown_key(account_id))
+        elif tenant == ALL_TENANTS:
+            (self.controls.suspend if suspended else self.controls.activate)()
+            self.log.info("dispatching %s", verb)
+        else:
+            self.controls.suspend_tenant(tenant, suspended)
+            self.log.info("dispatching %s for tenant %s", verb, tenant)
+        if not suspended:
+            self.dispatcher.wake()
+        if account_id is not None:
+            return {"ok": True, "account_id": _name_of(account_id),
+                    "active": self.controls.account_active(account_id)}
+        if tenant == ALL_TENANTS:
             return {"ok": True, "active": self.controls.active}
-        return {"ok": True, "account_id": account_id,
-                "active": self.controls.account_active(account_id)}
+        return {"ok": True, "tenant_id": tenant, "active": self.controls.tenant_active(tenant)}
 
-    def _cmd_add_messages(self, payload):
+    def _cmd_suspend(self, payload, tenant):
+        return self._suspension(payload, tenant, suspended=True)
+
+    def _cmd_activate(self, payload, tenant):
+        return self._suspension(payload, tenant, suspended=False)
+
+    def _cmd_add_messages(self, payload, tenant):
         """Queue a batch.  Only a malformed batch (no messages list, or more
         than MAX_BATCH_MESSAGES) is an error: the real client raises on any
         non-2xx, and a raise inside its pull loop would wedge it on that
         batch for good.  Invalid messages are listed in ``rejected``; an id
-        already queued, or earlier in the batch, in ``duplicates`` (the first
-        copy stands, so a resend after a lost answer reads as success)."""
+        already queued or sent, or earlier in the batch, in ``duplicates``
+        (the first copy stands, so a resend after a lost answer reads as
+        success); an id whose message failed is queued anew (``replaced``:
+        Genropy's "Retry send" resends the same id)."""
         messages = payload.get("messages")
         if not isinstance(messages, list):
             raise self._batch_error("body must be an object with a messages list", [])
         if len(messages) > MAX_BATCH_MESSAGES:
             raise self._batch_error("a batch holds at most %d messages" % MAX_BATCH_MESSAGES, [])
-        self._note_intake()
+        self._note_intake(tenant)
         default_priority = self.config.delivery.default_priority
         bad_default = None
         if payload.get("default_priority") is not None:
@@ -5703,7 +6583,10 @@ class AsyncMailCore:
                 default_priority = _parse_priority(payload["default_priority"])
             except ValueError as exc:
                 bad_default = "default_priority: %s" % exc
-        resolve = _AccountResolver(set(self.accounts()), self.config.delivery.default_account)
+        resolve = _AccountResolver(set(self._tenant_accounts(tenant)),
+                                   self.config.delivery.default_account
+                                   if tenant == DEFAULT_TENANT else None)
+        endpoint = self.attachment_endpoint(tenant)
         now = self.now()
         rejected, rows, seen, repeated = [], [], set(), []
         for raw in messages:
@@ -5711,7 +6594,14 @@ class AsyncMailCore:
             try:
                 if bad_default and raw.get("priority") is None:
                     raise ValueError(bad_default)
+                if raw.get("tenant_id") not in (None, tenant):
+                    raise ValueError("tenant_id %s is not this request's tenant (%s)"
+                                     % (str(raw["tenant_id"])[:80], tenant))
                 message = validate_message(raw, default_priority, resolve)
+                if endpoint is None and any("storage_path" in a
+                                            for a in message["attachments"]):
+                    raise ValueError("storage_path attachments need a tenant registered "
+                                     "with client_attachment_path")
             except ValueError as exc:
                 rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
                                  "reason": str(exc)})
@@ -5723,71 +6613,84 @@ class AsyncMailCore:
             deferred_ts = message["deferred_ts"]
             status = "deferred" if deferred_ts is not None and deferred_ts > now else "pending"
             recipients = [_format_address(*pair) for pair in message["to"]]
-            rows.append((message["id"], message["account_id"], message["priority"], status,
-                         now, deferred_ts, message["subject"], json.dumps(recipients),
-                         message["message_id"], json.dumps(message, separators=(",", ":"))))
-        duplicates, orphans = self.store.insert_messages(rows) if rows else (set(), set())
-        for message_id in sorted(orphans):
-            rejected.append({"id": message_id, "reason": "unknown account (deleted)"})
+            rows.append(IntakeRow(
+                _scoped(tenant, message["id"]), _scoped(tenant, message["account_id"]),
+                message["priority"], status, now, deferred_ts, message["subject"],
+                json.dumps(recipients), message["message_id"],
+                json.dumps(message, separators=(",", ":")), tenant, message["batch_code"]))
+        duplicates, orphans, replaced = (self.store.insert_messages(rows) if rows
+                                         else (set(), set(), set()))
+        for key in sorted(orphans):
+            rejected.append({"id": _name_of(key), "reason": "unknown account (deleted)"})
         queued = len(rows) - len(duplicates) - len(orphans)
-        due = [row[2] for row in rows if row[3] == "pending" and row[0] not in duplicates]
+        due = [row.priority for row in rows if row.status == "pending"
+               and row.key not in duplicates and row.key not in orphans]
         if 0 in due:
             self.dispatcher.wake()
         elif due:
             # new due mail is looked at now, as Postfix's qmgr is told of new
             # mail at once (send_interval_seconds is only the idle poll)
             self.dispatcher.wake_if_idle()
-        return {"ok": True, "queued": queued, "rejected": rejected,
-                "duplicates": list(dict.fromkeys(
-                    [row[0] for row in rows if row[0] in duplicates] + repeated))}
+        answer = {"ok": True, "queued": queued, "rejected": rejected,
+                  "duplicates": list(dict.fromkeys(
+                      [_name_of(row.key) for row in rows if row.key in duplicates] + repeated))}
+        if replaced:
+            answer["replaced"] = [_name_of(row.key) for row in rows if row.key in replaced]
+            self.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
+                          len(replaced), tenant)
+        return answer
 
-    def _note_intake(self):
+    def _note_intake(self, tenant):
         """Count a well-formed add-messages batch.  The reporter compares the
         count around each report POST: an upstream that handed work over
         while its POST was open (Genropy's pull flow) may have more."""
-        self.intake_serial = next(self._intake_counter)
+        self._intake_serials[tenant] = next(self._intake_counter)
 
     @staticmethod
     def _batch_error(message, rejected):
         return ValidationError(message, detail={"error": message, "rejected": rejected})
 
-    def _cmd_delete_messages(self, payload):
+    def _cmd_delete_messages(self, payload, tenant):
         ids = payload.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValidationError("ids must be a list of message ids")
         if len(ids) > MAX_DELETE_IDS:
             raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
         unique = list(dict.fromkeys(ids))
-        not_found, being_sent = self.store.delete_messages(unique) if unique else ([], [])
+        keys = [_scoped(tenant, i) for i in unique]
+        not_found, being_sent = self.store.delete_messages(keys) if keys else ([], [])
         answer = {"ok": True, "removed": len(unique) - len(not_found) - len(being_sent),
-                  "not_found": not_found}
+                  "not_found": [_name_of(k) for k in not_found]}
         if being_sent:   # on the wire: not removed; the outcome will be reported
-            answer["being_sent"] = being_sent
+            answer["being_sent"] = [_name_of(k) for k in being_sent]
         return answer
 
-    def _cmd_cleanup_messages(self, payload):
+    def _cmd_cleanup_messages(self, payload, tenant):
         older_than = payload.get("older_than_seconds")
         if older_than is None:
             older_than = self.config.delivery.delivery_report_retention_seconds
         elif not _is_number(older_than) or older_than < 0:
             raise ValidationError("older_than_seconds must be a number >= 0")
         older_than = min(older_than, 1e12)   # 30,000 years: beyond it, float() overflows
-        return {"ok": True, "removed": self.store.purge_reported(self.now() - older_than)}
+        return {"ok": True, "removed": self.store.purge_reported(self.now() - older_than,
+                                                                 tenant)}
 
-    def _cmd_add_account(self, payload):
+    def _cmd_add_account(self, payload, tenant):
         try:
             account = validate_account(payload)
         except ValueError as exc:
             raise ValidationError(str(exc))
+        key = _scoped(tenant, account["id"])
+        account.update(id=key, tenant_id=tenant)
         self.store.upsert_account(account, self.now())
         self._reload_accounts()
-        self.metrics.add_account(account["id"])
-        self.dispatcher.account_changed(account["id"])
+        self.metrics.add_account(key)
+        self.dispatcher.account_changed(key)
         answer = {"ok": True}
         ignored = ignored_account_fields(payload)
         if ignored:
             answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
-            self._note_ignored_fields(account["id"], ignored)
+            self._note_ignored_fields(_shown_key(key), ignored)
         return answer
 
     def _note_ignored_fields(self, account_id, names):
@@ -5801,11 +6704,11 @@ class AsyncMailCore:
             self.log.info("account %s: ignored unknown field(s) %s (not stored)",
                           account_id, ", ".join(new[:MAX_IGNORED_SHOWN]))
 
-    def _cmd_list_accounts(self, payload):
-        accounts = self.accounts()
+    def _cmd_list_accounts(self, payload, tenant):
+        accounts = self._tenant_accounts(tenant)
         return {"ok": True, "accounts": [public_account(accounts[k]) for k in sorted(accounts)]}
 
-    def _cmd_delete_account(self, payload):
+    def _cmd_delete_account(self, payload, tenant):
         account_id = payload.get("id")
         if not isinstance(account_id, str):
             raise ValidationError("id must be a string")
@@ -5813,7 +6716,8 @@ class AsyncMailCore:
             force = _parse_bool(payload.get("force", False))
         except ValueError:
             raise ValidationError("force must be true or false")
-        undelivered = self.store.delete_account(account_id, force, self.now())
+        key = _scoped(tenant, account_id)
+        undelivered = self.store.delete_account(key, force, self.now())
         self._reload_accounts()
         if undelivered is None:
             raise NotFoundError("unknown account")
@@ -5822,14 +6726,15 @@ class AsyncMailCore:
                                 "to fail them" % undelivered)
         if undelivered:
             self.log.warning("account %s deleted with force: %d message(s) failed",
-                             account_id, undelivered)
+                             _shown_key(key), undelivered)
             self.reporter.wake()
-        self.dispatcher.account_changed(account_id)
+        self.dispatcher.account_changed(key)
         return {"ok": True}
 
-    def _cmd_list_messages(self, payload):
+    def _cmd_list_messages(self, payload, tenant):
         """GET /messages: filters (status, account_id, since, until,
-        id_prefix), order and keyset paging (``after`` / ``next``)."""
+        id_prefix, batch_code), order and keyset paging (``after`` /
+        ``next``), in one tenant or (ALL_TENANTS) all."""
         statuses = list(STATUSES)
         if payload.get("status") not in (None, ""):
             wanted = str(payload["status"]).split(",")
@@ -5848,7 +6753,17 @@ class AsyncMailCore:
         account_id = payload.get("account_id") or None
         if account_id is not None and not isinstance(account_id, str):
             raise ValidationError("account_id must be a string")
+        batch_code = payload.get("batch_code") or None
+        if batch_code is not None and not isinstance(batch_code, str):
+            raise ValidationError("batch_code must be a string")
+        if tenant == ALL_TENANTS and (id_prefix is not None or account_id is not None):
+            raise ValidationError("id_prefix and account_id need one tenant_id")
+        if tenant != ALL_TENANTS:
+            account_id = None if account_id is None else _scoped(tenant, account_id)
+            if id_prefix is not None:
+                id_prefix = _scoped(tenant, id_prefix)
         query = {"account_id": account_id, "id_prefix": id_prefix, "order": order,
+                 "tenant": None if tenant == ALL_TENANTS else tenant, "batch_code": batch_code,
                  "since": _query_number(payload, "since"),
                  "until": _query_number(payload, "until"),
                  "after": _decode_cursor(payload.get("after"), by_id=id_prefix is not None),
@@ -5866,22 +6781,23 @@ class AsyncMailCore:
         return {"ok": True, "messages": [_present_record(r, full) for r in records],
                 "next": cursor}
 
-    def _cmd_get_message(self, payload):
+    def _cmd_get_message(self, payload, tenant):
         message_id = payload.get("id")
-        record = self.store.get_message(message_id) if isinstance(message_id, str) else None
+        key = _scoped(tenant, message_id) if isinstance(message_id, str) else None
+        record = self.store.get_message(key) if key is not None else None
         if record is None:
             raise NotFoundError("unknown message")
         record = _present_record(record, full=True)
-        record["attempts"] = self.store.attempts(message_id)
-        record["bounces"] = self.store.bounces(message_id)
+        record["attempts"] = self.store.attempts(key)
+        record["bounces"] = self.store.bounces(key)
         return {"ok": True, "message": record}
 
     # -- suppressions (SPEC 8) -----------------------------------------------
 
-    def _cmd_list_suppressions(self, payload):
-        return {"ok": True, "suppressions": self.store.suppressions(self.now())}
+    def _cmd_list_suppressions(self, payload, tenant):
+        return {"ok": True, "suppressions": self.store.suppressions(self.now(), tenant)}
 
-    def _cmd_add_suppression(self, payload):
+    def _cmd_add_suppression(self, payload, tenant):
         """Suppress an address for ``days`` (default ``suppress_days``; 0:
         until deleted, so that with automatic suppression off an admin's
         suppression still holds)."""
@@ -5899,18 +6815,80 @@ class AsyncMailCore:
         if not _is_number(days) or not 0 <= days <= MAX_SUPPRESS_DAYS:
             raise ValidationError("days must be 0-%d (0: until deleted)" % MAX_SUPPRESS_DAYS)
         now = self.now()
-        self.store.suppress(address, "manual", now, now + days * DAY if days else None)
+        self.store.suppress(address, "manual", now, now + days * DAY if days else None, tenant)
         return {"ok": True, "address": address.lower()}
 
-    def _cmd_delete_suppression(self, payload):
+    def _cmd_delete_suppression(self, payload, tenant):
         address = payload.get("address")
-        if not isinstance(address, str) or not self.store.unsuppress(address, self.now()):
+        if not isinstance(address, str) or not self.store.unsuppress(address, self.now(),
+                                                                     tenant):
             raise NotFoundError("not suppressed")
         return {"ok": True}
 
+    # -- tenants ----------------------------------------------------------------
+
+    def _cmd_add_tenant(self, payload, tenant):
+        """Register a tenant, or replace its settings: either way a new API
+        key is made and returned (Genropy stores whatever key comes back, and
+        makes new client_auth credentials at every "Register"), so the old
+        key stops working at once."""
+        try:
+            tenant_id, settings, ignored = validate_tenant(payload)
+        except ValueError as exc:
+            raise ValidationError(str(exc))
+        key = secrets.token_urlsafe(TENANT_KEY_BYTES)
+        created = self.store.upsert_tenant(tenant_id, settings, _key_digest(key), self.now())
+        self._reload_tenants()
+        with self._accounts_lock:
+            record = self._tenants[tenant_id]
+        self.reporter.set_target(_report_target(record))
+        self.log.info("tenant %s %s (reports to %s); a new API key was issued", tenant_id,
+                      "registered" if created else "updated",
+                      _redact_url(_tenant_url(settings, "client_sync_path")))
+        answer = {"ok": True, "id": tenant_id, "api_key": key, "created": created}
+        if ignored:
+            answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
+        return answer
+
+    def _tenant_record(self, payload):
+        tenant_id = payload.get("id")
+        with self._accounts_lock:
+            record = self._tenants.get(tenant_id) if isinstance(tenant_id, str) else None
+        if record is None:
+            raise NotFoundError("unknown tenant")
+        return record
+
+    def _cmd_get_tenant(self, payload, tenant):
+        return {"ok": True, "tenant": public_tenant(self._tenant_record(payload))}
+
+    def _cmd_list_tenants(self, payload, tenant):
+        with self._accounts_lock:
+            records = [self._tenants[name] for name in sorted(self._tenants)]
+        return {"ok": True, "tenants": [public_tenant(record) for record in records]}
+
+    def _cmd_delete_tenant(self, payload, tenant):
+        """Unregister a tenant: its key stops working, and its accounts and
+        messages (queued ones too: the site asked to leave) are removed."""
+        record = self._tenant_record(payload)
+        tenant_id = record["id"]
+        accounts = [key for key in self.accounts() if _tenant_of(key) == tenant_id]
+        removed = self.store.delete_tenant(tenant_id)
+        if removed is None:
+            raise NotFoundError("unknown tenant")
+        self._reload_tenants()
+        self._reload_accounts()
+        self.reporter.drop_target(tenant_id)
+        self.controls.forget_tenant(tenant_id)
+        self.metrics.forget_tenant(tenant_id)
+        for key in accounts:
+            self.dispatcher.account_changed(key)
+        self.log.warning("tenant %s deleted with %d message(s) and %d account(s)", tenant_id,
+                         removed[0], removed[1])
+        return {"ok": True, "removed_messages": removed[0], "removed_accounts": removed[1]}
+
     # -- operator control (SPEC 7) -------------------------------------------
 
-    def _cmd_retry(self, payload):
+    def _cmd_retry(self, payload, tenant):
         """Deferred messages due now (postqueue -f / -i); the client's own
         schedule stays unless ``include_scheduled``; rate limits still hold
         (the dispatcher defers a message still over one to the exact
@@ -5919,40 +6897,50 @@ class AsyncMailCore:
             include = _parse_bool(payload.get("include_scheduled", False))
         except ValueError:
             raise ValidationError("include_scheduled must be true or false")
-        answer = self._operate("retry", payload, include_scheduled=include)
-        self.dispatcher.lift_backoff(payload.get("account_id"))
+        answer = self._operate("retry", payload, tenant, include_scheduled=include)
+        account_id = payload.get("account_id")
+        self.dispatcher.lift_backoff(None if account_id is None or tenant == ALL_TENANTS
+                                     else _scoped(tenant, str(account_id)))
         self.dispatcher.wake()
         return answer
 
-    def _cmd_requeue(self, payload):
+    def _cmd_requeue(self, payload, tenant):
         """Failed messages back to pending with retry_count 0 (after a
         fix: a password, a relay), each reported as a new state change."""
-        answer = self._operate("requeue", payload)
+        answer = self._operate("requeue", payload, tenant)
         self.dispatcher.wake()
         self.reporter.wake()
         return answer
 
-    def _cmd_hold(self, payload):
+    def _cmd_hold(self, payload, tenant):
         """Pending or deferred messages to ``held``: never dispatched, never
         expired, until released (postsuper -h)."""
-        return self._operate("hold", payload)
+        return self._operate("hold", payload, tenant)
 
-    def _cmd_release(self, payload):
+    def _cmd_release(self, payload, tenant):
         """Held messages back to where they were: ``deferred`` while their
         ``deferred_ts`` is ahead, else ``pending`` (postsuper -H)."""
-        answer = self._operate("release", payload)
+        answer = self._operate("release", payload, tenant)
         self.dispatcher.wake()
         return answer
 
-    def _operate(self, command, payload, include_scheduled=False):
-        selector = _parse_selector(command, payload)
+    def _operate(self, command, payload, tenant, include_scheduled=False):
+        kind, value = _parse_selector(command, payload)
+        if tenant == ALL_TENANTS and kind in ("ids", "account_id"):
+            raise ValidationError("ids and account_id need one tenant_id")
+        if kind == "ids":
+            value = [_scoped(tenant, i) for i in value]
+        elif kind == "account_id":
+            value = _scoped(tenant, value)
         affected, not_found, skipped = self.store.operate(
-            command, selector, self.now(), include_scheduled)
+            command, (kind, value), self.now(), include_scheduled,
+            tenant=None if tenant == ALL_TENANTS else tenant)
         if affected:
-            self.log.info("%s: %d message(s) (selector %s)", command, affected, selector[0])
-        answer = {"ok": True, "affected": affected, "not_found": not_found}
-        if selector[0] == "ids":
-            answer["skipped"] = skipped
+            self.log.info("%s: %d message(s) (selector %s, tenant %s)", command, affected,
+                          kind, "all" if tenant == ALL_TENANTS else tenant)
+        answer = {"ok": True, "affected": affected, "not_found": [_name_of(k) for k in not_found]}
+        if kind == "ids":
+            answer["skipped"] = [_name_of(k) for k in skipped]
         return answer
 
     def healthy(self, max_age):
@@ -5974,18 +6962,23 @@ class AsyncMailCore:
     def render_metrics(self):
         """The Prometheus exposition: counters plus gauges read with index
         seeks only (no table scan), so scraping stays cheap at any queue size."""
+        by_tenant = self.store.tenant_queue_counts()
         counts = self.store.queue_counts()
         oldest = self.store.oldest_active_created_ts()
         age = max(0.0, self.now() - oldest) if oldest is not None else 0.0
         gauges = [
             ("asyncmail_pending_messages", "Messages not yet sent or failed.",
              sum(counts.get(s, 0) for s in ACTIVE_STATUSES)),
-            ("asyncmail_queue_messages", "Messages in the queue by status.",
-             {(("status", s),): counts.get(s, 0) for s in STATUSES}),
+            ("asyncmail_queue_messages", "Messages in the queue by tenant and status.",
+             {(("tenant", t), ("status", s)): by_tenant[t].get(s, 0)
+              for t in sorted(by_tenant) for s in STATUSES}),
             ("asyncmail_oldest_pending_age_seconds",
              "Age of the oldest message not yet sent or failed.", age),
             ("asyncmail_active", "1 when dispatching is active, 0 when suspended.",
              1 if self.controls.active else 0),
+            ("asyncmail_tenant_active", "1 when a tenant's dispatching is active, 0 when "
+             "suspended.", {(("tenant", t),): 1 if self.controls.tenant_active(t) else 0
+                            for t in sorted(by_tenant)}),
             ("asyncmail_build_info", "Version of asyncmail.",
              {(("version", __version__),): 1}),
         ]
@@ -5997,6 +6990,8 @@ def _present_record(record, full):
     system's ``created_at``, ``updated_at`` and ``message``, which Genropy's
     queue views read."""
     payload = record.pop("payload")
+    record["id"] = _name_of(record["id"])
+    record["account_id"] = _name_of(record["account_id"])
     record["created_at"] = _iso(record["created_ts"])
     record["updated_at"] = _iso(record.pop("updated_ts"))
     record["message"] = message_view(payload, record["retry_count"], full)

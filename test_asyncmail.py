@@ -381,6 +381,20 @@ def raw_exchange(address, data, shutdown=False):
         sock.close()
 
 
+def report_cycle(core, now):
+    """One reporter cycle, waiting for the report jobs it starts (each
+    tenant's exchanges run on the reporter's pool)."""
+    for done in core.reporter.cycle(now):
+        done.wait(WAIT)
+
+
+def intake_row(key, account="acct", payload="{}", rfc_message_id="<m@x>", created=1.0,
+               tenant="default"):
+    """A pending IntakeRow for Store.insert_messages."""
+    return asyncmail.IntakeRow(key, account, 2, "pending", created, None, "s", "[]",
+                               rfc_message_id, payload, tenant, None)
+
+
 def message(mid, **fields):
     base = {"id": mid, "from": "sender@example.com", "to": ["rcpt@example.org"],
             "subject": "subject " + mid, "body": "body of " + mid}
@@ -679,7 +693,10 @@ class StoreTests(CoreCase):
         conn.execute("PRAGMA user_version = 1")
         conn.execute("INSERT INTO accounts VALUES ('a', ?, 0)", (json.dumps(
             asyncmail.validate_account({"id": "a", "host": "127.0.0.1"})),))
-        conn.execute(asyncmail.SQL_INSERT_MESSAGE, (
+        conn.execute(                   # schema version 1's own statement
+            "INSERT INTO messages (id, account_id, priority, status, created_ts,"
+            " deferred_ts, subject, recipients, message_id, payload)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
             "old", "a", 2, "pending", 1.0, None, "s", '["x@y.com"]', "<m@x>",
             json.dumps(asyncmail.validate_message(message("old"), 2, lambda a: "a"))))
         conn.close()
@@ -734,11 +751,18 @@ class StoreTests(CoreCase):
         import sqlite3
         conn = sqlite3.connect(self.db_path)
         self.addCleanup(conn.close)
-        for sql, args in ((asyncmail.SQL_CLAIM_SELECT, ("a", 3, 10)),
+        held = asyncmail.SQL_CLAIM_HELD_BATCHES.format(marks="?")
+        for sql, args in ((asyncmail.SQL_CLAIM_SELECT.format(held=""), ("a", 3, 10)),
+                          (asyncmail.SQL_CLAIM_SELECT.format(held=held), ("a", 3, "b", 10)),
                           (asyncmail.SQL_PROMOTE_DUE, (1.0,)),
-                          (asyncmail.SQL_HAS_PENDING, ("a", 3)),
+                          (asyncmail.SQL_HAS_PENDING.format(held=""), ("a", 3)),
+                          (asyncmail.SQL_HAS_PENDING.format(held=held), ("a", 3, "b")),
                           (asyncmail.SQL_OLDEST_ACTIVE, ("pending",)),
-                          (asyncmail.SQL_PURGE_REPORTED, (1.0, 10)),
+                          (asyncmail.SQL_PURGE_REPORTED.format(tenant=""), (1.0, 10)),
+                          (asyncmail.SQL_PURGE_REPORTED.format(tenant="AND tenant = ?"),
+                           (1.0, "t", 10)),
+                          (asyncmail.SQL_PENDING_EVENTS, ("t", 10)),
+                          (asyncmail.SQL_HAS_EVENTS, ("t",)),
                           (asyncmail.SQL_PRUNE_SEND_LOG, (1.0,))):
             plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
             self.assertIn("USING", plan, sql)
@@ -1071,7 +1095,8 @@ class ApiTests(CoreCase):
         self.assertEqual(set(record), {"id", "account_id", "priority", "status", "created_ts",
                                        "deferred_ts", "sent_ts", "error_ts", "error",
                                        "retry_count", "reported_ts", "subject", "to",
-                                       "refused", "created_at", "updated_at", "message"})
+                                       "refused", "created_at", "updated_at", "message",
+                                       "tenant_id", "batch_code"})
         status, body = self.http.request("GET", "/messages?active_only=true&limit=2&offset=1")
         self.assertEqual([m["id"] for m in body["messages"]], ["l2", "l3"])
         self.clock.advance(5)
@@ -1171,7 +1196,7 @@ class ApiTests(CoreCase):
         status, data, response = self.http.request("GET", "/metrics", raw=True)
         self.assertEqual(status, 200)
         self.assertTrue(response.getheader("Content-Type").startswith("text/plain; version=0.0.4"))
-        self.assertIn(b'asyncmail_sent_total{account_id="acct"} 0', data)
+        self.assertIn(b'asyncmail_sent_total{tenant="default",account_id="acct"} 0', data)
 
 
 class AuthTests(CoreCase):
@@ -1674,10 +1699,10 @@ class ReportTests(ReportingCase):
         self.assertEqual(len(self.upstream.posts), 1)
         self.assertIsNone(self.record(core, "m")["reported_ts"])
         self.assertEqual(core.metrics.value("asyncmail_report_failures_total"), 1)
-        core.reporter.cycle(self.clock())      # backoff: no POST yet
+        report_cycle(core, self.clock())      # backoff: no POST yet
         self.assertEqual(len(self.upstream.posts), 1)
         self.clock.advance(5)
-        core.reporter.cycle(self.clock())
+        report_cycle(core, self.clock())
         self.assertEqual(len(self.upstream.posts), 2)
         self.assertEqual([e["id"] for e in self.upstream.posts[1]["body"]["delivery_report"]],
                          ["m"])
@@ -1722,10 +1747,10 @@ class ReportTests(ReportingCase):
         self.run_now(core)
         self.assertEqual(self.upstream.posts[-1]["body"], {"delivery_report": []})
         count = len(self.upstream.posts)
-        core.reporter.cycle(self.clock())
+        report_cycle(core, self.clock())
         self.assertEqual(len(self.upstream.posts), count)
         self.clock.advance(300)
-        core.reporter.cycle(self.clock())
+        report_cycle(core, self.clock())
         self.assertEqual(len(self.upstream.posts), count + 1)
 
     def test_retention_purge(self):
@@ -2876,12 +2901,13 @@ class MetricsTests(CoreCase):
             for key, value in family["samples"].items():
                 self.assertGreaterEqual(after[name]["samples"].get(key, 0), value, key)
         sent = after["asyncmail_sent_total"]["samples"]
-        self.assertEqual(sent[("asyncmail_sent_total", (("account_id", "acct"),))], 1)
-        self.assertEqual(sent[("asyncmail_sent_total", (("account_id", 'we\\"ird\\\\id'),))], 1)
+        self.assertEqual(sent[("asyncmail_sent_total", (("tenant", "default"), ("account_id", "acct")))], 1)
+        weird = (("tenant", "default"), ("account_id", 'we\\"ird\\\\id'))
+        self.assertEqual(sent[("asyncmail_sent_total", weird)], 1)
         errors = after["asyncmail_errors_total"]["samples"]
-        self.assertEqual(errors[("asyncmail_errors_total", (("account_id", "acct"),))], 1)
+        self.assertEqual(errors[("asyncmail_errors_total", (("tenant", "default"), ("account_id", "acct")))], 1)
         deferred = after["asyncmail_deferred_total"]["samples"]
-        self.assertEqual(deferred[("asyncmail_deferred_total", (("account_id", "acct"),))], 1)
+        self.assertEqual(deferred[("asyncmail_deferred_total", (("tenant", "default"), ("account_id", "acct")))], 1)
         pending = after["asyncmail_pending_messages"]["samples"]
         self.assertEqual(pending[("asyncmail_pending_messages", ())], 1)
         histogram = after["asyncmail_smtp_send_duration_seconds"]["samples"]
@@ -2899,7 +2925,7 @@ class MetricsTests(CoreCase):
         families = parse_exposition(again.render_metrics())
         for name in ("asyncmail_sent_total", "asyncmail_errors_total",
                      "asyncmail_deferred_total", "asyncmail_rate_limited_total"):
-            self.assertEqual(families[name]["samples"][(name, (("account_id", "quiet"),))], 0)
+            self.assertEqual(families[name]["samples"][(name, (("tenant", "default"), ("account_id", "quiet")))], 0)
 
     def test_oldest_pending_age_uses_the_clock(self):
         core = self.make_core(http=False)
@@ -3241,8 +3267,9 @@ class HardeningTests(CoreCase):
         self.add_account(core, smtp)
         stored = json.loads(json.dumps(valid))
         stored["headers"] = {"X-Injected\n": "1"}
-        core.store.insert_messages([("old", "acct", 2, "pending", self.clock(), None, "s",
-                                     "[]", stored["message_id"], json.dumps(stored))])
+        core.store.insert_messages([intake_row("old", payload=json.dumps(stored),
+                                               rfc_message_id=stored["message_id"],
+                                               created=self.clock())])
         self.run_now(core)
         record = self.record(core, "old")
         self.assertEqual(record["status"], "error")
@@ -3790,7 +3817,7 @@ class UpstreamFaultTests(CoreCase):
         self.run_now(core)
         for _ in range(10):
             self.clock.advance(400)
-            core.reporter.cycle(self.clock())
+            report_cycle(core, self.clock())
         reported = [self.record(core, "r%d" % i)["reported_ts"] for i in range(30)]
         self.assertNotIn(None, reported)
         self.assertEqual(sorted({e["id"] for e in upstream.entries()}),
@@ -3808,7 +3835,7 @@ class UpstreamFaultTests(CoreCase):
         attempts_before = core.metrics.value("asyncmail_report_failures_total")
         for _ in range(3600):                # one simulated hour, a cycle per second
             self.clock.advance(1)
-            core.reporter.cycle(self.clock())
+            report_cycle(core, self.clock())
         attempts = core.metrics.value("asyncmail_report_failures_total") - attempts_before
         self.assertLessEqual(attempts, 20)   # 5, 10, 20 ... capped at 300 s: ~17 in an hour
         self.assertGreaterEqual(attempts, 10)
@@ -3895,8 +3922,8 @@ class ReviewRegressionTests(CoreCase):
 
     def test_intake_rechecks_the_account_inside_its_transaction(self):
         core = self.make_core(http=False)
-        row = ("orphan", "gone", 2, "pending", 1.0, None, "s", "[]", "<m@x>", "{}")
-        self.assertEqual(core.store.insert_messages([row]), (set(), {"orphan"}))
+        row = intake_row("orphan", account="gone")
+        self.assertEqual(core.store.insert_messages([row]), (set(), {"orphan"}, set()))
         self.assertEqual(core.handle_command("status")["queue"]["pending"], 0)
 
     def test_unicode_digits_and_huge_integers_are_400(self):
@@ -4557,16 +4584,16 @@ class UpstreamPacingTests(ReportingCase):
         self.run_now(core)
         self.assertEqual(self.posts(), 1)
         self.clock.advance(61)                   # a heartbeat would be due now...
-        core.reporter.cycle(self.clock())
+        report_cycle(core, self.clock())
         self.assertEqual(self.posts(), 1)        # ...but the upstream said later
         self.add(core, message("b"))
         for job in core.dispatcher.cycle(self.clock()):   # one cycle, its deliveries
             job.wait(WAIT)
-        core.reporter.cycle(self.clock())        # a report of a new event still goes
+        report_cycle(core, self.clock())        # a report of a new event still goes
         self.assertEqual(self.posts(), 2)
         self.assertEqual(self.upstream.entries()[-1]["id"], "b")
         self.clock.advance(600)
-        core.reporter.cycle(self.clock())
+        report_cycle(core, self.clock())
         self.assertEqual(self.posts(), 3)        # and the heartbeat comes back
 
     def test_retry_after_as_an_http_date(self):
@@ -4720,7 +4747,8 @@ class OperatorControlTests(CoreCase):
         self.assertEqual(self.command("hold", {"ids": ["h3"]})["skipped"], ["h3"])
         status = self.http.request("GET", "/status")[1]["queue"]
         self.assertEqual((status["held"], status["sent"]), (2, 1))
-        self.assertIn('asyncmail_queue_messages{status="held"} 2', self.core.render_metrics())
+        self.assertIn('asyncmail_queue_messages{tenant="default",status="held"} 2',
+                      self.core.render_metrics())
         self.assertEqual(self.command("release", {"status": "held"})["affected"], 2)
         self.assertEqual((self.status_of("h1"), self.status_of("h2")), ("pending", "deferred"))
         self.assertEqual(self.record(self.core, "h2")["deferred_ts"], later)
@@ -4871,8 +4899,8 @@ class StoreConcurrencyTests(CoreCase):
         finished = []
         with store._writer:              # a long write in progress
             writers = [threading.Thread(target=lambda i=i: finished.append(
-                store.insert_messages([("w%d" % i, "acct", 2, "pending", 0.0, None, "s",
-                                        "[]", "<m@x>", json.dumps(message("w%d" % i)))])))
+                store.insert_messages([intake_row("w%d" % i, created=0.0,
+                                                  payload=json.dumps(message("w%d" % i)))])))
                        for i in range(asyncmail.STORE_CONNECTIONS + 2)]
             for writer in writers:
                 writer.start()
