@@ -437,8 +437,9 @@ SQL_SELECTOR_IDS = "SELECT id, status, account_id IN (SELECT id FROM accounts) F
 SQL_RETRY = (
     "UPDATE messages SET status = 'pending', deferred_ts = NULL, deferred_reason = NULL,"
     " updated_ts = ? WHERE status = 'deferred' AND {scheduled} AND {where}")
-SQL_RETRY_NOT_SCHEDULED = "deferred_reason IS NOT NULL"
-_SELECTOR_WHERE = {"account_id": "account_id = ?", "status": "status = ?", "all": "1"}   # NULL: the client's own schedule
+SQL_RETRY_NOT_SCHEDULED = "deferred_reason IS NOT NULL"   # NULL: the client's own schedule
+# the WHERE of each selector kind but ids (an unknown kind is an error)
+_SELECTOR_WHERE = {"account_id": "account_id = ?", "status": "status = ?", "all": "1"}
 SQL_REQUEUE_EVENTS = (
     "INSERT INTO events (message_pk, message_id, account_id, priority, kind, deferred_ts,"
     " reason, tenant) SELECT pk, id, account_id, priority, 'pending', ?, 'requeued', tenant"
@@ -4767,7 +4768,7 @@ class _Dispatcher(_Worker):
             self.store.record_outcomes([self._fail(c, now, RATE_LIMIT_ERROR) for c in claims])
             if claims:
                 self.log.info("account %s over its rate limit: %d message(s) rejected",
-                              account_id, len(claims))
+                              _shown_key(account_id), len(claims))
             return bool(claims)
         self.store.record_outcomes([Outcome.deferred(c, now, free_at, "rate limit")
                                     for c in claims])
@@ -4776,7 +4777,7 @@ class _Dispatcher(_Worker):
             self._backoff[account_id] = free_at
         if claims:
             self.log.info("account %s over its rate limit: %d message(s) deferred until %s",
-                          account_id, len(claims), _iso(free_at))
+                          _shown_key(account_id), len(claims), _iso(free_at))
         return bool(claims)
 
     def _attempt(self, relay, account, claim):
@@ -4801,7 +4802,7 @@ class _Dispatcher(_Worker):
                 # claim: its transaction never begins (releasing it is a no-op)
                 if self.activity:
                     self.log.info("not sending %s: it (or its account) was deleted "
-                                  "since its claim", claim.ref)
+                                  "since its claim", _shown_key(claim.ref))
                 return Outcome.released(claim)
             reply = relay.send(sender, recipients, data)
         except DeliveryError as exc:
@@ -4811,7 +4812,7 @@ class _Dispatcher(_Worker):
             # every restart and block its chunk: fail it alone, loudly (this
             # is the boundary of one message's work, as a thread's loop is).
             self.log.exception("message %s of account %s could not be handled",
-                               claim.ref, claim.account_id)
+                               _shown_key(claim.ref), _shown_key(claim.account_id))
             relay.close()
             return self._fail(claim, self.clock(), "internal error while sending: %s: %s"
                               % (type(exc).__name__, str(exc)[:200]))
@@ -4822,7 +4823,8 @@ class _Dispatcher(_Worker):
         self.metrics.inc("asyncmail_sent_total", claim.account_id)
         refused = dict(reply.refused, **suppressed)
         if self.activity:
-            self.log.info("sent %s via account %s%s", claim.ref, claim.account_id,
+            self.log.info("sent %s via account %s%s", _shown_key(claim.ref),
+                          _shown_key(claim.account_id),
                           " (refused: %s)" % ", ".join(sorted(refused)) if refused else "")
         attempt = Attempt(now, duration, relay.where, reply.code, reply.text, refused)
         return Outcome.sent(claim, now, refused, attempt)
@@ -4859,7 +4861,7 @@ class _Dispatcher(_Worker):
         outcome = self._retry(claim, now, str(exc), attempt)
         if not exc.account_level:
             return outcome
-        self.log.error("account %s: %s", claim.account_id, exc)
+        self.log.error("account %s: %s", _shown_key(claim.account_id), exc)
         with self._lock:
             self._backoff[claim.account_id] = now + self._delay(claim.retry_count)
         return outcome._replace(account_down=True)
@@ -4876,15 +4878,16 @@ class _Dispatcher(_Worker):
         until = now + self._delay(retries)
         self.metrics.inc("asyncmail_deferred_total", claim.account_id)
         if self.activity:
-            self.log.info("deferred %s via account %s until %s: %s", claim.ref,
-                          claim.account_id, _iso(until), error)
+            self.log.info("deferred %s via account %s until %s: %s", _shown_key(claim.ref),
+                          _shown_key(claim.account_id), _iso(until), error)
         return Outcome.deferred(claim, now, until, "temporary failure", error, retries + 1,
                                 attempt)
 
     def _fail(self, claim, now, error, attempt=None):
         self.metrics.inc("asyncmail_errors_total", claim.account_id)
         if self.activity:
-            self.log.info("failed %s via account %s: %s", claim.ref, claim.account_id, error)
+            self.log.info("failed %s via account %s: %s", _shown_key(claim.ref),
+                          _shown_key(claim.account_id), error)
         return Outcome.failed(claim, now, error, attempt)
 
     def shutdown(self):
@@ -7215,6 +7218,10 @@ def _parse_args(argv):
                                  help="also messages waiting for their own deferred_ts")
     for command in commands.choices.values():
         command.add_argument("--json", action="store_true", help="print the API's JSON")
+        command.add_argument("--tenant", metavar="ID",
+                             help="act in this tenant (default: the default tenant; "
+                                  "'*': every tenant, for queue, status and the "
+                                  "operator commands)")
     return parser.parse_args(argv)
 
 
@@ -7237,10 +7244,14 @@ class _ApiClient:
         self.host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
         self.port = config.server.port
         self.token = config.server.api_token
+        self.tenant = None   # sent as ?tenant_id= with every call when set
 
     def call(self, method, path, body=None):
         """The answer's JSON; raises _CliError (exit 69 when nothing answers,
         1 for an API error)."""
+        if self.tenant is not None:
+            path += ("&" if "?" in path else "?") + urllib.parse.urlencode(
+                {"tenant_id": self.tenant})
         headers = {"X-API-Token": self.token} if self.token else {}
         data = None
         if body is not None:
@@ -7294,8 +7305,11 @@ def _cli_queue(api, args, now, out):
             rows.append(record)
             if not args.json:
                 to = record["to"][0] if record["to"] else ""
+                shown_id = record["id"]
+                if record.get("tenant_id") not in (None, DEFAULT_TENANT, api.tenant):
+                    shown_id = "%s/%s" % (record["tenant_id"], shown_id)
                 print("%-28s %-8s %5s %-14s %-30s %s" % (
-                    record["id"][:28], record["status"], _age(now - record["created_ts"]),
+                    shown_id[:28], record["status"], _age(now - record["created_ts"]),
                     record["account_id"][:14], to[:30],
                     (record["error"] or "")[:60].replace("\n", " ")), file=out)
         if not answer.get("next"):
@@ -7345,6 +7359,7 @@ def _cli(config, args, out=None):
     """Run one CLI command against the daemon; returns the exit code."""
     out = out or sys.stdout
     api = _ApiClient(config)
+    api.tenant = getattr(args, "tenant", None)
     try:
         if args.command == "queue":
             _cli_queue(api, args, time.time(), out)
@@ -7354,10 +7369,16 @@ def _cli(config, args, out=None):
             if args.json:
                 print(json.dumps(answer, indent=1), file=out)
             else:
-                print("asyncmail %s, %s" % (answer["version"], "active" if answer["active"]
-                                             else "suspended"), file=out)
+                print("asyncmail %s, %s%s" % (
+                    answer["version"], "active" if answer["active"] else "suspended",
+                    ", tenant %s" % answer["tenant_id"] if "tenant_id" in answer else ""),
+                    file=out)
                 for status, count in answer["queue"].items():
                     print("  %-9s %d" % (status, count), file=out)
+                for tenant, counts in sorted(answer.get("tenants", {}).items()):
+                    print("  tenant %s: %s" % (tenant, ", ".join(
+                        "%d %s" % (n, status) for status, n in counts.items() if n)
+                        or "empty"), file=out)
             return 0
         if args.command == "show":
             answer = api.call("GET", "/messages/" + urllib.parse.quote(args.id, safe=""))
@@ -7365,7 +7386,8 @@ def _cli(config, args, out=None):
             if args.json:
                 print(json.dumps(answer, indent=1), file=out)
                 return 0
-            for key in ("id", "account_id", "status", "priority", "subject", "to", "created_at",
+            for key in ("id", "tenant_id", "account_id", "batch_code", "status", "priority",
+                        "subject", "to", "created_at",
                         "updated_at", "deferred_ts", "sent_ts", "error_ts", "retry_count",
                         "error", "refused"):
                 print("%-12s %s" % (key + ":", record.get(key)), file=out)

@@ -9,6 +9,7 @@ import base64
 import contextlib
 import email
 import email.policy
+import hashlib
 import http.client
 import io
 import itertools
@@ -1205,11 +1206,13 @@ class AuthTests(CoreCase):
         self.core = self.make_core({"server": {"api_token": "s3cret-token"}})
 
     def test_every_endpoint_needs_the_token(self):
+        # every route of the table but the probe, and a path that is none
         anonymous = self.client(self.core)
-        for method, path in (("GET", "/status"), ("GET", "/metrics"), ("GET", "/accounts"),
-                             ("GET", "/messages"), ("GET", "/messages/x"),
-                             ("POST", "/commands/run-now"), ("POST", "/account"),
-                             ("DELETE", "/account/x"), ("GET", "/nope")):
+        routes = [(method, "/" + "/".join("x" if part.startswith("{") else part
+                                          for part in pattern))
+                  for method, pattern, _ in asyncmail._ROUTES if pattern != ("health",)]
+        self.assertIn(("DELETE", "/tenant/x"), routes)
+        for method, path in routes + [("GET", "/nope")]:
             with self.subTest(path=path):
                 status, body = anonymous.request(method, path)
                 self.assertEqual(status, 401)
@@ -6429,3 +6432,264 @@ class HeaderControlCharacterTests(CoreCase):
                 self.assertEqual(answer["queued"], 0)
                 self.assertIn("control character", answer["rejected"][0]["reason"])
         self.add(core, message("tab", subject="a\tb"))   # TAB is folding white space
+
+
+# ==========================================================================
+# Tenants: one daemon for many Genropy sites (the API, auth and isolation)
+# ==========================================================================
+
+class TenantApiTests(CoreCase):
+    """The tenant contract over HTTP: registration and keys, who may call
+    what, ids and accounts per tenant, campaigns, resubmission, reports to
+    each tenant's own URL."""
+
+    ADMIN = "admin-token"
+
+    def setUp(self):
+        self.core = self.make_core({"server": {"api_token": self.ADMIN},
+                                    "client": {"timeout_seconds": "2"}})
+        self.admin = self.client(self.core, self.ADMIN)
+
+    def register(self, tenant_id, upstream=None, **fields):
+        body = {"id": tenant_id, "client_base_url": upstream.url if upstream else
+                "http://127.0.0.1:9/site", "client_sync_path": "/proxy_sync",
+                "client_auth": {"method": "basic", "user": "mailproxy", "password": "pw"}}
+        body.update(fields)
+        status, answer = self.admin.request("POST", "/tenant", body)
+        self.assertEqual(status, 200, answer)
+        return answer["api_key"]
+
+    def as_tenant(self, key):
+        return self.client(self.core, key)
+
+    def test_health_needs_no_token_and_says_nothing_of_the_queue(self):
+        anonymous = self.client(self.core)
+        self.assertEqual(anonymous.request("GET", "/health"), (200, {"ok": True, "status": "ok"}))
+        self.core.store.close()     # no database behind the answer
+        self.assertEqual(anonymous.request("GET", "/health")[0], 200)
+
+    def test_keys_rotate_at_every_registration_and_die_with_the_tenant(self):
+        first = self.register("site1")
+        self.assertEqual(len(first), 43)                  # secrets.token_urlsafe(32)
+        tenant = self.as_tenant(first)
+        self.assertEqual(tenant.request("GET", "/accounts?tenant_id=site1")[0], 200)
+        second = self.register("site1")                   # Genropy's second "Register"
+        self.assertNotEqual(first, second)
+        self.assertEqual(self.as_tenant(first).request("GET", "/accounts")[0], 401)
+        self.assertEqual(self.as_tenant(second).request("GET", "/accounts")[0], 200)
+        stored = self.core.store.list_tenants()[0]
+        self.assertEqual(stored["key_hash"], hashlib.sha256(second.encode()).hexdigest())
+        self.assertNotIn(second, json.dumps(stored))
+        status, answer = self.admin.request("DELETE", "/tenant/site1")
+        self.assertEqual((status, answer["ok"]), (200, True))
+        self.assertEqual(self.as_tenant(second).request("GET", "/accounts")[0], 401)
+        self.assertEqual(self.admin.request("DELETE", "/tenant/site1")[0], 404)
+        self.assertEqual(self.admin.request("GET", "/tenant/site1")[0], 404)
+
+    def test_admin_routes_refuse_tenant_keys_and_never_show_secrets(self):
+        key = self.register("site1", client_auth={"method": "bearer", "token": "tok-SECRET"})
+        tenant = self.as_tenant(key)
+        for method, path in (("POST", "/tenant"), ("GET", "/tenant/site1"), ("GET", "/tenants"),
+                             ("DELETE", "/tenant/site1"), ("GET", "/metrics")):
+            with self.subTest(path=path):
+                self.assertEqual(tenant.request(method, path, {} if method == "POST"
+                                                else None)[0], 403)
+        status, answer = self.admin.request("GET", "/tenant/site1")
+        self.assertEqual(answer["tenant"]["client_auth"], {"method": "bearer"})
+        self.assertEqual(answer["tenant"]["client_base_url"], "http://127.0.0.1:9/site")
+        listing = json.dumps(self.admin.request("GET", "/tenants")[1])
+        self.assertNotIn("SECRET", listing)
+        self.assertNotIn("SECRET", json.dumps(answer))
+
+    def test_registration_is_validated(self):
+        for body in ({"id": "default", "client_base_url": "http://x.example/"},
+                     {"id": "bad id", "client_base_url": "http://x.example/"},
+                     {"id": "a\n", "client_base_url": "http://x.example/"},
+                     {"id": "ok"},
+                     {"id": "ok", "client_base_url": "ftp://x.example/"},
+                     {"id": "ok", "client_base_url": "http://x.example/", "client_sync_path": "x"},
+                     {"id": "ok", "client_base_url": "http://x.example/",
+                      "client_auth": {"method": "basic"}},
+                     {"id": "ok", "client_base_url": "http://x.example/",
+                      "client_auth": {"method": "digest"}},
+                     {"id": "ok", "client_base_url": "http://x.example/",
+                      "client_auth": {"method": "none", "colour": 1}}):
+            with self.subTest(body=body):
+                status, answer = self.admin.request("POST", "/tenant", body)
+                self.assertEqual(status, 400, answer)
+        status, answer = self.admin.request("POST", "/tenant", {
+            "id": "ok", "client_base_url": "http://x.example/", "name": "Shop"})
+        self.assertEqual((status, answer["ignored"], answer["created"]), (200, ["name"], True))
+
+    def test_a_key_acts_only_in_its_own_tenant(self):
+        one, two = self.register("one"), self.register("two")
+        tenant = self.as_tenant(one)
+        status, answer = tenant.request("GET", "/messages?tenant_id=two")
+        self.assertEqual(status, 401)
+        self.assertNotIn("messages", answer)
+        self.assertEqual(tenant.request("POST", "/account", {
+            "id": "main", "host": "127.0.0.1", "tenant_id": "two"})[0], 401)
+        self.assertEqual(tenant.request("POST", "/commands/run-now?tenant_id=two")[0], 401)
+        self.assertEqual(tenant.request("GET", "/messages?tenant_id=*")[0], 401)
+        self.assertEqual(self.as_tenant(two).request("GET", "/status?tenant_id=two")[0], 200)
+        self.assertEqual(self.admin.request("GET", "/messages?tenant_id=nobody")[0], 404)
+        self.assertEqual(self.client(self.core, "not-a-key").request("GET", "/status")[0], 401)
+
+    def test_without_an_admin_token_an_unknown_token_is_refused(self):
+        core = self.make_core()
+        anonymous = self.client(core)
+        status, answer = anonymous.request("POST", "/tenant", {
+            "id": "site1", "client_base_url": "http://127.0.0.1:9/"})
+        self.assertEqual(status, 200)                    # loopback, no token: the admin
+        self.assertEqual(self.client(core, answer["api_key"]).request(
+            "GET", "/accounts")[0], 200)
+        self.assertEqual(self.client(core, "guess").request("GET", "/accounts")[0], 401)
+
+    def test_ids_and_accounts_are_per_tenant(self):
+        smtp_one, smtp_two = self.smtp_server(), self.smtp_server()
+        one, two = self.as_tenant(self.register("one")), self.as_tenant(self.register("two"))
+        for tenant, smtp, name in ((one, smtp_one, "one"), (two, smtp_two, "two")):
+            self.assertEqual(tenant.request("POST", "/account", {
+                "id": "main", "host": "127.0.0.1", "port": smtp.port, "tenant_id": name})[0], 200)
+            status, answer = tenant.request(
+                "POST", "/commands/add-messages?tenant_id=%s" % name,
+                {"messages": [message("same-id", account_id="main", tenant_id=name,
+                                      subject="for " + name)]})
+            self.assertEqual(answer["queued"], 1, answer)
+        self.assertEqual(self.admin.request("GET", "/accounts")[1]["accounts"], [])
+        self.assertEqual([a["id"] for a in one.request("GET", "/accounts")[1]["accounts"]],
+                         ["main"])
+        everyone = self.admin.request("GET", "/messages?tenant_id=*")[1]["messages"]
+        self.assertEqual(sorted((m["tenant_id"], m["id"]) for m in everyone),
+                         [("one", "same-id"), ("two", "same-id")])
+        self.assertEqual(one.request("POST", "/commands/run-now")[0], 200)
+        smtp_one.wait_messages(1)
+        smtp_two.wait_messages(1)
+        self.assertIn(b"Subject: for one", smtp_one.messages[0]["data"])
+        self.assertIn(b"Subject: for two", smtp_two.messages[0]["data"])
+        record = one.request("GET", "/messages/same-id")[1]["message"]
+        self.assertEqual((record["tenant_id"], record["status"]), ("one", "sent"))
+        status = self.admin.request("GET", "/status")[1]
+        self.assertEqual((status["tenants"]["one"]["sent"], status["tenants"]["two"]["sent"],
+                          status["queue"]["sent"]), (1, 1, 2))
+        families = parse_exposition(self.admin.request("GET", "/metrics", raw=True)[1].decode())
+        sent = families["asyncmail_sent_total"]["samples"]
+        self.assertEqual(sent[("asyncmail_sent_total", (("tenant", "one"),
+                                                        ("account_id", "main")))], 1)
+        # deleting one tenant leaves the other whole
+        self.assertEqual(self.admin.request("DELETE", "/tenant/one")[1],
+                         {"ok": True, "removed_messages": 1, "removed_accounts": 1})
+        self.assertEqual([m["id"] for m in two.request("GET", "/messages")[1]["messages"]],
+                         ["same-id"])
+
+    def test_a_failed_id_resubmitted_is_a_new_attempt(self):
+        smtp = self.smtp_server()
+        self.add_account(self.core, smtp)
+        smtp.script("DATA", "550 no such user")
+        self.add(self.core, message("r1"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "r1")["status"], "error")
+        answer = self.add(self.core, message("r1", subject="edited"), message("r2"))
+        self.assertEqual((answer["queued"], answer["duplicates"], answer["replaced"]),
+                         (2, [], ["r1"]))
+        record = self.record(self.core, "r1")
+        self.assertEqual((record["status"], record["error"], record["retry_count"],
+                          record["subject"]), ("pending", None, 0, "edited"))
+        self.run_now(self.core)
+        self.assertEqual(self.record(self.core, "r1")["status"], "sent")
+        again = self.add(self.core, message("r1"), message("r2"))   # sent: duplicates
+        self.assertEqual((again["queued"], again["duplicates"]), (0, ["r1", "r2"]))
+        self.assertNotIn("replaced", again)
+
+    def test_batch_codes_are_stored_filtered_and_held(self):
+        smtp = self.smtp_server()
+        self.add_account(self.core, smtp)
+        self.add(self.core, message("c1", batch_code="spring"), message("c2", batch_code="spring"),
+                 message("n1"))
+        listed = self.admin.request("GET", "/messages?batch_code=spring")[1]["messages"]
+        self.assertEqual([m["id"] for m in listed], ["c1", "c2"])
+        self.assertEqual(listed[0]["batch_code"], "spring")
+        self.assertEqual(self.admin.request("POST", "/commands/suspend",
+                                            {"batch_code": "spring"})[1],
+                         {"ok": True, "batch_code": "spring", "active": False})
+        self.run_now(self.core)
+        self.assertEqual([self.record(self.core, m)["status"] for m in ("c1", "c2", "n1")],
+                         ["pending", "pending", "sent"])
+        self.admin.request("POST", "/commands/activate", {"batch_code": "spring"})
+        self.run_now(self.core)
+        self.assertEqual([self.record(self.core, m)["status"] for m in ("c1", "c2")],
+                         ["sent", "sent"])
+        rejected = self.add(self.core, message("long", batch_code="x" * 65))["rejected"]
+        self.assertIn("batch_code", rejected[0]["reason"])
+
+    def test_a_suspended_tenant_waits_while_the_others_send(self):
+        smtp = self.smtp_server()
+        one, two = self.as_tenant(self.register("one")), self.as_tenant(self.register("two"))
+        for tenant, name in ((one, "one"), (two, "two")):
+            tenant.request("POST", "/account", {"id": "main", "host": "127.0.0.1",
+                                                "port": smtp.port, "tenant_id": name})
+            tenant.request("POST", "/commands/add-messages", {"messages": [
+                message("m", account_id="main")]})
+        self.assertEqual(one.request("POST", "/commands/suspend")[1],
+                         {"ok": True, "tenant_id": "one", "active": False})
+        self.admin.request("POST", "/commands/run-now")
+        smtp.wait_messages(1)
+        self.assertEqual(one.request("GET", "/messages/m")[1]["message"]["status"], "pending")
+        self.assertEqual(two.request("GET", "/messages/m")[1]["message"]["status"], "sent")
+        self.assertFalse(one.request("GET", "/status")[1]["active"])
+
+    def test_cleanup_and_delete_act_in_one_tenant(self):
+        smtp, site = self.smtp_server(), Upstream()
+        self.addCleanup(site.close)
+        one = self.as_tenant(self.register("one", site))
+        two = self.as_tenant(self.register("two", site))
+        for tenant, name in ((one, "one"), (two, "two")):
+            tenant.request("POST", "/account", {"id": "main", "host": "127.0.0.1",
+                                                "port": smtp.port, "tenant_id": name})
+            tenant.request("POST", "/commands/add-messages", {"messages": [
+                message("done", account_id="main"), message("queued", account_id="main",
+                                                            deferred_ts=self.clock() + 999)]})
+        self.admin.request("POST", "/commands/run-now")     # sent and reported
+        self.assertIsNotNone(one.request("GET", "/messages/done")[1]["message"]["reported_ts"])
+        self.clock.advance(10)
+        self.assertEqual(one.request("POST", "/commands/cleanup-messages",
+                                     {"older_than_seconds": 0})[1], {"ok": True, "removed": 1})
+        self.assertEqual(one.request("GET", "/messages/done")[0], 404)
+        self.assertEqual(two.request("GET", "/messages/done")[1]["message"]["status"], "sent")
+        self.assertEqual(one.request("POST", "/commands/delete-messages",
+                                     {"ids": ["queued", "nope"]})[1],
+                         {"ok": True, "removed": 1, "not_found": ["nope"]})
+        self.assertEqual(two.request("GET", "/messages/queued")[0], 200)
+
+    def test_each_tenant_reports_to_its_own_site_and_a_hung_one_delays_no_other(self):
+        smtp = self.smtp_server()
+        slow, fast = Upstream(), Upstream()
+        self.addCleanup(slow.close)
+        self.addCleanup(fast.close)
+        keys = {"slow": self.register("slow", slow), "fast": self.register("fast", fast)}
+        for name, key in keys.items():
+            tenant = self.as_tenant(key)
+            tenant.request("POST", "/account", {"id": "main", "host": "127.0.0.1",
+                                                "port": smtp.port, "tenant_id": name})
+            tenant.request("POST", "/commands/add-messages", {"messages": [
+                message("m-" + name, account_id="main")]})
+        slow.hang.set()
+        runner = threading.Thread(target=self.admin.request, args=("POST", "/commands/run-now"))
+        runner.start()
+        self.addCleanup(runner.join, WAIT)
+        # the fast site gets its report while the slow one still holds its POST
+        wait_until(lambda: any(e["id"] == "m-fast" and e["sent_ts"] for e in fast.entries()),
+                   message="the fast site's report")
+        self.assertTrue(slow.hang.is_set() and slow.posts)
+        self.assertEqual([e.get("tenant_id") for e in fast.entries()], ["fast"])
+        self.assertEqual(fast.posts[0]["headers"]["Authorization"],
+                         "Basic " + base64.b64encode(b"mailproxy:pw").decode())
+        self.assertTrue(all(e["id"] != "m-fast" for e in slow.entries()))
+        slow.hang.clear()
+        slow.release.set()
+        runner.join(WAIT)
+        self.assertIsNone(self.core.handle_command("get message", {
+            "id": "m-slow", "tenant_id": "slow"})["message"]["reported_ts"])
+        self.admin.request("POST", "/commands/run-now?tenant_id=slow")
+        self.assertIsNotNone(self.core.handle_command("get message", {
+            "id": "m-slow", "tenant_id": "slow"})["message"]["reported_ts"])
