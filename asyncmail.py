@@ -475,7 +475,7 @@ SQL_ACCOUNT_ACTIVE_MESSAGES = (
 # finds them (a status filter here made SQLite walk every finished message).
 SQL_PURGE_REPORTED = (
     "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages INDEXED BY messages_reported"
-    " WHERE reported_ts IS NOT NULL AND reported_ts < ? {tenant} LIMIT ?)")
+    " WHERE reported_ts IS NOT NULL AND reported_ts <= ? {tenant} LIMIT ?)")
 # events.message_id holds the client's id (MessageKey.ref), not the RFC
 # Message-ID that messages.message_id holds: a name from schema version 1.
 SQL_INSERT_EVENT = (

@@ -6651,7 +6651,7 @@ class TenantApiTests(CoreCase):
                                                             deferred_ts=self.clock() + 999)]})
         self.admin.request("POST", "/commands/run-now")     # sent and reported
         self.assertIsNotNone(one.request("GET", "/messages/done")[1]["message"]["reported_ts"])
-        self.clock.advance(10)
+        # 0: everything reported so far, this very instant included (Genropy's meaning)
         self.assertEqual(one.request("POST", "/commands/cleanup-messages",
                                      {"older_than_seconds": 0})[1], {"ok": True, "removed": 1})
         self.assertEqual(one.request("GET", "/messages/done")[0], 404)
@@ -6660,6 +6660,57 @@ class TenantApiTests(CoreCase):
                                      {"ids": ["queued", "nope"]})[1],
                          {"ok": True, "removed": 1, "not_found": ["nope"]})
         self.assertEqual(two.request("GET", "/messages/queued")[0], 200)
+
+    def test_endpoint_attachments_are_cached_only_when_their_md5_matches(self):
+        files = {"home:a.pdf": b"%PDF-1 contents of a"}
+        fetched = []
+
+        class Attachments(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):     # the site's attachments, and its reports
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                path = body.get("storage_path")
+                if path is not None:
+                    fetched.append(path)
+                data = files.get(path, b"{}")
+                self.send_response(200 if path in files or path is None else 404)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        server = serve_locally(Attachments)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        base = "http://127.0.0.1:%d" % server.server_address[1]
+        smtp = self.smtp_server()
+        right = hashlib.md5(files["home:a.pdf"]).hexdigest()
+        for name in ("one", "two"):
+            tenant = self.as_tenant(self.register(name, client_base_url=base,
+                                                  client_attachment_path="/get"))
+            tenant.request("POST", "/account", {"id": "main", "host": "127.0.0.1",
+                                                "port": smtp.port, "tenant_id": name})
+            attachment = {"storage_path": "home:a.pdf", "fetch_mode": "endpoint",
+                          "filename": "a.pdf"}
+            messages = [message("right-%d" % i, account_id="main",
+                                attachments=[dict(attachment, content_md5=right)])
+                        for i in range(2)]
+            messages += [message("wrong-%d" % i, account_id="main",
+                                 attachments=[dict(attachment, content_md5="0" * 32)])
+                         for i in range(2)]
+            self.assertEqual(tenant.request("POST", "/commands/add-messages",
+                                            {"messages": messages})[1]["queued"], 4)
+        self.admin.request("POST", "/commands/run-now")
+        smtp.wait_messages(8)
+        # per tenant: the first right one fetched, its twin from the cache; both
+        # wrong ones fetched (a mismatch is never kept); nothing shared across tenants
+        self.assertEqual(len(fetched), 6, fetched)
+        for data in (m["data"] for m in smtp.messages):
+            part = next(p for p in parse_mail(data).iter_attachments())
+            self.assertEqual(part.get_content(), files["home:a.pdf"])
 
     def test_each_tenant_reports_to_its_own_site_and_a_hung_one_delays_no_other(self):
         smtp = self.smtp_server()
@@ -6693,3 +6744,991 @@ class TenantApiTests(CoreCase):
         self.admin.request("POST", "/commands/run-now?tenant_id=slow")
         self.assertIsNotNone(self.core.handle_command("get message", {
             "id": "m-slow", "tenant_id": "slow"})["message"]["reported_ts"])
+
+
+# ==========================================================================
+# Tenants: one asyncmail for many Genropy sites, as today's Genropy drives it
+# ==========================================================================
+
+class MailProxyError(RuntimeError):
+    """What today's client raises for an answer that is not 2xx (a
+    RuntimeError, as in Genropy), with the HTTP status kept for the tests."""
+
+    def __init__(self, text, status=None):
+        super().__init__(text)
+        self.status = status
+
+
+class TenantGenropyClient:
+    """Today's Genropy mail-proxy service (``email`` package,
+    ``resources/services/mailproxy/mailproxy.py``): one site, one tenant.
+
+    The admin token goes to the paths starting ``/tenant``, ``/tenants``,
+    ``/instance`` and ``/command-log``, the tenant key everywhere else, both
+    in ``X-API-Token``.  The tenant is named in the query (``tenant_id=``),
+    except for POST /account, which carries it in the body.  An answer that
+    is not 2xx raises MailProxyError, unless its JSON body is an object with
+    ``rejected`` (then it is returned, as a partial success).  A 2xx answer
+    with no body is ``{}``; one that is not JSON raises; an object with
+    ``ok`` and no ``status`` gets ``status`` added, as the client does."""
+
+    ADMIN_PATHS = ("/tenant", "/tenants", "/instance", "/command-log")
+
+    def __init__(self, address, admin_token, tenant_id, client_base_url, batch_size=None):
+        self.address = address
+        self.admin_token = admin_token
+        self.tenant_token = None          # the api_key the last Register returned
+        self.tenant_id = tenant_id
+        self.client_base_url = client_base_url
+        self.batch_size = batch_size
+
+    # -- transport ------------------------------------------------------------
+
+    def request(self, method, path, json_body=None, params=None):
+        import urllib.parse
+        admin = any(path.startswith(prefix) for prefix in self.ADMIN_PATHS)
+        token = self.admin_token if admin else self.tenant_token
+        target = path + ("?" + urllib.parse.urlencode(params) if params else "")
+        headers = {"X-API-Token": token} if token else {}
+        body = None
+        if json_body is not None:
+            body = json.dumps(json_body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        elif method not in ("GET", "HEAD"):
+            body = b""   # requests sends Content-Length: 0 for a bodyless POST or DELETE
+        conn = http.client.HTTPConnection(*self.address, timeout=WAIT)
+        try:
+            conn.request(method, target, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        if not 200 <= response.status < 300:
+            try:
+                error_body = json.loads(data.decode("utf-8"))
+            except ValueError:
+                error_body = None
+            if isinstance(error_body, dict) and "rejected" in error_body:
+                return error_body
+            detail = None
+            if isinstance(error_body, dict):
+                detail = (error_body.get("detail") or error_body.get("error")
+                          or error_body.get("message") or str(error_body))
+            raise MailProxyError("Mail proxy request failed: %d - %s"
+                                 % (response.status, detail or data[:200]), response.status)
+        if response.status == 204 or not data:
+            return {}
+        try:
+            answer = json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise MailProxyError("Mail proxy returned a non-JSON response", response.status)
+        if isinstance(answer, dict) and "ok" in answer and "status" not in answer:
+            answer["status"] = "ok" if answer["ok"] else "error"
+        return answer
+
+    # -- the service's methods ----------------------------------------------------
+
+    def proxy_reachable(self):
+        """The "Proxy reachable" light: GET /health without a token."""
+        conn = http.client.HTTPConnection(*self.address, timeout=WAIT)
+        try:
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+        except OSError:
+            return None
+        finally:
+            conn.close()
+        return True if 200 <= response.status < 400 else None
+
+    def register_tenant(self, username=None, password=None):
+        payload = {"id": self.tenant_id, "client_base_url": self.client_base_url,
+                   "client_sync_path": "/proxy_sync",
+                   "client_attachment_path": "/proxy_get_attachments"}
+        if username and password:
+            payload["client_auth"] = {"method": "basic", "user": username,
+                                      "password": password}
+        answer = self.request("POST", "/tenant", payload)
+        if not answer.get("ok"):
+            raise RuntimeError(answer.get("error") or "Registration failed")
+        return answer
+
+    def get_tenant(self, tenant_id=None):
+        try:
+            return self.request("GET", "/tenant/%s" % (tenant_id or self.tenant_id))
+        except RuntimeError:
+            return None
+
+    def delete_tenant(self, tenant_id=None):
+        return self.request("DELETE", "/tenant/%s" % (tenant_id or self.tenant_id))
+
+    def account_payload(self, record):
+        """The account as the client builds it from an email.account record."""
+        def whole(value):
+            try:
+                return None if value in (None, "") else int(value)
+            except (TypeError, ValueError):
+                return None
+        payload = {
+            "id": record.get("id"), "name": record.get("account_name"),
+            "tenant_id": self.tenant_id, "host": record.get("smtp_host"),
+            "port": whole(record.get("smtp_port")), "user": record.get("smtp_username"),
+            "password": record.get("smtp_password"),
+            "use_tls": None if record.get("smtp_tls") is None else bool(record["smtp_tls"]),
+            "ttl": whole(record.get("proxy_ttl")),
+            "limit_per_minute": whole(record.get("proxy_limit_per_minute")),
+            "limit_per_hour": whole(record.get("proxy_limit_per_hour")),
+            "limit_per_day": whole(record.get("proxy_limit_per_day")),
+            "limit_behavior": record.get("proxy_limit_behavior"),
+            "batch_size": whole(record.get("proxy_batch_size")),
+        }
+        if record.get("smtp_timeout"):
+            payload["timeout"] = whole(record["smtp_timeout"])
+        return {k: v for k, v in payload.items() if v not in (None, "")}
+
+    def add_account(self, record):
+        return self.request("POST", "/account", self.account_payload(record))
+
+    def list_accounts(self):
+        return self.request("GET", "/accounts", params={"tenant_id": self.tenant_id})
+
+    def delete_account(self, account_id):
+        return self.request("DELETE", "/account/%s" % account_id,
+                            params={"tenant_id": self.tenant_id})
+
+    def add_messages(self, messages, default_priority=None):
+        payload = {"messages": messages}
+        if default_priority is not None:
+            payload["default_priority"] = default_priority
+        answer = self.request("POST", "/commands/add-messages", payload,
+                              params={"tenant_id": self.tenant_id})
+        if not isinstance(answer, dict):
+            raise RuntimeError("Mail proxy add-messages returned an unexpected payload")
+        return answer
+
+    def run_now(self):
+        return self.request("POST", "/commands/run-now", params={"tenant_id": self.tenant_id})
+
+    def list_messages(self):
+        answer = self.request("GET", "/messages", params={"tenant_id": self.tenant_id})
+        if isinstance(answer, list):
+            return {"ok": True, "messages": answer}
+        return answer
+
+    def pending_messages(self):
+        """The client's pending view: id, account, recipients, subject, start."""
+        return [{"id": e.get("id"), "account_id": e.get("account_id"),
+                 "to_addr": ", ".join(str(a) for a in (e.get("message") or {}).get("to") or []
+                                      if a),
+                 "subject": (e.get("message") or {}).get("subject"),
+                 "started_at": e.get("created_at")}
+                for e in self.list_messages().get("messages") or []
+                if e.get("sent_ts") is None and e.get("error_ts") is None]
+
+    def list_deferred(self):
+        """The client's deferred view: id, account, deferred time, retries."""
+        import datetime
+
+        def when(value):
+            if value in (None, ""):
+                return None
+            moment = datetime.datetime.fromtimestamp(int(value), datetime.timezone.utc)
+            return moment.isoformat().replace("+00:00", "Z")
+        return [{"id": e.get("id"), "account_id": e.get("account_id"),
+                 "deferred_time": when(e.get("deferred_ts")),
+                 "retry_count": (e.get("message") or {}).get("retry_count", 0)}
+                for e in self.list_messages().get("messages") or []
+                if e.get("deferred_ts") is not None and e.get("sent_ts") is None]
+
+    def delete_messages(self, ids):
+        return self.request("POST", "/commands/delete-messages", {"ids": ids},
+                            params={"tenant_id": self.tenant_id})
+
+    def cleanup_messages(self, older_than_seconds=None):
+        payload = {}
+        if older_than_seconds is not None:
+            payload["older_than_seconds"] = int(older_than_seconds)
+        return self.request("POST", "/commands/cleanup-messages", payload,
+                            params={"tenant_id": self.tenant_id})
+
+
+class TenantGenropySite:
+    """A fake Genropy site of today, one tenant of the daemon, modelled on
+    ``email/webpages/mailproxy/mp_endpoint.py`` and the service's
+    Register (``activate``).
+
+    Records: ``records`` (email.message; ``state`` is ``queued`` while in
+    email.message_to_send, then ``handed``, ``sent`` or ``error``),
+    ``accounts`` (email.account), ``storage`` (storage path -> bytes).
+
+    ``proxy_sync`` (basic auth of the ``mailproxy`` user, whose password
+    every Register replaces) applies the delivery report: ``sent_ts`` is
+    sent; ``error_ts`` is an error, unless the error says ``Attachment fetch
+    failed`` while every attachment still exists, when the message is queued
+    again (attempt n waits TRANSIENT_DELAYS[n-1] seconds, by the injected
+    clock, carried to the daemon as its ``deferred_ts``; at most
+    MAX_TRANSIENT attempts); an entry with neither is left alone.  Then it
+    hands up to ``batch_size`` queued messages over (lowest priority number
+    first, then oldest; due or not, as mp_endpoint's query has no date
+    filter: a later one carries its ``deferred_ts``) by calling
+    add-messages back inside the POST, and
+    answers pure JSON ``{"ok": true, "queued": n}`` or ``{"error": [...],
+    "not_found": [...], "queued": n}``.  A message the daemon rejects is an
+    error; a hand-over that raises leaves the batch queued.
+
+    ``proxy_get_attachments`` (same auth) answers a JSON ``{"storage_path"}``
+    with the bytes: 400 without one, 503 while ``storage_outage`` > 0 (each
+    503 uses one up), 404 for a file that is not in ``storage``."""
+
+    USER = "mailproxy"
+    MEDIUM_PRIORITY = 2
+    TRANSIENT_DELAYS = (0, 300, 900, 3600, 7200)
+    MAX_TRANSIENT = 5
+    TRANSIENT_MARKER = "Attachment fetch failed"
+
+    def __init__(self, tenant_id, clock, daemon_address, admin_token, batch_size=1000):
+        self.tenant_id = tenant_id
+        self.clock = clock
+        self.records = {}
+        self.accounts = {}
+        self.storage = {}
+        self.storage_outage = 0
+        self.password = None       # the mailproxy user's; none before the first Register
+        self.registrations = []    # POST /tenant answers
+        self.syncs = []            # one dict per proxy_sync call
+        self.fetches = []          # (storage path, HTTP status) per proxy_get_attachments
+        self.answers = []          # the daemon's add-messages answers
+        self.errors = []           # exceptions inside the handlers
+        self.smtp = None           # the relay of its accounts (the test's SmtpServer)
+        self._inserted = itertools.count()
+        self._lock = threading.RLock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                status, content_type, data = outer._dispatch(self.path, self.headers, body)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = serve_locally(Handler)
+        self.base_url = "http://127.0.0.1:%d/email/mailproxy/mp_endpoint" % (
+            self.server.server_address[1])
+        self.service = TenantGenropyClient(daemon_address, admin_token, tenant_id,
+                                           self.base_url, batch_size)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- the site's data -------------------------------------------------------
+
+    def add_account(self, account_id, port, **fields):
+        record = {"id": account_id, "account_name": "Account " + account_id,
+                  "smtp_host": "127.0.0.1", "smtp_port": str(port), "smtp_tls": False,
+                  "proxy_batch_size": 1000, "save_output_message": True}
+        record.update(fields)
+        self.accounts[account_id] = record
+        return record
+
+    def add(self, record_id, **fields):
+        record = {"id": record_id, "account_id": "main",
+                  "from_address": "Shop <shop@example.com>",
+                  "to_address": ["client-%s@%s.example.org" % (record_id, self.tenant_id)],
+                  "cc_address": None, "bcc_address": None,
+                  "subject": "%s order %s" % (self.tenant_id, record_id),
+                  "body": "<p>thanks</p>", "html": True, "proxy_priority": None,
+                  "extra_headers": {"message_date": "2026-11-30"}, "batch_code": None,
+                  "attachments": [], "deferred_ts": None, "state": "queued",
+                  "error_msg": None, "send_date": None, "attempts": []}
+        record.update(fields)
+        with self._lock:
+            record["inserted"] = next(self._inserted)
+            self.records[record_id] = record
+        return record
+
+    def retry_send(self, record_id):
+        """The user's "Retry send" of a failed message: queued again, same id."""
+        with self._lock:
+            self.records[record_id].update(state="queued", error_msg=None)
+
+    def state(self, record_id):
+        with self._lock:
+            return self.records[record_id]["state"]
+
+    def states(self):
+        with self._lock:
+            counts = {}
+            for record in self.records.values():
+                counts[record["state"]] = counts.get(record["state"], 0) + 1
+            return counts
+
+    def reported(self):
+        """Every delivery report entry the site received."""
+        with self._lock:
+            return [entry for sync in self.syncs for entry in sync["report"]]
+
+    # -- the service's Register and Unregister -----------------------------------
+
+    def activate(self):
+        """Register: a new password for the mailproxy user, POST /tenant with
+        it, the answer's api_key kept as the tenant token, then every account
+        that saves output messages synced."""
+        import secrets
+        password = secrets.token_urlsafe(32)
+        with self._lock:
+            self.password = password
+        try:
+            answer = self.service.register_tenant(self.USER, password)
+            self.registrations.append(answer)
+            self.service.tenant_token = answer["api_key"]
+            synced = failed = 0
+            for record in self.accounts.values():
+                if not record.get("save_output_message"):
+                    continue
+                try:
+                    ok = self.service.add_account(record).get("ok")
+                except Exception:
+                    ok = False
+                synced, failed = (synced + 1, failed) if ok else (synced, failed + 1)
+            return {"ok": True, "tenant_id": self.tenant_id, "synced": synced,
+                    "failed": failed}
+        except Exception as exc:
+            return {"ok": False, "error": str(exc)}
+
+    # -- HTTP --------------------------------------------------------------------
+
+    def _dispatch(self, path, headers, body):
+        if not self._authorized(headers.get("Authorization")):
+            with self._lock:
+                if path.endswith("/proxy_sync"):
+                    self.syncs.append({"status": 401, "report": [], "handed": [],
+                                       "answer": None})
+                else:
+                    self.fetches.append((None, 401))
+            return 401, "text/plain", b"unauthorized"
+        try:
+            request = json.loads(body.decode("utf-8")) if body.strip() else {}
+            if path.endswith("/proxy_sync"):
+                return self._proxy_sync(request)
+            if path.endswith("/proxy_get_attachments"):
+                return self._proxy_get_attachments(request)
+            return 404, "text/plain", b"no such page"
+        except Exception as exc:   # Genropy answers 500 to an exception in a handler
+            with self._lock:
+                self.errors.append(repr(exc))
+            return 500, "text/plain", b"internal server error"
+
+    def _authorized(self, authorization):
+        with self._lock:
+            if self.password is None:
+                return False
+            expected = "Basic " + base64.b64encode(
+                ("%s:%s" % (self.USER, self.password)).encode()).decode()
+        return authorization == expected
+
+    @staticmethod
+    def _json(status, answer):
+        return status, "application/json", json.dumps(answer).encode("utf-8")
+
+    def _proxy_sync(self, request):
+        report = request.get("delivery_report") or []
+        answer = self._apply_report(report)
+        handed, queued = self._hand_over()
+        answer["queued"] = queued
+        with self._lock:
+            self.syncs.append({"status": 200, "report": report, "handed": handed,
+                               "answer": answer})
+        return self._json(200, answer)
+
+    def _proxy_get_attachments(self, request):
+        path = request.get("storage_path")
+        with self._lock:
+            if not path:
+                status, answer = 400, {"error": "Missing required parameter: storage_path"}
+            elif self.storage_outage > 0:
+                self.storage_outage -= 1
+                status, answer = 503, {"error": "Storage error for attachment %s: "
+                                                "volume in maintenance" % path}
+            elif path not in self.storage:
+                status, answer = 404, {"error": "Attachment not found: %s" % path}
+            else:
+                status, answer = 200, self.storage[path]
+            self.fetches.append((path, status))
+        if status == 200:
+            return 200, "application/octet-stream", answer
+        return self._json(status, answer)
+
+    # -- proxy_sync's two halves -----------------------------------------------------
+
+    def _apply_report(self, report):
+        error_ids, not_found = [], []
+        with self._lock:
+            for item in report:
+                record = self.records.get(item.get("id"))
+                if record is None:
+                    not_found.append(item.get("id"))
+                elif item.get("sent_ts"):
+                    record.update(state="sent", send_date=item["sent_ts"], deferred_ts=None,
+                                  error_msg=None)
+                elif item.get("error_ts"):
+                    if not self._requeue_transient(record, item.get("error") or ""):
+                        record.update(state="error", error_msg=item.get("error"))
+                        error_ids.append(record["id"])
+        answer = {}
+        if error_ids:
+            answer["error"] = error_ids
+        if not_found:
+            answer["not_found"] = not_found
+        return answer or {"ok": True}
+
+    def _requeue_transient(self, record, error):
+        """An attachment fetch that failed while the files are all there
+        was an outage: queue the message again after the attempt's delay."""
+        if self.TRANSIENT_MARKER not in error:
+            return False
+        if any(path not in self.storage for path in record["attachments"]):
+            return False
+        if len(record["attempts"]) >= self.MAX_TRANSIENT:
+            return False
+        delay = self.TRANSIENT_DELAYS[min(len(record["attempts"]),
+                                          len(self.TRANSIENT_DELAYS) - 1)]
+        now = self.clock()
+        record["attempts"].append({"ts": now, "error": error, "delay": delay})
+        record.update(state="queued", deferred_ts=now + delay if delay else None,
+                      error_msg=None)
+        return True
+
+    def proxy_message(self, record):
+        """The message as mp_endpoint converts a record; a string (the
+        error the record gets) when an attachment is not on storage."""
+        import hashlib
+        message = {"id": record["id"], "tenant_id": self.tenant_id,
+                   "account_id": record["account_id"], "subject": record["subject"] or "",
+                   "from": record["from_address"], "priority": record["proxy_priority"],
+                   "to": [a for a in record["to_address"] or [] if a]}
+        for field in ("cc", "bcc"):
+            addresses = [a for a in record.get(field + "_address") or [] if a]
+            if addresses:
+                message[field] = addresses
+        message["body"] = record["body"] or ""
+        message["content_type"] = "html" if record["html"] else "plain"
+        if record["deferred_ts"]:
+            message["deferred_ts"] = int(record["deferred_ts"])
+        headers = {k: v for k, v in (record["extra_headers"] or {}).items()
+                   if v not in (None, "", False)}
+        for field, names in (("message_id", ("message_id", "Message-ID")),
+                             ("reply_to", ("Reply-To", "reply_to")),
+                             ("return_path", ("Return-Path", "return_path"))):
+            value = headers.pop(names[0], None) or headers.pop(names[1], None)
+            if value:
+                message[field] = value
+        if headers:
+            message["headers"] = headers
+        if record["batch_code"]:
+            message["batch_code"] = record["batch_code"]
+        attachments = []
+        for path in record["attachments"]:
+            if path not in self.storage:
+                return "Attachment not found: %s" % path
+            attachments.append({"storage_path": path, "fetch_mode": "endpoint",
+                                "filename": path.rsplit("/", 1)[-1],
+                                "content_md5": hashlib.md5(self.storage[path]).hexdigest()})
+        if attachments:
+            message["attachments"] = attachments
+        return message
+
+    def _hand_over(self):
+        """Up to batch_size queued messages to the daemon; returns (ids
+        handed over, the daemon's ``queued``)."""
+        with self._lock:
+            queued = sorted((r for r in self.records.values() if r["state"] == "queued"),
+                            key=lambda r: (self.MEDIUM_PRIORITY if r["proxy_priority"] is None
+                                           else r["proxy_priority"], r["inserted"]))
+            batch = queued[:self.service.batch_size or 1000]
+            payload, submitted = [], []
+            for record in batch:
+                message = self.proxy_message(record)
+                if isinstance(message, str):
+                    record.update(state="error", error_msg=message)
+                else:
+                    payload.append(message)
+                    submitted.append(record)
+        if not payload:
+            return [], 0
+        try:
+            answer = self.service.add_messages(payload)
+        except Exception as exc:   # kept in the queue for the next sync
+            with self._lock:
+                self.errors.append(repr(exc))
+            return [], 0
+        rejected = {item.get("id"): item.get("reason")
+                    for item in answer.get("rejected") or [] if item}
+        handed = []
+        with self._lock:
+            self.answers.append(answer)
+            for record in submitted:
+                reason = rejected.get(record["id"]) or answer.get("error")
+                if reason:
+                    record.update(state="error", error_msg=reason)
+                else:
+                    record.update(state="handed", error_msg=None)
+                    handed.append(record["id"])
+        return handed, answer.get("queued", 0)
+
+
+class GenropyTenantTests(CoreCase):
+    """asyncmail driven by today's Genropy (TENANT_API.md): each site a
+    tenant with its own key, accounts, queue, report URL and attachment
+    endpoint, over real sockets, in test mode on the injected clock."""
+
+    ADMIN = "asyncmail-admin-token"
+
+    def start(self, **config):
+        settings = {"server": {"api_token": self.ADMIN}}
+        for section, values in config.items():
+            settings.setdefault(section, {}).update(values)
+        self.core = self.make_core(settings)
+        return self.core
+
+    def open_site(self, tenant_id, batch_size=1000, register=True):
+        """A site with its own relay and account ``main``, registered."""
+        site = TenantGenropySite(tenant_id, self.clock, self.core.http_address, self.ADMIN,
+                                 batch_size)
+        self.addCleanup(site.close)
+        site.smtp = self.smtp_server()
+        site.add_account("main", site.smtp.port)
+        if register:
+            answer = site.activate()
+            self.assertTrue(answer["ok"], answer)
+        return site
+
+    def sync(self, site):
+        """The site's run-now: in test mode a dispatch cycle, then a report
+        cycle, forced for this site (its heartbeat POST starts the pull
+        flow) and run for any other tenant that is due."""
+        self.assertTrue(site.service.run_now()["ok"])
+
+    def daemon_record(self, site, record_id):
+        """The daemon's record of one of the site's messages."""
+        answer = self.core.handle_command("get message", {"id": record_id,
+                                                          "tenant_id": site.tenant_id})
+        self.assertTrue(answer["ok"], answer)
+        return answer["message"]
+
+    def assertRefused(self, status, call, *args, **kwargs):
+        with self.assertRaises(MailProxyError) as caught:
+            call(*args, **kwargs)
+        self.assertEqual(caught.exception.status, status, str(caught.exception))
+
+    def test_register_rotates_the_key_and_the_sites_password(self):
+        """Register makes a tenant with a key; Register again rotates it
+        (old key 401, new one works) and the reports carry the mailproxy
+        user's new password.  /health needs no token; /tenant refuses a
+        tenant key (403) and no token (401); GET /tenant shows no secret."""
+        core = self.start()
+        site = self.open_site("shop")
+        first_key, first_password = site.service.tenant_token, site.password
+        self.sync(site)
+        self.assertTrue(site.activate()["ok"])
+        second_key, second_password = site.service.tenant_token, site.password
+        self.assertEqual([(r["id"], r["created"]) for r in site.registrations],
+                         [("shop", True), ("shop", False)])
+        self.assertNotEqual(first_key, second_key)
+        self.assertNotEqual(first_password, second_password)
+        old = self.client(core, first_key)
+        self.assertEqual(old.request("GET", "/accounts?tenant_id=shop")[0], 401)
+        self.assertEqual(old.request("GET", "/messages")[0], 401)
+        self.assertEqual([a["id"] for a in site.service.list_accounts()["accounts"]], ["main"])
+        self.sync(site)
+        # both heartbeats were accepted: the second with the new password only
+        self.assertEqual([s["status"] for s in site.syncs], [200, 200])
+        self.assertEqual(site.errors, [])
+
+        status, body = self.client(core).request("GET", "/health")
+        self.assertEqual((status, body), (200, {"ok": True, "status": "ok"}))
+        self.assertIs(site.service.proxy_reachable(), True)
+
+        tenant = self.client(core, second_key)
+        for method, path, payload in (("GET", "/tenants", None), ("GET", "/tenant/shop", None),
+                                      ("POST", "/tenant", {"id": "other",
+                                                           "client_base_url": site.base_url}),
+                                      ("DELETE", "/tenant/shop", None)):
+            with self.subTest(method=method, path=path):
+                self.assertEqual(tenant.request(method, path, payload)[0], 403)
+                self.assertEqual(self.client(core).request(method, path, payload)[0], 401)
+        info = site.service.get_tenant()
+        self.assertTrue(info["ok"], info)
+        shown = info["tenant"]
+        self.assertEqual((shown["id"], shown["client_base_url"], shown["client_sync_path"],
+                          shown["client_attachment_path"], shown["client_auth"]),
+                         ("shop", site.base_url, "/proxy_sync", "/proxy_get_attachments",
+                          {"method": "basic", "user": "mailproxy"}))
+        text = json.dumps(info)
+        for secret in (first_password, second_password, first_key, second_key):
+            self.assertNotIn(secret, text)
+        self.assertIsNone(site.service.get_tenant("nobody"))
+
+    def test_accounts_are_synced_and_seen_by_their_tenant_only(self):
+        """Register syncs the accounts that save output messages (two of
+        three); GET /accounts?tenant_id shows them, without passwords; a
+        second tenant with its own ``main`` sees only its own, cannot name
+        the first tenant (401), and the default tenant sees neither."""
+        core = self.start()
+        shop = self.open_site("shop", register=False)
+        shop.add_account("news", shop.smtp.port, smtp_username="news",
+                         smtp_password="news-SECRET")
+        shop.add_account("personal", shop.smtp.port, save_output_message=False)
+        answer = shop.activate()
+        self.assertEqual((answer["ok"], answer["synced"], answer["failed"]), (True, 2, 0))
+        school = self.open_site("school")
+
+        listed = {a["id"]: a for a in shop.service.list_accounts()["accounts"]}
+        self.assertEqual(sorted(listed), ["main", "news"])
+        self.assertEqual(listed["main"]["port"], shop.smtp.port)
+        self.assertNotIn("SECRET", json.dumps(listed))
+        theirs = {a["id"]: a for a in school.service.list_accounts()["accounts"]}
+        self.assertEqual(sorted(theirs), ["main"])
+        self.assertEqual(theirs["main"]["port"], school.smtp.port)
+        self.assertRefused(401, school.service.request, "GET", "/accounts",
+                           params={"tenant_id": "shop"})
+        self.assertRefused(401, school.service.request, "POST", "/account",
+                           {"id": "main", "tenant_id": "shop", "host": "evil.example.com"})
+        status, default = self.client(core, self.ADMIN).request("GET", "/accounts")
+        self.assertEqual(status, 200)
+        self.assertEqual(default["accounts"], [])
+
+        self.assertTrue(shop.service.delete_account("news")["ok"])
+        self.assertEqual([a["id"] for a in shop.service.list_accounts()["accounts"]], ["main"])
+        self.assertEqual([a["id"] for a in school.service.list_accounts()["accounts"]],
+                         ["main"])
+        self.assertEqual(shop.errors + school.errors, [])
+
+    def test_three_hundred_messages_through_the_pull_flow(self):
+        """The site's 300 queued messages are pulled in batches of 100 by
+        one run-now (the heartbeat POST, then a POST again after each
+        ``queued`` > 0), all in today's payload (priority null, numeric
+        header values, batch_code); the next run-now delivers every one to
+        the relay and reports every one sent to the site."""
+        self.start()
+        site = self.open_site("shop", batch_size=100)
+        for i in range(300):
+            site.add("msg%03d" % i, batch_code="wave-1",
+                     extra_headers={"message_date": "2026-11-30", "X-Page-Count": 2,
+                                    "X-Score": 0.5})
+        self.sync(site)
+        self.assertEqual(site.errors, [])
+        self.assertEqual([len(s["handed"]) for s in site.syncs], [100, 100, 100, 0])
+        self.assertEqual([s["answer"]["queued"] for s in site.syncs], [100, 100, 100, 0])
+        self.assertEqual([(a["rejected"], a["duplicates"]) for a in site.answers],
+                         [([], [])] * 3)
+        self.assertEqual(site.states(), {"handed": 300})
+        self.assertEqual(site.smtp.messages, [])
+
+        self.sync(site)
+        site.smtp.wait_messages(300)
+        self.assertEqual(site.states(), {"sent": 300})
+        self.assertEqual(len(site.smtp.messages), 300)
+        self.assertEqual({m["rcpts"][0] for m in site.smtp.messages},
+                         {"client-msg%03d@shop.example.org" % i for i in range(300)})
+        reported = site.reported()
+        self.assertEqual(sorted(e["id"] for e in reported),
+                         sorted("msg%03d" % i for i in range(300)))
+        self.assertEqual({e.get("tenant_id") for e in reported}, {"shop"})
+        self.assertEqual({s["status"] for s in site.syncs}, {200})
+        mail = parse_mail(site.smtp.messages[0]["data"])
+        self.assertEqual((mail["X-Page-Count"], mail["X-Score"]), ("2", "0.5"))
+        self.assertEqual(site.errors, [])
+
+    def test_endpoint_attachments_come_from_the_sites_endpoint(self):
+        """A storage_path attachment is fetched from the site's
+        proxy_get_attachments with its credentials and delivered byte for
+        byte; a file gone by send time (404) fails its message with an
+        error naming the file, and the site marks it failed without
+        queueing it again; an outage of two fetches (503) is retried by the
+        daemon and the message is delivered once, nothing lost."""
+        self.start(delivery={"retry_delays": "1"})
+        site = self.open_site("shop")
+        invoice = bytes(range(256)) * 40
+        site.storage["home:mail/invoice.pdf"] = invoice
+        site.storage["home:mail/gone.pdf"] = b"%PDF-1.4 soon deleted"
+        site.add("inv", attachments=["home:mail/invoice.pdf"])
+        site.add("lost", attachments=["home:mail/gone.pdf"])
+        self.sync(site)
+        self.assertEqual(site.states(), {"handed": 2})
+        self.assertEqual([a["queued"] for a in site.answers], [2])
+        del site.storage["home:mail/gone.pdf"]
+        self.sync(site)
+        site.smtp.wait_messages(1)
+        part = next(parse_mail(site.smtp.messages[0]["data"]).iter_attachments())
+        self.assertEqual(part.get_filename(), "invoice.pdf")
+        self.assertEqual(part.get_content(), invoice)
+        self.assertEqual(sorted(site.fetches), [("home:mail/gone.pdf", 404),
+                                                ("home:mail/invoice.pdf", 200)])
+        lost = self.daemon_record(site, "lost")
+        self.assertEqual(lost["status"], "error")
+        self.assertIn("gone.pdf", lost["error"])
+        self.assertNotIn("Attachment fetch failed", lost["error"])
+        self.assertEqual((site.state("inv"), site.state("lost")), ("sent", "error"))
+        self.assertIn("gone.pdf", site.records["lost"]["error_msg"])
+        self.assertEqual(site.records["lost"]["attempts"], [])
+
+        flaky = b"\x00\xffflaky volume\r\n.\r\n" * 100
+        site.storage["home:mail/flaky.pdf"] = flaky
+        site.add("flaky", attachments=["home:mail/flaky.pdf"])
+        site.storage_outage = 2
+        self.sync(site)                        # pulled
+        self.sync(site)                        # first fetch: 503
+        record = self.daemon_record(site, "flaky")
+        self.assertEqual(record["status"], "deferred", record)
+        self.assertIn("Attachment fetch failed", record["error"])
+        self.clock.advance(2)
+        self.sync(site)                        # second fetch: 503
+        self.assertEqual(self.daemon_record(site, "flaky")["status"], "deferred")
+        self.clock.advance(2)
+        self.sync(site)                        # third fetch: delivered, reported
+        site.smtp.wait_messages(2)
+        self.assertEqual(len(site.smtp.messages), 2)
+        part = next(parse_mail(site.smtp.messages[1]["data"]).iter_attachments())
+        self.assertEqual(part.get_content(), flaky)
+        self.assertEqual([s for p, s in site.fetches if p == "home:mail/flaky.pdf"],
+                         [503, 503, 200])
+        self.assertEqual(site.state("flaky"), "sent")
+        self.assertEqual(site.records["flaky"]["attempts"], [])
+        self.assertNotIn(401, [s for _, s in site.fetches])
+        self.assertEqual(site.errors, [])
+
+    def test_an_outage_past_the_daemons_retries_is_queued_again_by_the_site(self):
+        """With one daemon retry, a four-fetch outage fails the message
+        twice with ``Attachment fetch failed``; each time the site, its
+        file still there, queues it again (at once, then 300 s later by its
+        clock), the daemon takes the same id as a new attempt, and the
+        third try delivers it: one message, nothing lost."""
+        self.start(delivery={"retry_delays": "1", "max_retries": "1"})
+        site = self.open_site("shop")
+        data = b"quarterly report\n" * 300
+        site.storage["home:mail/report.pdf"] = data
+        site.add("r", attachments=["home:mail/report.pdf"])
+        site.storage_outage = 4
+        self.sync(site)                        # pulled
+        self.sync(site)                        # fetch 1: 503, deferred 1 s
+        self.clock.advance(2)
+        self.sync(site)                        # fetch 2: 503, gave up; the site resubmits
+        self.assertEqual([a["delay"] for a in site.records["r"]["attempts"]], [0])
+        self.assertIn("Attachment fetch failed", site.records["r"]["attempts"][0]["error"])
+        self.assertEqual(site.answers[-1]["replaced"], ["r"])
+        self.assertEqual(site.state("r"), "handed")
+        self.assertEqual(self.daemon_record(site, "r")["status"], "pending")
+        self.sync(site)                        # fetch 3: 503, deferred 1 s
+        self.clock.advance(2)
+        self.sync(site)                        # fetch 4: 503, gave up; resubmitted for +300 s
+        self.assertEqual([a["delay"] for a in site.records["r"]["attempts"]], [0, 300])
+        self.assertEqual(self.daemon_record(site, "r")["status"], "deferred")
+        self.sync(site)                        # not due yet: no fetch
+        self.assertEqual(len(site.fetches), 4)
+        self.clock.advance(301)
+        self.sync(site)                        # fetch 5: delivered, reported
+        site.smtp.wait_messages(1)
+        self.assertEqual(len(site.smtp.messages), 1)
+        part = next(parse_mail(site.smtp.messages[0]["data"]).iter_attachments())
+        self.assertEqual(part.get_content(), data)
+        self.assertEqual([s for _, s in site.fetches], [503, 503, 503, 503, 200])
+        self.assertEqual(site.state("r"), "sent")
+        self.assertEqual(site.errors, [])
+
+    def test_two_sites_on_one_daemon_are_isolated(self):
+        """Two tenants, each with account ``main`` on its own relay and the
+        same message ids: each site's messages reach only its relay, its
+        reports only its own sync URL (with its own credentials), its
+        listing only its messages; one tenant's key naming the other is a
+        401 and queues nothing."""
+        core = self.start()
+        shop = self.open_site("shop")
+        school = self.open_site("school")
+        for site in (shop, school):
+            for record_id in ("1", "2", "3"):
+                site.add(record_id)
+        for _ in range(2):                     # pull, then deliver and report
+            self.sync(shop)
+            self.sync(school)
+        for site, other in ((shop, school), (school, shop)):
+            with self.subTest(site=site.tenant_id):
+                site.smtp.wait_messages(3)
+                self.assertEqual(len(site.smtp.messages), 3)
+                self.assertEqual(sorted(m["rcpts"][0] for m in site.smtp.messages),
+                                 ["client-%s@%s.example.org" % (i, site.tenant_id)
+                                  for i in ("1", "2", "3")])
+                self.assertEqual(site.states(), {"sent": 3})
+                reported = site.reported()
+                self.assertEqual(sorted(e["id"] for e in reported), ["1", "2", "3"])
+                self.assertEqual({e.get("tenant_id") for e in reported}, {site.tenant_id})
+                self.assertEqual({s["status"] for s in site.syncs}, {200})
+                listed = site.service.list_messages()["messages"]
+                self.assertEqual(sorted(e["id"] for e in listed), ["1", "2", "3"])
+                self.assertEqual({e["message"]["subject"].split()[0] for e in listed},
+                                 {site.tenant_id})
+                self.assertRefused(401, site.service.request, "GET", "/messages",
+                                   params={"tenant_id": other.tenant_id})
+                self.assertEqual(site.errors, [])
+        intruder = dict(shop.proxy_message(shop.add("4")), tenant_id="school")
+        self.assertRefused(401, shop.service.request, "POST", "/commands/add-messages",
+                           {"messages": [intruder]}, params={"tenant_id": "school"})
+        smuggled = shop.service.add_messages([intruder])   # its own scope, wrong tenant_id
+        self.assertEqual((smuggled["queued"], [r["id"] for r in smuggled["rejected"]]),
+                         (0, ["4"]))
+        self.assertEqual(sorted(e["id"] for e in school.service.list_messages()["messages"]),
+                         ["1", "2", "3"])
+        status, default = self.client(core, self.ADMIN).request("GET", "/messages")
+        self.assertEqual((status, default["messages"]), (200, []))
+
+    def test_queue_views_delete_cleanup_and_unregister(self):
+        """The client's views read GET /messages?tenant_id (id, account_id,
+        created_at, deferred_ts, sent_ts, error_ts, message.to,
+        message.subject, message.retry_count); delete-messages removes a
+        queued one; cleanup-messages removes that tenant's reported,
+        finished messages only; DELETE /tenant removes its accounts and
+        messages and its key is refused after."""
+        core = self.start()
+        shop = self.open_site("shop")
+        school = self.open_site("school")
+        shop.smtp.rcpt_replies["slow@example.org"] = "451 4.3.0 try later"
+        shop.add("a", to_address=["alice@example.org", "bob@example.org"])
+        shop.add("b", to_address=["slow@example.org"])
+        later = self.clock() + 3600
+        shop.add("c", deferred_ts=later)
+        self.sync(shop)                        # pulled
+        entries = {e["id"]: e for e in shop.service.list_messages()["messages"]}
+        self.assertEqual(sorted(entries), ["a", "b", "c"])
+        for entry in entries.values():
+            self.assertLessEqual({"id", "account_id", "created_at", "deferred_ts", "sent_ts",
+                                  "error_ts", "message"}, set(entry))
+            self.assertLessEqual({"to", "subject", "retry_count"}, set(entry["message"]))
+        pending = {p["id"]: p for p in shop.service.pending_messages()}
+        self.assertEqual(pending["a"], {"id": "a", "account_id": "main",
+                                        "to_addr": "alice@example.org, bob@example.org",
+                                        "subject": "shop order a",
+                                        "started_at": "2027-01-15T08:00:00Z"})
+        self.sync(shop)                        # a sent and reported, b deferred by its 451
+        self.assertEqual(shop.state("a"), "sent")
+        deferred = {d["id"]: d for d in shop.service.list_deferred()}
+        self.assertEqual(sorted(deferred), ["b", "c"])
+        self.assertEqual(deferred["b"]["retry_count"], 1)
+        self.assertEqual(deferred["c"], {"id": "c", "account_id": "main",
+                                         "deferred_time": "2027-01-15T09:00:00Z",
+                                         "retry_count": 0})
+        school.add("a")
+        self.sync(school)                      # pulled
+        self.sync(school)                      # sent and reported
+        self.assertEqual(school.state("a"), "sent")
+
+        answer = shop.service.delete_messages(["c", "nope"])
+        self.assertEqual((answer["ok"], answer["removed"], answer["not_found"]),
+                         (True, 1, ["nope"]))
+        self.assertEqual(sorted(e["id"] for e in shop.service.list_messages()["messages"]),
+                         ["a", "b"])
+        self.clock.advance(1)                  # past the reports' instant
+        answer = shop.service.cleanup_messages(older_than_seconds=0)
+        self.assertEqual((answer["ok"], answer["removed"]), (True, 1))
+        self.assertEqual([e["id"] for e in shop.service.list_messages()["messages"]], ["b"])
+        self.assertEqual([e["id"] for e in school.service.list_messages()["messages"]], ["a"])
+
+        old_key = shop.service.tenant_token
+        gone = shop.service.delete_tenant()
+        self.assertEqual((gone["ok"], gone["removed_messages"], gone["removed_accounts"]),
+                         (True, 1, 1))
+        self.assertEqual(self.client(core, old_key).request("GET", "/messages")[0], 401)
+        self.assertRefused(401, shop.service.list_messages)
+        self.assertIsNone(shop.service.get_tenant())
+        self.assertRefused(404, shop.service.delete_tenant)
+        self.assertEqual([e["id"] for e in school.service.list_messages()["messages"]], ["a"])
+        self.assertEqual(shop.errors + school.errors, [])
+
+    def test_a_failed_id_resubmitted_is_a_new_attempt_a_live_one_a_duplicate(self):
+        """A message that ended in error, sent again with the same id
+        ("Retry send"), is replaced and queued (``replaced``) and then
+        delivered; the same id while still queued (deferred) or once sent
+        is a duplicate and changes nothing."""
+        self.start()
+        site = self.open_site("shop")
+        site.smtp.rcpt_replies["moved@example.org"] = "550 5.1.1 no such user"
+        site.add("r1", to_address=["moved@example.org"])
+        site.add("later", deferred_ts=self.clock() + 3600)
+        self.sync(site)
+        self.sync(site)
+        self.assertEqual(self.daemon_record(site, "r1")["status"], "error")
+        self.assertEqual(site.state("r1"), "error")
+        self.assertIn("550", site.records["r1"]["error_msg"])
+
+        del site.smtp.rcpt_replies["moved@example.org"]   # the address fixed at the relay
+        site.retry_send("r1")
+        self.sync(site)
+        again = site.answers[-1]
+        self.assertEqual((again["queued"], again["replaced"], again["duplicates"],
+                          again["rejected"]), (1, ["r1"], [], []))
+        self.sync(site)
+        site.smtp.wait_messages(1)
+        self.assertEqual(site.state("r1"), "sent")
+        self.assertEqual(self.daemon_record(site, "r1")["status"], "sent")
+
+        resent = site.service.add_messages([site.proxy_message(site.records["r1"]),
+                                            site.proxy_message(site.records["later"])])
+        self.assertEqual((resent["queued"], sorted(resent["duplicates"]), resent["rejected"]),
+                         (0, ["later", "r1"], []))
+        self.assertNotIn("replaced", resent)
+        self.sync(site)
+        self.assertEqual(len(site.smtp.messages), 1)
+        self.assertEqual(self.daemon_record(site, "r1")["status"], "sent")
+        self.assertEqual(self.daemon_record(site, "later")["status"], "deferred")
+        self.assertEqual(site.errors, [])
+
+    def test_the_october_client_works_beside_tenants(self):
+        """The October 2025 client (the default tenant: [client] URL, no
+        tenant_id) and a registered tenant on one daemon: each one's
+        messages reach its own relay, the October site gets only its own
+        reports at its [client] URL and the tenant only its own at its
+        URL, and neither sees the other's queue."""
+        smtp_old = self.smtp_server()
+        october = GenropyClient(None, self.ADMIN)
+        october_site = GenropySite(october)
+        self.addCleanup(october_site.close)
+        core = self.start(client={"client_sync_url": october_site.url,
+                                  "client_sync_user": "genropy",
+                                  "client_sync_password": "sync-pw"})
+        october.address = core.http_address
+        october.add_account({"id": "acct", "smtp_host": "127.0.0.1",
+                             "smtp_port": str(smtp_old.port), "smtp_tls": False})
+        shop = self.open_site("shop")
+        for record_id in ("1", "2"):
+            october_site.add(record_id)
+            shop.add(record_id)
+        self.assertEqual(october.run_now(), {"ok": True})   # the whole daemon: both pull
+        self.assertEqual(october_site.states(), {"handed": 2})
+        self.assertEqual(shop.states(), {"handed": 2})
+        self.assertEqual(october.run_now(), {"ok": True})   # both deliver and report
+        smtp_old.wait_messages(2)
+        shop.smtp.wait_messages(2)
+        self.assertEqual(sorted(m["rcpts"][0] for m in smtp_old.messages),
+                         ["client-1@example.org", "client-2@example.org"])
+        self.assertEqual(sorted(m["rcpts"][0] for m in shop.smtp.messages),
+                         ["client-1@shop.example.org", "client-2@shop.example.org"])
+        self.assertEqual(october_site.states(), {"sent": 2})
+        self.assertEqual(shop.states(), {"sent": 2})
+        october_reported = [e for report, _, _ in october_site.syncs for e in report]
+        self.assertEqual(sorted(e["id"] for e in october_reported), ["store1:1", "store1:2"])
+        self.assertEqual(sorted(e["id"] for e in shop.reported()), ["1", "2"])
+        self.assertEqual({s[2] for s in october_site.syncs}, {200})
+        self.assertEqual({s["status"] for s in shop.syncs}, {200})
+        self.assertEqual(sorted(e["id"] for e in october.request("GET", "/messages")["messages"]),
+                         ["store1:1", "store1:2"])
+        self.assertEqual(sorted(e["id"] for e in shop.service.list_messages()["messages"]),
+                         ["1", "2"])
+        self.assertEqual(october_site.errors + shop.errors, [])

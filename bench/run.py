@@ -231,11 +231,13 @@ def vm_kb(pid, key):
 # HTTP client
 # ---------------------------------------------------------------------------
 class Api:
-    """One keep-alive connection to the daemon."""
+    """One keep-alive connection to the daemon.  ``token``: sent as
+    ``X-API-Token`` (the ``[server] api_token``, or a tenant's API key)."""
 
-    def __init__(self, port, timeout=120.0):
+    def __init__(self, port, timeout=120.0, token=None):
         self.port = port
         self.timeout = timeout
+        self.token = token
         self._conn = None
 
     def _connection(self):
@@ -251,6 +253,8 @@ class Api:
         if body is not None and not isinstance(body, (bytes, bytearray)):
             body = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.token:
+            headers["X-API-Token"] = self.token
         for attempt in (1, 2):
             reused = self._conn is not None
             conn = self._connection()
@@ -312,7 +316,9 @@ LISTENING = re.compile(r"listening on http://\[?([0-9a-fA-F.:]+)\]?:(\d+)")
 
 
 class Daemon:
-    """``python3 asyncmail.py --config <tmp ini>`` in its own temp directory."""
+    """``python3 asyncmail.py --config <tmp ini>`` in its own temp directory.
+    With ``[server] api_token`` in ``settings``, its ``api()`` clients send
+    that token."""
 
     def __init__(self, tag, settings=None, profile_dir=None):
         self.tag = tag
@@ -324,6 +330,7 @@ class Daemon:
                 "storage": {"db_path": self.db}}
         for section, values in (settings or {}).items():
             conf.setdefault(section, {}).update({k: str(v) for k, v in values.items()})
+        self.token = conf["server"].get("api_token")
         with open(self.ini, "w") as handle:
             for section, values in conf.items():
                 handle.write("[%s]\n" % section)
@@ -378,8 +385,9 @@ class Daemon:
                     self.port = int(found.group(2))
                     self._ready.set()
 
-    def api(self, timeout=120.0):
-        return Api(self.port, timeout)
+    def api(self, timeout=120.0, token=None):
+        """A client with ``token`` (a tenant's key), else the admin token if any."""
+        return Api(self.port, timeout, token or self.token)
 
     def vm(self, key="VmHWM"):
         return vm_kb(self.proc.pid, key) if self.proc else None
@@ -641,10 +649,11 @@ _SEQUENCE = itertools.count(1)
 _RUN_TAG = uuid.uuid4().hex[:8]
 
 
-def message_json(account_id=None, deferred_ts=None):
+def message_json(account_id=None, deferred_ts=None, tenant_id=None):
     """One message as JSON text with a fresh id: random (uuid4 hex, as
     applications make them; the id index then takes random inserts) or, with
-    --sequential-ids, increasing."""
+    --sequential-ids, increasing.  ``tenant_id``: the tenant it is posted
+    to (a tenant's client names it in every message)."""
     if SEQUENTIAL_IDS:
         text = '{"id":"%s-%012d"' % (_RUN_TAG, next(_SEQUENCE))
     else:
@@ -653,12 +662,15 @@ def message_json(account_id=None, deferred_ts=None):
         text += ',"account_id":"%s"' % account_id
     if deferred_ts is not None:
         text += ',"deferred_ts":%d' % deferred_ts
+    if tenant_id is not None:
+        text += ',"tenant_id":"%s"' % tenant_id
     return text + _FIXED + "}"
 
 
-def batch_bytes(count, account_id=None, deferred_ts=None):
+def batch_bytes(count, account_id=None, deferred_ts=None, tenant_id=None):
     return ('{"messages":[%s]}' % ",".join(
-        message_json(account_id, deferred_ts) for _ in range(count))).encode("utf-8")
+        message_json(account_id, deferred_ts, tenant_id)
+        for _ in range(count))).encode("utf-8")
 
 
 def raw_mime():
@@ -677,11 +689,13 @@ def raw_mime():
     return mime.as_bytes(policy=policy)
 
 
-def post_batches(port, n_batches, threads, make=None, prebuilt=None, timeout=600.0):
+def post_batches(port, n_batches, threads, make=None, prebuilt=None, timeout=600.0,
+                 token=None, path="/commands/add-messages"):
     """POST add-messages batches from ``threads`` keep-alive clients.
 
     ``prebuilt``: list of bodies (encoded before the clock starts); else
-    ``make(i)`` builds batch i on the fly.  Returns (elapsed s, accepted).
+    ``make(i)`` builds batch i on the fly.  ``token`` and ``path``: a
+    tenant's key and ``...?tenant_id=X``.  Returns (elapsed s, accepted).
     """
     lock = threading.Lock()
     state = {"next": 0, "accepted": 0, "errors": []}
@@ -689,7 +703,7 @@ def post_batches(port, n_batches, threads, make=None, prebuilt=None, timeout=600
     deadline = time.perf_counter() + timeout
 
     def client():
-        api = Api(port)
+        api = Api(port, token=token)
         try:
             api.call("GET", "/status")   # connect (and spawn the server thread) early
             barrier.wait(30)
@@ -700,7 +714,7 @@ def post_batches(port, n_batches, threads, make=None, prebuilt=None, timeout=600
                         return
                     state["next"] += 1
                 body = prebuilt[index] if prebuilt is not None else make(index)
-                status, answer = api.json("POST", "/commands/add-messages", body)
+                status, answer = api.json("POST", path, body)
                 if status != 200:
                     raise RuntimeError("add-messages -> %s %r" % (status, str(answer)[:300]))
                 with lock:
