@@ -4299,10 +4299,45 @@ class GenropySiteTests(CoreCase):
         settings["client"]["client_sync_url"] = self.site.url
         self.core = self.make_core(settings, test_mode=test_mode)
         self.client.address = self.core.http_address
+        self.add_bystander()
         self.client.add_account({"id": "acct", "smtp_host": "127.0.0.1",
                                  "smtp_port": str(self.smtp.port), "smtp_tls": False,
                                  "proxy_batch_size": 1000})
         return self.core
+
+    def add_bystander(self):
+        """A tenant of today's client on the same daemon, with an account
+        named like the site's and a message of its own on its own relay and
+        site: the October client must see none of it, nor it of the site."""
+        self.bystander_smtp = self.smtp_server()
+        self.bystander_site = Upstream()
+        self.addCleanup(self.bystander_site.close)
+        admin = Client(self.core.http_address, self.TOKEN)
+        self.addCleanup(admin.close)
+        status, answer = admin.request("POST", "/tenant", {
+            "id": "bystander", "client_base_url": self.bystander_site.url})
+        self.assertEqual(status, 200, answer)
+        tenant = Client(self.core.http_address, answer["api_key"])
+        self.addCleanup(tenant.close)
+        self.assertEqual(tenant.request("POST", "/account", {
+            "id": "acct", "host": "127.0.0.1", "port": self.bystander_smtp.port,
+            "tenant_id": "bystander"})[0], 200)
+        self.assertEqual(tenant.request("POST", "/commands/add-messages", {"messages": [
+            message("store1:1", account_id="acct", tenant_id="bystander",
+                    subject="bystander mail")]})[1]["queued"], 1)
+        self.addCleanup(self.check_bystander)
+
+    def check_bystander(self):
+        """Whatever the test did, the bystander's mail went to its own relay
+        and its reports to its own site, and it never saw the site's."""
+        for mail in self.bystander_smtp.messages:
+            self.assertIn(b"Subject: bystander mail", mail["data"])
+        for mail in self.smtp.messages:
+            self.assertNotIn(b"bystander mail", mail["data"])
+        ids = {e["id"] for e in self.bystander_site.entries()}
+        self.assertLessEqual(ids, {"store1:1"})
+        self.assertTrue(all(e.get("tenant_id") == "bystander"
+                            for e in self.bystander_site.entries()))
 
     def sync(self):
         """The daemon's run-now, as the client POSTs it (no body): in test

@@ -1581,13 +1581,24 @@ def scenario_reports(ctx):
 
 
 class _GenropySite(_LocalServer):
-    """A Genropy site's ``proxy_sync`` endpoint (SPEC 9): applies each
-    report, then, before answering, hands up to 1000 pending messages over
-    by calling add-messages back on the daemon, and answers ``{...}::JS``."""
+    """A Genropy site's sync endpoint (SPEC 9): applies each report, then,
+    before answering, hands up to 1000 pending messages over by calling
+    add-messages back on the daemon.
+
+    Without ``tenant`` it is the site of the ``[client]`` section (the
+    default tenant): it answers ``{...}::JS``.  With ``tenant`` it is
+    today's client, registered as that tenant: it wants ``Authorization:
+    Bearer <sync_token>`` on every report (else 401), calls add-messages
+    with its tenant key (``api_key``, set once registered) and
+    ``?tenant_id=``, names the tenant in every message, and answers pure
+    JSON ``{"ok": true, "queued": n}``.  A report entry of another tenant,
+    a refused report or add-messages answer is recorded in ``errors``
+    (and ends the wait on ``done``): ``check()`` raises it."""
 
     BATCH = 1000
+    SYNC_PATH = "/proxy_sync"
 
-    def __init__(self, n):
+    def __init__(self, n, tenant=None, account_id="pull", sync_token=None):
         state = self
         self.lock = threading.Lock()
         self.pending = ["r%d" % i for i in range(n)]
@@ -1596,6 +1607,11 @@ class _GenropySite(_LocalServer):
         self.daemon_port = None
         self.done = threading.Event()
         self.n = n
+        self.tenant = tenant
+        self.account_id = account_id
+        self.sync_token = sync_token
+        self.api_key = None
+        self.errors = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -1603,10 +1619,26 @@ class _GenropySite(_LocalServer):
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                answer = state.sync(json.loads(body.decode("utf-8")))
-                data = (json.dumps(answer) + "::JS").encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
+                if state.tenant is None:
+                    data = (json.dumps(state.sync(json.loads(body.decode("utf-8"))))
+                            + "::JS").encode()
+                    self._answer(200, "text/plain", data)
+                    return
+                if self.headers.get("Authorization") != "Bearer %s" % state.sync_token:
+                    state.fail("a report without tenant %s's bearer token" % state.tenant)
+                    self._answer(401, "application/json", b'{"ok": false}')
+                    return
+                try:
+                    answer = state.sync(json.loads(body.decode("utf-8")))
+                except Exception as exc:
+                    state.fail(repr(exc))
+                    self._answer(500, "application/json", b'{"ok": false}')
+                    return
+                self._answer(200, "application/json", json.dumps(answer).encode())
+
+            def _answer(self, code, content_type, data):
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -1616,11 +1648,27 @@ class _GenropySite(_LocalServer):
 
         self._serve(Handler)
 
+    @property
+    def base_url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def fail(self, problem):
+        with self.lock:
+            self.errors.append(problem)
+        self.done.set()
+
+    def check(self):
+        if self.errors:
+            raise RuntimeError("site %s: %s" % (self.tenant or "default", self.errors[0]))
+
     def sync(self, body):
         sent = 0
         with self.lock:
             self.syncs += 1
             for item in body.get("delivery_report") or []:
+                if self.tenant is not None and item.get("tenant_id") != self.tenant:
+                    raise RuntimeError("tenant %s got a report entry of tenant %r" % (
+                        self.tenant, item.get("tenant_id")))
                 store, record = item["id"].split(":", 1)
                 if item.get("sent_ts"):
                     self.sent.add(record)
@@ -1629,18 +1677,28 @@ class _GenropySite(_LocalServer):
             if len(self.sent) >= self.n:
                 self.done.set()
         if batch:
-            messages = [{"id": "store1:" + record, "account_id": "pull",
+            messages = [{"id": "store1:" + record, "account_id": self.account_id,
                          "subject": SUBJECT, "from": SENDER, "priority": None,
                          "to": [RCPT], "body": BODY, "content_type": "plain",
                          "headers": {"message_date": "2026-11-30"}} for record in batch]
-            api = Api(self.daemon_port)
+            path = "/commands/add-messages"
+            if self.tenant is not None:
+                for message in messages:
+                    message["tenant_id"] = self.tenant
+                path += "?tenant_id=" + self.tenant
+            api = Api(self.daemon_port, token=self.api_key)
             try:
-                answer = api.ok("POST", "/commands/add-messages", {"messages": messages})
+                answer = api.ok("POST", path, {"messages": messages})
             finally:
                 api.close()
             if answer["rejected"]:
                 raise RuntimeError("the daemon rejected %r" % answer["rejected"][:3])
-        return {"sent": sent, "error": 0, "deferred": 0}
+            if self.tenant is not None and answer["queued"] != len(batch):
+                raise RuntimeError("the daemon queued %r of %d (duplicates %r)" % (
+                    answer["queued"], len(batch), answer.get("duplicates", [])[:3]))
+        if self.tenant is None:
+            return {"sent": sent, "error": 0, "deferred": 0}
+        return {"ok": True, "queued": len(batch)}
 
 
 
