@@ -14,13 +14,19 @@ bound):
 - ``asyncmail-dispatcher``: finds due messages and hands each account's work to
   a bounded pool (``asyncmail-smtp-N``), so accounts deliver in parallel while
   one account's messages go in order over its reused connection.
-- ``asyncmail-reporter``: POSTs delivery reports upstream and purges reported,
-  finished messages.
+- ``asyncmail-reporter``: starts each tenant's report exchanges on a small
+  pool (``asyncmail-report-N``, at most one per tenant, so one slow site
+  holds up no other) and purges reported, finished messages.
 - ``asyncmail-bounces`` (only with a ``[bounces]`` mailbox): polls it over
   IMAP and records the bounces it finds.
 
 The same file is the admin's CLI (``asyncmail.py queue``, ``retry``...), which
 talks to the running daemon through its API.
+
+Tenants: one daemon serves many applications (Genropy sites), each with its
+own API key, accounts, message ids, report URL and attachment endpoint.
+Requests without a tenant, and the ``[client]`` section, are the default
+tenant, whose API is the single-tenant one unchanged.
 
 Exit codes: 0 on a clean stop (SIGTERM/SIGINT), 1 on an unexpected error
 (the CLI: the API refused), 69 (EX_UNAVAILABLE: the CLI found no daemon), 78
@@ -36,10 +42,11 @@ __all__ = [
     # the daemon
     "AsyncMailCore", "Config", "load_config", "main",
     # its parts, usable on their own
-    "Store", "MessageKey", "Claim", "Attempt", "Outcome", "Metrics", "SendingWindow",
-    "SmtpRelay", "SmtpReply", "RateLimiter", "AttachmentFetcher",
+    "Store", "MessageKey", "Claim", "Attempt", "Outcome", "IntakeRow", "Metrics",
+    "SendingWindow", "SmtpRelay", "SmtpReply", "RateLimiter", "AttachmentFetcher",
+    "AttachmentEndpoint", "ReportTarget", "Caller",
     "sigv4_sign", "build_mime", "envelope", "validate_message", "validate_account",
-    "public_account",
+    "public_account", "validate_tenant", "public_tenant",
     # errors
     "AsyncmailError", "ConfigError", "StoreError", "ApiError", "ValidationError",
     "NotFoundError", "ConflictError", "DeliveryError", "TemporaryError", "PermanentError",
