@@ -11,11 +11,12 @@ keep-alive ``http.client`` connections, and delivers to a local SMTP sink
 process it starts is stopped in ``finally`` blocks and again at exit.
 
 Scenarios: intake, single, dispatch, latency, scale, footprint, reports, pull,
-bounces (see bench/README.md).  Every target is a ratio to a reference
-measured in the same run (``json.loads`` + ``executemany`` for intake, a
-bare ``http.server`` echo, ``run.py _echo``, for single and footprint, the
-raw smtplib loop for dispatch and pull, the daemon itself at 1k queued for
-scale, a raw imaplib loop for bounces); absolute figures are printed beside
+tenants, bounces (see bench/README.md).  Every target is a ratio to a
+reference measured in the same run (``json.loads`` + ``executemany`` for
+intake, a bare ``http.server`` echo, ``run.py _echo``, for single and
+footprint, the raw smtplib loop for dispatch, pull and the tenants' pull, the
+daemon itself at 1k queued for scale and with 1 tenant for the tenants'
+intake, a raw imaplib loop for bounces); absolute figures are printed beside
 the ratios but not judged.  bounces needs Dovecot 2.3 and root (it uses
 test_asyncmail.py's fixture) and is skipped with a message without them.
 Prints each figure with its target and verdict, then a Markdown table;
@@ -30,6 +31,7 @@ see where the time goes.
 
 import argparse
 import atexit
+import contextlib
 import datetime
 import http.client
 import http.server
@@ -57,7 +59,7 @@ DAEMON = os.path.join(ROOT, "asyncmail.py")
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "reports",
-             "pull", "bounces")
+             "pull", "tenants", "bounces")
 
 # ---------------------------------------------------------------------------
 # sizes: (quick, full)
@@ -74,6 +76,10 @@ SIZES = {
     "footprint_starts": (9, 9),
     "reports_n": (3000, 10000),
     "pull_n": (5000, 5000),             # the Genropy issue's site: 5,000 messages
+    "tenants_sites": (4, 4),            # tenants' pull flow: sites, one tenant each
+    "tenants_per_site": (2000, 2000),   # messages each site holds
+    "tenants_intake_batches": (16, 16),  # 1000-message batches per daemon and round
+    "tenants_intake_rounds": (5, 9),     # the median of the rounds' ratios is judged
     "bounces_n": (1000, 1000),          # one poll reads at most 1,000 (MAX_PER_CYCLE)
     "bounces_rounds": (5, 9),           # daemon and raw IMAP loop take turns
 }
@@ -837,8 +843,9 @@ def asyncmail_module():
 
 class IntakeReference:
     """What intake costs without asyncmail: the POSTed batch bodies ->
-    ``json.loads`` -> the rows the daemon inserts (the 10 columns of
-    SQL_INSERT_MESSAGE, payload = compact ``json.dumps`` of the message) ->
+    ``json.loads`` -> the rows the daemon inserts (the 12 columns of
+    SQL_INSERT_MESSAGE, payload = compact ``json.dumps`` of the message,
+    tenant ``default``) ->
     ``executemany`` into a database with the daemon's schema (indexes and
     triggers), WAL, ``synchronous=FULL``, one transaction per batch.  No
     validation, no HTTP, no duplicate check: that is the daemon's own work.
@@ -876,7 +883,8 @@ class IntakeReference:
                              "deferred" if deferred_ts else "pending", now, deferred_ts,
                              message["subject"], dumps(message["to"]),
                              "<%s@example.com>" % message["id"],
-                             dumps(message, separators=(",", ":"))))
+                             dumps(message, separators=(",", ":")), "default",
+                             message.get("batch_code")))
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(insert, rows)
             conn.execute("COMMIT")
@@ -1593,12 +1601,15 @@ class _GenropySite(_LocalServer):
     ``?tenant_id=``, names the tenant in every message, and answers pure
     JSON ``{"ok": true, "queued": n}``.  A report entry of another tenant,
     a refused report or add-messages answer is recorded in ``errors``
-    (and ends the wait on ``done``): ``check()`` raises it."""
+    (and ends the wait on ``done``): ``check()`` raises it.  Made with
+    ``armed=False`` it hands nothing over (and answers ``queued`` 0) until
+    ``armed`` is set, so the heartbeat its registration brings does not
+    start the flow before the clock."""
 
     BATCH = 1000
     SYNC_PATH = "/proxy_sync"
 
-    def __init__(self, n, tenant=None, account_id="pull", sync_token=None):
+    def __init__(self, n, tenant=None, account_id="pull", sync_token=None, armed=True):
         state = self
         self.lock = threading.Lock()
         self.pending = ["r%d" % i for i in range(n)]
@@ -1612,6 +1623,8 @@ class _GenropySite(_LocalServer):
         self.sync_token = sync_token
         self.api_key = None
         self.errors = []
+        self.armed = armed       # hands messages over only once armed
+        self.done_at = None
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -1673,8 +1686,12 @@ class _GenropySite(_LocalServer):
                 if item.get("sent_ts"):
                     self.sent.add(record)
                     sent += 1
-            batch, self.pending = self.pending[:self.BATCH], self.pending[self.BATCH:]
-            if len(self.sent) >= self.n:
+            if self.armed:
+                batch, self.pending = self.pending[:self.BATCH], self.pending[self.BATCH:]
+            else:
+                batch = []
+            if len(self.sent) >= self.n and not self.done.is_set():
+                self.done_at = time.perf_counter()
                 self.done.set()
         if batch:
             messages = [{"id": "store1:" + record, "account_id": self.account_id,
@@ -1734,6 +1751,235 @@ def scenario_pull(ctx):
                                         fmt(ceiling, "msg/s")),
              ">= 33% of raw", verdict(ratio >= 1 / 3.0))]
     return {"rows": rows, "raw": raw}
+
+
+# ---------------------------------------------------------------------------
+# tenants: the pull flow of several sites at once, and intake with many registered
+# ---------------------------------------------------------------------------
+TENANTS_ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex   # [server] api_token
+TENANTS_INTAKE_RATIO = 0.90     # intake with 100 tenants >= this x with 1
+TENANTS_MANY = 100              # tenants registered on the second intake daemon
+TENANTS_INTAKE_ID = "t000"      # the tenant both intake daemons are fed through
+TENANTS_CHUNK = 2               # batches per turn (one daemon, then the other)
+PULL_RATIO = 1 / 3.0            # the one-tenant pull row's target (of raw)
+
+
+def register_tenant(api, tenant_id, base_url, sync_path, sync_token, account_port,
+                    account_id="main", **account):
+    """Register a tenant as the admin (bearer ``client_auth``), then its
+    account with the key that came back, ``tenant_id`` in the body as
+    Genropy sends it.  Returns the tenant's API key."""
+    answer = api.ok("POST", "/tenant", {
+        "id": tenant_id, "client_base_url": base_url, "client_sync_path": sync_path,
+        "client_auth": {"method": "bearer", "token": sync_token}})
+    if not answer.get("created") or not answer.get("api_key"):
+        raise RuntimeError("POST /tenant %s -> %r" % (tenant_id, answer))
+    tenant_api = Api(api.port, token=answer["api_key"])
+    try:
+        add_account(tenant_api, account_id, account_port, tenant_id=tenant_id, **account)
+    finally:
+        tenant_api.close()
+    return answer["api_key"]
+
+
+def problem_lines(daemon, limit=5):
+    """The daemon's last ERROR/CRITICAL/Traceback log lines (for the JSON)."""
+    found = [line for line in list(daemon.lines)
+             if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")]
+    return found[-limit:]
+
+
+def tenants_pull(ctx):
+    """Genropy's pull flow for several sites at once, each its own tenant
+    (today's client: tenant key, ``?tenant_id=``, pure JSON answers) with
+    its own account ``main``, all to the same sink.  Every site holds
+    ``per`` messages and hands over 1000 per sync from inside its report
+    POST; the clock runs from the admin's run-now (all tenants) until every
+    site has heard "sent" for all of its messages.  The sites are armed
+    only after each has answered the heartbeat its registration brings, so
+    the flow starts with the clock.  Reference: the raw smtplib loop to the
+    same sink, measured here."""
+    sites_n = size("tenants_sites")
+    per = size("tenants_per_site")
+    total = sites_n * per
+    raw = {"tenants": sites_n, "messages_per_tenant": per, "messages": total,
+           "site_batch": _GenropySite.BATCH}
+    sites = [_GenropySite(per, tenant="site%d" % i, account_id="main",
+                          sync_token=uuid.uuid4().hex, armed=False) for i in range(sites_n)]
+    settings = {"server": {"api_token": TENANTS_ADMIN_TOKEN},
+                "client": {"sync_interval_seconds": 3600}}
+    with Sink() as sink, contextlib.ExitStack() as stack:
+        for site in sites:
+            stack.enter_context(site)
+        raw["sink"] = sink.kind
+        ceiling, rounds, _ = raw_ceiling(sink.port, total)
+        raw.update({"raw_msg_per_s": ceiling, "raw_rounds_msg_per_s": rounds})
+        with ctx.daemon("tenants-pull", settings) as daemon:
+            api = daemon.api()
+            for site in sites:
+                site.daemon_port = daemon.port
+                site.api_key = register_tenant(api, site.tenant, site.base_url,
+                                               site.SYNC_PATH, site.sync_token, sink.port,
+                                               batch_size=1000)
+            heard, _ = wait_until(lambda: all(site.syncs for site in sites), 30.0)
+            for site in sites:
+                site.check()
+            if not heard:
+                raise RuntimeError("no registration heartbeat reached %s" % ", ".join(
+                    site.tenant for site in sites if not site.syncs))
+            syncs_before = sum(site.syncs for site in sites)
+            cpu0 = _proc_cpu(daemon.proc.pid)
+            start = time.perf_counter()
+            for site in sites:
+                site.armed = True
+            api.ok("POST", "/commands/run-now")
+            deadline = start + max(120.0, total / 20.0)
+            for site in sites:
+                site.done.wait(max(0.0, deadline - time.perf_counter()))
+            elapsed = time.perf_counter() - start
+            cpu = _proc_cpu(daemon.proc.pid) - cpu0
+            for site in sites:
+                site.check()
+                if len(site.sent) < per:
+                    raise RuntimeError("site %s heard of %d of %d sends" % (
+                        site.tenant, len(site.sent), per))
+            status = api.ok("GET", "/status")
+            raw.update({"seconds": elapsed, "msg_per_s": total / elapsed,
+                        "syncs": sum(site.syncs for site in sites) - syncs_before,
+                        "site_seconds": {site.tenant: site.done_at - start for site in sites},
+                        "daemon_cpu_us_per_message": cpu / total * 1e6,
+                        "queue": status["queue"], "queue_by_tenant": status.get("tenants"),
+                        "daemon_error_lines": daemon.problems,
+                        "daemon_problem_lines": problem_lines(daemon)})
+            api.close()
+    ratio = raw["msg_per_s"] / ceiling
+    raw["ratio"] = ratio
+    pull = ctx.results.get("pull", {}).get("raw", {})
+    one = pull.get("ratio")
+    if one:
+        raw.update({"pull_ratio": one, "pull_msg_per_s": pull["msg_per_s"],
+                    "msg_per_s_vs_pull": raw["msg_per_s"] / pull["msg_per_s"]})
+        target, goal = ">= 1 tenant's %.0f%% of raw" % (one * 100), one
+        versus = "; 1 tenant %.0f%% (%s)" % (one * 100, fmt(pull["msg_per_s"], "msg/s"))
+    else:
+        target, goal, versus = ">= 33% of raw", PULL_RATIO, ""
+    raw["target"] = target
+    row = ("pull flow, %d tenants \u00d7 %s messages" % (sites_n, fmt(per)),
+           "%s = %.0f%% of raw %s%s" % (fmt(raw["msg_per_s"], "msg/s"), ratio * 100,
+                                        fmt(ceiling, "msg/s"), versus),
+           target, verdict(ratio >= goal))
+    return row, raw
+
+
+def tenants_intake(ctx):
+    """Intake into one tenant (its key, ``?tenant_id=``, 1000-message
+    batches with ``tenant_id`` in every message, one client) on a daemon
+    with 1 tenant registered and on one with TENANTS_MANY registered, each
+    with an account; the daemons are suspended, so nothing dispatches.  The
+    two run side by side and take turns, TENANTS_CHUNK batches each (who
+    goes first alternates), posting the same bodies (the ids are per
+    daemon), so both grow the same id index and see the same machine.
+    Each round gives a ratio of the two rates; the figure is the median
+    of those ratios (the medians of the rates are printed beside it: a
+    round's pair shares the machine's speed of the moment, and the rates
+    fall from round to round as the index grows).  Every registered tenant's
+    sync URL is a local upstream answering 200; its registration
+    heartbeats are waited for before the clock, and sync_interval_seconds
+    = 3600 keeps further ones out of the rounds."""
+    n = size("tenants_intake_batches")
+    rounds = size("tenants_intake_rounds")
+    raw = {"batch_messages": 1000, "batches_per_round": n, "rounds": rounds,
+           "threads": 1, "tenant": TENANTS_INTAKE_ID, "many": TENANTS_MANY}
+    settings = {"server": {"api_token": TENANTS_ADMIN_TOKEN},
+                "client": {"sync_interval_seconds": 3600}}
+    settings.update(SUSPENDED)
+    path = "/commands/add-messages?tenant_id=%s" % TENANTS_INTAKE_ID
+    with _Upstream() as upstream, \
+            ctx.daemon("tenants-intake1", settings) as one, \
+            ctx.daemon("tenants-intake%d" % TENANTS_MANY, settings) as many:
+        upstream.mode = 200
+        base_url = "http://127.0.0.1:%d" % upstream.port
+        sides = []
+        for label, daemon, count in (("1", one, 1), (str(TENANTS_MANY), many, TENANTS_MANY)):
+            api = daemon.api()
+            keys = [register_tenant(api, "t%03d" % i, base_url, "/sync/t%03d" % i,
+                                    uuid.uuid4().hex, 9) for i in range(count)]
+            api.close()
+            sides.append({"label": label, "daemon": daemon, "tenants": count, "key": keys[0],
+                          "rates": []})
+        registered = 1 + TENANTS_MANY
+        heard, _ = wait_until(lambda: upstream.posts >= registered, 60.0)
+        raw["registration_heartbeats"] = upstream.posts
+        if not heard:
+            raise RuntimeError("%d of %d registration heartbeats arrived" % (
+                upstream.posts, registered))
+        time.sleep(1.0)   # let the last report jobs finish
+        for side in sides:   # what each costs at rest (the reporter's cycles)
+            side["cpu0"] = _proc_cpu(side["daemon"].proc.pid)
+        time.sleep(2.0)
+        for side in sides:
+            side["idle_cpu_cores"] = (_proc_cpu(side["daemon"].proc.pid) - side["cpu0"]) / 2.0
+        warm = [batch_bytes(1000, "main", tenant_id=TENANTS_INTAKE_ID) for _ in range(2)]
+        for side in sides:
+            post_batches(side["daemon"].port, 2, 1, prebuilt=warm, token=side["key"],
+                         path=path)
+        turn = 0
+        for _ in range(rounds):
+            bodies = [batch_bytes(1000, "main", tenant_id=TENANTS_INTAKE_ID)
+                      for _ in range(n)]   # encoded before the clock
+            for side in sides:
+                side["seconds"] = side["accepted"] = side["cpu"] = 0
+            for first in range(0, n, TENANTS_CHUNK):
+                chunk = bodies[first:first + TENANTS_CHUNK]
+                for side in (sides if turn % 2 == 0 else sides[::-1]):
+                    pid = side["daemon"].proc.pid
+                    cpu0 = _proc_cpu(pid)
+                    took, count = post_batches(side["daemon"].port, len(chunk), 1,
+                                               prebuilt=chunk, token=side["key"], path=path)
+                    side["cpu"] += _proc_cpu(pid) - cpu0
+                    if count != 1000 * len(chunk):
+                        raise RuntimeError("%s tenant(s): %d of %d messages queued" % (
+                            side["label"], count, 1000 * len(chunk)))
+                    side["seconds"] += took
+                    side["accepted"] += count
+                turn += 1
+            for side in sides:
+                side["rates"].append({"msg_per_s": side["accepted"] / side["seconds"],
+                                      "seconds": side["seconds"],
+                                      "daemon_cpu_ms_per_1000":
+                                          side["cpu"] / side["accepted"] * 1e6})
+        for side in sides:
+            daemon = side["daemon"]
+            api = daemon.api(token=side["key"])
+            queue = api.ok("GET", "/status?tenant_id=%s" % TENANTS_INTAKE_ID)["queue"]
+            api.close()
+            raw["tenants_%s" % side["label"]] = {
+                "tenants": side["tenants"], "rounds": side["rates"],
+                "msg_per_s": statistics.median(r["msg_per_s"] for r in side["rates"]),
+                "idle_cpu_cores": side["idle_cpu_cores"], "queue": queue,
+                "peak_rss_kb": daemon.vm(), "daemon_error_lines": daemon.problems,
+                "daemon_problem_lines": problem_lines(daemon)}
+    alone, crowded = raw["tenants_1"], raw["tenants_%d" % TENANTS_MANY]
+    ratios = [b["msg_per_s"] / a["msg_per_s"]
+              for a, b in zip(alone["rounds"], crowded["rounds"])]
+    ratio = statistics.median(ratios)
+    raw.update({"round_ratios": ratios, "ratio": ratio,
+                "ratio_of_median_rates": crowded["msg_per_s"] / alone["msg_per_s"]})
+    row = ("intake with %d tenants registered" % TENANTS_MANY,
+           "%s vs %s with 1 tenant, rounds' median %.3fx" % (
+               fmt(crowded["msg_per_s"], "msg/s"), fmt(alone["msg_per_s"], "msg/s"), ratio),
+           ">= %.2fx of 1 tenant" % TENANTS_INTAKE_RATIO, verdict(ratio >= TENANTS_INTAKE_RATIO))
+    return row, raw
+
+
+def scenario_tenants(ctx):
+    """Tenants (issue 18): several Genropy sites pulling at once, each its
+    own tenant, against the raw smtplib loop (and the one-tenant pull row
+    when it ran); and intake on a daemon with 100 tenants registered
+    against one with 1."""
+    pull_row, pull_raw = tenants_pull(ctx)
+    intake_row, intake_raw = tenants_intake(ctx)
+    return {"rows": [pull_row, intake_row], "raw": {"pull": pull_raw, "intake": intake_raw}}
 
 
 # ---------------------------------------------------------------------------
@@ -1880,7 +2126,8 @@ def scenario_bounces(ctx):
 RUNNERS = {"intake": scenario_intake, "single": scenario_single,
            "dispatch": scenario_dispatch, "latency": scenario_latency,
            "scale": scenario_scale, "footprint": scenario_footprint,
-           "reports": scenario_reports, "pull": scenario_pull, "bounces": scenario_bounces}
+           "reports": scenario_reports, "pull": scenario_pull, "tenants": scenario_tenants,
+           "bounces": scenario_bounces}
 
 
 # ---------------------------------------------------------------------------
