@@ -1275,7 +1275,10 @@ class Config:
     ``section.key`` for unknown keys and bad values.
     """
 
-    def __init__(self, overrides=None, state_directory=None):
+    def __init__(self, overrides=None, state_directory=None, sources=()):
+        """``sources`` says where the overrides came from (for
+        ``--check-config``): lines such as ``file /etc/asyncmail/config.ini``."""
+        self.sources = tuple(sources)
         raw = {key: default for key, (_, default) in CONFIG_SCHEMA.items()}
         for section, values in (overrides or {}).items():
             if not isinstance(values, dict):
@@ -1338,8 +1341,9 @@ def load_config(path=None, environ=None):
     environ = os.environ if environ is None else environ
     named = path or environ.get("ASYNC_MAIL_CONFIG")
     path = named or "config.ini"
-    overrides = {}
+    overrides, sources = {}, []
     if os.path.exists(path):
+        sources.append("file %s" % os.path.abspath(path))
         parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
         parser.optionxform = str
         try:
@@ -1355,9 +1359,19 @@ def load_config(path=None, environ=None):
                 if (section, key) not in CONFIG_SCHEMA:
                     raise ConfigError("unknown setting in %s" % path,
                                       key="%s.%s" % (section, key))
+                if _INLINE_COMMENT.search(value):
+                    # configparser keeps "x ; note" as the value: refuse it rather
+                    # than cut a secret that holds " ;" or " #" without a word
+                    raise ConfigError(
+                        "in %s the value holds an inline comment (%r): put comments on "
+                        "lines of their own (a value with ' ;' or ' #' in it can come "
+                        "from the environment or a credential)"
+                        % (path, _mask(key, value)), key="%s.%s" % (section, key))
                 overrides.setdefault(section, {})[key] = value
     elif named:
         raise ConfigError("configuration file %s does not exist" % path)
+    else:
+        sources.append("no file (%s does not exist: defaults)" % os.path.abspath(path))
     credentials = environ.get("CREDENTIALS_DIRECTORY")
     if credentials and os.path.isdir(credentials):
         # systemd LoadCredential=section.key:/path: secrets outside config.ini
@@ -1369,6 +1383,7 @@ def load_config(path=None, environ=None):
                         overrides.setdefault(section, {})[key] = handle.read().rstrip("\r\n")
                 except (OSError, UnicodeDecodeError) as exc:
                     raise ConfigError("cannot read credential %s: %s" % (name, exc), key=name)
+                sources.append("credential %s (%s)" % (name, credentials))
     env_names = {"ASYNC_MAIL_%s_%s" % (s.upper(), k.upper()): (s, k) for s, k in CONFIG_SCHEMA}
     for name, value in environ.items():
         if not name.startswith("ASYNC_MAIL_") or name == "ASYNC_MAIL_CONFIG":
@@ -1377,10 +1392,17 @@ def load_config(path=None, environ=None):
             raise ConfigError("unknown environment variable %s" % name, key=name)
         section, key = env_names[name]
         overrides.setdefault(section, {})[key] = value
+        sources.append("environment %s" % name)
     for key, variable in _S3_ENV_FALLBACK.items():
         if key not in overrides.get("s3", {}) and environ.get(variable):
             overrides.setdefault("s3", {})[key] = environ[variable]
-    return Config(overrides, state_directory=environ.get("STATE_DIRECTORY"))
+            sources.append("environment %s (s3.%s)" % (variable, key))
+    return Config(overrides, state_directory=environ.get("STATE_DIRECTORY"),
+                  sources=sources)
+
+
+# whitespace then ";" or "#": what an ini reader that knows inline comments cuts
+_INLINE_COMMENT = re.compile(r"\s[;#]")
 
 
 # ####################################################################### #
@@ -7439,6 +7461,8 @@ def main(argv=None):
     if args.command is not None:
         return _cli(config, args)
     if args.check_config:
+        for source in config.sources:
+            print("# read: %s" % source)
         for section, key, value in config.describe():
             print("%s.%s = %s" % (section, key, value))
         return 0

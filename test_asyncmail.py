@@ -472,6 +472,33 @@ class ConfigTests(unittest.TestCase):
             handle.write(text)
         return path
 
+    def test_an_inline_comment_is_refused_naming_the_key(self):
+        # the README's own [bounces] example once put "; empty: ..." into the
+        # host, and --check-config said OK
+        path = self.write("[bounces]\nimap_host = imap.example.com   ; empty: off\n")
+        with self.assertRaises(asyncmail.ConfigError) as caught:
+            asyncmail.load_config(path, environ={})
+        self.assertEqual(caught.exception.key, "bounces.imap_host")
+        self.assertIn("inline comment", str(caught.exception))
+        secret = self.write("[server]\napi_token = abc #not-shown\n", "secret.ini")
+        with self.assertRaises(asyncmail.ConfigError) as caught:
+            asyncmail.load_config(secret, environ={})
+        self.assertNotIn("not-shown", str(caught.exception))
+        # whole-line comments, and ";" or "#" inside a value, are fine
+        path = self.write("# a note\n[server]\n; another\napi_token = a;b#c\n", "ok.ini")
+        self.assertEqual(asyncmail.load_config(path, environ={}).server.api_token, "a;b#c")
+
+    def test_the_readme_examples_load(self):
+        with open(os.path.join(HERE, "README.md")) as handle:
+            readme = handle.read()
+        blocks = re.findall(r"```ini\n(.*?)```", readme, re.S)
+        self.assertTrue(blocks)
+        for block in blocks:
+            with self.subTest(block=block[:40]):
+                text = re.sub(r"<[^>]*>|\.\.\.", "x", block)   # the placeholders
+                asyncmail.load_config(self.write(text, "readme.ini"),
+                                      environ={"ASYNC_MAIL_SERVER_API_TOKEN": "t"})
+
     def test_defaults(self):
         config = asyncmail.Config()
         self.assertEqual(config.server.host, "127.0.0.1")
@@ -632,6 +659,20 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("server.api_token = ********", result.stdout)
         self.assertNotIn("very-secret", result.stdout + result.stderr)
         self.assertIn("delivery.max_retries = 5", result.stdout)
+        # it says what it read: here no file, two variables
+        self.assertIn("# read: no file (", result.stdout)
+        self.assertIn("# read: environment ASYNC_MAIL_SERVER_API_TOKEN", result.stdout)
+
+    def test_check_config_names_the_file_it_read(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "config.ini")
+        with open(path, "w") as handle:
+            handle.write("[delivery]\nmax_retries = 3\n")
+        result = self.run_cli("--check-config", "--config", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("# read: file %s" % path, result.stdout)
+        self.assertIn("delivery.max_retries = 3", result.stdout)
 
     def test_ci_runs_exactly_the_readme_test_command(self):
         with open(os.path.join(HERE, "README.md")) as handle:
