@@ -29,8 +29,9 @@ Requests without a tenant, and the ``[client]`` section, are the default
 tenant, whose API is the single-tenant one unchanged.
 
 Exit codes: 0 on a clean stop (SIGTERM/SIGINT), 1 on an unexpected error
-(the CLI: the API refused), 69 (EX_UNAVAILABLE: the CLI found no daemon), 78
-(EX_CONFIG) on a configuration error.
+(the CLI: the API refused), 69 (EX_UNAVAILABLE: the CLI found no daemon), 75
+(EX_TEMPFAIL: another asyncmail holds the database), 78 (EX_CONFIG) on a
+configuration error (a db_path whose directory does not exist included).
 
 Standard library only; CPython 3.8 or newer. ``certifi`` is used for the CA
 bundle when importable.
@@ -61,6 +62,7 @@ import contextlib
 import datetime
 import email.errors
 import email.utils
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -97,6 +99,7 @@ except ImportError:  # pragma: no cover - exercised on 3.8 only
 
 EX_CONFIG = 78          # sysexits.h: configuration error
 EX_UNAVAILABLE = 69     # sysexits.h: the CLI found no daemon answering
+EX_TEMPFAIL = 75        # sysexits.h: another asyncmail holds the database
 MAX_BATCH_MESSAGES = 1000   # SPEC: larger add-messages batches are refused
 MAX_DELETE_IDS = 10000      # bounds one delete-messages transaction
 MAX_ID_CHARS = 256
@@ -559,6 +562,15 @@ class ConfigError(AsyncmailError):
 
 class StoreError(AsyncmailError):
     """The SQLite store failed (disk full, locked past the busy timeout...)."""
+
+
+class AlreadyRunningError(StoreError):
+    """Another process holds the database's lock file (``pid``: the one it
+    wrote there, or None)."""
+
+    def __init__(self, message, pid=None):
+        super().__init__(message)
+        self.pid = pid
 
 
 class ApiError(AsyncmailError):
@@ -1523,8 +1535,14 @@ class Store:
         self._claims_lock = threading.Lock()
         self._suppression_count = None   # rows in suppressions; None: count again
         self._closed = False
+        self._lock_fd = None
         if path != ":memory:":
-            self._create_private_file(path)
+            self._lock_fd = self._take_lock(path)
+            try:
+                self._create_private_file(path)
+            except StoreError:
+                self.close()
+                raise
         try:
             with self._connection() as conn:
                 self._migrate(conn)
@@ -1533,12 +1551,37 @@ class Store:
             raise
 
     @staticmethod
+    def _take_lock(path):
+        """Hold ``<path>.lock`` (flock, exclusive) for the store's life and
+        write this process's pid in it, as Postfix's master.lock: a second
+        daemon on the same database would "recover" the first one's claims
+        and send them again.  Returns the lock's descriptor; raises
+        AlreadyRunningError, or StoreError when the file cannot be made (a
+        missing directory is never created: a mistyped db_path must not
+        start on an empty queue)."""
+        lock_path = path + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError("cannot create %s: %s" % (lock_path, exc))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = None
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(os.pread(fd, 32, 0).split()[0])
+            os.close(fd)
+            raise AlreadyRunningError("database %s is in use: asyncmail is already running "
+                                      "(pid %s)" % (path, pid if pid else "unknown"), pid)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        return fd
+
+    @staticmethod
     def _create_private_file(path):
         """Create the database file mode 0600 before SQLite opens it (SQLite
         gives its -wal and -shm files the same mode)."""
-        directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
         except OSError as exc:
@@ -1620,13 +1663,17 @@ class Store:
             conn.commit()
 
     def close(self):
-        """Close every connection; later calls raise StoreError."""
+        """Close every connection and release the lock file; later calls
+        raise StoreError."""
         self._closed = True
         with self._lock:
             conns, self._all = self._all, []
+            lock_fd, self._lock_fd = self._lock_fd, None
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        if lock_fd is not None:
+            os.close(lock_fd)    # releases the flock
 
     # -- intake -------------------------------------------------------------
 
@@ -7474,8 +7521,17 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    directory = os.path.dirname(os.path.abspath(config.storage.db_path))
+    if not os.path.isdir(directory):
+        log.error("configuration error: storage.db_path: directory %s does not exist (create "
+                  "it, or let systemd's StateDirectory= make it); not starting on an empty "
+                  "queue", directory)
+        return EX_CONFIG
     try:
         core = AsyncMailCore(config, logger=log)
+    except AlreadyRunningError as exc:
+        log.error("cannot start: %s", exc)
+        return EX_TEMPFAIL
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -1927,6 +1927,46 @@ class ProcessTests(unittest.TestCase):
         delivered = {parse_mail(m["data"])["Subject"].split()[-1] for m in smtp.messages}
         self.assertEqual(delivered, set(ids))
 
+    def test_a_second_daemon_on_the_same_database_refuses_and_sends_nothing(self):
+        # it used to "recover" the first one's claims and send them again
+        smtp = SmtpServer()
+        self.addCleanup(smtp.close)
+        smtp.script("DATA", "STALL:3")            # the first daemon's transaction hangs
+        first = Daemon(self, self.dir, config="[delivery]\nsend_interval_seconds = 0.05\n")
+        first.start()
+        first.client().request("POST", "/account", {"id": "a", "host": "127.0.0.1",
+                                                    "port": smtp.port})
+        first.client().request("POST", "/commands/add-messages",
+                               {"messages": [message("once")]})
+        wait_until(lambda: first.client().request("GET", "/status")[1]["queue"]["sending"],
+                   message="the first daemon on the wire")
+        second = subprocess.run(
+            [sys.executable, os.path.join(HERE, "asyncmail.py"), "--config",
+             first.config_path], capture_output=True, text=True, timeout=WAIT,
+            env=first.env, cwd=self.dir)
+        self.assertEqual(second.returncode, 75, second.stderr)
+        self.assertIn("already running (pid %d)" % first.process.pid, second.stderr)
+        smtp.wait_messages(1)
+        wait_until(lambda: first.client().request("GET", "/status")[1]["queue"]["sent"] == 1,
+                   message="sent once")
+        self.assertEqual(len(smtp.messages), 1)
+        # once the first is gone, the lock is free again (kill -9 releases it too)
+        first.kill(signal.SIGKILL)
+        again = Daemon(self, self.dir).start()
+        self.assertEqual(again.client().request("GET", "/status")[1]["queue"]["sent"], 1)
+
+    def test_db_path_in_a_missing_directory_is_refused_naming_it(self):
+        missing = os.path.join(self.dir, "typo", "queue.db")
+        result = subprocess.run(
+            [sys.executable, os.path.join(HERE, "asyncmail.py")], capture_output=True,
+            text=True, timeout=WAIT, cwd=self.dir,
+            env=dict({k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")},
+                     ASYNC_MAIL_STORAGE_DB_PATH=missing, ASYNC_MAIL_SERVER_PORT="0"))
+        self.assertEqual(result.returncode, 78, result.stderr)
+        self.assertIn("storage.db_path", result.stderr)
+        self.assertIn(os.path.dirname(missing), result.stderr)
+        self.assertFalse(os.path.exists(os.path.dirname(missing)))
+
     def test_sigterm_exits_zero_and_notifies_systemd(self):
         notify_path = os.path.join(self.dir, "notify.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
