@@ -2613,6 +2613,32 @@ def validate_message(raw, default_priority, resolve_account):
     return message
 
 
+# Every field a message may have (SPEC 3, and today's Genropy: tenant_id,
+# batch_code; fetch_mode and content_md5 of an endpoint attachment).  Others
+# are accepted and ignored, and the answer names them.
+MESSAGE_FIELDS = frozenset([
+    "id", "account_id", "from", "to", "cc", "bcc", "reply_to", "return_path", "subject",
+    "body", "content_type", "body_text", "headers", "message_id", "priority", "deferred_ts",
+    "attachments", "batch_code", "tenant_id"])
+ATTACHMENT_FIELDS = frozenset(["filename", "mime_type", "fetch_mode", "content_md5"]
+                              + list(ATTACHMENT_SOURCES))
+
+
+def ignored_message_fields(raw):
+    """The field names of a message (and of its attachments, as
+    ``attachments[i].name``) that asyncmail does not know, sorted, cut to 80
+    characters: a misspelled ``Bcc`` or ``atachments`` must not pass
+    unnoticed."""
+    names = [str(name)[:80] for name in raw if name not in MESSAGE_FIELDS]
+    attachments = raw.get("attachments")
+    if isinstance(attachments, list):
+        for index, attachment in enumerate(attachments):
+            if isinstance(attachment, dict):
+                names.extend("attachments[%d].%s" % (index, str(name)[:80])
+                             for name in attachment if name not in ATTACHMENT_FIELDS)
+    return sorted(names)
+
+
 def _account_whole(low, high):
     def parse(value):
         if isinstance(value, str) and _ASCII_DIGITS.fullmatch(value.strip()):
@@ -6667,7 +6693,7 @@ class AsyncMailCore:
                                    if tenant == DEFAULT_TENANT else None)
         endpoint = self.attachment_endpoint(tenant)
         now = self.now()
-        rejected, rows, seen, repeated = [], [], set(), []
+        rejected, rows, seen, repeated, ignored = [], [], set(), [], []
         for raw in messages:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             try:
@@ -6685,6 +6711,10 @@ class AsyncMailCore:
                 rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
                                  "reason": str(exc)})
                 continue
+            unknown = ignored_message_fields(raw)
+            if unknown and len(ignored) < MAX_IGNORED_SHOWN:
+                ignored.append({"id": message["id"], "fields": unknown[:MAX_IGNORED_SHOWN]})
+                self._note_ignored_fields("message", message["id"], unknown)
             if message["id"] in seen:
                 repeated.append(message["id"])
                 continue
@@ -6713,6 +6743,8 @@ class AsyncMailCore:
         answer = {"ok": True, "queued": queued, "rejected": rejected,
                   "duplicates": list(dict.fromkeys(
                       [_name_of(row.key) for row in rows if row.key in duplicates] + repeated))}
+        if ignored:
+            answer["ignored"] = ignored
         if replaced:
             answer["replaced"] = [_name_of(row.key) for row in rows if row.key in replaced]
             self.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
@@ -6769,19 +6801,20 @@ class AsyncMailCore:
         ignored = ignored_account_fields(payload)
         if ignored:
             answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
-            self._note_ignored_fields(_shown_key(key), ignored)
+            self._note_ignored_fields("account", _shown_key(key), ignored)
         return answer
 
-    def _note_ignored_fields(self, account_id, names):
-        """Log each ignored account field name once per process: a client
-        that sends the same extra field on every registration is told once."""
+    def _note_ignored_fields(self, kind, name, fields):
+        """Log each ignored field name of an account or a message once per
+        process: a client that sends the same extra field every time is
+        told once (every answer still lists them)."""
         with self._accounts_lock:
-            new = [n for n in names if n not in self._ignored_fields]
+            new = [f for f in fields if (kind, f) not in self._ignored_fields]
             if len(self._ignored_fields) < MAX_IGNORED_SHOWN * 10:
-                self._ignored_fields.update(new)
+                self._ignored_fields.update((kind, f) for f in new)
         if new:
-            self.log.info("account %s: ignored unknown field(s) %s (not stored)",
-                          account_id, ", ".join(new[:MAX_IGNORED_SHOWN]))
+            self.log.info("%s %s: ignored unknown field(s) %s (not stored)", kind, name,
+                          ", ".join(new[:MAX_IGNORED_SHOWN]))
 
     def _cmd_list_accounts(self, payload, tenant):
         accounts = self._tenant_accounts(tenant)

@@ -1091,6 +1091,28 @@ class ApiTests(CoreCase):
                 self.assertEqual((status, body["queued"]), (200, 0), body)
                 self.assertTrue(body["rejected"][0]["reason"])
 
+    def test_unknown_message_fields_are_named_per_message_and_logged_once(self):
+        # "Bcc" and "atachments" were queued and sent without them, silently
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        self.core.log.addHandler(handler)
+        self.core.log.setLevel(logging.INFO)
+        self.addCleanup(self.core.log.removeHandler, handler)
+        status, answer = self.post("/commands/add-messages", {"messages": [
+            message("u1", Bcc=["hidden@example.org"], atachments=[]),
+            message("u2", attachments=[{"filename": "a.txt", "content": "YQ==",
+                                        "mimetype": "text/plain"}]),
+            message("u3", batch_code="b", tenant_id="default"),
+            message("u4", Bcc="again@example.org")]})
+        self.assertEqual((status, answer["queued"]), (200, 4))
+        self.assertEqual(answer["ignored"], [
+            {"id": "u1", "fields": ["Bcc", "atachments"]},
+            {"id": "u2", "fields": ["attachments[0].mimetype"]},
+            {"id": "u4", "fields": ["Bcc"]}])
+        self.assertEqual(stream.getvalue().count("Bcc"), 1, stream.getvalue())
+        status, answer = self.post("/commands/add-messages", {"messages": [message("u5")]})
+        self.assertNotIn("ignored", answer)
+
     def test_valid_field_forms_are_accepted(self):
         good = [
             message("g1", to="a@x.com, \"Doe, John\" <j@x.com>", cc="c@x.com",
