@@ -6155,7 +6155,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 if not self.server.large_requests.acquire(timeout=self.server.body_deadline):
                     raise ApiError("busy with other large requests, retry later", status=503)
                 try:
-                    payload = self._with_query(self._json_body(body), query)
+                    payload = self._with_query(self._json_body(body, command), query)
                     del body
                     status, answer = self.server.core.run_command(command, payload, caller)
                     del payload
@@ -6163,7 +6163,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                     self.server.large_requests.release()
                 self._send_json(status, answer)
                 return
-            payload = self._with_query(self._json_body(body), query)
+            payload = self._with_query(self._json_body(body, command), query)
         else:
             for key, value in query.items():
                 payload.setdefault(key, value)
@@ -6250,7 +6250,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         elif length or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
 
-    def _json_body(self, body):
+    def _json_body(self, body, command):
         if not body.strip():
             return {}
         try:
@@ -6262,7 +6262,11 @@ class _ApiHandler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as exc:
             raise ValidationError("body is not valid JSON: %s" % str(exc)[:200])
         if not isinstance(payload, dict):
-            raise ValidationError("body must be a JSON object")
+            message = "body must be a JSON object"
+            if command == "add messages":   # the shape of every other malformed batch
+                message += " with a messages list"
+                raise ValidationError(message, detail={"error": message, "rejected": []})
+            raise ValidationError(message)
         if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(payload):
             raise ValidationError("body contains a lone UTF-16 surrogate escape (\\ud800-"
                                   "\\udfff without its pair), which is not text")

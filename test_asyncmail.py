@@ -990,11 +990,12 @@ class ApiTests(CoreCase):
         self.assertEqual(body["rejected"][0]["id"], "b")
 
     def test_batch_shape_errors(self):
-        for payload in ({}, {"messages": "x"}, {"messages": [message("a")] * 1001}):
+        for payload in ({}, {"messages": "x"}, {"messages": [message("a")] * 1001}, [],
+                        [message("a")], "x", 7):
             with self.subTest(payload=str(payload)[:40]):
                 status, body = self.post("/commands/add-messages", payload)
                 self.assertEqual(status, 400)
-                self.assertIn("rejected", body["detail"])
+                self.assertEqual(body["detail"], {"error": body["error"], "rejected": []})
         # a bad batch default rejects the messages that would use it, not the batch
         status, body = self.post("/commands/add-messages", {
             "messages": [message("a"), message("b", priority=1)], "default_priority": 9})
