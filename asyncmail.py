@@ -135,7 +135,8 @@ ACTIVE_STATUSES = ("pending", "deferred", "held", "sending")
 FINISHED_STATUSES = ("sent", "error")
 # operator commands (SPEC 7) and the statuses each applies to
 COMMAND_STATUSES = {"retry": ("deferred",), "requeue": ("error",),
-                    "hold": ("pending", "deferred"), "release": ("held",)}
+                    "hold": ("pending", "deferred"), "release": ("held",),
+                    "delete": STATUSES}
 ATTEMPTS_KEPT = 20      # per message, besides its first attempt
 PURGE_BATCH = 500       # finished messages deleted per transaction by the retention purge
 DAY = 86400.0           # the longest rate window, and how long the send log is kept
@@ -144,6 +145,7 @@ RUN_NOW_SLACK = 10.0    # seconds a test-mode run-now allows the store beyond ne
 _CLAIMED = "claimed"          # its SMTP transaction has not begun: a delete stops it
 _ON_WIRE = "on the wire"      # its transaction has begun: it ends as the relay says
 _WITHDRAWN = "withdrawn"      # deleted or failed since its claim: never to be sent
+_DOOMED = "deleted on the wire"   # deleted during its transaction: gone unless sent
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 # Tenants (one daemon for many Genropy sites).  Requests without a tenant,
 # and the [client] section, are the default tenant.
@@ -364,7 +366,17 @@ SQL_DELETE_TENANT_SENDS = "DELETE FROM send_log WHERE account_id >= ? AND accoun
 SQL_DELETE_TENANT_SUPPRESSIONS = "DELETE FROM suppressions WHERE address >= ? AND address < ?"
 SQL_DELETE_TENANT_COUNTS = "DELETE FROM tenant_counts WHERE tenant = ?"
 SQL_EXISTING_IDS = "SELECT id FROM messages WHERE id IN ({marks})"
-SQL_EXISTING_KEYS = "SELECT pk, id FROM messages WHERE id IN ({marks})"
+SQL_DELETE_KEYS = (
+    "SELECT pk, id, account_id, priority FROM messages WHERE id IN ({marks})")
+# delete-messages by selector: one status at a time, in (created_ts, pk)
+# order from messages_tenant / messages_account / messages_age, a batch per
+# transaction so that intake never waits long
+SQL_DELETE_SELECTED = (
+    "SELECT pk, id, account_id, priority, created_ts FROM messages WHERE status = ?{where}"
+    " AND (created_ts, pk) > (?, ?) ORDER BY created_ts, pk LIMIT ?")
+SQL_INSERT_DELETED_EVENT = (
+    "INSERT INTO events (message_pk, message_id, account_id, priority, kind, tenant)"
+    " VALUES (?, ?, ?, ?, 'deleted', ?)")
 SQL_RECORD_COLUMNS = (
     "id, account_id, priority, status, created_ts, deferred_ts, sent_ts,"
     " error_ts, error, retry_count, reported_ts, subject, recipients, refused,"
@@ -466,10 +478,6 @@ SQL_HOLD = (
 SQL_RELEASE_HELD = (
     "UPDATE messages SET status = CASE WHEN deferred_ts > ? THEN 'deferred'"
     " ELSE 'pending' END, updated_ts = ? WHERE status = 'held' AND {where}")
-SQL_DELETE_MESSAGE_EVENTS = (
-    "DELETE FROM events WHERE message_pk IN"
-    " (SELECT pk FROM messages WHERE id IN ({marks}))")
-SQL_DELETE_MESSAGES = "DELETE FROM messages WHERE id IN ({marks})"
 SQL_QUEUE_COUNTS = "SELECT tenant, status, n FROM tenant_counts"
 SQL_OLDEST_ACTIVE = (
     "SELECT MIN(created_ts) FROM messages WHERE status = ?")
@@ -1870,29 +1878,83 @@ class Store:
 
     # -- deletion -----------------------------------------------------------
 
-    def delete_messages(self, ids):
-        """Delete messages (and their unsent report events) by id.
+    def delete_messages(self, keys):
+        """Delete messages by store key, with their unsent report events; each
+        is reported as deleted (``"status": "deleted"``).
 
         A claimed message that is deleted is never sent (begin_send refuses
-        it); one whose SMTP transaction has begun cannot be called back, so
-        it is left alone and its outcome is recorded and reported as usual.
-        Returns (ids not found, ids left alone because they are being sent).
+        it).  One whose SMTP transaction has begun cannot be called back: it
+        goes when that transaction ends, unless the relay accepted it (then
+        it is sent, and reported so); a temporary failure never brings it
+        back.  Returns (keys not found, keys on the wire).
         """
         with self._transaction(durable=True) as conn:
             existing, being_sent = set(), []
-            for start in range(0, len(ids), SQL_CHUNK):
-                chunk = ids[start:start + SQL_CHUNK]
-                keys = conn.execute(SQL_EXISTING_KEYS.format(
+            for start in range(0, len(keys), SQL_CHUNK):
+                chunk = keys[start:start + SQL_CHUNK]
+                rows = conn.execute(SQL_DELETE_KEYS.format(
                     marks=",".join("?" * len(chunk))), chunk).fetchall()
-                existing.update(message_id for _, message_id in keys)
-                on_wire = set(self._withdraw_claims(keys))
-                being_sent.extend(message_id for message_id in chunk if message_id in on_wire)
-                chunk = [message_id for message_id in chunk if message_id not in on_wire]
-                if chunk:
-                    marks = ",".join("?" * len(chunk))
-                    conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
-                    conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
-        return [i for i in ids if i not in existing], being_sent
+                existing.update(row[1] for row in rows)
+                being_sent.extend(self._delete_rows(conn, [MessageKey(*row) for row in rows]))
+        return [key for key in keys if key not in existing], being_sent
+
+    def delete_selected(self, kind, value, tenant=None):
+        """Delete the messages a selector names (("account_id", key),
+        ("status", s) or ("all", None): with the last, the messages not yet
+        sent or failed) of ``tenant`` (None: every tenant), PURGE_BATCH per
+        transaction, as ``delete_messages`` does.  Returns (how many were
+        deleted, keys on the wire).  Raises ValueError for another kind."""
+        if kind == "status":
+            statuses, where, args = [value], "", []
+        elif kind == "account_id":
+            statuses, where, args = ACTIVE_STATUSES, " AND account_id = ?", [value]
+        elif kind == "all":
+            statuses, where, args = ACTIVE_STATUSES, "", []
+        else:
+            raise ValueError("unknown selector kind %r" % (kind,))
+        if tenant is not None and kind != "account_id":
+            where, args = where + " AND tenant = ?", args + [tenant]
+        sql = SQL_DELETE_SELECTED.format(where=where)
+        removed, being_sent = 0, []
+        for status in statuses:
+            after = (-1.0, -1)
+            while True:
+                with self._transaction(durable=True) as conn:
+                    rows = conn.execute(sql, [status] + args + list(after)
+                                        + [PURGE_BATCH]).fetchall()
+                    if rows:
+                        on_wire = self._delete_rows(conn, [MessageKey(*r[:4]) for r in rows])
+                        removed += len(rows) - len(on_wire)
+                        being_sent.extend(on_wire)
+                if len(rows) < PURGE_BATCH:
+                    break
+                after = (rows[-1][4], rows[-1][0])
+        return removed, being_sent
+
+    def _delete_rows(self, conn, keys):
+        """Delete these messages (MessageKeys) but those on the wire, which
+        are doomed instead; returns the store keys of those."""
+        on_wire = set(self._withdraw_claims([(k.pk, k.ref) for k in keys], doom=True))
+        self._remove(conn, [k for k in keys if k.ref not in on_wire])
+        return [k.ref for k in keys if k.ref in on_wire]
+
+    def _remove(self, conn, gone):
+        """Delete these messages (MessageKeys) and their unsent events, and
+        report each as deleted."""
+        for start in range(0, len(gone), SQL_CHUNK):
+            chunk = gone[start:start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            pks = [k.pk for k in chunk]
+            conn.execute(SQL_DELETE_EVENTS_OF.format(marks=marks), pks)
+            conn.execute(SQL_DELETE_PKS.format(marks=marks), pks)
+        for key in gone:
+            self._deleted_event(conn, key)
+
+    def _deleted_event(self, conn, key):
+        tenant = _tenant_of(key.account_id)
+        if self._reports(tenant):
+            conn.execute(SQL_INSERT_DELETED_EVENT,
+                         (key.pk, key.ref, key.account_id, key.priority, tenant))
 
     # -- bounces and suppressions (SPEC 8) ---------------------------------
 
@@ -2282,16 +2344,20 @@ class Store:
             self._claims[pk] = _ON_WIRE
             return True
 
-    def _withdraw_claims(self, keys):
+    def _withdraw_claims(self, keys, doom=False):
         """Mark claimed messages among ``keys`` ((pk, id) pairs) withdrawn, so
-        begin_send refuses them; returns the ids already on the wire.  Called
-        inside the deleting transaction, which serialises it with claim."""
+        begin_send refuses them; returns the ids already on the wire, which
+        ``doom`` marks to be deleted when their transaction ends (unless
+        sent).  Called inside the deleting transaction, which serialises it
+        with claim and record_outcomes."""
         on_wire = []
         with self._claims_lock:
             for pk, message_id in keys:
                 state = self._claims.get(pk)
-                if state == _ON_WIRE:
+                if state in (_ON_WIRE, _DOOMED):
                     on_wire.append(message_id)
+                    if doom:
+                        self._claims[pk] = _DOOMED
                 elif state == _CLAIMED:
                     self._claims[pk] = _WITHDRAWN
         return on_wire
@@ -2328,7 +2394,13 @@ class Store:
         # after it finds a finished message, never one "on the wire"
         settled = [outcome.claim.pk for outcome in outcomes]
         with self._transaction(durable=False) as conn, self._settling(settled):
+            with self._claims_lock:   # inside the transaction: no delete comes between
+                doomed = {pk for pk in settled if self._claims.get(pk) == _DOOMED}
             for outcome in outcomes:
+                if outcome.claim.pk in doomed and outcome.kind != "sent":
+                    # deleted while on the wire and not accepted: gone for good
+                    self._remove(conn, [outcome.claim])
+                    continue
                 getattr(self, "_apply_" + outcome.kind)(conn, outcome)
                 if outcome.attempt is not None:
                     self._record_attempt(conn, outcome)
@@ -6766,17 +6838,34 @@ class AsyncMailCore:
         return ValidationError(message, detail={"error": message, "rejected": rejected})
 
     def _cmd_delete_messages(self, payload, tenant):
-        ids = payload.get("ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ValidationError("ids must be a list of message ids")
-        if len(ids) > MAX_DELETE_IDS:
-            raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
-        unique = list(dict.fromkeys(ids))
-        keys = [_scoped(tenant, i) for i in unique]
-        not_found, being_sent = self.store.delete_messages(keys) if keys else ([], [])
-        answer = {"ok": True, "removed": len(unique) - len(not_found) - len(being_sent),
+        """Delete what a selector names (SPEC 7 shapes: ids, account_id,
+        status, or {} for every message not yet sent or failed), like
+        ``postsuper -d``; each deletion is logged and reported upstream.  A
+        message on the wire goes when its transaction ends, unless the relay
+        accepted it (``being_sent``)."""
+        kind, value = _parse_selector("delete", payload)
+        if tenant == ALL_TENANTS:
+            raise ValidationError("delete-messages needs one tenant_id")
+        not_found = []
+        if kind == "ids":
+            keys = [_scoped(tenant, i) for i in value]
+            not_found, being_sent = self.store.delete_messages(keys) if keys else ([], [])
+            removed = len(keys) - len(not_found) - len(being_sent)
+        else:
+            if kind == "account_id":
+                value = _scoped(tenant, value)
+            removed, being_sent = self.store.delete_selected(kind, value, tenant)
+        what = {"ids": "%d id(s)" % len(value) if kind == "ids" else "",
+                "account_id": "account %s" % _shown_key(str(value)),
+                "status": "status %s" % value, "all": "all not yet sent or failed"}[kind]
+        self.log.info("delete-messages (%s, tenant %s): %d deleted%s", what, tenant, removed,
+                      "; %d on the wire, deleted when their transaction ends unless sent"
+                      % len(being_sent) if being_sent else "")
+        if removed:
+            self.reporter.wake()
+        answer = {"ok": True, "removed": removed, "affected": removed,
                   "not_found": [_name_of(k) for k in not_found]}
-        if being_sent:   # on the wire: not removed; the outcome will be reported
+        if being_sent:
             answer["being_sent"] = [_name_of(k) for k in being_sent]
         return answer
 
@@ -7449,23 +7538,18 @@ def _cli_delete(api, args):
     selector = _cli_selector(args)
     ids = selector.get("ids")
     if ids is None:        # the queued messages of an account, or all of them
-        query = {"status": ",".join(ACTIVE_STATUSES), "limit": 1000}
-        if args.account is not None:
-            query["account_id"] = args.account
-        ids = []
-        while True:
-            answer = api.call("GET", "/messages?" + urllib.parse.urlencode(query))
-            ids.extend(record["id"] for record in answer["messages"])
-            if not answer.get("next"):
-                break
-            query["after"] = answer["next"]
-    removed, not_found = 0, []
+        return api.call("POST", "/commands/delete-messages", selector)
+    removed, not_found, being_sent = 0, [], []
     for start in range(0, len(ids), MAX_DELETE_IDS):
         answer = api.call("POST", "/commands/delete-messages",
                           {"ids": ids[start:start + MAX_DELETE_IDS]})
         removed += answer["removed"]
         not_found += answer["not_found"]
-    return {"ok": True, "affected": removed, "not_found": not_found}
+        being_sent += answer.get("being_sent", [])
+    answer = {"ok": True, "removed": removed, "affected": removed, "not_found": not_found}
+    if being_sent:
+        answer["being_sent"] = being_sent
+    return answer
 
 
 def _cli(config, args, out=None):

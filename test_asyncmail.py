@@ -205,9 +205,10 @@ class SmtpServer:
                     after = self._scripted("DATA")
                     if after == "DROP":
                         return
-                    if after and after.startswith("STALL:"):
-                        time.sleep(float(after[6:]))
-                        after = None
+                    if after and after.startswith("STALL:"):   # "STALL:2" or "STALL:2:451 x"
+                        seconds, _, after = after[6:].partition(":")
+                        time.sleep(float(seconds))
+                        after = after or None
                     if after is None or after.startswith("2"):
                         with self.received:
                             self.messages.append({"from": mail_from, "rcpts": list(rcpts),
@@ -1188,9 +1189,10 @@ class ApiTests(CoreCase):
     def test_delete_messages(self):
         self.post("/commands/add-messages", {"messages": [message("x1"), message("x2")]})
         status, body = self.post("/commands/delete-messages", {"ids": ["x1", "zz", "x1"]})
-        self.assertEqual(body, {"ok": True, "removed": 1, "not_found": ["zz"]})
+        self.assertEqual(body, {"ok": True, "removed": 1, "affected": 1, "not_found": ["zz"]})
         self.assertEqual(self.http.request("GET", "/status")[1]["queue"]["pending"], 1)
-        for bad in ({}, {"ids": "x2"}, {"ids": [1]}):
+        for bad in ({"ids": "x2"}, {"ids": [1]}, {"status": "nope"}, {"colour": 1},
+                    {"ids": [], "status": "pending"}):
             self.assertEqual(self.post("/commands/delete-messages", bad)[0], 400)
 
     def test_cleanup_messages(self):
@@ -6797,7 +6799,7 @@ class TenantApiTests(CoreCase):
         self.assertEqual(two.request("GET", "/messages/done")[1]["message"]["status"], "sent")
         self.assertEqual(one.request("POST", "/commands/delete-messages",
                                      {"ids": ["queued", "nope"]})[1],
-                         {"ok": True, "removed": 1, "not_found": ["nope"]})
+                         {"ok": True, "removed": 1, "affected": 1, "not_found": ["nope"]})
         self.assertEqual(two.request("GET", "/messages/queued")[0], 200)
 
     def test_endpoint_attachments_are_cached_only_when_their_md5_matches(self):
@@ -7871,3 +7873,78 @@ class GenropyTenantTests(CoreCase):
         self.assertEqual(sorted(e["id"] for e in shop.service.list_messages()["messages"]),
                          ["1", "2"])
         self.assertEqual(october_site.errors + shop.errors, [])
+
+
+class DeleteTests(ReportingCase):
+    """delete-messages as postsuper -d: selectors, a trace in the log and
+    upstream, and a delete that wins over a transaction on the wire."""
+
+    def setUp(self):
+        super().setUp()
+        self.core = self.reporting_core()
+        self.http = self.client(self.core)
+
+    def delete(self, body):
+        status, answer = self.http.request("POST", "/commands/delete-messages", body)
+        self.assertEqual(status, 200, answer)
+        return answer
+
+    def test_every_delete_is_logged_and_reported_as_deleted(self):
+        self.add(self.core, message("d1"), message("d2"))
+        self.assertEqual(self.delete({"ids": ["d1"]})["removed"], 1)
+        self.assertIn("delete-messages (1 id(s), tenant default): 1 deleted", self.logs.getvalue())
+        self.run_now(self.core)
+        entries = {e["id"]: e for e in self.upstream.entries()}
+        self.assertEqual(entries["d1"]["status"], "deleted")
+        self.assertEqual((entries["d1"]["sent_ts"], entries["d1"]["error_ts"],
+                          entries["d1"]["deferred_ts"]), (None, None, None))
+        self.assertEqual(entries["d2"]["status"], "sent")
+
+    def test_selectors_like_retry_and_hold(self):
+        self.add_account(self.core, self.smtp, id="other")
+        self.add(self.core, message("a1", account_id="acct"), message("a2", account_id="acct"),
+                 message("o1", account_id="other"), message("h1", account_id="acct"))
+        self.assertEqual(self.http.request("POST", "/commands/hold", {"ids": ["h1"]})[0], 200)
+        answer = self.delete({"account_id": "other"})
+        self.assertEqual((answer["removed"], answer["affected"]), (1, 1))
+        self.assertEqual(self.delete({"status": "held"})["affected"], 1)
+        self.assertIn("status held", self.logs.getvalue())
+        self.assertEqual(self.delete({})["removed"], 2)          # all not yet sent or failed
+        self.assertEqual(self.core.handle_command("status")["queue"]["pending"], 0)
+        self.assertEqual(self.http.request("POST", "/commands/delete-messages",
+                                           {"account_id": "nobody"})[1]["removed"], 0)
+
+    def test_a_selector_deletes_past_one_batch(self):
+        self.add(self.core, *[message("b%d" % i) for i in range(asyncmail.PURGE_BATCH + 7)])
+        self.assertEqual(self.delete({})["removed"], asyncmail.PURGE_BATCH + 7)
+
+    def _delete_on_the_wire(self, after_data):
+        """Delete m while the relay sits on its final reply, then let it give
+        ``after_data``; returns the delete's answer."""
+        self.smtp.script("DATA", "STALL:1.5:" + after_data)
+        self.add(self.core, message("m"))
+        runner = threading.Thread(target=self.core.handle_command, args=("run now",))
+        runner.start()
+        self.addCleanup(runner.join, WAIT)
+        wait_until(lambda: any(text.upper() == "DATA" for _, text in self.smtp.commands),
+                   message="the transaction on the wire")
+        answer = self.delete({"ids": ["m"]})
+        runner.join(WAIT)
+        return answer
+
+    def test_a_delete_wins_over_a_temporary_failure_on_the_wire(self):
+        # it used to be deferred and sent later
+        answer = self._delete_on_the_wire("451 4.3.0 try again later")
+        self.assertEqual((answer["removed"], answer["being_sent"]), (0, ["m"]))
+        self.assertFalse(self.core.handle_command("get message", {"id": "m"})["ok"])
+        self.clock.advance(3600)
+        self.run_now(self.core)
+        self.assertEqual(self.smtp.messages, [])
+        statuses = [e["status"] for e in self.upstream.entries() if e["id"] == "m"]
+        self.assertEqual(statuses[-1], "deleted")
+        self.assertNotIn("deferred", statuses)
+
+    def test_a_relay_that_accepted_wins_over_the_delete(self):
+        self._delete_on_the_wire("250 2.0.0 queued")
+        self.assertEqual(self.record(self.core, "m")["status"], "sent")
+        self.assertEqual(len(self.smtp.messages), 1)
