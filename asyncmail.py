@@ -4795,6 +4795,12 @@ class _Dispatcher(_Worker):
         if idle:
             self.wake()
 
+    def held_back(self, now):
+        """``{account key: until}`` of the accounts held back after a relay
+        failure or a full rate window, as of ``now``."""
+        with self._lock:
+            return {key: until for key, until in self._backoff.items() if until > now}
+
     def lift_backoff(self, account_id=None):
         """Forget the back-off of one account (or of all) after a relay
         failure or a full rate window, so the next cycle tries it again (an
@@ -6643,8 +6649,11 @@ class AsyncMailCore:
         if tenant == ALL_TENANTS:
             by_tenant = self.store.tenant_queue_counts()
             counts = self.store.queue_counts()
+            backlog = self.store.event_backlog()
             answer = {"ok": True, "active": self.controls.active, "version": __version__,
-                      "queue": {status: counts.get(status, 0) for status in STATUSES}}
+                      "queue": {status: counts.get(status, 0) for status in STATUSES},
+                      "accounts": self._account_states(tenant),
+                      "report_backlog": sum(backlog.values())}
             if len(by_tenant) > 1:
                 answer["tenants"] = {name: {status: by_tenant[name].get(status, 0)
                                             for status in STATUSES}
@@ -6653,7 +6662,9 @@ class AsyncMailCore:
         counts = self.store.queue_counts(tenant)
         return {"ok": True, "active": self.controls.active and self.controls.tenant_active(tenant),
                 "version": __version__, "tenant_id": tenant,
-                "queue": {status: counts.get(status, 0) for status in STATUSES}}
+                "queue": {status: counts.get(status, 0) for status in STATUSES},
+                "accounts": self._account_states(tenant),
+                "report_backlog": self.store.event_backlog().get(tenant, 0)}
 
     def _cmd_metrics(self, payload, tenant):
         return {"ok": True, "text": self.render_metrics()}
@@ -6910,8 +6921,34 @@ class AsyncMailCore:
                           ", ".join(new[:MAX_IGNORED_SHOWN]))
 
     def _cmd_list_accounts(self, payload, tenant):
+        """The accounts, each with its state: ``active`` (its own suspension
+        flag) and ``held_back_until`` (epoch, or None: the dispatcher's
+        back-off after a relay failure or a full rate window)."""
         accounts = self._tenant_accounts(tenant)
-        return {"ok": True, "accounts": [public_account(accounts[k]) for k in sorted(accounts)]}
+        held = self.dispatcher.held_back(self.now())
+        shown = []
+        for name in sorted(accounts):
+            account = public_account(accounts[name])
+            key = accounts[name]["id"]
+            account["active"] = self.controls.account_active(key)
+            account["held_back_until"] = held.get(key)
+            shown.append(account)
+        return {"ok": True, "accounts": shown}
+
+    def _account_states(self, tenant):
+        """For /status: the accounts suspended, and those held back (until)."""
+        now = self.now()
+        held = self.dispatcher.held_back(now)
+        suspended, backed_off = [], {}
+        for key in sorted(self.accounts()):
+            if tenant != ALL_TENANTS and _tenant_of(key) != tenant:
+                continue
+            shown = _name_of(key) if tenant != ALL_TENANTS else _shown_key(key)
+            if not self.controls.account_active(key):
+                suspended.append(shown)
+            if key in held:
+                backed_off[shown] = held[key]
+        return {"suspended": suspended, "held_back_until": backed_off}
 
     def _cmd_delete_account(self, payload, tenant):
         account_id = payload.get("id")
@@ -7166,11 +7203,17 @@ class AsyncMailCore:
 
     def render_metrics(self):
         """The Prometheus exposition: counters plus gauges read with index
-        seeks only (no table scan), so scraping stays cheap at any queue size."""
+        seeks only (no table scan), so scraping stays cheap at any queue size;
+        only the report backlog is counted, over its index, and it is as long
+        as the upstreams are behind."""
         by_tenant = self.store.tenant_queue_counts()
         counts = self.store.queue_counts()
+        backlog = self.store.event_backlog()
+        now = self.now()
+        accounts = sorted(self.accounts())
+        held = self.dispatcher.held_back(now)
         oldest = self.store.oldest_active_created_ts()
-        age = max(0.0, self.now() - oldest) if oldest is not None else 0.0
+        age = max(0.0, now - oldest) if oldest is not None else 0.0
         gauges = [
             ("asyncmail_pending_messages", "Messages not yet sent or failed.",
              sum(counts.get(s, 0) for s in ACTIVE_STATUSES)),
@@ -7184,6 +7227,17 @@ class AsyncMailCore:
             ("asyncmail_tenant_active", "1 when a tenant's dispatching is active, 0 when "
              "suspended.", {(("tenant", t),): 1 if self.controls.tenant_active(t) else 0
                             for t in sorted(by_tenant)}),
+            ("asyncmail_account_active", "1 when an account's own dispatching is active, 0 "
+             "when suspended.", {(("tenant", _tenant_of(k)), ("account_id", _name_of(k))):
+                                 1 if self.controls.account_active(k) else 0
+                                 for k in accounts}),
+            ("asyncmail_account_held_back_seconds", "Seconds until a held-back account "
+             "(relay failure, full rate window) is tried again; 0 when it is not.",
+             {(("tenant", _tenant_of(k)), ("account_id", _name_of(k))):
+              max(0.0, held.get(k, now) - now) for k in accounts}),
+            ("asyncmail_report_backlog", "Report events waiting for the upstream's "
+             "acknowledgement.", {(("tenant", t),): backlog.get(t, 0)
+                                  for t in sorted(set(by_tenant) | set(backlog))}),
             ("asyncmail_build_info", "Version of asyncmail.",
              {(("version", __version__),): 1}),
         ]

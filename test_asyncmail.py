@@ -832,7 +832,9 @@ class ApiTests(CoreCase):
         self.assertEqual(status, 200)
         self.assertEqual(body, {"ok": True, "active": True, "version": asyncmail.__version__,
                                 "queue": {"pending": 0, "deferred": 0, "held": 0,
-                                          "sending": 0, "sent": 0, "error": 0}})
+                                          "sending": 0, "sent": 0, "error": 0},
+                                "accounts": {"suspended": [], "held_back_until": {}},
+                                "report_backlog": 0})
 
     def test_get_with_a_body_keeps_keep_alive_in_sync(self):
         for path in ("/metrics", "/status", "/messages"):
@@ -7948,3 +7950,41 @@ class DeleteTests(ReportingCase):
         self._delete_on_the_wire("250 2.0.0 queued")
         self.assertEqual(self.record(self.core, "m")["status"], "sent")
         self.assertEqual(len(self.smtp.messages), 1)
+
+
+class AccountStateTests(CoreCase):
+    """An account's suspension and back-off, and the report backlog, are
+    visible in /accounts, /status and /metrics (they were not)."""
+
+    def test_suspension_back_off_and_backlog_are_shown(self):
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        upstream.answers = [(500, "down")]
+        core = self.make_core({"client": {"client_sync_url": upstream.url}})
+        http = self.client(core)
+        smtp = self.smtp_server()
+        self.add_account(core, smtp, id="quiet")
+        self.add_account(core, None, id="down", port=free_port())   # nothing listens
+        self.assertEqual(http.request("POST", "/commands/suspend", {"account_id": "quiet"})[0],
+                         200)
+        self.add(core, message("m1", account_id="down"))
+        self.run_now(core)                  # a refused connection holds "down" back
+        accounts = {a["id"]: a for a in http.request("GET", "/accounts")[1]["accounts"]}
+        self.assertEqual((accounts["quiet"]["active"], accounts["quiet"]["held_back_until"]),
+                         (False, None))
+        self.assertTrue(accounts["down"]["active"])
+        self.assertGreater(accounts["down"]["held_back_until"], self.clock())
+        status = http.request("GET", "/status")[1]
+        self.assertEqual(status["accounts"]["suspended"], ["quiet"])
+        self.assertEqual(list(status["accounts"]["held_back_until"]), ["down"])
+        self.assertEqual(status["report_backlog"], 1)          # the deferral, not acked
+        families = parse_exposition(core.render_metrics())
+        active = families["asyncmail_account_active"]["samples"]
+        self.assertEqual(active[("asyncmail_account_active", (("tenant", "default"),
+                                                             ("account_id", "quiet")))], 0)
+        held = families["asyncmail_account_held_back_seconds"]["samples"]
+        self.assertEqual(held[("asyncmail_account_held_back_seconds",
+                               (("tenant", "default"), ("account_id", "down")))],
+                         accounts["down"]["held_back_until"] - self.clock())
+        backlog = families["asyncmail_report_backlog"]["samples"]
+        self.assertEqual(backlog[("asyncmail_report_backlog", (("tenant", "default"),))], 1)
