@@ -538,8 +538,8 @@ SQL_HAS_PENDING = (
     "SELECT 1 FROM messages WHERE status = 'pending' AND account_id = ?"
     " AND priority <= ?{held} LIMIT 1")
 SQL_CLAIM_SELECT = (
-    "SELECT pk, id, account_id, priority, retry_count, payload FROM messages"
-    " WHERE status = 'pending' AND account_id = ? AND priority <= ?{held}"
+    "SELECT pk, id, account_id, priority, retry_count, payload, recipients, created_ts"
+    " FROM messages WHERE status = 'pending' AND account_id = ? AND priority <= ?{held}"
     " ORDER BY priority, pk LIMIT ?")
 # campaigns on hold (suspend with batch_code) are skipped by the claim
 SQL_CLAIM_HELD_BATCHES = " AND (batch_code IS NULL OR batch_code NOT IN ({marks}))"
@@ -1266,6 +1266,7 @@ CONFIG_SCHEMA = {
     ("bounces", "suppress_days"): (_conf_duration(allow_zero=True), "30"),
     ("logging", "level"): (_conf_level, "INFO"),
     ("logging", "delivery_activity"): (_parse_bool, "false"),
+    ("logging", "format"): (_conf_choice("text", "json"), "text"),
 }
 
 _S3_ENV_FALLBACK = {
@@ -1437,9 +1438,12 @@ class MessageKey(collections.namedtuple("MessageKey", "pk ref account_id priorit
     __slots__ = ()
 
 
-class Claim(collections.namedtuple("Claim", MessageKey._fields + ("retry_count", "payload"))):
+class Claim(collections.namedtuple(
+        "Claim", MessageKey._fields + ("retry_count", "payload", "recipients", "created_ts"))):
     """A message claimed for delivery (status ``sending``): its key fields,
-    ``retry_count`` so far and ``payload``, the normalised message as JSON."""
+    ``retry_count`` so far, ``payload`` (the normalised message as JSON), and
+    for the delivery log its ``recipients`` (the To addresses as JSON) and
+    ``created_ts``."""
 
     __slots__ = ()
 
@@ -4196,6 +4200,22 @@ IMAP_TIMEOUT = 30.0      # seconds for each IMAP socket operation of the bounce 
 RATE_LIMIT_ERROR = "rate limit exceeded"   # the error of limit_behavior = reject
 
 
+MAX_LOGGED_RECIPIENTS = 5   # a delivery log line names the first few To addresses
+MAX_LOGGED_REPLY = 200      # and the reply, on one line, cut to this
+_ENHANCED_STATUS = re.compile(r"(?<![0-9.])[245]\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9.])")
+
+
+def _dsn(status, code, text):
+    """The delivery status code of a log line (RFC 3463): the reply's own
+    enhanced code, else one from the outcome (2.0.0, 4.0.0, 5.0.0)."""
+    found = _ENHANCED_STATUS.search(text[:MAX_LOGGED_REPLY]) if text else None
+    if found:
+        return found.group(0)
+    if code and 200 <= code < 600:
+        return "%d.0.0" % (code // 100)
+    return {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
+
+
 def _reply_text(code, reply):
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
@@ -4952,6 +4972,9 @@ class _Dispatcher(_Worker):
             return bool(claims)
         self.store.record_outcomes([Outcome.deferred(c, now, free_at, "rate limit")
                                     for c in claims])
+        for claim in claims:
+            self._log_outcome(claim, "deferred", now, "rate limit of account %s"
+                              % _shown_key(account_id), until=free_at)
         self.metrics.inc("asyncmail_deferred_total", account_id, len(claims))
         with self._lock:
             self._backoff[account_id] = free_at
@@ -5002,12 +5025,32 @@ class _Dispatcher(_Worker):
         self.rate.record(claim.account_id, now)
         self.metrics.inc("asyncmail_sent_total", claim.account_id)
         refused = dict(reply.refused, **suppressed)
-        if self.activity:
-            self.log.info("sent %s via account %s%s", _shown_key(claim.ref),
-                          _shown_key(claim.account_id),
-                          " (refused: %s)" % ", ".join(sorted(refused)) if refused else "")
         attempt = Attempt(now, duration, relay.where, reply.code, reply.text, refused)
+        self._log_outcome(claim, "sent", now, reply.text, attempt, refused=refused)
         return Outcome.sent(claim, now, refused, attempt)
+
+    def _log_outcome(self, claim, status, now, text, attempt=None, until=None, refused=None):
+        """The one line every outcome gets, Postfix's way (``id= to= relay=
+        delay= dsn= status= (reply)``): sent and deferred at INFO, failed
+        for good at WARNING."""
+        try:
+            to = json.loads(claim.recipients or "[]")
+        except ValueError:
+            to = []
+        shown = ",".join("<%s>" % _parse_address(a)[1] if "<" in a else "<%s>" % a
+                         for a in to[:MAX_LOGGED_RECIPIENTS])
+        if len(to) > MAX_LOGGED_RECIPIENTS:
+            shown += ",+%d" % (len(to) - MAX_LOGGED_RECIPIENTS)
+        text = " ".join(str(text).split())[:MAX_LOGGED_REPLY]
+        delay = now - claim.created_ts if claim.created_ts is not None else 0.0
+        self.log.log(logging.WARNING if status == "error" else logging.INFO,
+                     "id=%s to=%s relay=%s delay=%s dsn=%s status=%s (%s)%s%s",
+                     _shown_key(claim.ref), shown or "<>",
+                     attempt.relay if attempt is not None else "none",
+                     "%.2f" % delay if delay < 10 else "%d" % delay,
+                     _dsn(status, attempt.code if attempt else None, text), status, text,
+                     " until %s" % _iso(until) if until is not None else "",
+                     " refused=%s" % ",".join(sorted(refused)) if refused else "")
 
     def _drop_suppressed(self, tenant, payload):
         """Take the recipients ``tenant`` suppressed out of to, cc and bcc
@@ -5057,17 +5100,13 @@ class _Dispatcher(_Worker):
                               attempt)
         until = now + self._delay(retries)
         self.metrics.inc("asyncmail_deferred_total", claim.account_id)
-        if self.activity:
-            self.log.info("deferred %s via account %s until %s: %s", _shown_key(claim.ref),
-                          _shown_key(claim.account_id), _iso(until), error)
+        self._log_outcome(claim, "deferred", now, error, attempt, until=until)
         return Outcome.deferred(claim, now, until, "temporary failure", error, retries + 1,
                                 attempt)
 
     def _fail(self, claim, now, error, attempt=None):
         self.metrics.inc("asyncmail_errors_total", claim.account_id)
-        if self.activity:
-            self.log.info("failed %s via account %s: %s", _shown_key(claim.ref),
-                          _shown_key(claim.account_id), error)
+        self._log_outcome(claim, "error", now, error, attempt)
         return Outcome.failed(claim, now, error, attempt)
 
     def shutdown(self):
@@ -5792,6 +5831,8 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
     max_connections = MAX_CONNECTIONS
     idle_timeout = REQUEST_IDLE_TIMEOUT
     body_deadline = REQUEST_BODY_DEADLINE
+    # refused tokens are logged at once, then at most one summary line this often
+    unauthorized_log_every = 60.0
 
     def __init__(self, address, core, api_token, max_request_bytes, metrics, log):
         if ":" in address[0]:
@@ -5805,7 +5846,23 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
         self._deadlines_lock = threading.Lock()
         self.large_requests = threading.BoundedSemaphore(LARGE_BODY_CONCURRENCY)
         self._last_reap = time.monotonic()
+        self._unauthorized = 0
+        self._unauthorized_logged = -math.inf
         HTTPServer.__init__(self, address, _ApiHandler)
+
+    def note_unauthorized(self, client):
+        """Count a request refused for its token (a 401; the code-labelled
+        request counter has it too) and log it, at most one line per
+        ``unauthorized_log_every`` seconds, however many come."""
+        with self._deadlines_lock:
+            self._unauthorized += 1
+            now = time.monotonic()
+            if now - self._unauthorized_logged < self.unauthorized_log_every:
+                return
+            count, self._unauthorized, self._unauthorized_logged = self._unauthorized, 0, now
+        self.log.warning("refused %d request(s) with a missing or wrong API token (the last "
+                         "from %s); next report in %ds at most", count, client,
+                         self.unauthorized_log_every)
 
     def process_request(self, request, client_address):
         with self._deadlines_lock:
@@ -6188,6 +6245,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         self._refuse_browser_requests(parts)
         caller = self._caller()
         if caller is None:
+            self.server.note_unauthorized(self.client_address[0])
             self._refuse(401, "Invalid or missing API token")
         matches = _match_route(segments)
         if not matches:
@@ -7383,7 +7441,10 @@ def _setup_logging(config, stream=None):
     """Log to stderr; under systemd (JOURNAL_STREAM set) without timestamps
     and with ``<N>`` syslog priority prefixes that journald understands."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    if config.logging.format == "json":
+        handler.setFormatter(_JsonFormatter(journal))
+    elif journal:
         handler.setFormatter(_JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter(
@@ -7403,6 +7464,27 @@ class _JournalFormatter(logging.Formatter):
         text = super().format(record)
         prefix = "<%d>" % self.PRIORITIES.get(record.levelno, 6)
         return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+class _JsonFormatter(logging.Formatter):
+    """``[logging] format = json``: one JSON object a line (ts, level,
+    logger, message, and the traceback as ``exc``), for log shippers; under
+    systemd with journald's ``<N>`` priority prefix."""
+
+    def __init__(self, journal=False):
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record):
+        entry = {"ts": _iso(record.created)[:-1] + ".%03dZ" % record.msecs,
+                 "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        text = json.dumps(entry, ensure_ascii=False)
+        if self.journal:
+            text = "<%d>%s" % (_JournalFormatter.PRIORITIES.get(record.levelno, 6), text)
+        return text
 
 
 def _sd_notify(message, environ=None):

@@ -3147,7 +3147,8 @@ class OperationsTests(CoreCase):
         self.add(core, message("ok2", account_id="acct"))
         self.run_now(core)
         text = stream.getvalue()
-        self.assertIn("sent ok via account acct", text)
+        self.assertRegex(text, r"id=ok to=<[^>]+> relay=127\.0\.0\.1:\d+ delay=\S+ "
+                               r"dsn=2\.0\.0 status=sent \(250 ")
         self.assertIn("authentication failed", text)
         self.assertIn("delivery report", text)
         self.assertNotIn("SECRET", text)
@@ -3511,12 +3512,13 @@ class HardeningTests(CoreCase):
         self.assertEqual(sorted(str(parse_mail(m["data"])["Subject"]) for m in smtp.messages),
                          ["subject held", "subject later2"])
         # "held" was on the wire: not removed, and its outcome is reported
-        self.assertEqual(answer, {"ok": True, "removed": 1, "not_found": [],
+        self.assertEqual(answer, {"ok": True, "removed": 1, "affected": 1, "not_found": [],
                                   "being_sent": ["held"]})
         self.assertFalse(core.handle_command("get message", {"id": "later1"})["ok"])
         self.assertEqual(self.record(core, "held")["status"], "sent")
         reports = [(e["id"], e["status"]) for e in upstream.entries()]
-        self.assertEqual(sorted(reports), [("held", "sent"), ("later2", "sent")])
+        self.assertEqual(sorted(reports), [("held", "sent"), ("later1", "deleted"),
+                                           ("later2", "sent")])
         self.assertEqual(core.handle_command("status")["queue"]["sending"], 0)
 
     def test_a_forced_account_delete_during_a_send_sends_nothing_more(self):
@@ -7988,3 +7990,74 @@ class AccountStateTests(CoreCase):
                          accounts["down"]["held_back_until"] - self.clock())
         backlog = families["asyncmail_report_backlog"]["samples"]
         self.assertEqual(backlog[("asyncmail_report_backlog", (("tenant", "default"),))], 1)
+
+
+class DeliveryLogTests(CoreCase):
+    """One Postfix-style line per delivery outcome, by default: sent and
+    deferred at INFO, failed for good at WARNING."""
+
+    def test_one_line_per_outcome_with_id_to_relay_delay_dsn_status(self):
+        smtp = self.smtp_server()
+        core = self.make_core({"delivery": {"retry_delays": "60"}})
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.INFO)
+        self.addCleanup(core.log.removeHandler, handler)
+        self.add_account(core, smtp)
+        smtp.script("DATA", "250 2.0.0 Ok: queued as ABC", "451 4.3.0 try later",
+                    "550 5.1.1 no such user")
+        self.add(core, message("s1", to=["Ann <ann@example.org>", "bob@example.org"]),
+                 message("d1"), message("e1"))
+        self.clock.advance(3)
+        self.run_now(core)
+        lines = stream.getvalue().splitlines()
+        relay = "127.0.0.1:%d" % smtp.port
+        self.assertIn("INFO id=s1 to=<ann@example.org>,<bob@example.org> relay=%s delay=3.00 "
+                      "dsn=2.0.0 status=sent (250 2.0.0 Ok: queued as ABC)" % relay, lines)
+        deferred = [l for l in lines if l.startswith("INFO id=d1 ")]
+        self.assertEqual(len(deferred), 1, lines)
+        self.assertIn("dsn=4.3.0 status=deferred (", deferred[0])
+        self.assertIn(" until ", deferred[0])
+        failed = [l for l in lines if "id=e1 " in l]
+        self.assertEqual(len(failed), 1, lines)
+        self.assertTrue(failed[0].startswith("WARNING id=e1 "), failed)
+        self.assertIn("dsn=5.1.1 status=error (", failed[0])
+
+    def test_refused_tokens_are_counted_and_logged_rate_limited(self):
+        core = self.make_core({"server": {"api_token": "right"}})
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.INFO)
+        self.addCleanup(core.log.removeHandler, handler)
+        wrong = self.client(core, "wrong")
+        for _ in range(5):
+            self.assertEqual(wrong.request("GET", "/status")[0], 401)
+        self.assertEqual(stream.getvalue().count("missing or wrong API token"), 1,
+                         stream.getvalue())
+        core._http._unauthorized_logged -= 61          # the window has passed
+        wrong.request("GET", "/status")
+        self.assertIn("refused 5 request(s)", stream.getvalue())
+        families = parse_exposition(self.client(core, "right").request(
+            "GET", "/metrics", raw=True)[1].decode())
+        codes = families["asyncmail_http_requests_total"]["samples"]
+        self.assertEqual(codes[("asyncmail_http_requests_total", (("code", "401"),))], 6)
+
+    def test_json_log_lines(self):
+        config = asyncmail.Config({"logging": {"format": "json"}})
+        stream = io.StringIO()
+        log = asyncmail._setup_logging(config, stream)
+        self.addCleanup(log.handlers.clear)
+        log.warning("id=%s status=%s", "m1", "error")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        first, second = [json.loads(line) for line in stream.getvalue().splitlines()
+                         if line.startswith("{")]
+        self.assertEqual((first["level"], first["logger"], first["message"]),
+                         ("WARNING", "asyncmail", "id=m1 status=error"))
+        self.assertRegex(first["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertIn("ValueError: boom", second["exc"])
