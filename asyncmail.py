@@ -7523,8 +7523,9 @@ def _parse_args(argv):
                     "127.0.0.1:8000. With a command it talks to the running daemon "
                     "through its API (address and token from the same configuration)."
                     % __version__,
-        epilog="exit codes: 0 success, 1 the API refused (its message is printed), "
-               "69 the daemon does not answer, 78 configuration error")
+        epilog="exit codes: 0 success, 1 the API refused (its message is printed) or an "
+               "ID was not found, 69 the daemon does not answer, 75 another asyncmail "
+               "holds the database, 78 configuration error")
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $ASYNC_MAIL_CONFIG, "
                              "else ./config.ini if it exists)")
@@ -7556,6 +7557,9 @@ def _parse_args(argv):
                                  help="also messages waiting for their own deferred_ts")
     for command in commands.choices.values():
         command.add_argument("--json", action="store_true", help="print the API's JSON")
+        # options may follow the command too ("status --config X")
+        command.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                             help="configuration file (as before the command)")
         command.add_argument("--tenant", metavar="ID",
                              help="act in this tenant (default: the default tenant; "
                                   "'*': every tenant, for queue, status and the "
@@ -7628,11 +7632,29 @@ def _age(seconds):
     return "%ds" % max(0, seconds)
 
 
+_QUEUE_ROW = "%-28s %-8s %5s %-14s %-8s %-30s %s"
+
+
+def _next_attempt(record, now):
+    """When a deferred message is tried next: "in 5m", "due"; "-" otherwise."""
+    if record["status"] != "deferred" or record.get("deferred_ts") is None:
+        return "-"
+    left = record["deferred_ts"] - now
+    return "in " + _age(left) if left > 0 else "due"
+
+
 def _cli_queue(api, args, now, out):
     query = {"status": args.status or ",".join(ACTIVE_STATUSES), "limit": 1000}
     if args.account:
+        known = [a["id"] for a in api.call("GET", "/accounts")["accounts"]]
+        if args.account not in known:
+            raise _CliError("no account %s (accounts: %s)" % (
+                args.account, ", ".join(known[:20]) or "none"), 1)
         query["account_id"] = args.account
-    shown, counts, rows = 0, {}, []
+    shown, counts, rows, more = 0, {}, [], False
+    if not args.json:
+        print(_QUEUE_ROW % ("ID", "STATUS", "AGE", "ACCOUNT", "NEXT", "TO", "LAST ERROR"),
+              file=out)
     while args.limit is None or shown < args.limit:
         if args.limit is not None:
             query["limit"] = min(1000, args.limit - shown)
@@ -7646,19 +7668,22 @@ def _cli_queue(api, args, now, out):
                 shown_id = record["id"]
                 if record.get("tenant_id") not in (None, DEFAULT_TENANT, api.tenant):
                     shown_id = "%s/%s" % (record["tenant_id"], shown_id)
-                print("%-28s %-8s %5s %-14s %-30s %s" % (
+                print(_QUEUE_ROW % (
                     shown_id[:28], record["status"], _age(now - record["created_ts"]),
-                    record["account_id"][:14], to[:30],
-                    (record["error"] or "")[:60].replace("\n", " ")), file=out)
-        if not answer.get("next"):
+                    record["account_id"][:14], _next_attempt(record, now), to[:30],
+                    " ".join((record["error"] or "").split())[:60]), file=out)
+        more = bool(answer.get("next"))
+        if not more:
             break
         query["after"] = answer["next"]
     if args.json:
-        print(json.dumps({"ok": True, "messages": rows}, indent=1), file=out)
+        print(json.dumps({"ok": True, "messages": rows, "more": more}, indent=1), file=out)
     else:
         summary = ", ".join("%d %s" % (n, status) for status, n in sorted(counts.items()))
-        print("-- %d message%s%s" % (shown, "" if shown == 1 else "s",
-                                     " (%s)" % summary if summary else ""), file=out)
+        print("-- %d message%s%s%s" % (shown, "" if shown == 1 else "s",
+                                       " (%s)" % summary if summary else "",
+                                       "; more exist (raise --limit)" if more else ""),
+              file=out)
 
 
 def _cli_selector(args):
@@ -7720,10 +7745,12 @@ def _cli(config, args, out=None):
                 print(json.dumps(answer, indent=1), file=out)
                 return 0
             for key in ("id", "tenant_id", "account_id", "batch_code", "status", "priority",
-                        "subject", "to", "created_at",
-                        "updated_at", "deferred_ts", "sent_ts", "error_ts", "retry_count",
-                        "error", "refused"):
-                print("%-12s %s" % (key + ":", record.get(key)), file=out)
+                        "subject", "to", "created_at", "updated_at", "deferred_ts", "sent_ts",
+                        "error_ts", "reported_ts", "retry_count", "error", "refused"):
+                value = record.get(key)
+                if key.endswith("_ts") and value is not None:
+                    value = "%s (%s)" % (_iso(value), value)
+                print("%-12s %s" % (key + ":", value), file=out)
             print("attempts:", file=out)
             for attempt in record["attempts"]:
                 print("  %s %6.2fs %-24s %-8s %s %s" % (
@@ -7747,7 +7774,10 @@ def _cli(config, args, out=None):
             for message_id in answer.get("skipped", []):
                 print("  not in a status %s applies to: %s" % (args.command, message_id),
                       file=out)
-        return 0
+            for message_id in answer.get("being_sent", []):
+                print("  on the wire, deleted when its transaction ends unless sent: %s"
+                      % message_id, file=out)
+        return 1 if answer.get("not_found") else 0
     except _CliError as exc:
         print("asyncmail: %s" % exc, file=sys.stderr)
         return exc.code

@@ -4984,15 +4984,16 @@ class CommandLineControlTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.port = None
 
-    def cli(self, *args, env=None):
-        """The CLI with the daemon's config file; the daemon listens on a
-        port it chose, which the environment tells the CLI."""
+    def cli(self, *args, env=None, config_first=True):
+        """The CLI with the daemon's config file (named before the command
+        unless not ``config_first``); the daemon listens on a port it chose,
+        which the environment tells the CLI."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")}
         environ["ASYNC_MAIL_SERVER_PORT"] = str(self.port)
         environ.update(env or {})
+        first = ["--config", os.path.join(self.dir, "config.ini")] if config_first else []
         done = subprocess.run(
-            [sys.executable, os.path.join(HERE, "asyncmail.py"), "--config",
-             os.path.join(self.dir, "config.ini")] + list(args),
+            [sys.executable, os.path.join(HERE, "asyncmail.py")] + first + list(args),
             capture_output=True, text=True, env=environ, timeout=WAIT, cwd=self.dir)
         return done.returncode, done.stdout, done.stderr
 
@@ -5003,15 +5004,29 @@ class CommandLineControlTests(unittest.TestCase):
         client.token = "cli-token"
         client.request("POST", "/account", {"id": "a", "host": "127.0.0.1", "port": 9})
         client.request("POST", "/commands/add-messages", {"messages": [
-            message("c1", to=["first@example.org", "second@example.org"]), message("c2"),
-            message("c3")]})
+            message("c1", to=["first@example.org", "second@example.org"]),
+            message("c2", deferred_ts=time.time() + 7200), message("c3")]})
         code, out, err = self.cli("queue")
         self.assertEqual(code, 0, err)
-        self.assertRegex(out, r"c1\s+pending\s+\S+\s+a\s+first@example.org")
-        self.assertIn("-- 3 messages (3 pending)", out)
-        code, out, _ = self.cli("hold", "c1", "c9")
-        self.assertEqual((code, out.splitlines()[0]), (0, "hold: 1 message"))
+        self.assertRegex(out.splitlines()[0], r"^ID\s+STATUS\s+AGE\s+ACCOUNT\s+NEXT\s+TO\s+")
+        self.assertRegex(out, r"c1\s+pending\s+\S+\s+a\s+-\s+first@example.org")
+        self.assertRegex(out, r"c2\s+deferred\s+\S+\s+a\s+in 1h\s")
+        self.assertIn("-- 3 messages (1 deferred, 2 pending)", out)
+        code, out, _ = self.cli("queue", "--limit", "2")
+        self.assertIn("-- 2 messages (1 deferred, 1 pending); more exist (raise --limit)", out)
+        code, out, _ = self.cli("show", "c2")
+        self.assertRegex(out, r"deferred_ts: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(")
+        code, _, err = self.cli("queue", "--account", "nope")
+        self.assertEqual(code, 1)
+        self.assertIn("no account nope (accounts: a)", err)
+        code, out, _ = self.cli("hold", "c1", "c9")          # not found: exit 1
+        self.assertEqual((code, out.splitlines()[0]), (1, "hold: 1 message"))
         self.assertIn("not found: c9", out)
+        # options after the command, as admins type them
+        code, out, err = self.cli("status", "--config", os.path.join(self.dir, "config.ini"),
+                                  config_first=False)
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"held\s+1\n")
         code, out, _ = self.cli("status", "--json")
         self.assertEqual(json.loads(out)["queue"]["held"], 1)
         daemon.kill(signal.SIGKILL)                       # held survives kill -9
@@ -5026,7 +5041,7 @@ class CommandLineControlTests(unittest.TestCase):
         self.assertIn("attempts:", out)
         self.assertEqual(self.cli("release", "--all")[1], "release: 1 message\n")
         self.assertEqual(self.cli("delete", "--account", "a")[1], "delete: 3 messages\n")
-        self.assertEqual(self.cli("queue")[1], "-- 0 messages\n")
+        self.assertEqual(self.cli("queue")[1].splitlines()[1:], ["-- 0 messages"])
         code, _, err = self.cli("show", "c1")
         self.assertEqual(code, 1)
         self.assertIn("unknown message", err)
