@@ -29,8 +29,9 @@ Requests without a tenant, and the ``[client]`` section, are the default
 tenant, whose API is the single-tenant one unchanged.
 
 Exit codes: 0 on a clean stop (SIGTERM/SIGINT), 1 on an unexpected error
-(the CLI: the API refused), 69 (EX_UNAVAILABLE: the CLI found no daemon), 78
-(EX_CONFIG) on a configuration error.
+(the CLI: the API refused), 69 (EX_UNAVAILABLE: the CLI found no daemon), 75
+(EX_TEMPFAIL: another asyncmail holds the database), 78 (EX_CONFIG) on a
+configuration error (a db_path whose directory does not exist included).
 
 Standard library only; CPython 3.8 or newer. ``certifi`` is used for the CA
 bundle when importable.
@@ -61,6 +62,7 @@ import contextlib
 import datetime
 import email.errors
 import email.utils
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -97,6 +99,7 @@ except ImportError:  # pragma: no cover - exercised on 3.8 only
 
 EX_CONFIG = 78          # sysexits.h: configuration error
 EX_UNAVAILABLE = 69     # sysexits.h: the CLI found no daemon answering
+EX_TEMPFAIL = 75        # sysexits.h: another asyncmail holds the database
 MAX_BATCH_MESSAGES = 1000   # SPEC: larger add-messages batches are refused
 MAX_DELETE_IDS = 10000      # bounds one delete-messages transaction
 MAX_ID_CHARS = 256
@@ -132,7 +135,8 @@ ACTIVE_STATUSES = ("pending", "deferred", "held", "sending")
 FINISHED_STATUSES = ("sent", "error")
 # operator commands (SPEC 7) and the statuses each applies to
 COMMAND_STATUSES = {"retry": ("deferred",), "requeue": ("error",),
-                    "hold": ("pending", "deferred"), "release": ("held",)}
+                    "hold": ("pending", "deferred"), "release": ("held",),
+                    "delete": STATUSES}
 ATTEMPTS_KEPT = 20      # per message, besides its first attempt
 PURGE_BATCH = 500       # finished messages deleted per transaction by the retention purge
 DAY = 86400.0           # the longest rate window, and how long the send log is kept
@@ -141,6 +145,7 @@ RUN_NOW_SLACK = 10.0    # seconds a test-mode run-now allows the store beyond ne
 _CLAIMED = "claimed"          # its SMTP transaction has not begun: a delete stops it
 _ON_WIRE = "on the wire"      # its transaction has begun: it ends as the relay says
 _WITHDRAWN = "withdrawn"      # deleted or failed since its claim: never to be sent
+_DOOMED = "deleted on the wire"   # deleted during its transaction: gone unless sent
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 # Tenants (one daemon for many Genropy sites).  Requests without a tenant,
 # and the [client] section, are the default tenant.
@@ -361,7 +366,17 @@ SQL_DELETE_TENANT_SENDS = "DELETE FROM send_log WHERE account_id >= ? AND accoun
 SQL_DELETE_TENANT_SUPPRESSIONS = "DELETE FROM suppressions WHERE address >= ? AND address < ?"
 SQL_DELETE_TENANT_COUNTS = "DELETE FROM tenant_counts WHERE tenant = ?"
 SQL_EXISTING_IDS = "SELECT id FROM messages WHERE id IN ({marks})"
-SQL_EXISTING_KEYS = "SELECT pk, id FROM messages WHERE id IN ({marks})"
+SQL_DELETE_KEYS = (
+    "SELECT pk, id, account_id, priority FROM messages WHERE id IN ({marks})")
+# delete-messages by selector: one status at a time, in (created_ts, pk)
+# order from messages_tenant / messages_account / messages_age, a batch per
+# transaction so that intake never waits long
+SQL_DELETE_SELECTED = (
+    "SELECT pk, id, account_id, priority, created_ts FROM messages WHERE status = ?{where}"
+    " AND (created_ts, pk) > (?, ?) ORDER BY created_ts, pk LIMIT ?")
+SQL_INSERT_DELETED_EVENT = (
+    "INSERT INTO events (message_pk, message_id, account_id, priority, kind, tenant)"
+    " VALUES (?, ?, ?, ?, 'deleted', ?)")
 SQL_RECORD_COLUMNS = (
     "id, account_id, priority, status, created_ts, deferred_ts, sent_ts,"
     " error_ts, error, retry_count, reported_ts, subject, recipients, refused,"
@@ -463,10 +478,6 @@ SQL_HOLD = (
 SQL_RELEASE_HELD = (
     "UPDATE messages SET status = CASE WHEN deferred_ts > ? THEN 'deferred'"
     " ELSE 'pending' END, updated_ts = ? WHERE status = 'held' AND {where}")
-SQL_DELETE_MESSAGE_EVENTS = (
-    "DELETE FROM events WHERE message_pk IN"
-    " (SELECT pk FROM messages WHERE id IN ({marks}))")
-SQL_DELETE_MESSAGES = "DELETE FROM messages WHERE id IN ({marks})"
 SQL_QUEUE_COUNTS = "SELECT tenant, status, n FROM tenant_counts"
 SQL_OLDEST_ACTIVE = (
     "SELECT MIN(created_ts) FROM messages WHERE status = ?")
@@ -527,8 +538,8 @@ SQL_HAS_PENDING = (
     "SELECT 1 FROM messages WHERE status = 'pending' AND account_id = ?"
     " AND priority <= ?{held} LIMIT 1")
 SQL_CLAIM_SELECT = (
-    "SELECT pk, id, account_id, priority, retry_count, payload FROM messages"
-    " WHERE status = 'pending' AND account_id = ? AND priority <= ?{held}"
+    "SELECT pk, id, account_id, priority, retry_count, payload, recipients, created_ts"
+    " FROM messages WHERE status = 'pending' AND account_id = ? AND priority <= ?{held}"
     " ORDER BY priority, pk LIMIT ?")
 # campaigns on hold (suspend with batch_code) are skipped by the claim
 SQL_CLAIM_HELD_BATCHES = " AND (batch_code IS NULL OR batch_code NOT IN ({marks}))"
@@ -559,6 +570,15 @@ class ConfigError(AsyncmailError):
 
 class StoreError(AsyncmailError):
     """The SQLite store failed (disk full, locked past the busy timeout...)."""
+
+
+class AlreadyRunningError(StoreError):
+    """Another process holds the database's lock file (``pid``: the one it
+    wrote there, or None)."""
+
+    def __init__(self, message, pid=None):
+        super().__init__(message)
+        self.pid = pid
 
 
 class ApiError(AsyncmailError):
@@ -1246,6 +1266,7 @@ CONFIG_SCHEMA = {
     ("bounces", "suppress_days"): (_conf_duration(allow_zero=True), "30"),
     ("logging", "level"): (_conf_level, "INFO"),
     ("logging", "delivery_activity"): (_parse_bool, "false"),
+    ("logging", "format"): (_conf_choice("text", "json"), "text"),
 }
 
 _S3_ENV_FALLBACK = {
@@ -1275,7 +1296,10 @@ class Config:
     ``section.key`` for unknown keys and bad values.
     """
 
-    def __init__(self, overrides=None, state_directory=None):
+    def __init__(self, overrides=None, state_directory=None, sources=()):
+        """``sources`` says where the overrides came from (for
+        ``--check-config``): lines such as ``file /etc/asyncmail/config.ini``."""
+        self.sources = tuple(sources)
         raw = {key: default for key, (_, default) in CONFIG_SCHEMA.items()}
         for section, values in (overrides or {}).items():
             if not isinstance(values, dict):
@@ -1338,8 +1362,9 @@ def load_config(path=None, environ=None):
     environ = os.environ if environ is None else environ
     named = path or environ.get("ASYNC_MAIL_CONFIG")
     path = named or "config.ini"
-    overrides = {}
+    overrides, sources = {}, []
     if os.path.exists(path):
+        sources.append("file %s" % os.path.abspath(path))
         parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
         parser.optionxform = str
         try:
@@ -1355,9 +1380,19 @@ def load_config(path=None, environ=None):
                 if (section, key) not in CONFIG_SCHEMA:
                     raise ConfigError("unknown setting in %s" % path,
                                       key="%s.%s" % (section, key))
+                if _INLINE_COMMENT.search(value):
+                    # configparser keeps "x ; note" as the value: refuse it rather
+                    # than cut a secret that holds " ;" or " #" without a word
+                    raise ConfigError(
+                        "in %s the value holds an inline comment (%r): put comments on "
+                        "lines of their own (a value with ' ;' or ' #' in it can come "
+                        "from the environment or a credential)"
+                        % (path, _mask(key, value)), key="%s.%s" % (section, key))
                 overrides.setdefault(section, {})[key] = value
     elif named:
         raise ConfigError("configuration file %s does not exist" % path)
+    else:
+        sources.append("no file (%s does not exist: defaults)" % os.path.abspath(path))
     credentials = environ.get("CREDENTIALS_DIRECTORY")
     if credentials and os.path.isdir(credentials):
         # systemd LoadCredential=section.key:/path: secrets outside config.ini
@@ -1369,6 +1404,7 @@ def load_config(path=None, environ=None):
                         overrides.setdefault(section, {})[key] = handle.read().rstrip("\r\n")
                 except (OSError, UnicodeDecodeError) as exc:
                     raise ConfigError("cannot read credential %s: %s" % (name, exc), key=name)
+                sources.append("credential %s (%s)" % (name, credentials))
     env_names = {"ASYNC_MAIL_%s_%s" % (s.upper(), k.upper()): (s, k) for s, k in CONFIG_SCHEMA}
     for name, value in environ.items():
         if not name.startswith("ASYNC_MAIL_") or name == "ASYNC_MAIL_CONFIG":
@@ -1377,10 +1413,17 @@ def load_config(path=None, environ=None):
             raise ConfigError("unknown environment variable %s" % name, key=name)
         section, key = env_names[name]
         overrides.setdefault(section, {})[key] = value
+        sources.append("environment %s" % name)
     for key, variable in _S3_ENV_FALLBACK.items():
         if key not in overrides.get("s3", {}) and environ.get(variable):
             overrides.setdefault("s3", {})[key] = environ[variable]
-    return Config(overrides, state_directory=environ.get("STATE_DIRECTORY"))
+            sources.append("environment %s (s3.%s)" % (variable, key))
+    return Config(overrides, state_directory=environ.get("STATE_DIRECTORY"),
+                  sources=sources)
+
+
+# whitespace then ";" or "#": what an ini reader that knows inline comments cuts
+_INLINE_COMMENT = re.compile(r"\s[;#]")
 
 
 # ####################################################################### #
@@ -1395,9 +1438,12 @@ class MessageKey(collections.namedtuple("MessageKey", "pk ref account_id priorit
     __slots__ = ()
 
 
-class Claim(collections.namedtuple("Claim", MessageKey._fields + ("retry_count", "payload"))):
+class Claim(collections.namedtuple(
+        "Claim", MessageKey._fields + ("retry_count", "payload", "recipients", "created_ts"))):
     """A message claimed for delivery (status ``sending``): its key fields,
-    ``retry_count`` so far and ``payload``, the normalised message as JSON."""
+    ``retry_count`` so far, ``payload`` (the normalised message as JSON), and
+    for the delivery log its ``recipients`` (the To addresses as JSON) and
+    ``created_ts``."""
 
     __slots__ = ()
 
@@ -1501,8 +1547,14 @@ class Store:
         self._claims_lock = threading.Lock()
         self._suppression_count = None   # rows in suppressions; None: count again
         self._closed = False
+        self._lock_fd = None
         if path != ":memory:":
-            self._create_private_file(path)
+            self._lock_fd = self._take_lock(path)
+            try:
+                self._create_private_file(path)
+            except StoreError:
+                self.close()
+                raise
         try:
             with self._connection() as conn:
                 self._migrate(conn)
@@ -1511,12 +1563,37 @@ class Store:
             raise
 
     @staticmethod
+    def _take_lock(path):
+        """Hold ``<path>.lock`` (flock, exclusive) for the store's life and
+        write this process's pid in it, as Postfix's master.lock: a second
+        daemon on the same database would "recover" the first one's claims
+        and send them again.  Returns the lock's descriptor; raises
+        AlreadyRunningError, or StoreError when the file cannot be made (a
+        missing directory is never created: a mistyped db_path must not
+        start on an empty queue)."""
+        lock_path = path + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError("cannot create %s: %s" % (lock_path, exc))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = None
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(os.pread(fd, 32, 0).split()[0])
+            os.close(fd)
+            raise AlreadyRunningError("database %s is in use: asyncmail is already running "
+                                      "(pid %s)" % (path, pid if pid else "unknown"), pid)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        return fd
+
+    @staticmethod
     def _create_private_file(path):
         """Create the database file mode 0600 before SQLite opens it (SQLite
         gives its -wal and -shm files the same mode)."""
-        directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
         except OSError as exc:
@@ -1598,13 +1675,17 @@ class Store:
             conn.commit()
 
     def close(self):
-        """Close every connection; later calls raise StoreError."""
+        """Close every connection and release the lock file; later calls
+        raise StoreError."""
         self._closed = True
         with self._lock:
             conns, self._all = self._all, []
+            lock_fd, self._lock_fd = self._lock_fd, None
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        if lock_fd is not None:
+            os.close(lock_fd)    # releases the flock
 
     # -- intake -------------------------------------------------------------
 
@@ -1801,29 +1882,83 @@ class Store:
 
     # -- deletion -----------------------------------------------------------
 
-    def delete_messages(self, ids):
-        """Delete messages (and their unsent report events) by id.
+    def delete_messages(self, keys):
+        """Delete messages by store key, with their unsent report events; each
+        is reported as deleted (``"status": "deleted"``).
 
         A claimed message that is deleted is never sent (begin_send refuses
-        it); one whose SMTP transaction has begun cannot be called back, so
-        it is left alone and its outcome is recorded and reported as usual.
-        Returns (ids not found, ids left alone because they are being sent).
+        it).  One whose SMTP transaction has begun cannot be called back: it
+        goes when that transaction ends, unless the relay accepted it (then
+        it is sent, and reported so); a temporary failure never brings it
+        back.  Returns (keys not found, keys on the wire).
         """
         with self._transaction(durable=True) as conn:
             existing, being_sent = set(), []
-            for start in range(0, len(ids), SQL_CHUNK):
-                chunk = ids[start:start + SQL_CHUNK]
-                keys = conn.execute(SQL_EXISTING_KEYS.format(
+            for start in range(0, len(keys), SQL_CHUNK):
+                chunk = keys[start:start + SQL_CHUNK]
+                rows = conn.execute(SQL_DELETE_KEYS.format(
                     marks=",".join("?" * len(chunk))), chunk).fetchall()
-                existing.update(message_id for _, message_id in keys)
-                on_wire = set(self._withdraw_claims(keys))
-                being_sent.extend(message_id for message_id in chunk if message_id in on_wire)
-                chunk = [message_id for message_id in chunk if message_id not in on_wire]
-                if chunk:
-                    marks = ",".join("?" * len(chunk))
-                    conn.execute(SQL_DELETE_MESSAGE_EVENTS.format(marks=marks), chunk)
-                    conn.execute(SQL_DELETE_MESSAGES.format(marks=marks), chunk)
-        return [i for i in ids if i not in existing], being_sent
+                existing.update(row[1] for row in rows)
+                being_sent.extend(self._delete_rows(conn, [MessageKey(*row) for row in rows]))
+        return [key for key in keys if key not in existing], being_sent
+
+    def delete_selected(self, kind, value, tenant=None):
+        """Delete the messages a selector names (("account_id", key),
+        ("status", s) or ("all", None): with the last, the messages not yet
+        sent or failed) of ``tenant`` (None: every tenant), PURGE_BATCH per
+        transaction, as ``delete_messages`` does.  Returns (how many were
+        deleted, keys on the wire).  Raises ValueError for another kind."""
+        if kind == "status":
+            statuses, where, args = [value], "", []
+        elif kind == "account_id":
+            statuses, where, args = ACTIVE_STATUSES, " AND account_id = ?", [value]
+        elif kind == "all":
+            statuses, where, args = ACTIVE_STATUSES, "", []
+        else:
+            raise ValueError("unknown selector kind %r" % (kind,))
+        if tenant is not None and kind != "account_id":
+            where, args = where + " AND tenant = ?", args + [tenant]
+        sql = SQL_DELETE_SELECTED.format(where=where)
+        removed, being_sent = 0, []
+        for status in statuses:
+            after = (-1.0, -1)
+            while True:
+                with self._transaction(durable=True) as conn:
+                    rows = conn.execute(sql, [status] + args + list(after)
+                                        + [PURGE_BATCH]).fetchall()
+                    if rows:
+                        on_wire = self._delete_rows(conn, [MessageKey(*r[:4]) for r in rows])
+                        removed += len(rows) - len(on_wire)
+                        being_sent.extend(on_wire)
+                if len(rows) < PURGE_BATCH:
+                    break
+                after = (rows[-1][4], rows[-1][0])
+        return removed, being_sent
+
+    def _delete_rows(self, conn, keys):
+        """Delete these messages (MessageKeys) but those on the wire, which
+        are doomed instead; returns the store keys of those."""
+        on_wire = set(self._withdraw_claims([(k.pk, k.ref) for k in keys], doom=True))
+        self._remove(conn, [k for k in keys if k.ref not in on_wire])
+        return [k.ref for k in keys if k.ref in on_wire]
+
+    def _remove(self, conn, gone):
+        """Delete these messages (MessageKeys) and their unsent events, and
+        report each as deleted."""
+        for start in range(0, len(gone), SQL_CHUNK):
+            chunk = gone[start:start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            pks = [k.pk for k in chunk]
+            conn.execute(SQL_DELETE_EVENTS_OF.format(marks=marks), pks)
+            conn.execute(SQL_DELETE_PKS.format(marks=marks), pks)
+        for key in gone:
+            self._deleted_event(conn, key)
+
+    def _deleted_event(self, conn, key):
+        tenant = _tenant_of(key.account_id)
+        if self._reports(tenant):
+            conn.execute(SQL_INSERT_DELETED_EVENT,
+                         (key.pk, key.ref, key.account_id, key.priority, tenant))
 
     # -- bounces and suppressions (SPEC 8) ---------------------------------
 
@@ -2213,16 +2348,20 @@ class Store:
             self._claims[pk] = _ON_WIRE
             return True
 
-    def _withdraw_claims(self, keys):
+    def _withdraw_claims(self, keys, doom=False):
         """Mark claimed messages among ``keys`` ((pk, id) pairs) withdrawn, so
-        begin_send refuses them; returns the ids already on the wire.  Called
-        inside the deleting transaction, which serialises it with claim."""
+        begin_send refuses them; returns the ids already on the wire, which
+        ``doom`` marks to be deleted when their transaction ends (unless
+        sent).  Called inside the deleting transaction, which serialises it
+        with claim and record_outcomes."""
         on_wire = []
         with self._claims_lock:
             for pk, message_id in keys:
                 state = self._claims.get(pk)
-                if state == _ON_WIRE:
+                if state in (_ON_WIRE, _DOOMED):
                     on_wire.append(message_id)
+                    if doom:
+                        self._claims[pk] = _DOOMED
                 elif state == _CLAIMED:
                     self._claims[pk] = _WITHDRAWN
         return on_wire
@@ -2259,7 +2398,13 @@ class Store:
         # after it finds a finished message, never one "on the wire"
         settled = [outcome.claim.pk for outcome in outcomes]
         with self._transaction(durable=False) as conn, self._settling(settled):
+            with self._claims_lock:   # inside the transaction: no delete comes between
+                doomed = {pk for pk in settled if self._claims.get(pk) == _DOOMED}
             for outcome in outcomes:
+                if outcome.claim.pk in doomed and outcome.kind != "sent":
+                    # deleted while on the wire and not accepted: gone for good
+                    self._remove(conn, [outcome.claim])
+                    continue
                 getattr(self, "_apply_" + outcome.kind)(conn, outcome)
                 if outcome.attempt is not None:
                     self._record_attempt(conn, outcome)
@@ -2542,6 +2687,32 @@ def validate_message(raw, default_priority, resolve_account):
         raise ValueError("attachments must be a list")
     message["attachments"] = [_check_attachment(a, i) for i, a in enumerate(attachments)]
     return message
+
+
+# Every field a message may have (SPEC 3, and today's Genropy: tenant_id,
+# batch_code; fetch_mode and content_md5 of an endpoint attachment).  Others
+# are accepted and ignored, and the answer names them.
+MESSAGE_FIELDS = frozenset([
+    "id", "account_id", "from", "to", "cc", "bcc", "reply_to", "return_path", "subject",
+    "body", "content_type", "body_text", "headers", "message_id", "priority", "deferred_ts",
+    "attachments", "batch_code", "tenant_id"])
+ATTACHMENT_FIELDS = frozenset(["filename", "mime_type", "fetch_mode", "content_md5"]
+                              + list(ATTACHMENT_SOURCES))
+
+
+def ignored_message_fields(raw):
+    """The field names of a message (and of its attachments, as
+    ``attachments[i].name``) that asyncmail does not know, sorted, cut to 80
+    characters: a misspelled ``Bcc`` or ``atachments`` must not pass
+    unnoticed."""
+    names = [str(name)[:80] for name in raw if name not in MESSAGE_FIELDS]
+    attachments = raw.get("attachments")
+    if isinstance(attachments, list):
+        for index, attachment in enumerate(attachments):
+            if isinstance(attachment, dict):
+                names.extend("attachments[%d].%s" % (index, str(name)[:80])
+                             for name in attachment if name not in ATTACHMENT_FIELDS)
+    return sorted(names)
 
 
 def _account_whole(low, high):
@@ -4029,6 +4200,22 @@ IMAP_TIMEOUT = 30.0      # seconds for each IMAP socket operation of the bounce 
 RATE_LIMIT_ERROR = "rate limit exceeded"   # the error of limit_behavior = reject
 
 
+MAX_LOGGED_RECIPIENTS = 5   # a delivery log line names the first few To addresses
+MAX_LOGGED_REPLY = 200      # and the reply, on one line, cut to this
+_ENHANCED_STATUS = re.compile(r"(?<![0-9.])[245]\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9.])")
+
+
+def _dsn(status, code, text):
+    """The delivery status code of a log line (RFC 3463): the reply's own
+    enhanced code, else one from the outcome (2.0.0, 4.0.0, 5.0.0)."""
+    found = _ENHANCED_STATUS.search(text[:MAX_LOGGED_REPLY]) if text else None
+    if found:
+        return found.group(0)
+    if code and 200 <= code < 600:
+        return "%d.0.0" % (code // 100)
+    return {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
+
+
 def _reply_text(code, reply):
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
@@ -4628,6 +4815,12 @@ class _Dispatcher(_Worker):
         if idle:
             self.wake()
 
+    def held_back(self, now):
+        """``{account key: until}`` of the accounts held back after a relay
+        failure or a full rate window, as of ``now``."""
+        with self._lock:
+            return {key: until for key, until in self._backoff.items() if until > now}
+
     def lift_backoff(self, account_id=None):
         """Forget the back-off of one account (or of all) after a relay
         failure or a full rate window, so the next cycle tries it again (an
@@ -4779,6 +4972,9 @@ class _Dispatcher(_Worker):
             return bool(claims)
         self.store.record_outcomes([Outcome.deferred(c, now, free_at, "rate limit")
                                     for c in claims])
+        for claim in claims:
+            self._log_outcome(claim, "deferred", now, "rate limit of account %s"
+                              % _shown_key(account_id), until=free_at)
         self.metrics.inc("asyncmail_deferred_total", account_id, len(claims))
         with self._lock:
             self._backoff[account_id] = free_at
@@ -4829,12 +5025,32 @@ class _Dispatcher(_Worker):
         self.rate.record(claim.account_id, now)
         self.metrics.inc("asyncmail_sent_total", claim.account_id)
         refused = dict(reply.refused, **suppressed)
-        if self.activity:
-            self.log.info("sent %s via account %s%s", _shown_key(claim.ref),
-                          _shown_key(claim.account_id),
-                          " (refused: %s)" % ", ".join(sorted(refused)) if refused else "")
         attempt = Attempt(now, duration, relay.where, reply.code, reply.text, refused)
+        self._log_outcome(claim, "sent", now, reply.text, attempt, refused=refused)
         return Outcome.sent(claim, now, refused, attempt)
+
+    def _log_outcome(self, claim, status, now, text, attempt=None, until=None, refused=None):
+        """The one line every outcome gets, Postfix's way (``id= to= relay=
+        delay= dsn= status= (reply)``): sent and deferred at INFO, failed
+        for good at WARNING."""
+        try:
+            to = json.loads(claim.recipients or "[]")
+        except ValueError:
+            to = []
+        shown = ",".join("<%s>" % _parse_address(a)[1] if "<" in a else "<%s>" % a
+                         for a in to[:MAX_LOGGED_RECIPIENTS])
+        if len(to) > MAX_LOGGED_RECIPIENTS:
+            shown += ",+%d" % (len(to) - MAX_LOGGED_RECIPIENTS)
+        text = " ".join(str(text).split())[:MAX_LOGGED_REPLY]
+        delay = now - claim.created_ts if claim.created_ts is not None else 0.0
+        self.log.log(logging.WARNING if status == "error" else logging.INFO,
+                     "id=%s to=%s relay=%s delay=%s dsn=%s status=%s (%s)%s%s",
+                     _shown_key(claim.ref), shown or "<>",
+                     attempt.relay if attempt is not None else "none",
+                     "%.2f" % delay if delay < 10 else "%d" % delay,
+                     _dsn(status, attempt.code if attempt else None, text), status, text,
+                     " until %s" % _iso(until) if until is not None else "",
+                     " refused=%s" % ",".join(sorted(refused)) if refused else "")
 
     def _drop_suppressed(self, tenant, payload):
         """Take the recipients ``tenant`` suppressed out of to, cc and bcc
@@ -4884,17 +5100,13 @@ class _Dispatcher(_Worker):
                               attempt)
         until = now + self._delay(retries)
         self.metrics.inc("asyncmail_deferred_total", claim.account_id)
-        if self.activity:
-            self.log.info("deferred %s via account %s until %s: %s", _shown_key(claim.ref),
-                          _shown_key(claim.account_id), _iso(until), error)
+        self._log_outcome(claim, "deferred", now, error, attempt, until=until)
         return Outcome.deferred(claim, now, until, "temporary failure", error, retries + 1,
                                 attempt)
 
     def _fail(self, claim, now, error, attempt=None):
         self.metrics.inc("asyncmail_errors_total", claim.account_id)
-        if self.activity:
-            self.log.info("failed %s via account %s: %s", _shown_key(claim.ref),
-                          _shown_key(claim.account_id), error)
+        self._log_outcome(claim, "error", now, error, attempt)
         return Outcome.failed(claim, now, error, attempt)
 
     def shutdown(self):
@@ -5619,6 +5831,8 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
     max_connections = MAX_CONNECTIONS
     idle_timeout = REQUEST_IDLE_TIMEOUT
     body_deadline = REQUEST_BODY_DEADLINE
+    # refused tokens are logged at once, then at most one summary line this often
+    unauthorized_log_every = 60.0
 
     def __init__(self, address, core, api_token, max_request_bytes, metrics, log):
         if ":" in address[0]:
@@ -5632,7 +5846,23 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
         self._deadlines_lock = threading.Lock()
         self.large_requests = threading.BoundedSemaphore(LARGE_BODY_CONCURRENCY)
         self._last_reap = time.monotonic()
+        self._unauthorized = 0
+        self._unauthorized_logged = -math.inf
         HTTPServer.__init__(self, address, _ApiHandler)
+
+    def note_unauthorized(self, client):
+        """Count a request refused for its token (a 401; the code-labelled
+        request counter has it too) and log it, at most one line per
+        ``unauthorized_log_every`` seconds, however many come."""
+        with self._deadlines_lock:
+            self._unauthorized += 1
+            now = time.monotonic()
+            if now - self._unauthorized_logged < self.unauthorized_log_every:
+                return
+            count, self._unauthorized, self._unauthorized_logged = self._unauthorized, 0, now
+        self.log.warning("refused %d request(s) with a missing or wrong API token (the last "
+                         "from %s); next report in %ds at most", count, client,
+                         self.unauthorized_log_every)
 
     def process_request(self, request, client_address):
         with self._deadlines_lock:
@@ -6015,6 +6245,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         self._refuse_browser_requests(parts)
         caller = self._caller()
         if caller is None:
+            self.server.note_unauthorized(self.client_address[0])
             self._refuse(401, "Invalid or missing API token")
         matches = _match_route(segments)
         if not matches:
@@ -6060,7 +6291,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 if not self.server.large_requests.acquire(timeout=self.server.body_deadline):
                     raise ApiError("busy with other large requests, retry later", status=503)
                 try:
-                    payload = self._with_query(self._json_body(body), query)
+                    payload = self._with_query(self._json_body(body, command), query)
                     del body
                     status, answer = self.server.core.run_command(command, payload, caller)
                     del payload
@@ -6068,7 +6299,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                     self.server.large_requests.release()
                 self._send_json(status, answer)
                 return
-            payload = self._with_query(self._json_body(body), query)
+            payload = self._with_query(self._json_body(body, command), query)
         else:
             for key, value in query.items():
                 payload.setdefault(key, value)
@@ -6155,7 +6386,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         elif length or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
 
-    def _json_body(self, body):
+    def _json_body(self, body, command):
         if not body.strip():
             return {}
         try:
@@ -6167,7 +6398,11 @@ class _ApiHandler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as exc:
             raise ValidationError("body is not valid JSON: %s" % str(exc)[:200])
         if not isinstance(payload, dict):
-            raise ValidationError("body must be a JSON object")
+            message = "body must be a JSON object"
+            if command == "add messages":   # the shape of every other malformed batch
+                message += " with a messages list"
+                raise ValidationError(message, detail={"error": message, "rejected": []})
+            raise ValidationError(message)
         if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(payload):
             raise ValidationError("body contains a lone UTF-16 surrogate escape (\\ud800-"
                                   "\\udfff without its pair), which is not text")
@@ -6472,8 +6707,11 @@ class AsyncMailCore:
         if tenant == ALL_TENANTS:
             by_tenant = self.store.tenant_queue_counts()
             counts = self.store.queue_counts()
+            backlog = self.store.event_backlog()
             answer = {"ok": True, "active": self.controls.active, "version": __version__,
-                      "queue": {status: counts.get(status, 0) for status in STATUSES}}
+                      "queue": {status: counts.get(status, 0) for status in STATUSES},
+                      "accounts": self._account_states(tenant),
+                      "report_backlog": sum(backlog.values())}
             if len(by_tenant) > 1:
                 answer["tenants"] = {name: {status: by_tenant[name].get(status, 0)
                                             for status in STATUSES}
@@ -6482,7 +6720,9 @@ class AsyncMailCore:
         counts = self.store.queue_counts(tenant)
         return {"ok": True, "active": self.controls.active and self.controls.tenant_active(tenant),
                 "version": __version__, "tenant_id": tenant,
-                "queue": {status: counts.get(status, 0) for status in STATUSES}}
+                "queue": {status: counts.get(status, 0) for status in STATUSES},
+                "accounts": self._account_states(tenant),
+                "report_backlog": self.store.event_backlog().get(tenant, 0)}
 
     def _cmd_metrics(self, payload, tenant):
         return {"ok": True, "text": self.render_metrics()}
@@ -6598,7 +6838,7 @@ class AsyncMailCore:
                                    if tenant == DEFAULT_TENANT else None)
         endpoint = self.attachment_endpoint(tenant)
         now = self.now()
-        rejected, rows, seen, repeated = [], [], set(), []
+        rejected, rows, seen, repeated, ignored = [], [], set(), [], []
         for raw in messages:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             try:
@@ -6616,6 +6856,10 @@ class AsyncMailCore:
                 rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
                                  "reason": str(exc)})
                 continue
+            unknown = ignored_message_fields(raw)
+            if unknown and len(ignored) < MAX_IGNORED_SHOWN:
+                ignored.append({"id": message["id"], "fields": unknown[:MAX_IGNORED_SHOWN]})
+                self._note_ignored_fields("message", message["id"], unknown)
             if message["id"] in seen:
                 repeated.append(message["id"])
                 continue
@@ -6644,6 +6888,8 @@ class AsyncMailCore:
         answer = {"ok": True, "queued": queued, "rejected": rejected,
                   "duplicates": list(dict.fromkeys(
                       [_name_of(row.key) for row in rows if row.key in duplicates] + repeated))}
+        if ignored:
+            answer["ignored"] = ignored
         if replaced:
             answer["replaced"] = [_name_of(row.key) for row in rows if row.key in replaced]
             self.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
@@ -6661,17 +6907,34 @@ class AsyncMailCore:
         return ValidationError(message, detail={"error": message, "rejected": rejected})
 
     def _cmd_delete_messages(self, payload, tenant):
-        ids = payload.get("ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ValidationError("ids must be a list of message ids")
-        if len(ids) > MAX_DELETE_IDS:
-            raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
-        unique = list(dict.fromkeys(ids))
-        keys = [_scoped(tenant, i) for i in unique]
-        not_found, being_sent = self.store.delete_messages(keys) if keys else ([], [])
-        answer = {"ok": True, "removed": len(unique) - len(not_found) - len(being_sent),
+        """Delete what a selector names (SPEC 7 shapes: ids, account_id,
+        status, or {} for every message not yet sent or failed), like
+        ``postsuper -d``; each deletion is logged and reported upstream.  A
+        message on the wire goes when its transaction ends, unless the relay
+        accepted it (``being_sent``)."""
+        kind, value = _parse_selector("delete", payload)
+        if tenant == ALL_TENANTS:
+            raise ValidationError("delete-messages needs one tenant_id")
+        not_found = []
+        if kind == "ids":
+            keys = [_scoped(tenant, i) for i in value]
+            not_found, being_sent = self.store.delete_messages(keys) if keys else ([], [])
+            removed = len(keys) - len(not_found) - len(being_sent)
+        else:
+            if kind == "account_id":
+                value = _scoped(tenant, value)
+            removed, being_sent = self.store.delete_selected(kind, value, tenant)
+        what = {"ids": "%d id(s)" % len(value) if kind == "ids" else "",
+                "account_id": "account %s" % _shown_key(str(value)),
+                "status": "status %s" % value, "all": "all not yet sent or failed"}[kind]
+        self.log.info("delete-messages (%s, tenant %s): %d deleted%s", what, tenant, removed,
+                      "; %d on the wire, deleted when their transaction ends unless sent"
+                      % len(being_sent) if being_sent else "")
+        if removed:
+            self.reporter.wake()
+        answer = {"ok": True, "removed": removed, "affected": removed,
                   "not_found": [_name_of(k) for k in not_found]}
-        if being_sent:   # on the wire: not removed; the outcome will be reported
+        if being_sent:
             answer["being_sent"] = [_name_of(k) for k in being_sent]
         return answer
 
@@ -6700,23 +6963,50 @@ class AsyncMailCore:
         ignored = ignored_account_fields(payload)
         if ignored:
             answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
-            self._note_ignored_fields(_shown_key(key), ignored)
+            self._note_ignored_fields("account", _shown_key(key), ignored)
         return answer
 
-    def _note_ignored_fields(self, account_id, names):
-        """Log each ignored account field name once per process: a client
-        that sends the same extra field on every registration is told once."""
+    def _note_ignored_fields(self, kind, name, fields):
+        """Log each ignored field name of an account or a message once per
+        process: a client that sends the same extra field every time is
+        told once (every answer still lists them)."""
         with self._accounts_lock:
-            new = [n for n in names if n not in self._ignored_fields]
+            new = [f for f in fields if (kind, f) not in self._ignored_fields]
             if len(self._ignored_fields) < MAX_IGNORED_SHOWN * 10:
-                self._ignored_fields.update(new)
+                self._ignored_fields.update((kind, f) for f in new)
         if new:
-            self.log.info("account %s: ignored unknown field(s) %s (not stored)",
-                          account_id, ", ".join(new[:MAX_IGNORED_SHOWN]))
+            self.log.info("%s %s: ignored unknown field(s) %s (not stored)", kind, name,
+                          ", ".join(new[:MAX_IGNORED_SHOWN]))
 
     def _cmd_list_accounts(self, payload, tenant):
+        """The accounts, each with its state: ``active`` (its own suspension
+        flag) and ``held_back_until`` (epoch, or None: the dispatcher's
+        back-off after a relay failure or a full rate window)."""
         accounts = self._tenant_accounts(tenant)
-        return {"ok": True, "accounts": [public_account(accounts[k]) for k in sorted(accounts)]}
+        held = self.dispatcher.held_back(self.now())
+        shown = []
+        for name in sorted(accounts):
+            account = public_account(accounts[name])
+            key = accounts[name]["id"]
+            account["active"] = self.controls.account_active(key)
+            account["held_back_until"] = held.get(key)
+            shown.append(account)
+        return {"ok": True, "accounts": shown}
+
+    def _account_states(self, tenant):
+        """For /status: the accounts suspended, and those held back (until)."""
+        now = self.now()
+        held = self.dispatcher.held_back(now)
+        suspended, backed_off = [], {}
+        for key in sorted(self.accounts()):
+            if tenant != ALL_TENANTS and _tenant_of(key) != tenant:
+                continue
+            shown = _name_of(key) if tenant != ALL_TENANTS else _shown_key(key)
+            if not self.controls.account_active(key):
+                suspended.append(shown)
+            if key in held:
+                backed_off[shown] = held[key]
+        return {"suspended": suspended, "held_back_until": backed_off}
 
     def _cmd_delete_account(self, payload, tenant):
         account_id = payload.get("id")
@@ -6971,11 +7261,17 @@ class AsyncMailCore:
 
     def render_metrics(self):
         """The Prometheus exposition: counters plus gauges read with index
-        seeks only (no table scan), so scraping stays cheap at any queue size."""
+        seeks only (no table scan), so scraping stays cheap at any queue size;
+        only the report backlog is counted, over its index, and it is as long
+        as the upstreams are behind."""
         by_tenant = self.store.tenant_queue_counts()
         counts = self.store.queue_counts()
+        backlog = self.store.event_backlog()
+        now = self.now()
+        accounts = sorted(self.accounts())
+        held = self.dispatcher.held_back(now)
         oldest = self.store.oldest_active_created_ts()
-        age = max(0.0, self.now() - oldest) if oldest is not None else 0.0
+        age = max(0.0, now - oldest) if oldest is not None else 0.0
         gauges = [
             ("asyncmail_pending_messages", "Messages not yet sent or failed.",
              sum(counts.get(s, 0) for s in ACTIVE_STATUSES)),
@@ -6989,6 +7285,17 @@ class AsyncMailCore:
             ("asyncmail_tenant_active", "1 when a tenant's dispatching is active, 0 when "
              "suspended.", {(("tenant", t),): 1 if self.controls.tenant_active(t) else 0
                             for t in sorted(by_tenant)}),
+            ("asyncmail_account_active", "1 when an account's own dispatching is active, 0 "
+             "when suspended.", {(("tenant", _tenant_of(k)), ("account_id", _name_of(k))):
+                                 1 if self.controls.account_active(k) else 0
+                                 for k in accounts}),
+            ("asyncmail_account_held_back_seconds", "Seconds until a held-back account "
+             "(relay failure, full rate window) is tried again; 0 when it is not.",
+             {(("tenant", _tenant_of(k)), ("account_id", _name_of(k))):
+              max(0.0, held.get(k, now) - now) for k in accounts}),
+            ("asyncmail_report_backlog", "Report events waiting for the upstream's "
+             "acknowledgement.", {(("tenant", t),): backlog.get(t, 0)
+                                  for t in sorted(set(by_tenant) | set(backlog))}),
             ("asyncmail_build_info", "Version of asyncmail.",
              {(("version", __version__),): 1}),
         ]
@@ -7134,7 +7441,10 @@ def _setup_logging(config, stream=None):
     """Log to stderr; under systemd (JOURNAL_STREAM set) without timestamps
     and with ``<N>`` syslog priority prefixes that journald understands."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    if config.logging.format == "json":
+        handler.setFormatter(_JsonFormatter(journal))
+    elif journal:
         handler.setFormatter(_JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter(
@@ -7154,6 +7464,27 @@ class _JournalFormatter(logging.Formatter):
         text = super().format(record)
         prefix = "<%d>" % self.PRIORITIES.get(record.levelno, 6)
         return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+class _JsonFormatter(logging.Formatter):
+    """``[logging] format = json``: one JSON object a line (ts, level,
+    logger, message, and the traceback as ``exc``), for log shippers; under
+    systemd with journald's ``<N>`` priority prefix."""
+
+    def __init__(self, journal=False):
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record):
+        entry = {"ts": _iso(record.created)[:-1] + ".%03dZ" % record.msecs,
+                 "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        text = json.dumps(entry, ensure_ascii=False)
+        if self.journal:
+            text = "<%d>%s" % (_JournalFormatter.PRIORITIES.get(record.levelno, 6), text)
+        return text
 
 
 def _sd_notify(message, environ=None):
@@ -7192,8 +7523,9 @@ def _parse_args(argv):
                     "127.0.0.1:8000. With a command it talks to the running daemon "
                     "through its API (address and token from the same configuration)."
                     % __version__,
-        epilog="exit codes: 0 success, 1 the API refused (its message is printed), "
-               "69 the daemon does not answer, 78 configuration error")
+        epilog="exit codes: 0 success, 1 the API refused (its message is printed) or an "
+               "ID was not found, 69 the daemon does not answer, 75 another asyncmail "
+               "holds the database, 78 configuration error")
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $ASYNC_MAIL_CONFIG, "
                              "else ./config.ini if it exists)")
@@ -7225,6 +7557,9 @@ def _parse_args(argv):
                                  help="also messages waiting for their own deferred_ts")
     for command in commands.choices.values():
         command.add_argument("--json", action="store_true", help="print the API's JSON")
+        # options may follow the command too ("status --config X")
+        command.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                             help="configuration file (as before the command)")
         command.add_argument("--tenant", metavar="ID",
                              help="act in this tenant (default: the default tenant; "
                                   "'*': every tenant, for queue, status and the "
@@ -7297,11 +7632,29 @@ def _age(seconds):
     return "%ds" % max(0, seconds)
 
 
+_QUEUE_ROW = "%-28s %-8s %5s %-14s %-8s %-30s %s"
+
+
+def _next_attempt(record, now):
+    """When a deferred message is tried next: "in 5m", "due"; "-" otherwise."""
+    if record["status"] != "deferred" or record.get("deferred_ts") is None:
+        return "-"
+    left = record["deferred_ts"] - now
+    return "in " + _age(left) if left > 0 else "due"
+
+
 def _cli_queue(api, args, now, out):
     query = {"status": args.status or ",".join(ACTIVE_STATUSES), "limit": 1000}
     if args.account:
+        known = [a["id"] for a in api.call("GET", "/accounts")["accounts"]]
+        if args.account not in known:
+            raise _CliError("no account %s (accounts: %s)" % (
+                args.account, ", ".join(known[:20]) or "none"), 1)
         query["account_id"] = args.account
-    shown, counts, rows = 0, {}, []
+    shown, counts, rows, more = 0, {}, [], False
+    if not args.json:
+        print(_QUEUE_ROW % ("ID", "STATUS", "AGE", "ACCOUNT", "NEXT", "TO", "LAST ERROR"),
+              file=out)
     while args.limit is None or shown < args.limit:
         if args.limit is not None:
             query["limit"] = min(1000, args.limit - shown)
@@ -7315,19 +7668,22 @@ def _cli_queue(api, args, now, out):
                 shown_id = record["id"]
                 if record.get("tenant_id") not in (None, DEFAULT_TENANT, api.tenant):
                     shown_id = "%s/%s" % (record["tenant_id"], shown_id)
-                print("%-28s %-8s %5s %-14s %-30s %s" % (
+                print(_QUEUE_ROW % (
                     shown_id[:28], record["status"], _age(now - record["created_ts"]),
-                    record["account_id"][:14], to[:30],
-                    (record["error"] or "")[:60].replace("\n", " ")), file=out)
-        if not answer.get("next"):
+                    record["account_id"][:14], _next_attempt(record, now), to[:30],
+                    " ".join((record["error"] or "").split())[:60]), file=out)
+        more = bool(answer.get("next"))
+        if not more:
             break
         query["after"] = answer["next"]
     if args.json:
-        print(json.dumps({"ok": True, "messages": rows}, indent=1), file=out)
+        print(json.dumps({"ok": True, "messages": rows, "more": more}, indent=1), file=out)
     else:
         summary = ", ".join("%d %s" % (n, status) for status, n in sorted(counts.items()))
-        print("-- %d message%s%s" % (shown, "" if shown == 1 else "s",
-                                     " (%s)" % summary if summary else ""), file=out)
+        print("-- %d message%s%s%s" % (shown, "" if shown == 1 else "s",
+                                       " (%s)" % summary if summary else "",
+                                       "; more exist (raise --limit)" if more else ""),
+              file=out)
 
 
 def _cli_selector(args):
@@ -7343,23 +7699,18 @@ def _cli_delete(api, args):
     selector = _cli_selector(args)
     ids = selector.get("ids")
     if ids is None:        # the queued messages of an account, or all of them
-        query = {"status": ",".join(ACTIVE_STATUSES), "limit": 1000}
-        if args.account is not None:
-            query["account_id"] = args.account
-        ids = []
-        while True:
-            answer = api.call("GET", "/messages?" + urllib.parse.urlencode(query))
-            ids.extend(record["id"] for record in answer["messages"])
-            if not answer.get("next"):
-                break
-            query["after"] = answer["next"]
-    removed, not_found = 0, []
+        return api.call("POST", "/commands/delete-messages", selector)
+    removed, not_found, being_sent = 0, [], []
     for start in range(0, len(ids), MAX_DELETE_IDS):
         answer = api.call("POST", "/commands/delete-messages",
                           {"ids": ids[start:start + MAX_DELETE_IDS]})
         removed += answer["removed"]
         not_found += answer["not_found"]
-    return {"ok": True, "affected": removed, "not_found": not_found}
+        being_sent += answer.get("being_sent", [])
+    answer = {"ok": True, "removed": removed, "affected": removed, "not_found": not_found}
+    if being_sent:
+        answer["being_sent"] = being_sent
+    return answer
 
 
 def _cli(config, args, out=None):
@@ -7394,10 +7745,12 @@ def _cli(config, args, out=None):
                 print(json.dumps(answer, indent=1), file=out)
                 return 0
             for key in ("id", "tenant_id", "account_id", "batch_code", "status", "priority",
-                        "subject", "to", "created_at",
-                        "updated_at", "deferred_ts", "sent_ts", "error_ts", "retry_count",
-                        "error", "refused"):
-                print("%-12s %s" % (key + ":", record.get(key)), file=out)
+                        "subject", "to", "created_at", "updated_at", "deferred_ts", "sent_ts",
+                        "error_ts", "reported_ts", "retry_count", "error", "refused"):
+                value = record.get(key)
+                if key.endswith("_ts") and value is not None:
+                    value = "%s (%s)" % (_iso(value), value)
+                print("%-12s %s" % (key + ":", value), file=out)
             print("attempts:", file=out)
             for attempt in record["attempts"]:
                 print("  %s %6.2fs %-24s %-8s %s %s" % (
@@ -7421,7 +7774,10 @@ def _cli(config, args, out=None):
             for message_id in answer.get("skipped", []):
                 print("  not in a status %s applies to: %s" % (args.command, message_id),
                       file=out)
-        return 0
+            for message_id in answer.get("being_sent", []):
+                print("  on the wire, deleted when its transaction ends unless sent: %s"
+                      % message_id, file=out)
+        return 1 if answer.get("not_found") else 0
     except _CliError as exc:
         print("asyncmail: %s" % exc, file=sys.stderr)
         return exc.code
@@ -7439,6 +7795,8 @@ def main(argv=None):
     if args.command is not None:
         return _cli(config, args)
     if args.check_config:
+        for source in config.sources:
+            print("# read: %s" % source)
         for section, key, value in config.describe():
             print("%s.%s = %s" % (section, key, value))
         return 0
@@ -7450,8 +7808,17 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    directory = os.path.dirname(os.path.abspath(config.storage.db_path))
+    if not os.path.isdir(directory):
+        log.error("configuration error: storage.db_path: directory %s does not exist (create "
+                  "it, or let systemd's StateDirectory= make it); not starting on an empty "
+                  "queue", directory)
+        return EX_CONFIG
     try:
         core = AsyncMailCore(config, logger=log)
+    except AlreadyRunningError as exc:
+        log.error("cannot start: %s", exc)
+        return EX_TEMPFAIL
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         return 1

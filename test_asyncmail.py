@@ -205,9 +205,10 @@ class SmtpServer:
                     after = self._scripted("DATA")
                     if after == "DROP":
                         return
-                    if after and after.startswith("STALL:"):
-                        time.sleep(float(after[6:]))
-                        after = None
+                    if after and after.startswith("STALL:"):   # "STALL:2" or "STALL:2:451 x"
+                        seconds, _, after = after[6:].partition(":")
+                        time.sleep(float(seconds))
+                        after = after or None
                     if after is None or after.startswith("2"):
                         with self.received:
                             self.messages.append({"from": mail_from, "rcpts": list(rcpts),
@@ -472,6 +473,33 @@ class ConfigTests(unittest.TestCase):
             handle.write(text)
         return path
 
+    def test_an_inline_comment_is_refused_naming_the_key(self):
+        # the README's own [bounces] example once put "; empty: ..." into the
+        # host, and --check-config said OK
+        path = self.write("[bounces]\nimap_host = imap.example.com   ; empty: off\n")
+        with self.assertRaises(asyncmail.ConfigError) as caught:
+            asyncmail.load_config(path, environ={})
+        self.assertEqual(caught.exception.key, "bounces.imap_host")
+        self.assertIn("inline comment", str(caught.exception))
+        secret = self.write("[server]\napi_token = abc #not-shown\n", "secret.ini")
+        with self.assertRaises(asyncmail.ConfigError) as caught:
+            asyncmail.load_config(secret, environ={})
+        self.assertNotIn("not-shown", str(caught.exception))
+        # whole-line comments, and ";" or "#" inside a value, are fine
+        path = self.write("# a note\n[server]\n; another\napi_token = a;b#c\n", "ok.ini")
+        self.assertEqual(asyncmail.load_config(path, environ={}).server.api_token, "a;b#c")
+
+    def test_the_readme_examples_load(self):
+        with open(os.path.join(HERE, "README.md")) as handle:
+            readme = handle.read()
+        blocks = re.findall(r"```ini\n(.*?)```", readme, re.S)
+        self.assertTrue(blocks)
+        for block in blocks:
+            with self.subTest(block=block[:40]):
+                text = re.sub(r"<[^>]*>|\.\.\.", "x", block)   # the placeholders
+                asyncmail.load_config(self.write(text, "readme.ini"),
+                                      environ={"ASYNC_MAIL_SERVER_API_TOKEN": "t"})
+
     def test_defaults(self):
         config = asyncmail.Config()
         self.assertEqual(config.server.host, "127.0.0.1")
@@ -632,6 +660,20 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("server.api_token = ********", result.stdout)
         self.assertNotIn("very-secret", result.stdout + result.stderr)
         self.assertIn("delivery.max_retries = 5", result.stdout)
+        # it says what it read: here no file, two variables
+        self.assertIn("# read: no file (", result.stdout)
+        self.assertIn("# read: environment ASYNC_MAIL_SERVER_API_TOKEN", result.stdout)
+
+    def test_check_config_names_the_file_it_read(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "config.ini")
+        with open(path, "w") as handle:
+            handle.write("[delivery]\nmax_retries = 3\n")
+        result = self.run_cli("--check-config", "--config", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("# read: file %s" % path, result.stdout)
+        self.assertIn("delivery.max_retries = 3", result.stdout)
 
     def test_ci_runs_exactly_the_readme_test_command(self):
         with open(os.path.join(HERE, "README.md")) as handle:
@@ -790,7 +832,9 @@ class ApiTests(CoreCase):
         self.assertEqual(status, 200)
         self.assertEqual(body, {"ok": True, "active": True, "version": asyncmail.__version__,
                                 "queue": {"pending": 0, "deferred": 0, "held": 0,
-                                          "sending": 0, "sent": 0, "error": 0}})
+                                          "sending": 0, "sent": 0, "error": 0},
+                                "accounts": {"suspended": [], "held_back_until": {}},
+                                "report_backlog": 0})
 
     def test_get_with_a_body_keeps_keep_alive_in_sync(self):
         for path in ("/metrics", "/status", "/messages"):
@@ -949,11 +993,12 @@ class ApiTests(CoreCase):
         self.assertEqual(body["rejected"][0]["id"], "b")
 
     def test_batch_shape_errors(self):
-        for payload in ({}, {"messages": "x"}, {"messages": [message("a")] * 1001}):
+        for payload in ({}, {"messages": "x"}, {"messages": [message("a")] * 1001}, [],
+                        [message("a")], "x", 7):
             with self.subTest(payload=str(payload)[:40]):
                 status, body = self.post("/commands/add-messages", payload)
                 self.assertEqual(status, 400)
-                self.assertIn("rejected", body["detail"])
+                self.assertEqual(body["detail"], {"error": body["error"], "rejected": []})
         # a bad batch default rejects the messages that would use it, not the batch
         status, body = self.post("/commands/add-messages", {
             "messages": [message("a"), message("b", priority=1)], "default_priority": 9})
@@ -1050,6 +1095,28 @@ class ApiTests(CoreCase):
                 self.assertEqual((status, body["queued"]), (200, 0), body)
                 self.assertTrue(body["rejected"][0]["reason"])
 
+    def test_unknown_message_fields_are_named_per_message_and_logged_once(self):
+        # "Bcc" and "atachments" were queued and sent without them, silently
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        self.core.log.addHandler(handler)
+        self.core.log.setLevel(logging.INFO)
+        self.addCleanup(self.core.log.removeHandler, handler)
+        status, answer = self.post("/commands/add-messages", {"messages": [
+            message("u1", Bcc=["hidden@example.org"], atachments=[]),
+            message("u2", attachments=[{"filename": "a.txt", "content": "YQ==",
+                                        "mimetype": "text/plain"}]),
+            message("u3", batch_code="b", tenant_id="default"),
+            message("u4", Bcc="again@example.org")]})
+        self.assertEqual((status, answer["queued"]), (200, 4))
+        self.assertEqual(answer["ignored"], [
+            {"id": "u1", "fields": ["Bcc", "atachments"]},
+            {"id": "u2", "fields": ["attachments[0].mimetype"]},
+            {"id": "u4", "fields": ["Bcc"]}])
+        self.assertEqual(stream.getvalue().count("Bcc"), 1, stream.getvalue())
+        status, answer = self.post("/commands/add-messages", {"messages": [message("u5")]})
+        self.assertNotIn("ignored", answer)
+
     def test_valid_field_forms_are_accepted(self):
         good = [
             message("g1", to="a@x.com, \"Doe, John\" <j@x.com>", cc="c@x.com",
@@ -1124,9 +1191,10 @@ class ApiTests(CoreCase):
     def test_delete_messages(self):
         self.post("/commands/add-messages", {"messages": [message("x1"), message("x2")]})
         status, body = self.post("/commands/delete-messages", {"ids": ["x1", "zz", "x1"]})
-        self.assertEqual(body, {"ok": True, "removed": 1, "not_found": ["zz"]})
+        self.assertEqual(body, {"ok": True, "removed": 1, "affected": 1, "not_found": ["zz"]})
         self.assertEqual(self.http.request("GET", "/status")[1]["queue"]["pending"], 1)
-        for bad in ({}, {"ids": "x2"}, {"ids": [1]}):
+        for bad in ({"ids": "x2"}, {"ids": [1]}, {"status": "nope"}, {"colour": 1},
+                    {"ids": [], "status": "pending"}):
             self.assertEqual(self.post("/commands/delete-messages", bad)[0], 400)
 
     def test_cleanup_messages(self):
@@ -1885,6 +1953,46 @@ class ProcessTests(unittest.TestCase):
                    message="all 300 marked sent")
         delivered = {parse_mail(m["data"])["Subject"].split()[-1] for m in smtp.messages}
         self.assertEqual(delivered, set(ids))
+
+    def test_a_second_daemon_on_the_same_database_refuses_and_sends_nothing(self):
+        # it used to "recover" the first one's claims and send them again
+        smtp = SmtpServer()
+        self.addCleanup(smtp.close)
+        smtp.script("DATA", "STALL:3")            # the first daemon's transaction hangs
+        first = Daemon(self, self.dir, config="[delivery]\nsend_interval_seconds = 0.05\n")
+        first.start()
+        first.client().request("POST", "/account", {"id": "a", "host": "127.0.0.1",
+                                                    "port": smtp.port})
+        first.client().request("POST", "/commands/add-messages",
+                               {"messages": [message("once")]})
+        wait_until(lambda: first.client().request("GET", "/status")[1]["queue"]["sending"],
+                   message="the first daemon on the wire")
+        second = subprocess.run(
+            [sys.executable, os.path.join(HERE, "asyncmail.py"), "--config",
+             first.config_path], capture_output=True, text=True, timeout=WAIT,
+            env=first.env, cwd=self.dir)
+        self.assertEqual(second.returncode, 75, second.stderr)
+        self.assertIn("already running (pid %d)" % first.process.pid, second.stderr)
+        smtp.wait_messages(1)
+        wait_until(lambda: first.client().request("GET", "/status")[1]["queue"]["sent"] == 1,
+                   message="sent once")
+        self.assertEqual(len(smtp.messages), 1)
+        # once the first is gone, the lock is free again (kill -9 releases it too)
+        first.kill(signal.SIGKILL)
+        again = Daemon(self, self.dir).start()
+        self.assertEqual(again.client().request("GET", "/status")[1]["queue"]["sent"], 1)
+
+    def test_db_path_in_a_missing_directory_is_refused_naming_it(self):
+        missing = os.path.join(self.dir, "typo", "queue.db")
+        result = subprocess.run(
+            [sys.executable, os.path.join(HERE, "asyncmail.py")], capture_output=True,
+            text=True, timeout=WAIT, cwd=self.dir,
+            env=dict({k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")},
+                     ASYNC_MAIL_STORAGE_DB_PATH=missing, ASYNC_MAIL_SERVER_PORT="0"))
+        self.assertEqual(result.returncode, 78, result.stderr)
+        self.assertIn("storage.db_path", result.stderr)
+        self.assertIn(os.path.dirname(missing), result.stderr)
+        self.assertFalse(os.path.exists(os.path.dirname(missing)))
 
     def test_sigterm_exits_zero_and_notifies_systemd(self):
         notify_path = os.path.join(self.dir, "notify.sock")
@@ -3039,7 +3147,8 @@ class OperationsTests(CoreCase):
         self.add(core, message("ok2", account_id="acct"))
         self.run_now(core)
         text = stream.getvalue()
-        self.assertIn("sent ok via account acct", text)
+        self.assertRegex(text, r"id=ok to=<[^>]+> relay=127\.0\.0\.1:\d+ delay=\S+ "
+                               r"dsn=2\.0\.0 status=sent \(250 ")
         self.assertIn("authentication failed", text)
         self.assertIn("delivery report", text)
         self.assertNotIn("SECRET", text)
@@ -3403,12 +3512,13 @@ class HardeningTests(CoreCase):
         self.assertEqual(sorted(str(parse_mail(m["data"])["Subject"]) for m in smtp.messages),
                          ["subject held", "subject later2"])
         # "held" was on the wire: not removed, and its outcome is reported
-        self.assertEqual(answer, {"ok": True, "removed": 1, "not_found": [],
+        self.assertEqual(answer, {"ok": True, "removed": 1, "affected": 1, "not_found": [],
                                   "being_sent": ["held"]})
         self.assertFalse(core.handle_command("get message", {"id": "later1"})["ok"])
         self.assertEqual(self.record(core, "held")["status"], "sent")
         reports = [(e["id"], e["status"]) for e in upstream.entries()]
-        self.assertEqual(sorted(reports), [("held", "sent"), ("later2", "sent")])
+        self.assertEqual(sorted(reports), [("held", "sent"), ("later1", "deleted"),
+                                           ("later2", "sent")])
         self.assertEqual(core.handle_command("status")["queue"]["sending"], 0)
 
     def test_a_forced_account_delete_during_a_send_sends_nothing_more(self):
@@ -4874,15 +4984,16 @@ class CommandLineControlTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.port = None
 
-    def cli(self, *args, env=None):
-        """The CLI with the daemon's config file; the daemon listens on a
-        port it chose, which the environment tells the CLI."""
+    def cli(self, *args, env=None, config_first=True):
+        """The CLI with the daemon's config file (named before the command
+        unless not ``config_first``); the daemon listens on a port it chose,
+        which the environment tells the CLI."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ASYNC_MAIL_")}
         environ["ASYNC_MAIL_SERVER_PORT"] = str(self.port)
         environ.update(env or {})
+        first = ["--config", os.path.join(self.dir, "config.ini")] if config_first else []
         done = subprocess.run(
-            [sys.executable, os.path.join(HERE, "asyncmail.py"), "--config",
-             os.path.join(self.dir, "config.ini")] + list(args),
+            [sys.executable, os.path.join(HERE, "asyncmail.py")] + first + list(args),
             capture_output=True, text=True, env=environ, timeout=WAIT, cwd=self.dir)
         return done.returncode, done.stdout, done.stderr
 
@@ -4893,15 +5004,29 @@ class CommandLineControlTests(unittest.TestCase):
         client.token = "cli-token"
         client.request("POST", "/account", {"id": "a", "host": "127.0.0.1", "port": 9})
         client.request("POST", "/commands/add-messages", {"messages": [
-            message("c1", to=["first@example.org", "second@example.org"]), message("c2"),
-            message("c3")]})
+            message("c1", to=["first@example.org", "second@example.org"]),
+            message("c2", deferred_ts=time.time() + 7200), message("c3")]})
         code, out, err = self.cli("queue")
         self.assertEqual(code, 0, err)
-        self.assertRegex(out, r"c1\s+pending\s+\S+\s+a\s+first@example.org")
-        self.assertIn("-- 3 messages (3 pending)", out)
-        code, out, _ = self.cli("hold", "c1", "c9")
-        self.assertEqual((code, out.splitlines()[0]), (0, "hold: 1 message"))
+        self.assertRegex(out.splitlines()[0], r"^ID\s+STATUS\s+AGE\s+ACCOUNT\s+NEXT\s+TO\s+")
+        self.assertRegex(out, r"c1\s+pending\s+\S+\s+a\s+-\s+first@example.org")
+        self.assertRegex(out, r"c2\s+deferred\s+\S+\s+a\s+in 1h\s")
+        self.assertIn("-- 3 messages (1 deferred, 2 pending)", out)
+        code, out, _ = self.cli("queue", "--limit", "2")
+        self.assertIn("-- 2 messages (1 deferred, 1 pending); more exist (raise --limit)", out)
+        code, out, _ = self.cli("show", "c2")
+        self.assertRegex(out, r"deferred_ts: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(")
+        code, _, err = self.cli("queue", "--account", "nope")
+        self.assertEqual(code, 1)
+        self.assertIn("no account nope (accounts: a)", err)
+        code, out, _ = self.cli("hold", "c1", "c9")          # not found: exit 1
+        self.assertEqual((code, out.splitlines()[0]), (1, "hold: 1 message"))
         self.assertIn("not found: c9", out)
+        # options after the command, as admins type them
+        code, out, err = self.cli("status", "--config", os.path.join(self.dir, "config.ini"),
+                                  config_first=False)
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"held\s+1\n")
         code, out, _ = self.cli("status", "--json")
         self.assertEqual(json.loads(out)["queue"]["held"], 1)
         daemon.kill(signal.SIGKILL)                       # held survives kill -9
@@ -4916,7 +5041,7 @@ class CommandLineControlTests(unittest.TestCase):
         self.assertIn("attempts:", out)
         self.assertEqual(self.cli("release", "--all")[1], "release: 1 message\n")
         self.assertEqual(self.cli("delete", "--account", "a")[1], "delete: 3 messages\n")
-        self.assertEqual(self.cli("queue")[1], "-- 0 messages\n")
+        self.assertEqual(self.cli("queue")[1].splitlines()[1:], ["-- 0 messages"])
         code, _, err = self.cli("show", "c1")
         self.assertEqual(code, 1)
         self.assertIn("unknown message", err)
@@ -6693,7 +6818,7 @@ class TenantApiTests(CoreCase):
         self.assertEqual(two.request("GET", "/messages/done")[1]["message"]["status"], "sent")
         self.assertEqual(one.request("POST", "/commands/delete-messages",
                                      {"ids": ["queued", "nope"]})[1],
-                         {"ok": True, "removed": 1, "not_found": ["nope"]})
+                         {"ok": True, "removed": 1, "affected": 1, "not_found": ["nope"]})
         self.assertEqual(two.request("GET", "/messages/queued")[0], 200)
 
     def test_endpoint_attachments_are_cached_only_when_their_md5_matches(self):
@@ -7767,3 +7892,187 @@ class GenropyTenantTests(CoreCase):
         self.assertEqual(sorted(e["id"] for e in shop.service.list_messages()["messages"]),
                          ["1", "2"])
         self.assertEqual(october_site.errors + shop.errors, [])
+
+
+class DeleteTests(ReportingCase):
+    """delete-messages as postsuper -d: selectors, a trace in the log and
+    upstream, and a delete that wins over a transaction on the wire."""
+
+    def setUp(self):
+        super().setUp()
+        self.core = self.reporting_core()
+        self.http = self.client(self.core)
+
+    def delete(self, body):
+        status, answer = self.http.request("POST", "/commands/delete-messages", body)
+        self.assertEqual(status, 200, answer)
+        return answer
+
+    def test_every_delete_is_logged_and_reported_as_deleted(self):
+        self.add(self.core, message("d1"), message("d2"))
+        self.assertEqual(self.delete({"ids": ["d1"]})["removed"], 1)
+        self.assertIn("delete-messages (1 id(s), tenant default): 1 deleted", self.logs.getvalue())
+        self.run_now(self.core)
+        entries = {e["id"]: e for e in self.upstream.entries()}
+        self.assertEqual(entries["d1"]["status"], "deleted")
+        self.assertEqual((entries["d1"]["sent_ts"], entries["d1"]["error_ts"],
+                          entries["d1"]["deferred_ts"]), (None, None, None))
+        self.assertEqual(entries["d2"]["status"], "sent")
+
+    def test_selectors_like_retry_and_hold(self):
+        self.add_account(self.core, self.smtp, id="other")
+        self.add(self.core, message("a1", account_id="acct"), message("a2", account_id="acct"),
+                 message("o1", account_id="other"), message("h1", account_id="acct"))
+        self.assertEqual(self.http.request("POST", "/commands/hold", {"ids": ["h1"]})[0], 200)
+        answer = self.delete({"account_id": "other"})
+        self.assertEqual((answer["removed"], answer["affected"]), (1, 1))
+        self.assertEqual(self.delete({"status": "held"})["affected"], 1)
+        self.assertIn("status held", self.logs.getvalue())
+        self.assertEqual(self.delete({})["removed"], 2)          # all not yet sent or failed
+        self.assertEqual(self.core.handle_command("status")["queue"]["pending"], 0)
+        self.assertEqual(self.http.request("POST", "/commands/delete-messages",
+                                           {"account_id": "nobody"})[1]["removed"], 0)
+
+    def test_a_selector_deletes_past_one_batch(self):
+        self.add(self.core, *[message("b%d" % i) for i in range(asyncmail.PURGE_BATCH + 7)])
+        self.assertEqual(self.delete({})["removed"], asyncmail.PURGE_BATCH + 7)
+
+    def _delete_on_the_wire(self, after_data):
+        """Delete m while the relay sits on its final reply, then let it give
+        ``after_data``; returns the delete's answer."""
+        self.smtp.script("DATA", "STALL:1.5:" + after_data)
+        self.add(self.core, message("m"))
+        runner = threading.Thread(target=self.core.handle_command, args=("run now",))
+        runner.start()
+        self.addCleanup(runner.join, WAIT)
+        wait_until(lambda: any(text.upper() == "DATA" for _, text in self.smtp.commands),
+                   message="the transaction on the wire")
+        answer = self.delete({"ids": ["m"]})
+        runner.join(WAIT)
+        return answer
+
+    def test_a_delete_wins_over_a_temporary_failure_on_the_wire(self):
+        # it used to be deferred and sent later
+        answer = self._delete_on_the_wire("451 4.3.0 try again later")
+        self.assertEqual((answer["removed"], answer["being_sent"]), (0, ["m"]))
+        self.assertFalse(self.core.handle_command("get message", {"id": "m"})["ok"])
+        self.clock.advance(3600)
+        self.run_now(self.core)
+        self.assertEqual(self.smtp.messages, [])
+        statuses = [e["status"] for e in self.upstream.entries() if e["id"] == "m"]
+        self.assertEqual(statuses[-1], "deleted")
+        self.assertNotIn("deferred", statuses)
+
+    def test_a_relay_that_accepted_wins_over_the_delete(self):
+        self._delete_on_the_wire("250 2.0.0 queued")
+        self.assertEqual(self.record(self.core, "m")["status"], "sent")
+        self.assertEqual(len(self.smtp.messages), 1)
+
+
+class AccountStateTests(CoreCase):
+    """An account's suspension and back-off, and the report backlog, are
+    visible in /accounts, /status and /metrics (they were not)."""
+
+    def test_suspension_back_off_and_backlog_are_shown(self):
+        upstream = Upstream()
+        self.addCleanup(upstream.close)
+        upstream.answers = [(500, "down")]
+        core = self.make_core({"client": {"client_sync_url": upstream.url}})
+        http = self.client(core)
+        smtp = self.smtp_server()
+        self.add_account(core, smtp, id="quiet")
+        self.add_account(core, None, id="down", port=free_port())   # nothing listens
+        self.assertEqual(http.request("POST", "/commands/suspend", {"account_id": "quiet"})[0],
+                         200)
+        self.add(core, message("m1", account_id="down"))
+        self.run_now(core)                  # a refused connection holds "down" back
+        accounts = {a["id"]: a for a in http.request("GET", "/accounts")[1]["accounts"]}
+        self.assertEqual((accounts["quiet"]["active"], accounts["quiet"]["held_back_until"]),
+                         (False, None))
+        self.assertTrue(accounts["down"]["active"])
+        self.assertGreater(accounts["down"]["held_back_until"], self.clock())
+        status = http.request("GET", "/status")[1]
+        self.assertEqual(status["accounts"]["suspended"], ["quiet"])
+        self.assertEqual(list(status["accounts"]["held_back_until"]), ["down"])
+        self.assertEqual(status["report_backlog"], 1)          # the deferral, not acked
+        families = parse_exposition(core.render_metrics())
+        active = families["asyncmail_account_active"]["samples"]
+        self.assertEqual(active[("asyncmail_account_active", (("tenant", "default"),
+                                                             ("account_id", "quiet")))], 0)
+        held = families["asyncmail_account_held_back_seconds"]["samples"]
+        self.assertEqual(held[("asyncmail_account_held_back_seconds",
+                               (("tenant", "default"), ("account_id", "down")))],
+                         accounts["down"]["held_back_until"] - self.clock())
+        backlog = families["asyncmail_report_backlog"]["samples"]
+        self.assertEqual(backlog[("asyncmail_report_backlog", (("tenant", "default"),))], 1)
+
+
+class DeliveryLogTests(CoreCase):
+    """One Postfix-style line per delivery outcome, by default: sent and
+    deferred at INFO, failed for good at WARNING."""
+
+    def test_one_line_per_outcome_with_id_to_relay_delay_dsn_status(self):
+        smtp = self.smtp_server()
+        core = self.make_core({"delivery": {"retry_delays": "60"}})
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.INFO)
+        self.addCleanup(core.log.removeHandler, handler)
+        self.add_account(core, smtp)
+        smtp.script("DATA", "250 2.0.0 Ok: queued as ABC", "451 4.3.0 try later",
+                    "550 5.1.1 no such user")
+        self.add(core, message("s1", to=["Ann <ann@example.org>", "bob@example.org"]),
+                 message("d1"), message("e1"))
+        self.clock.advance(3)
+        self.run_now(core)
+        lines = stream.getvalue().splitlines()
+        relay = "127.0.0.1:%d" % smtp.port
+        self.assertIn("INFO id=s1 to=<ann@example.org>,<bob@example.org> relay=%s delay=3.00 "
+                      "dsn=2.0.0 status=sent (250 2.0.0 Ok: queued as ABC)" % relay, lines)
+        deferred = [l for l in lines if l.startswith("INFO id=d1 ")]
+        self.assertEqual(len(deferred), 1, lines)
+        self.assertIn("dsn=4.3.0 status=deferred (", deferred[0])
+        self.assertIn(" until ", deferred[0])
+        failed = [l for l in lines if "id=e1 " in l]
+        self.assertEqual(len(failed), 1, lines)
+        self.assertTrue(failed[0].startswith("WARNING id=e1 "), failed)
+        self.assertIn("dsn=5.1.1 status=error (", failed[0])
+
+    def test_refused_tokens_are_counted_and_logged_rate_limited(self):
+        core = self.make_core({"server": {"api_token": "right"}})
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.INFO)
+        self.addCleanup(core.log.removeHandler, handler)
+        wrong = self.client(core, "wrong")
+        for _ in range(5):
+            self.assertEqual(wrong.request("GET", "/status")[0], 401)
+        self.assertEqual(stream.getvalue().count("missing or wrong API token"), 1,
+                         stream.getvalue())
+        core._http._unauthorized_logged -= 61          # the window has passed
+        wrong.request("GET", "/status")
+        self.assertIn("refused 5 request(s)", stream.getvalue())
+        families = parse_exposition(self.client(core, "right").request(
+            "GET", "/metrics", raw=True)[1].decode())
+        codes = families["asyncmail_http_requests_total"]["samples"]
+        self.assertEqual(codes[("asyncmail_http_requests_total", (("code", "401"),))], 6)
+
+    def test_json_log_lines(self):
+        config = asyncmail.Config({"logging": {"format": "json"}})
+        stream = io.StringIO()
+        log = asyncmail._setup_logging(config, stream)
+        self.addCleanup(log.handlers.clear)
+        log.warning("id=%s status=%s", "m1", "error")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        first, second = [json.loads(line) for line in stream.getvalue().splitlines()
+                         if line.startswith("{")]
+        self.assertEqual((first["level"], first["logger"], first["message"]),
+                         ("WARNING", "asyncmail", "id=m1 status=error"))
+        self.assertRegex(first["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertIn("ValueError: boom", second["exc"])
