@@ -3208,6 +3208,137 @@ class SystemdPeerTests(unittest.TestCase):
             self.assertIn(setting, text)
 
 
+class SystemdUnitPrivilegeTests(unittest.TestCase):
+    """The unit's privilege steps replayed for real, as systemd would take
+    them (PID 1 here is not systemd, so the unit itself cannot boot): the
+    directories it creates with their owners and modes, the credentials it
+    hands over, then ExecStart in WorkingDirectory as an unprivileged uid in
+    DynamicUser's range, no groups, no capabilities, no_new_privs, its
+    UMask, through setpriv.  Every value comes from asyncmail.service, every
+    install step from the README; the paths move under a temporary root."""
+
+    UID = 61184      # the first uid systemd's DynamicUser= hands out
+
+    def setUp(self):
+        self.setpriv = shutil.which("setpriv")
+        require_peer(self, self.setpriv and os.geteuid() == 0 and
+                     os.path.exists("/usr/bin/python3"),
+                     "setpriv (util-linux), root and /usr/bin/python3")
+        self.root = tempfile.mkdtemp(prefix="asyncmail-unit-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        os.chmod(self.root, 0o755)
+        self.unit = self.read_unit(os.path.join(HERE, "asyncmail.service"))
+
+    @staticmethod
+    def read_unit(path):
+        """The [Service] settings: name -> list of values."""
+        settings, section = {}, None
+        with open(path) as handle:
+            for line in handle:
+                line = line.strip()
+                if line.startswith("["):
+                    section = line
+                elif section == "[Service]" and "=" in line and not line.startswith("#"):
+                    name, _, value = line.partition("=")
+                    settings.setdefault(name, []).append(value)
+        return settings
+
+    def path(self, absolute):
+        return os.path.join(self.root, absolute.lstrip("/"))
+
+    def install(self, config_mode):
+        """The README's install steps and systemd's set-up for the unit."""
+        unit = self.unit
+        self.assertEqual(unit["DynamicUser"], ["yes"])
+        python, script = unit["ExecStart"][0].split()[:2]
+        os.makedirs(os.path.dirname(self.path(script)))
+        shutil.copy(os.path.join(HERE, "asyncmail.py"), self.path(script))
+        os.chmod(self.path(script), 0o644)
+        # ConfigurationDirectory=: made by systemd, root's, in its mode
+        etc = self.path("/etc/" + unit["ConfigurationDirectory"][0])
+        os.makedirs(etc)
+        os.chmod(etc, config_mode)
+        self.port = free_port()
+        with open(os.path.join(etc, "config.ini"), "w") as handle:   # README: 0644
+            handle.write("[server]\nport = %d\n" % self.port)
+        os.chmod(os.path.join(etc, "config.ini"), 0o644)
+        credentials = os.path.join(etc, "credentials")                   # README: 0700
+        os.makedirs(credentials, mode=0o700)
+        self.token = "unit-token-%d" % os.getpid()
+        # StateDirectory=: made by systemd for the dynamic user, in its mode
+        state = self.path("/var/lib/" + unit["StateDirectory"][0])
+        os.makedirs(state)
+        os.chown(state, self.UID, self.UID)
+        os.chmod(state, int(unit["StateDirectoryMode"][0], 8))
+        # LoadCredential=: systemd reads each source as root and hands the
+        # service a private copy (directory 0500, files 0400, the user's)
+        handed = self.path("/run/credentials/asyncmail.service")
+        os.makedirs(handed)
+        for item in unit.get("LoadCredential", []):
+            name, _, source = item.partition(":")
+            with open(self.path(source), "w") as handle:
+                handle.write(self.token + "\n")
+            os.chmod(self.path(source), 0o600)
+            shutil.copy(self.path(source), os.path.join(handed, name))
+            os.chown(os.path.join(handed, name), self.UID, self.UID)
+            os.chmod(os.path.join(handed, name), 0o400)
+        os.chown(handed, self.UID, self.UID)
+        os.chmod(handed, 0o500)
+        env = {"PATH": "/usr/bin:/bin", "STATE_DIRECTORY": state,
+               "CREDENTIALS_DIRECTORY": handed}
+        for item in unit.get("Environment", []):
+            for assignment in item.split():
+                name, _, value = assignment.partition("=")
+                env[name] = value
+        return python, self.path(script), self.path(unit["WorkingDirectory"][0]), env, state
+
+    def start(self, config_mode):
+        python, script, workdir, env, state = self.install(config_mode)
+        umask = int(self.unit["UMask"][0], 8)
+        log = open(os.path.join(self.root, "daemon.log"), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [self.setpriv, "--reuid=%d" % self.UID, "--regid=%d" % self.UID, "--clear-groups",
+             "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "/bin/sh", "-c",
+             'cd "$1" && shift && exec "$@"', "sh", workdir, python, script],
+            env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=lambda: os.umask(umask))
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        return process, state
+
+    def log_text(self):
+        with open(os.path.join(self.root, "daemon.log"), "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def test_the_unit_starts_as_its_dynamic_user_and_the_cli_wrapper_finds_its_token(self):
+        process, state = self.start(int(self.unit["ConfigurationDirectoryMode"][0], 8))
+        wait_until(lambda: "listening on" in self.log_text() or process.poll() is not None,
+                   message="the daemon's start")
+        self.assertIsNone(process.poll(), self.log_text())
+        anonymous = Client(("127.0.0.1", self.port))
+        self.addCleanup(anonymous.close)
+        self.assertEqual(anonymous.request("GET", "/health")[0], 200)
+        self.assertEqual(anonymous.request("GET", "/status")[0], 401)   # the credential's token
+        database = os.path.join(state, "asyncmail.db")
+        info = os.stat(database)
+        self.assertEqual((info.st_uid, info.st_mode & 0o777), (self.UID, 0o600))
+        # the admin's CLI: contrib/asyncmail with the installed config and credentials
+        wrapper = subprocess.run(
+            [os.path.join(HERE, "contrib", "asyncmail"), "status"], capture_output=True,
+            text=True, timeout=WAIT, env={
+                "PATH": "/usr/bin:/bin", "ASYNCMAIL_CONF_DIR": self.path("/etc/asyncmail"),
+                "ASYNCMAIL_LIB_DIR": os.path.dirname(self.path(
+                    self.unit["ExecStart"][0].split()[1]))})
+        self.assertEqual(wrapper.returncode, 0, wrapper.stderr)
+        self.assertIn("asyncmail %s, active" % asyncmail.__version__, wrapper.stdout)
+
+    def test_the_old_0750_configuration_directory_could_not_start(self):
+        # the defect the unit had: the dynamic user cannot enter a root-owned
+        # 0750 directory (systemd: status=200/CHDIR); this replay sees it too
+        process, _ = self.start(0o750)
+        self.assertNotEqual(process.wait(WAIT), 0)
+        self.assertIn("can't cd to %s" % self.path("/etc/asyncmail"), self.log_text())
+
+
 # ==========================================================================
 # Reliability and security (the fast, deterministic parts; the long runs are
 # reliability/run.py)
