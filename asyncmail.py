@@ -84,6 +84,7 @@ import sqlite3
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -455,7 +456,8 @@ SQL_COUNT_SUPPRESSIONS = "SELECT COUNT(*) FROM suppressions"
 # Operator commands (SPEC 7).  ``{where}`` is the selector: ``id IN (...)``,
 # ``account_id = ?``, ``status = ?`` or ``1``; each command also names the
 # statuses it applies to, so a selector can only narrow it.
-SQL_SELECTOR_IDS = "SELECT id, status, account_id IN (SELECT id FROM accounts) FROM messages WHERE id IN ({marks})"
+SQL_SELECTOR_IDS = ("SELECT id, status, account_id IN (SELECT id FROM accounts) FROM messages"
+                    " WHERE id IN ({marks})")
 SQL_RETRY = (
     "UPDATE messages SET status = 'pending', deferred_ts = NULL, deferred_reason = NULL,"
     " updated_ts = ? WHERE status = 'deferred' AND {scheduled} AND {where}")
@@ -774,8 +776,8 @@ def _check_addr_spec(addr):
                          % (addr[:80], MAX_DOMAIN))
     try:
         ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError("invalid address %r: bad domain" % addr)
+    except UnicodeError as exc:
+        raise ValueError("invalid address %r: bad domain" % addr) from exc
     if not local.isascii():
         raise ValueError("invalid address %r: a non-ASCII local part needs SMTPUTF8, "
                          "which asyncmail does not speak" % addr)
@@ -853,7 +855,7 @@ def _parse_address_list(value, field):
         try:
             parsed.append(_parse_address(item))
         except ValueError as exc:
-            raise ValueError("%s: %s" % (field, exc))
+            raise ValueError("%s: %s" % (field, exc)) from exc
     return parsed
 
 
@@ -1065,8 +1067,8 @@ def _conf_duration(allow_zero=False):
             raise ValueError("expected seconds")
         try:
             seconds = float(value)
-        except (TypeError, ValueError):
-            raise ValueError("expected seconds (a number, may be fractional)")
+        except (TypeError, ValueError) as exc:
+            raise ValueError("expected seconds (a number, may be fractional)") from exc
         if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
             raise ValueError("expected a positive number of seconds")
         return seconds
@@ -1103,8 +1105,8 @@ def _conf_url(value):
                              "client_sync_token")
         try:
             parts.port
-        except ValueError:
-            raise ValueError("invalid port")
+        except ValueError as exc:
+            raise ValueError("invalid port") from exc
     return url
 
 
@@ -1140,8 +1142,8 @@ def _conf_timezone(value):
                          "on this Python use UTC or a fixed offset like +02:00")
     try:
         return _zoneinfo.ZoneInfo(name)
-    except (ValueError, _zoneinfo.ZoneInfoNotFoundError):
-        raise ValueError("unknown time zone %r" % name)
+    except (ValueError, _zoneinfo.ZoneInfoNotFoundError) as exc:
+        raise ValueError("unknown time zone %r" % name) from exc
 
 
 class SendingWindow:
@@ -1315,7 +1317,7 @@ class Config:
                 typed[(section, key)] = parser(value)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise ConfigError("bad value %r: %s" % (_mask(key, value), exc),
-                                  key="%s.%s" % (section, key))
+                                  key="%s.%s" % (section, key)) from exc
         db_path = typed[("storage", "db_path")]
         if state_directory and not os.path.isabs(db_path):
             typed[("storage", "db_path")] = os.path.join(state_directory, db_path)
@@ -1371,7 +1373,7 @@ def load_config(path=None, environ=None):
             with open(path, encoding="utf-8") as handle:
                 parser.read_file(handle)
         except (OSError, UnicodeDecodeError, configparser.Error) as exc:
-            raise ConfigError("cannot read %s: %s" % (path, exc))
+            raise ConfigError("cannot read %s: %s" % (path, exc)) from exc
         known_sections = {s for s, _ in CONFIG_SCHEMA}
         for section in parser.sections():
             if section not in known_sections:
@@ -1403,7 +1405,8 @@ def load_config(path=None, environ=None):
                     with open(os.path.join(credentials, name), encoding="utf-8") as handle:
                         overrides.setdefault(section, {})[key] = handle.read().rstrip("\r\n")
                 except (OSError, UnicodeDecodeError) as exc:
-                    raise ConfigError("cannot read credential %s: %s" % (name, exc), key=name)
+                    raise ConfigError("cannot read credential %s: %s" % (name, exc),
+                                      key=name) from exc
                 sources.append("credential %s (%s)" % (name, credentials))
     env_names = {"ASYNC_MAIL_%s_%s" % (s.upper(), k.upper()): (s, k) for s, k in CONFIG_SCHEMA}
     for name, value in environ.items():
@@ -1575,16 +1578,16 @@ class Store:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise StoreError("cannot create %s: %s" % (lock_path, exc))
+            raise StoreError("cannot create %s: %s" % (lock_path, exc)) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             pid = None
             with contextlib.suppress(OSError, ValueError):
                 pid = int(os.pread(fd, 32, 0).split()[0])
             os.close(fd)
             raise AlreadyRunningError("database %s is in use: asyncmail is already running "
-                                      "(pid %s)" % (path, pid if pid else "unknown"), pid)
+                                      "(pid %s)" % (path, pid if pid else "unknown"), pid) from exc
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         return fd
@@ -1597,7 +1600,7 @@ class Store:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
         except OSError as exc:
-            raise StoreError("cannot create database %s: %s" % (path, exc))
+            raise StoreError("cannot create database %s: %s" % (path, exc)) from exc
 
     @contextlib.contextmanager
     def _connection(self, durable=True):
@@ -1622,7 +1625,7 @@ class Store:
                     conn.rollback()
                 self._pool.put((conn, mode))
         except sqlite3.Error as exc:
-            raise StoreError("database error: %s" % exc)
+            raise StoreError("database error: %s" % exc) from exc
         finally:
             self._slots.release()
 
@@ -1716,6 +1719,11 @@ class Store:
         return request.duplicates, request.orphans, request.replaced
 
     def _commit_intake(self, group):
+        """Commit every request of ``group`` in one transaction; each gets
+        its duplicates, orphans and replacements, or the error that failed
+        them all.  Whatever ends it, no request is left looking committed
+        when it is not."""
+        committed = False
         try:
             with self._transaction(durable=True) as conn:
                 keys = [row.key for request in group for row in request.rows]
@@ -1749,7 +1757,8 @@ class Store:
                     conn.execute(SQL_DELETE_EVENTS_OF.format(marks=marks), chunk)
                     conn.execute(SQL_DELETE_PKS.format(marks=marks), chunk)
                 conn.executemany(SQL_INSERT_MESSAGE, inserts)
-        except BaseException as exc:
+            committed = True
+        except Exception as exc:
             # every request of the group failed with its transaction: each
             # caller raises it (a StoreError is a 503; anything else is a bug,
             # logged with its traceback where the request is handled)
@@ -1759,6 +1768,8 @@ class Store:
                 raise
         finally:
             for request in group:
+                if not committed and request.error is None:   # KeyboardInterrupt...
+                    request.error = StoreError("intake interrupted before its commit")
                 request.done = True
 
     # -- reading ------------------------------------------------------------
@@ -2559,8 +2570,8 @@ def _check_attachment(raw, index):
         compact = "".join(value.split())
         try:
             base64.b64decode(compact, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("%s.content is not valid base64" % field)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("%s.content is not valid base64" % field) from exc
         attachment["content"] = compact
     elif source == "url":
         if not isinstance(value, str) or _CONTROL_CHARS.search(value) or " " in value:
@@ -2570,8 +2581,8 @@ def _check_attachment(raw, index):
         parts = urllib.parse.urlsplit(value)
         try:
             parts.port
-        except ValueError:
-            raise ValueError("%s.url has an invalid port" % field)
+        except ValueError as exc:
+            raise ValueError("%s.url has an invalid port" % field) from exc
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError("%s.url must be an http or https URL" % field)
         attachment["url"] = value
@@ -2803,7 +2814,7 @@ def validate_account(raw):
         try:
             account[field] = default if value is None else parse(value)
         except ValueError as exc:
-            raise ValueError("%s %s" % (field, exc))
+            raise ValueError("%s %s" % (field, exc)) from exc
     implicit = account["port"] == IMPLICIT_TLS_PORT
     if account["use_ssl"] is None:
         account["use_ssl"] = implicit
@@ -2850,8 +2861,8 @@ def _tenant_url_field(value, field, required=False):
         parts = urllib.parse.urlsplit(value)
         try:
             parts.port
-        except ValueError:
-            raise ValueError("%s has an invalid port" % field)
+        except ValueError as exc:
+            raise ValueError("%s has an invalid port" % field) from exc
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
             raise ValueError("%s must be an http or https URL" % field)
     elif not value.startswith("/") or "#" in value:
@@ -3099,7 +3110,7 @@ def _rich_mime(message, attachments, now):
             mime.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
         return mime.as_bytes(policy=policy)
     except (ValueError, TypeError, IndexError, email.errors.MessageError) as exc:
-        raise PermanentError("cannot build the message: %s" % exc)
+        raise PermanentError("cannot build the message: %s" % exc) from exc
 
 
 def _guess_mime_type(filename):
@@ -3781,7 +3792,8 @@ class AttachmentFetcher:
         try:
             addresses = self._resolve(host, port)
         except (OSError, UnicodeError) as exc:
-            raise TemporaryError("attachment %s: cannot resolve %s: %s" % (filename, host, exc))
+            raise TemporaryError("attachment %s: cannot resolve %s: %s"
+                                 % (filename, host, exc)) from exc
         if not addresses:
             raise TemporaryError("attachment %s: %s has no address" % (filename, host))
         for address in addresses:
@@ -3939,9 +3951,9 @@ class AttachmentFetcher:
             if time.monotonic() >= deadline:
                 raise TemporaryError("attachment %s: fetching %s took longer than "
                                      "[attachments] timeout_seconds (%g s)"
-                                     % (filename, where, self.timeout))
+                                     % (filename, where, self.timeout)) from exc
             raise TemporaryError("attachment %s: fetching %s failed: %s"
-                                 % (filename, where, exc or type(exc).__name__))
+                                 % (filename, where, exc or type(exc).__name__)) from exc
         finally:
             connection.close()
 
@@ -4216,6 +4228,20 @@ def _dsn(status, code, text):
     return {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
 
 
+def _unexpected_cause(exc):
+    """The traceback of what caused ``exc`` when that was no SMTP, socket or
+    delivery error (a bug, or a relay saying what no code expects, caught by
+    AUTH's catch-all), without its message, which may quote a credential;
+    "" otherwise."""
+    import smtplib
+    cause = exc.__cause__
+    if cause is None or isinstance(cause, (smtplib.SMTPException, OSError, DeliveryError)):
+        return ""
+    return "\nTraceback (most recent call last):\n%s%s.%s (message withheld: it may hold " \
+           "a credential)" % ("".join(traceback.format_tb(cause.__traceback__)),
+                               type(cause).__module__, type(cause).__qualname__)
+
+
 def _reply_text(code, reply):
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
@@ -4312,7 +4338,7 @@ def _smtp_open(account, timeout, local_hostname):
                 raise
             except Exception as exc:   # whatever it is, its text may hold a credential
                 raise _smtp_error("AUTH with %s failed: %s" % (where, type(exc).__name__),
-                                  True, True)
+                                  True, True) from exc
         return conn
     except SmtpTemporaryError:
         _close_quietly(conn)
@@ -4321,19 +4347,19 @@ def _smtp_open(account, timeout, local_hostname):
         _close_quietly(conn)
         raise _smtp_error("authentication failed at %s: %s"
                           % (where, _reply_text(exc.smtp_code, exc.smtp_error)),
-                          True, True, exc.smtp_code)
+                          True, True, exc.smtp_code) from exc
     except smtplib.SMTPResponseException as exc:
         _close_quietly(conn)
         raise _smtp_error("%s refused the session: %s"
                           % (where, _reply_text(exc.smtp_code, exc.smtp_error)),
-                          True, True, exc.smtp_code)
+                          True, True, exc.smtp_code) from exc
     except ssl.SSLError as exc:
         _close_quietly(conn)
-        raise _smtp_error("TLS with %s failed: %s" % (where, exc), True, True)
+        raise _smtp_error("TLS with %s failed: %s" % (where, exc), True, True) from exc
     except (smtplib.SMTPException, OSError) as exc:
         _close_quietly(conn)
         raise _smtp_error("cannot connect to %s: %s" % (where, exc or type(exc).__name__),
-                          True, True)
+                          True, True) from exc
 
 
 def _close_quietly(conn):
@@ -4416,14 +4442,14 @@ class SmtpRelay:
                 self.close()
                 if not reused or attempt == 2:
                     raise _smtp_error("connection to %s lost: %s" % (self.where, exc.reason),
-                                      True, True)
+                                      True, True) from exc
             except _SMTP_ERRORS:
                 self._reset()
                 raise
             except (smtplib.SMTPException, OSError) as exc:
                 self.close()
                 raise _smtp_error("connection to %s lost during the transaction: %s" % (
-                    self.where, exc or type(exc).__name__), True)
+                    self.where, exc or type(exc).__name__), True) from exc
             finally:
                 self._used = self._clock()
             if self.account["ttl"] <= 0:
@@ -4443,7 +4469,7 @@ class SmtpRelay:
         try:
             code, reply = conn.mail(sender)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            raise _StaleConnection(str(exc) or type(exc).__name__)
+            raise _StaleConnection(str(exc) or type(exc).__name__) from exc
         if code == 421:
             raise _StaleConnection(_reply_text(code, reply))
         if code != 250:
@@ -5084,7 +5110,8 @@ class _Dispatcher(_Worker):
         outcome = self._retry(claim, now, str(exc), attempt)
         if not exc.account_level:
             return outcome
-        self.log.error("account %s: %s", _shown_key(claim.account_id), exc)
+        self.log.error("account %s: %s%s", _shown_key(claim.account_id), exc,
+                       _unexpected_cause(exc))
         with self._lock:
             self._backoff[claim.account_id] = now + self._delay(claim.retry_count)
         return outcome._replace(account_down=True)
@@ -5552,7 +5579,7 @@ def _imap(imap, command, *args):
     try:
         typ, data = getattr(imap, command)(*args)
     except imaplib.IMAP4.error as exc:
-        raise ImapError("IMAP %s failed: %s" % (command.upper(), str(exc)[:200]))
+        raise ImapError("IMAP %s failed: %s" % (command.upper(), str(exc)[:200])) from exc
     if typ != "OK":
         raise ImapError("IMAP %s answered %s: %s" % (command.upper(), typ, b" ".join(
             d for d in data if isinstance(d, bytes))[:200].decode("utf-8", "replace")))
@@ -5637,7 +5664,7 @@ def _imap_connect(settings):
         if imap is not None:
             _imap_logout(imap)
         raise ImapError("%s: %s" % (where, type(exc).__name__ if isinstance(exc, UnicodeError)
-                                    else exc))
+                                    else exc)) from exc
     except OSError:
         if imap is not None:
             _imap_logout(imap)
@@ -6271,9 +6298,9 @@ class _ApiHandler(BaseHTTPRequestHandler):
             try:
                 parsed = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
                                                strict_parsing=False, max_num_fields=50)
-            except ValueError:
+            except ValueError as exc:
                 self._discard_body()
-                raise ValidationError("malformed query string")
+                raise ValidationError("malformed query string") from exc
             query = {key: values[-1] for key, values in parsed.items()}
         if command == "metrics":
             _, answer = self.server.core.run_command(command, {}, caller)
@@ -6388,15 +6415,18 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def _json_body(self, body, command):
         if not body.strip():
+            if command == "delete messages":   # a bare POST must not empty the queue
+                raise ValidationError("name what to delete: ids, account_id, status, or {} "
+                                      "for every message not yet sent or failed")
             return {}
         try:
             text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValidationError("body is not UTF-8")
+        except UnicodeDecodeError as exc:
+            raise ValidationError("body is not UTF-8") from exc
         try:
             payload = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
-            raise ValidationError("body is not valid JSON: %s" % str(exc)[:200])
+            raise ValidationError("body is not valid JSON: %s" % str(exc)[:200]) from exc
         if not isinstance(payload, dict):
             message = "body must be a JSON object"
             if command == "add messages":   # the shape of every other malformed batch
@@ -6777,7 +6807,7 @@ class AsyncMailCore:
             try:
                 _check_identifier(batch_code, "batch_code")
             except ValueError as exc:
-                raise ValidationError(str(exc))
+                raise ValidationError(str(exc)) from exc
             self.controls.hold_batch(tenant, batch_code, held=suspended)
             self.log.info("dispatching %s for batch %s of tenant %s", verb, batch_code[:80],
                           tenant)
@@ -6952,7 +6982,7 @@ class AsyncMailCore:
         try:
             account = validate_account(payload)
         except ValueError as exc:
-            raise ValidationError(str(exc))
+            raise ValidationError(str(exc)) from exc
         key = _scoped(tenant, account["id"])
         account.update(id=key, tenant_id=tenant)
         self.store.upsert_account(account, self.now())
@@ -7014,8 +7044,8 @@ class AsyncMailCore:
             raise ValidationError("id must be a string")
         try:
             force = _parse_bool(payload.get("force", False))
-        except ValueError:
-            raise ValidationError("force must be true or false")
+        except ValueError as exc:
+            raise ValidationError("force must be true or false") from exc
         key = _scoped(tenant, account_id)
         undelivered = self.store.delete_account(key, force, self.now())
         self._reload_accounts()
@@ -7108,7 +7138,7 @@ class AsyncMailCore:
         try:
             name, address = _parse_address(address)
         except ValueError as exc:
-            raise ValidationError("address: %s" % exc)
+            raise ValidationError("address: %s" % exc) from exc
         if name:
             raise ValidationError("address must be a bare address")
         days = payload.get("days", self.config.bounces.suppress_days)
@@ -7135,7 +7165,7 @@ class AsyncMailCore:
         try:
             tenant_id, settings, ignored = validate_tenant(payload)
         except ValueError as exc:
-            raise ValidationError(str(exc))
+            raise ValidationError(str(exc)) from exc
         key = secrets.token_urlsafe(TENANT_KEY_BYTES)
         created = self.store.upsert_tenant(tenant_id, settings, _key_digest(key), self.now())
         self._reload_tenants()
@@ -7195,8 +7225,8 @@ class AsyncMailCore:
         instant).  Also lifts the accounts' back-off after a relay failure."""
         try:
             include = _parse_bool(payload.get("include_scheduled", False))
-        except ValueError:
-            raise ValidationError("include_scheduled must be true or false")
+        except ValueError as exc:
+            raise ValidationError("include_scheduled must be true or false") from exc
         answer = self._operate("retry", payload, tenant, include_scheduled=include)
         account_id = payload.get("account_id")
         self.dispatcher.lift_backoff(None if account_id is None or tenant == ALL_TENANTS
@@ -7348,7 +7378,7 @@ def _parse_selector(command, payload):
     try:
         return ("account_id", _check_identifier(value, "account_id"))
     except ValueError as exc:
-        raise ValidationError(str(exc))
+        raise ValidationError(str(exc)) from exc
 
 
 MAX_CURSOR_CHARS = 2048
@@ -7369,8 +7399,8 @@ def _decode_cursor(value, by_id):
         raise ValidationError("after must be a cursor from a previous answer's next")
     try:
         position = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
-    except (ValueError, binascii.Error, RecursionError):
-        raise ValidationError("after must be a cursor from a previous answer's next")
+    except (ValueError, binascii.Error, RecursionError) as exc:
+        raise ValidationError("after must be a cursor from a previous answer's next") from exc
     if by_id and isinstance(position, str):
         return position
     if (not by_id and isinstance(position, list) and len(position) == 2
@@ -7400,8 +7430,8 @@ _DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 def _query_bool(payload, name):
     try:
         return _parse_bool(payload.get(name, False))
-    except ValueError:
-        raise ValidationError("%s must be true or false" % name)
+    except ValueError as exc:
+        raise ValidationError("%s must be true or false" % name) from exc
 
 
 def _query_int(payload, name, default, low, high):
@@ -7608,14 +7638,14 @@ class _ApiClient:
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
             raise _CliError("the daemon does not answer at %s (%s); is it running?"
-                            % (where, exc or type(exc).__name__), EX_UNAVAILABLE)
+                            % (where, exc or type(exc).__name__), EX_UNAVAILABLE) from exc
         finally:
             conn.close()
         try:
             answer = json.loads(raw.decode("utf-8"))
-        except ValueError:
+        except ValueError as exc:
             raise _CliError("%s answered HTTP %d with no JSON: is it asyncmail?"
-                            % (where, response.status), 1)
+                            % (where, response.status), 1) from exc
         if response.status == 401:
             raise _CliError("the daemon refused the API token (set [server] api_token or "
                             "ASYNC_MAIL_SERVER_API_TOKEN as the daemon has it)", 1)

@@ -8145,6 +8145,16 @@ class DeleteTests(ReportingCase):
         self.assertEqual(self.http.request("POST", "/commands/delete-messages",
                                            {"account_id": "nobody"})[1]["removed"], 0)
 
+    def test_a_bare_post_deletes_nothing(self):
+        # {} deletes every message not yet sent or failed: an empty body must
+        # not mean the same (curl -X POST .../delete-messages)
+        self.add(self.core, message("keep"))
+        status, answer = self.http.request("POST", "/commands/delete-messages", b"",
+                                           headers={"Content-Type": "application/json"})
+        self.assertEqual(status, 400)
+        self.assertIn("name what to delete", answer["error"])
+        self.assertEqual(self.record(self.core, "keep")["status"], "pending")
+
     def test_a_selector_deletes_past_one_batch(self):
         self.add(self.core, *[message("b%d" % i) for i in range(asyncmail.PURGE_BATCH + 7)])
         self.assertEqual(self.delete({})["removed"], asyncmail.PURGE_BATCH + 7)
@@ -8288,3 +8298,25 @@ class DeliveryLogTests(CoreCase):
                          ("WARNING", "asyncmail", "id=m1 status=error"))
         self.assertRegex(first["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         self.assertIn("ValueError: boom", second["exc"])
+
+
+class AuthCatchAllTests(CoreCase):
+
+    def test_an_unexpected_auth_error_logs_its_traceback_but_not_its_text(self):
+        smtp = self.smtp_server(ehlo_extensions=("AUTH CRAM-MD5",))
+        smtp.script("AUTH", "334 ***not-base64-SECRET***")   # a challenge that is no base64
+        core = self.make_core()
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        core.log.addHandler(handler)
+        core.log.setLevel(logging.INFO)
+        self.addCleanup(core.log.removeHandler, handler)
+        self.add_account(core, smtp, user="u", password="pw-SECRET")
+        self.add(core, message("m"))
+        self.run_now(core)
+        self.assertEqual(self.record(core, "m")["status"], "deferred")
+        text = stream.getvalue()
+        self.assertIn("Traceback (most recent call last)", text)
+        self.assertIn("in _smtp_login", text)
+        self.assertIn("binascii.Error (message withheld", text)
+        self.assertNotIn("SECRET", text)

@@ -220,6 +220,21 @@ def scenario_fuzz(options):
             rejected = {r["id"] for r in answer["rejected"]}
             accepted.update(m["id"] for m in sent if isinstance(m, dict)
                             and isinstance(m.get("id"), str) and m["id"] not in rejected)
+        elif status == 200 and raw.startswith(b"POST /commands/delete-messages "):
+            # a delete the corpus made: what it removed is not lost.  With ids,
+            # those it found; with a selector ({} or the account: the fuzz's
+            # queue is all one account's, all pending), everything so far.
+            answer = json.loads(body[:int(re.search(rb"(?i)content-length: (\d+)",
+                                                    head).group(1))])
+            payload = raw.partition(b"\r\n\r\n")[2]
+            if b"Transfer-Encoding: chunked" in raw.partition(b"\r\n\r\n")[0]:
+                size, _, rest = payload.partition(b"\r\n")     # the corpus sends one chunk
+                payload = rest[:int(size, 16)]
+            selector = json.loads(payload)
+            if isinstance(selector.get("ids"), list):
+                accepted -= set(selector["ids"]) - set(answer["not_found"])
+            elif answer["removed"]:
+                accepted.clear()
     started = time.monotonic()
     status, _ = request(daemon.address, "GET", "/status", timeout=1)
     status_seconds = time.monotonic() - started
