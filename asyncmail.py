@@ -4465,6 +4465,13 @@ class SmtpRelay:
             self.close()
 
     def _transaction(self, conn, sender, recipients, data):
+        """MAIL, RCPT for each recipient, DATA over ``conn``.  Returns the
+        SmtpReply of an accepted message (with the recipients refused while
+        others were accepted); raises SmtpPermanentError or
+        SmtpTemporaryError for a refusal, and _StaleConnection when the
+        server dropped the connection before MAIL was answered (the caller
+        may then retry once on a fresh one).  Blocks up to the account's
+        timeout per command."""
         import smtplib
         try:
             code, reply = conn.mail(sender)
@@ -4713,7 +4720,19 @@ class _Worker:
             self._thread.join(timeout)
         self.shutdown()
 
+    @property
+    def wake_pending(self):
+        """Whether a cycle has been asked for and not begun (tests read it)."""
+        return self._wake.is_set()
+
     def _run(self):
+        """The thread's loop, until ``stop``: wait for a wake-up or the next
+        poll (at most HEARTBEAT_EVERY, so ``heartbeat`` stays fresh for the
+        watchdog), run ``cycle(now)`` with the injected clock, wait (for a
+        run-now that asked to) on the Events of the work it started, then
+        tell run-now's waiters the cycle is done.  A cycle's exception is
+        logged with its traceback and the loop goes on; nothing but
+        ``stop`` ends it."""
         next_cycle = time.monotonic() + self.interval() if self._poll else math.inf
         while not self._stop.is_set():
             woken = self._wake.wait(min(max(0.0, next_cycle - time.monotonic()),
@@ -4919,7 +4938,7 @@ class _Dispatcher(_Worker):
                 stale = relay
                 relay = SmtpRelay(account, account.get("timeout")
                                   or self.delivery.smtp_timeout_seconds,
-                                  self._connect, self._local_hostname)
+                                  self._connect, self._local_hostname, clock=self.timer)
                 self._relays[account["id"]] = relay
         if stale is not None:
             stale.close()   # QUIT may wait: never under the lock
@@ -5471,6 +5490,10 @@ class _BounceCollector(_Worker):
         return self.settings.poll_interval_seconds
 
     def cycle(self, now):
+        """One poll of the mailbox, unless backing off after a failure:
+        connect, read each unseen message, record what it is, mark it seen
+        (or delete a matched one), log out.  A refused or failing mailbox
+        is logged and backs off (the poll interval doubling to an hour)."""
         if now < self._retry_at:
             return
         try:

@@ -1603,9 +1603,34 @@ class DeliveryTests(CoreCase):
         self.assertEqual(self.record(again, "inflight")["status"], "sent")
 
     def test_test_mode_ignores_priority_zero_wake(self):
+        # the state, not a race: a priority-0 intake asks for no cycle at all
+        self.assertFalse(self.core.dispatcher.wake_pending)
         self.add(self.core, message("urgent", priority=0))
+        self.assertFalse(self.core.dispatcher.wake_pending)
         self.assertEqual(self.record(self.core, "urgent")["status"], "pending")
         self.assertEqual(self.smtp.connections, 0)
+        live = self.make_core(test_mode=False, start=False)    # the contrast: polling loops
+        self.addCleanup(live.stop)
+        self.add_account(live, self.smtp)
+        self.add(live, message("urgent", priority=0))
+        self.assertTrue(live.dispatcher.wake_pending)
+
+    def test_a_connection_is_reused_within_its_ttl_and_replaced_after(self):
+        clock = [1000.0]
+        account = asyncmail.validate_account({"id": "r", "host": "127.0.0.1",
+                                              "port": self.smtp.port, "ttl": 300})
+        relay = asyncmail.SmtpRelay(account, 5, asyncmail._smtp_connect, "test",
+                                    clock=lambda: clock[0])
+        self.addCleanup(relay.close)
+        data = b"Subject: t\r\n\r\nbody\r\n"
+        relay.send("a@example.com", ["b@example.org"], data)
+        clock[0] += 299                      # within ttl: the same connection
+        relay.send("a@example.com", ["b@example.org"], data)
+        self.assertEqual(self.smtp.connections, 1)
+        clock[0] += 2                        # 301 s since it opened: a new one
+        relay.send("a@example.com", ["b@example.org"], data)
+        self.smtp.wait_messages(3)
+        self.assertEqual(self.smtp.connections, 2)
 
 
 class RateLimitTests(CoreCase):
