@@ -18,7 +18,7 @@ footprint, the raw smtplib loop for dispatch, pull and the tenants' pull, the
 daemon itself at 1k queued for scale and with 1 tenant for the tenants'
 intake, a raw imaplib loop for bounces); absolute figures are printed beside
 the ratios but not judged.  bounces needs Dovecot 2.3 and root (it uses
-test_asyncmail.py's fixture) and is skipped with a message without them.
+testsupport's fixture) and is skipped with a message without them.
 Prints each figure with its target and verdict, then a Markdown table;
 writes raw numbers and machine info as JSON.
 
@@ -1994,14 +1994,13 @@ _TESTS = []
 
 
 def test_fixtures():
-    """test_asyncmail.py imported as a module, for its Dovecot fixture and
-    bounce_dsn (one copy of each).  It imports asyncmail from ROOT: the
-    file being measured."""
+    """The testsupport package beside asyncmail.py, for its Dovecot fixture
+    and bounce_dsn (the tests use the same ones)."""
     if not _TESTS:
         if ROOT not in sys.path:
             sys.path.insert(0, ROOT)
-        import test_asyncmail
-        _TESTS.append(test_asyncmail)
+        import testsupport
+        _TESTS.append(testsupport)
     return _TESTS[0]
 
 

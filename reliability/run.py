@@ -7,7 +7,7 @@
 Each scenario starts the daemon as its own process (``python3 asyncmail.py
 --config ...``), attacks it, and ends with a count of what was lost.  The
 SMTP sink, the report upstream and the hostile-request corpus are the ones of
-test_asyncmail.py.  Exit status 1 when anything was lost, a 5xx was seen or
+testsupport/.  Exit status 1 when anything was lost, a 5xx was seen or
 another check of a scenario failed (``check_failures``; the reasons go to
 stderr).
 """
@@ -37,7 +37,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import asyncmail  # noqa: E402  (its limits and deadlines)
-import test_asyncmail as support  # noqa: E402  (SmtpServer, Upstream, hostile_requests)
+import testsupport as support  # noqa: E402  (SmtpServer, Upstream, hostile_requests)
 
 
 class Daemon:
