@@ -116,7 +116,7 @@ MAX_HEADERS = 100        # ... and so do more header lines than this
 MAX_CHUNK_LINE = 1024    # a chunk-size line with its (ignored) extensions
 LARGE_BODY_BYTES = 256 * 1024   # requests larger than this are parsed ...
 LARGE_BODY_CONCURRENCY = 1      # ... at most this many at a time (bounds peak memory)
-HEARTBEAT_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
+LOOK_UP_EVERY = 2.0   # worker loops look up at least this often (systemd watchdog)
 STATUS_EVERY = 10.0     # seconds between systemd STATUS= updates
 SQLITE_BUSY_TIMEOUT_MS = 15000
 STORE_CONNECTIONS = 8   # pooled SQLite connections (more threads wait for one)
@@ -4391,20 +4391,20 @@ class SmtpRelay:
     the drop shows before any recipient was accepted.
     """
 
-    def __init__(self, account, timeout, connect, local_hostname, clock=time.monotonic):
+    def __init__(self, account, timeout, connect, local_hostname, monotonic=time.monotonic):
         self.account = account
         self.where = "%s:%d" % (account["host"], account["port"])   # for logs and history
         self.timeout = timeout
         self._connect = connect
         self._local_hostname = local_hostname
-        self._clock = clock
+        self._monotonic = monotonic
         self._conn = None
         self._opened = 0.0
         self._used = 0.0
 
     def _connection(self):
         """(connection, reused)."""
-        now = self._clock()
+        now = self._monotonic()
         if self._conn is not None:
             if now - self._opened > self.account["ttl"]:
                 self.close()
@@ -4413,7 +4413,7 @@ class SmtpRelay:
         if self._conn is not None:
             return self._conn, True
         self._conn = self._connect(self.account, self.timeout, self._local_hostname)
-        self._opened = self._used = self._clock()
+        self._opened = self._used = self._monotonic()
         return self._conn, False
 
     def _alive(self):
@@ -4424,7 +4424,7 @@ class SmtpRelay:
             return False
 
     def idle_for(self):
-        return self._clock() - self._used if self._conn is not None else None
+        return self._monotonic() - self._used if self._conn is not None else None
 
     def close(self):
         conn, self._conn = self._conn, None
@@ -4451,7 +4451,7 @@ class SmtpRelay:
                 raise _smtp_error("connection to %s lost during the transaction: %s" % (
                     self.where, exc or type(exc).__name__), True) from exc
             finally:
-                self._used = self._clock()
+                self._used = self._monotonic()
             if self.account["ttl"] <= 0:
                 self.close()
 
@@ -4658,14 +4658,14 @@ class _Worker:
     a test may also call ``cycle(now)`` itself.  A cycle returns the Events
     of work it started elsewhere (or nothing); a ``run_now`` that waits also
     waits for those.  An exception from a cycle is logged with its traceback
-    and the loop carries on.  ``heartbeat`` is when the loop last looked up
+    and the loop carries on.  ``looked_up`` is when the loop last looked up
     (the systemd watchdog reads it)."""
 
     name = "asyncmail-worker"
 
-    def __init__(self, log, clock, poll):
+    def __init__(self, log, now, poll):
         self.log = log
-        self.clock = clock
+        self.now = now          # epoch seconds (durations use time.monotonic)
         self._poll = poll
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -4674,7 +4674,7 @@ class _Worker:
         self._done = 0
         self._await_work = 0.0   # seconds a waiting run_now lets the cycle's work take
         self._thread = None
-        self.heartbeat = time.monotonic()
+        self.looked_up = time.monotonic()
 
     def interval(self):
         raise NotImplementedError
@@ -4711,7 +4711,7 @@ class _Worker:
     def alive(self, max_age):
         """Whether the loop thread runs and has looked up within ``max_age`` s."""
         return (self._thread is not None and self._thread.is_alive()
-                and time.monotonic() - self.heartbeat < max_age)
+                and time.monotonic() - self.looked_up < max_age)
 
     def stop(self, timeout):
         self._stop.set()
@@ -4727,8 +4727,8 @@ class _Worker:
 
     def _run(self):
         """The thread's loop, until ``stop``: wait for a wake-up or the next
-        poll (at most HEARTBEAT_EVERY, so ``heartbeat`` stays fresh for the
-        watchdog), run ``cycle(now)`` with the injected clock, wait (for a
+        poll (at most LOOK_UP_EVERY, so ``looked_up`` stays fresh for the
+        watchdog), run ``cycle(now)`` with the injected ``now``, wait (for a
         run-now that asked to) on the Events of the work it started, then
         tell run-now's waiters the cycle is done.  A cycle's exception is
         logged with its traceback and the loop goes on; nothing but
@@ -4736,8 +4736,8 @@ class _Worker:
         next_cycle = time.monotonic() + self.interval() if self._poll else math.inf
         while not self._stop.is_set():
             woken = self._wake.wait(min(max(0.0, next_cycle - time.monotonic()),
-                                        HEARTBEAT_EVERY))
-            self.heartbeat = time.monotonic()
+                                        LOOK_UP_EVERY))
+            self.looked_up = time.monotonic()
             if self._stop.is_set():
                 break
             if not woken and time.monotonic() < next_cycle:
@@ -4746,15 +4746,15 @@ class _Worker:
             with self._cond:
                 ticket, await_work, self._await_work = self._requested, self._await_work, 0.0
             try:
-                started = self.cycle(self.clock()) or ()
+                started = self.cycle(self.now()) or ()
                 if await_work:
                     for done in started:
                         done.wait(await_work)
             except Exception:
                 self.log.exception("%s: cycle failed", self.name)
-            self.heartbeat = time.monotonic()
+            self.looked_up = time.monotonic()
             if self._poll:
-                next_cycle = self.heartbeat + self.interval()
+                next_cycle = self.looked_up + self.interval()
             with self._cond:
                 self._done = max(self._done, ticket)
                 self._cond.notify_all()
@@ -4809,19 +4809,20 @@ class _Dispatcher(_Worker):
 
     Given what it uses: the store, ``accounts()`` (a snapshot of the
     accounts), the suspension controls, the attachment fetcher, the metrics,
-    the clock, and ``on_delivered()``, called when a job changed messages
-    (the core wakes the reporter with it).  ``timer`` measures durations.
+    ``now`` (epoch seconds), and ``on_delivered()``, called when a job changed
+    messages (the core wakes the reporter with it).  ``monotonic`` measures
+    durations.
     """
 
     name = "asyncmail-dispatcher"
     PRUNE_EVERY = 300.0   # seconds between send-log prunes
 
-    def __init__(self, store, accounts, controls, fetcher, metrics, config, log, clock,
-                 poll, on_delivered, smtp_connect=None, timer=time.monotonic, verp=None,
+    def __init__(self, store, accounts, controls, fetcher, metrics, config, log, now,
+                 poll, on_delivered, smtp_connect=None, monotonic=time.monotonic, verp=None,
                  endpoint=lambda tenant: None):
         """``verp``: (base address, key) when bounces come back by VERP;
         ``endpoint(tenant)``: the AttachmentEndpoint of a tenant, or None."""
-        super().__init__(log, clock, poll)
+        super().__init__(log, now, poll)
         self.verp = verp
         self.endpoint = endpoint
         self.store = store
@@ -4830,7 +4831,7 @@ class _Dispatcher(_Worker):
         self.fetcher = fetcher
         self.metrics = metrics
         self.on_delivered = on_delivered
-        self.timer = timer
+        self.monotonic = monotonic
         self.delivery = config.delivery
         self.window = config.scheduler.window
         self.timezone = config.scheduler.timezone
@@ -4938,7 +4939,7 @@ class _Dispatcher(_Worker):
                 stale = relay
                 relay = SmtpRelay(account, account.get("timeout")
                                   or self.delivery.smtp_timeout_seconds,
-                                  self._connect, self._local_hostname, clock=self.timer)
+                                  self._connect, self._local_hostname, monotonic=self.monotonic)
                 self._relays[account["id"]] = relay
         if stale is not None:
             stale.close()   # QUIT may wait: never under the lock
@@ -4973,7 +4974,7 @@ class _Dispatcher(_Worker):
                 delivered = True
                 if account_down:
                     break
-                now = self.clock()
+                now = self.now()
         finally:
             with self._lock:
                 self._busy.discard(account_id)
@@ -5035,13 +5036,13 @@ class _Dispatcher(_Worker):
         tenant = _tenant_of(claim.account_id)
         suppressed = self._drop_suppressed(tenant, payload)
         if suppressed and not (payload["to"] or payload["cc"] or payload["bcc"]):
-            return self._fail(claim, self.clock(), "all recipients suppressed")
-        started = self.timer()
+            return self._fail(claim, self.now(), "all recipients suppressed")
+        started = self.monotonic()
         try:
             endpoint = (self.endpoint(tenant) if any("storage_path" in a for a in
                                                      payload["attachments"]) else None)
             attachments = [self.fetcher.fetch(a, endpoint) for a in payload["attachments"]]
-            data = build_mime(payload, attachments, self.clock())
+            data = build_mime(payload, attachments, self.now())
             del attachments
             sender, recipients = envelope(payload, self.verp and verp_sender(
                 self.verp[0], verp_token(self.verp[1], claim.pk)))
@@ -5062,11 +5063,11 @@ class _Dispatcher(_Worker):
             self.log.exception("message %s of account %s could not be handled",
                                _shown_key(claim.ref), _shown_key(claim.account_id))
             relay.close()
-            return self._fail(claim, self.clock(), "internal error while sending: %s: %s"
+            return self._fail(claim, self.now(), "internal error while sending: %s: %s"
                               % (type(exc).__name__, str(exc)[:200]))
-        duration = self.timer() - started
+        duration = self.monotonic() - started
         self.metrics.observe_smtp(duration)
-        now = self.clock()
+        now = self.now()
         self.rate.record(claim.account_id, now)
         self.metrics.inc("asyncmail_sent_total", claim.account_id)
         refused = dict(reply.refused, **suppressed)
@@ -5102,7 +5103,7 @@ class _Dispatcher(_Worker):
         (SPEC 8); returns ``{address: "suppressed: <reason>"}`` of those
         dropped."""
         addresses = [addr for field in ("to", "cc", "bcc") for _, addr in payload[field]]
-        found = self.store.suppressed(addresses, self.clock(), tenant)
+        found = self.store.suppressed(addresses, self.now(), tenant)
         if not found:
             return {}
         reasons = {address.lower(): reason for address, (reason, _) in found.items()}
@@ -5119,10 +5120,10 @@ class _Dispatcher(_Worker):
         """The Outcome of an attempt that raised a DeliveryError: failed when
         permanent, else deferred (or failed once retries are used up); an
         account-level failure also holds the account back until the retry."""
-        duration = self.timer() - started
+        duration = self.monotonic() - started
         if isinstance(exc, _SMTP_ERRORS):
             self.metrics.observe_smtp(duration)
-        now = self.clock()
+        now = self.now()
         attempt = Attempt(now, duration, relay.where, exc.smtp_code, str(exc), None)
         if isinstance(exc, PermanentError):
             return self._fail(claim, now, str(exc), attempt)
@@ -5229,11 +5230,11 @@ class _Reporter(_Worker):
     MAX_POSTS_PER_CYCLE = 50
     REPORT_WORKERS = 4
 
-    def __init__(self, store, metrics, config, log, clock, poll, intake_serial):
+    def __init__(self, store, metrics, config, log, now, poll, intake_serial):
         """``intake_serial(tenant)`` counts a tenant's well-formed
         add-messages batches: work handed over while a POST was open means
         the upstream may have more."""
-        super().__init__(log, clock, poll)
+        super().__init__(log, now, poll)
         self.store = store
         self.metrics = metrics
         self.intake_serial = intake_serial
@@ -5347,7 +5348,7 @@ class _Reporter(_Worker):
                 upstream.more = (_is_number(summary.get("queued")) and summary["queued"] > 0
                                  or self.intake_serial(upstream.tenant) != intake)
                 want_post = upstream.more
-                now = self.clock()
+                now = self.now()
             self.wake()   # more to do: the next cycle follows at once
         finally:
             with self._lock:
@@ -5372,9 +5373,9 @@ class _Reporter(_Worker):
         if problem is not None:
             self._failed(upstream, problem, status, retry_after, len(entries), now)
             return None
-        self.store.acknowledge_events(events, self.clock())
+        self.store.acknowledge_events(events, self.now())
         upstream.failures, upstream.retry_at, upstream.last_post = 0, 0.0, now
-        self.heartbeat = time.monotonic()
+        self.looked_up = time.monotonic()
         self.metrics.inc("asyncmail_report_posts_total", target.tenant)
         self.metrics.inc("asyncmail_report_entries_total", target.tenant, len(events))
         summary = _parse_summary(answer)
@@ -5465,7 +5466,7 @@ class _BounceCollector(_Worker):
     A mailbox that is down, refuses the login or misbehaves is logged
     (never with a secret) and tried again after a back-off that doubles
     from ``poll_interval_seconds`` to an hour.  Given the store, metrics,
-    the ``[bounces]`` section, ``verp`` ((base, key) or None), the clock and
+    the ``[bounces]`` section, ``verp`` ((base, key) or None), ``now`` and
     ``on_bounce()`` (the core wakes the reporter with it); ``imap_connect``
     is the seam that opens, secures and logs in.
     """
@@ -5474,9 +5475,9 @@ class _BounceCollector(_Worker):
     BACKOFF_MAX = 3600.0     # seconds between tries of a mailbox that keeps failing
     MAX_PER_CYCLE = 1000     # messages handled per poll; the rest wait for the next
 
-    def __init__(self, store, metrics, settings, verp, log, clock, poll, on_bounce,
+    def __init__(self, store, metrics, settings, verp, log, now, poll, on_bounce,
                  imap_connect=None):
-        super().__init__(log, clock, poll)
+        super().__init__(log, now, poll)
         self.store = store
         self.metrics = metrics
         self.settings = settings
@@ -5526,7 +5527,7 @@ class _BounceCollector(_Worker):
         sizes = _imap_sizes(imap, uids) if uids else {}
         new, deleted = 0, False
         for uid in uids:
-            self.heartbeat = time.monotonic()
+            self.looked_up = time.monotonic()
             size = sizes.get(uid)
             if size is None or size > MAX_BOUNCE_BYTES:
                 self.metrics.inc("asyncmail_bounces_skipped_total")

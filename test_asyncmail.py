@@ -1385,7 +1385,7 @@ class DeliveryTests(CoreCase):
         account = asyncmail.validate_account({"id": "r", "host": "127.0.0.1",
                                               "port": self.smtp.port, "ttl": 300})
         relay = asyncmail.SmtpRelay(account, 5, asyncmail._smtp_connect, "test",
-                                    clock=lambda: clock[0])
+                                    monotonic=lambda: clock[0])
         self.addCleanup(relay.close)
         data = b"Subject: t\r\n\r\nbody\r\n"
         relay.send("a@example.com", ["b@example.org"], data)

@@ -314,7 +314,12 @@ def hostile_requests(seed, count):
              "/commands/cleanup-messages", "/commands/run-now", "/commands/suspend",
              "/commands/activate", "/commands/../../etc/passwd", "/messages/%00%ff",
              "/messages/..%2F..%2Fetc", "/" + "a" * 5000, "/account/%E2%9C%93",
-             "/messages?limit=-1", "/messages?limit=1e9&offset=NaN", "/messages?active_only=%00"]
+             "/messages?limit=-1", "/messages?limit=1e9&offset=NaN", "/messages?active_only=%00",
+             # tenants
+             "/tenant", "/tenant/x", "/tenant/%00", "/tenants", "/health", "/health?x=%ff",
+             "/messages?tenant_id=*", "/messages?tenant_id=%00", "/status?tenant_id=" + "t" * 300,
+             "/commands/add-messages?tenant_id=nobody", "/account?tenant_id=default",
+             "/commands/delete-messages?tenant_id=*", "/messages?batch_code=%0d%0a"]
     methods = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "TRACE", "BREW",
                "get", "POST /x", ""]
     scalars = [None, True, False, 0, -1, 2 ** 63, -2 ** 63, 10 ** 400, 1e308, -1e308, 0.5,
@@ -330,7 +335,10 @@ def hostile_requests(seed, count):
         keys = ["id", "from", "to", "cc", "bcc", "subject", "body", "priority", "deferred_ts",
                 "attachments", "headers", "account_id", "messages", "ids", "host", "port",
                 "filename", "content", "url", "s3", "older_than_seconds", "reply_to",
-                "content_type", "message_id", "limit_per_minute", "use_tls", "ttl"]
+                "content_type", "message_id", "limit_per_minute", "use_tls", "ttl",
+                "tenant_id", "batch_code", "client_base_url", "client_sync_path",
+                "client_attachment_path", "client_auth", "method", "storage_path",
+                "fetch_mode", "content_md5"]
         return {rng.choice(keys): value(depth + 1) for _ in range(rng.randint(0, 6))}
 
     def message_like():
@@ -345,7 +353,7 @@ def hostile_requests(seed, count):
                 msg[key] = value()
         if rng.random() < 0.2:
             msg["attachments"] = [{"filename": rng.choice(["a.txt", "../x", "a\r\nb", value()]),
-                                   rng.choice(["content", "url", "s3"]): value()}]
+                                   rng.choice(["content", "url", "s3", "storage_path"]): value()}]
         return msg
 
     def valid_message():
