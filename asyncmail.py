@@ -1464,8 +1464,9 @@ class Outcome(collections.namedtuple(
     """What became of one claimed message, made by the constructors below
     and applied by Store.record_outcomes in one place.
 
-    ``kind``: ``sent`` (at ``ts``, ``refused`` recipients), ``failed``
-    (``error``), ``deferred`` (until ``until`` for ``reason``, with
+    ``kind``: ``sent`` (at ``ts``, ``refused`` recipients), ``error``
+    (failed for good, made by ``failed``), ``deferred`` (until ``until`` for
+    ``reason``, with
     ``error`` and the new ``retry_count``) or ``released`` (back to pending,
     never attempted).  ``attempt`` is the Attempt behind it, if any;
     ``account_down`` says the relay itself failed, so the account's other
@@ -1473,7 +1474,9 @@ class Outcome(collections.namedtuple(
     """
 
     __slots__ = ()
-    KINDS = ("sent", "failed", "deferred", "released")
+    # the message's status that each kind leaves (released: back to pending),
+    # and an attempt's ``outcome`` in the history
+    KINDS = ("sent", "error", "deferred", "released")
 
     @classmethod
     def sent(cls, claim, ts, refused=None, attempt=None):
@@ -1481,7 +1484,7 @@ class Outcome(collections.namedtuple(
 
     @classmethod
     def failed(cls, claim, ts, error, attempt=None):
-        return cls("failed", claim, ts, None, None, error, None, None, attempt, False)
+        return cls("error", claim, ts, None, None, error, None, None, attempt, False)
 
     @classmethod
     def deferred(cls, claim, ts, until, reason, error=None, retry_count=None, attempt=None):
@@ -1491,9 +1494,6 @@ class Outcome(collections.namedtuple(
     @classmethod
     def released(cls, claim):
         return cls("released", claim, None, None, None, None, None, None, None, False)
-
-
-ATTEMPT_LABELS = {"sent": "sent", "deferred": "deferred", "failed": "error"}
 
 
 class IntakeRow(collections.namedtuple(
@@ -2428,7 +2428,7 @@ class Store:
                 "reported": self._reported_at(claim, outcome.ts), "pk": claim.pk}).rowcount:
             self._event(conn, claim, "sent", sent_ts=outcome.ts, refused=refused)
 
-    def _apply_failed(self, conn, outcome):
+    def _apply_error(self, conn, outcome):
         claim = outcome.claim
         if conn.execute(SQL_FAIL_CLAIMED, {
                 "now": outcome.ts, "error": outcome.error, "pk": claim.pk,
@@ -2450,7 +2450,7 @@ class Store:
     def _record_attempt(self, conn, outcome):
         attempt, pk = outcome.attempt, outcome.claim.pk
         conn.execute(SQL_INSERT_ATTEMPT, (
-            pk, attempt.ts, attempt.duration, attempt.relay, ATTEMPT_LABELS[outcome.kind],
+            pk, attempt.ts, attempt.duration, attempt.relay, outcome.kind,
             attempt.code, attempt.text, json.dumps(attempt.refused) if attempt.refused else None))
         conn.execute(SQL_TRIM_ATTEMPTS, {"pk": pk, "kept": ATTEMPTS_KEPT})
 

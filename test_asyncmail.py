@@ -566,7 +566,7 @@ class StoreTests(CoreCase):
         held = asyncmail.SQL_CLAIM_HELD_BATCHES.format(marks="?")
         for sql, args in ((asyncmail.SQL_CLAIM_SELECT.format(held=""), ("a", 3, 10)),
                           (asyncmail.SQL_CLAIM_SELECT.format(held=held), ("a", 3, "b", 10)),
-                          (asyncmail.SQL_PROMOTE_DUE, (1.0,)),
+                          (asyncmail.SQL_PROMOTE_DUE, {"now": 1.0}),
                           (asyncmail.SQL_HAS_PENDING.format(held=""), ("a", 3)),
                           (asyncmail.SQL_HAS_PENDING.format(held=held), ("a", 3, "b")),
                           (asyncmail.SQL_OLDEST_ACTIVE, ("pending",)),
