@@ -43,7 +43,8 @@ __all__ = [
     # the daemon
     "AsyncMailCore", "Config", "load_config", "main",
     # its parts, usable on their own
-    "Store", "MessageKey", "Claim", "Attempt", "Outcome", "IntakeRow", "Metrics",
+    "Store", "MessageKey", "Claim", "Attempt", "Outcome", "IntakeRow", "SentMessage",
+    "Selector", "Verp", "Metrics",
     "SendingWindow", "SmtpRelay", "SmtpReply", "RateLimiter", "AttachmentFetcher",
     "AttachmentEndpoint", "ReportTarget", "Caller",
     "sigv4_sign", "build_mime", "envelope", "validate_message", "validate_account",
@@ -1496,6 +1497,29 @@ class Outcome(collections.namedtuple(
         return cls("released", claim, None, None, None, None, None, None, None, False)
 
 
+class SentMessage(collections.namedtuple("SentMessage", "key sent_ts recipients")):
+    """A sent message as a bounce finds it: its MessageKey, when it was sent,
+    and its envelope recipients lower-cased (a set)."""
+
+    __slots__ = ()
+
+
+class Selector(collections.namedtuple("Selector", "kind value")):
+    """What an operator command acts on (SPEC 7): ``ids`` (a list of ids, or
+    of store keys once scoped), ``account_id``, ``status``, or ``all``
+    (value None)."""
+
+    __slots__ = ()
+    KINDS = ("ids", "account_id", "status", "all")
+
+
+class Verp(collections.namedtuple("Verp", "base key")):
+    """VERP envelope senders: ``base`` (``[bounces] verp_address``) and the
+    database's secret ``key`` for the tokens."""
+
+    __slots__ = ()
+
+
 class IntakeRow(collections.namedtuple(
         "IntakeRow", "key account_key priority status created_ts deferred_ts subject"
         " recipients rfc_message_id payload tenant batch_code")):
@@ -1980,17 +2004,17 @@ class Store:
         return row[0] if row else None
 
     def find_sent(self, pk=None, rfc_message_id=None):
-        """A sent message by row or by its RFC Message-ID: (MessageKey,
-        sent_ts, its envelope recipients lower-cased), or (None, None, None)."""
+        """A sent message by row or by its RFC Message-ID: a SentMessage, or
+        None."""
         sql, arg = ((SQL_SENT_BY_PK, pk) if pk is not None
                     else (SQL_SENT_BY_RFC_ID, rfc_message_id))
         with self._connection() as conn:
             row = conn.execute(sql, (arg,)).fetchone()
         if row is None:
-            return None, None, None
+            return None
         payload = json.loads(row[5])
         recipients = {addr.lower() for field in ("to", "cc", "bcc") for _, addr in payload[field]}
-        return MessageKey(*row[:4]), row[4], recipients
+        return SentMessage(MessageKey(*row[:4]), row[4], recipients)
 
     def record_bounce(self, key, sent_ts, bounce, suppress_until):
         """Add one bounce (a dict: recipient, type hard|soft, status,
@@ -4820,7 +4844,7 @@ class _Dispatcher(_Worker):
     def __init__(self, store, accounts, controls, fetcher, metrics, config, log, now,
                  poll, on_delivered, smtp_connect=None, monotonic=time.monotonic, verp=None,
                  endpoint=lambda tenant: None):
-        """``verp``: (base address, key) when bounces come back by VERP;
+        """``verp``: a Verp when bounces come back by VERP;
         ``endpoint(tenant)``: the AttachmentEndpoint of a tenant, or None."""
         super().__init__(log, now, poll)
         self.verp = verp
@@ -5045,7 +5069,7 @@ class _Dispatcher(_Worker):
             data = build_mime(payload, attachments, self.now())
             del attachments
             sender, recipients = envelope(payload, self.verp and verp_sender(
-                self.verp[0], verp_token(self.verp[1], claim.pk)))
+                self.verp.base, verp_token(self.verp.key, claim.pk)))
             if not self.store.begin_send(claim.pk):
                 # deleted, or failed by a forced account deletion, since the
                 # claim: its transaction never begins (releasing it is a no-op)
@@ -5466,7 +5490,7 @@ class _BounceCollector(_Worker):
     A mailbox that is down, refuses the login or misbehaves is logged
     (never with a secret) and tried again after a back-off that doubles
     from ``poll_interval_seconds`` to an hour.  Given the store, metrics,
-    the ``[bounces]`` section, ``verp`` ((base, key) or None), ``now`` and
+    the ``[bounces]`` section, ``verp`` (a Verp or None), ``now`` and
     ``on_bounce()`` (the core wakes the reporter with it); ``imap_connect``
     is the seam that opens, secures and logs in.
     """
@@ -5550,7 +5574,7 @@ class _BounceCollector(_Worker):
     def _apply(self, raw, now):
         """Parse one message and record its bounces: (matched, new bounces)."""
         try:
-            report = parse_bounce(raw, self.verp[0] if self.verp else None)
+            report = parse_bounce(raw, self.verp.base if self.verp else None)
         except BounceParseError as exc:
             self.metrics.inc("asyncmail_bounces_skipped_total")
             self.log.info("bounce mailbox: a message could not be read: %s", str(exc)[:200])
@@ -5561,17 +5585,17 @@ class _BounceCollector(_Worker):
             self.metrics.inc("asyncmail_bounces_skipped_total")
             self.log.exception("bounce mailbox: reading a message failed")
             return False, 0
-        key = recipients = None
+        found = None
         if report.kind in ("dsn", "qmail", "exim"):
             if report.verp_token and self.verp:
-                pk = verp_pk(self.verp[1], report.verp_token)
-                key, sent_ts, recipients = self.store.find_sent(pk=pk) if pk else (None,) * 3
-            if key is None and report.original_message_id:
-                key, sent_ts, recipients = self.store.find_sent(
-                    rfc_message_id=report.original_message_id)
-        if key is None:
+                pk = verp_pk(self.verp.key, report.verp_token)
+                found = self.store.find_sent(pk=pk) if pk else None
+            if found is None and report.original_message_id:
+                found = self.store.find_sent(rfc_message_id=report.original_message_id)
+        if found is None:
             self.metrics.inc("asyncmail_bounces_unmatched_total")
             return False, 0
+        key, sent_ts, recipients = found
         new = 0
         suppress = self.settings.suppress_days
         for entry in report.recipients:
@@ -6546,7 +6570,7 @@ class AsyncMailCore:
         poll = not self.test_mode
         verp = None
         if config.bounces.verp_address:
-            verp = (config.bounces.verp_address, bytes.fromhex(self.store.setting("verp_key")))
+            verp = Verp(config.bounces.verp_address, bytes.fromhex(self.store.setting("verp_key")))
         self.verp = verp
         self.dispatcher = _Dispatcher(
             self.store, self.accounts, self.controls, self.fetcher, self.metrics, config,
@@ -7287,7 +7311,7 @@ class AsyncMailCore:
         elif kind == "account_id":
             value = _scoped(tenant, value)
         affected, not_found, skipped = self.store.operate(
-            command, (kind, value), self.now(), include_scheduled,
+            command, Selector(kind, value), self.now(), include_scheduled,
             tenant=None if tenant == ALL_TENANTS else tenant)
         if affected:
             self.log.info("%s: %d message(s) (selector %s, tenant %s)", command, affected,
@@ -7374,9 +7398,9 @@ COMMAND_OPTIONS = {"retry": ("include_scheduled",)}
 
 
 def _parse_selector(command, payload):
-    """The selector of an operator command (SPEC 7): ("ids", [...]),
-    ("account_id", x), ("status", s) or ("all", None).  Raises
-    ValidationError for any other shape or an unknown field."""
+    """The Selector of an operator command (SPEC 7): ids, account_id, status
+    or all.  Raises ValidationError for any other shape or an unknown
+    field."""
     known = set(SELECTOR_FIELDS) | set(COMMAND_OPTIONS.get(command, ()))
     unknown = sorted(str(key)[:80] for key in payload if key not in known)
     if unknown:
@@ -7386,21 +7410,21 @@ def _parse_selector(command, payload):
     if len(given) > 1:
         raise ValidationError("a selector names one of ids, account_id or status")
     if not given:
-        return ("all", None)
+        return Selector("all", None)
     kind, value = given[0], payload[given[0]]
     if kind == "ids":
         if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
             raise ValidationError("ids must be a list of message ids")
         if len(value) > MAX_DELETE_IDS:
             raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
-        return ("ids", list(dict.fromkeys(value)))
+        return Selector("ids", list(dict.fromkeys(value)))
     if kind == "status":
         if value not in COMMAND_STATUSES[command]:
             raise ValidationError("%s applies to status %s" % (
                 command, " or ".join(COMMAND_STATUSES[command])))
-        return ("status", value)
+        return Selector("status", value)
     try:
-        return ("account_id", _check_identifier(value, "account_id"))
+        return Selector("account_id", _check_identifier(value, "account_id"))
     except ValueError as exc:
         raise ValidationError(str(exc)) from exc
 
