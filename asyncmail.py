@@ -1813,10 +1813,10 @@ class Store:
             record["updated_ts"] = record["created_ts"]
         return record
 
-    def get_message(self, message_id):
+    def get_message(self, key):
         """The record of one message, or None."""
         with self._connection() as conn:
-            row = conn.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
+            row = conn.execute(SQL_GET_MESSAGE, (key,)).fetchone()
         return self._record(row) if row else None
 
     @staticmethod
@@ -1873,11 +1873,11 @@ class Store:
             records.append(record)
         return records
 
-    def attempts(self, message_id):
+    def attempts(self, key):
         """The SMTP attempts recorded for a message, oldest first."""
         keys = ("ts", "duration", "relay", "outcome", "code", "text", "refused")
         with self._connection() as conn:
-            rows = conn.execute(SQL_MESSAGE_ATTEMPTS, (message_id,)).fetchall()
+            rows = conn.execute(SQL_MESSAGE_ATTEMPTS, (key,)).fetchall()
         attempts = [dict(zip(keys, row)) for row in rows]
         for attempt in attempts:
             attempt["refused"] = json.loads(attempt["refused"]) if attempt["refused"] else None
@@ -2040,12 +2040,12 @@ class Store:
                                suppress_until or None)
         return True
 
-    def bounces(self, message_id):
+    def bounces(self, key):
         """The bounces of a message, oldest first."""
         keys = ("recipient", "type", "status", "diagnostic", "ts")
         with self._connection() as conn:
             return [dict(zip(keys, row))
-                    for row in conn.execute(SQL_MESSAGE_BOUNCES, (message_id,))]
+                    for row in conn.execute(SQL_MESSAGE_BOUNCES, (key,))]
 
     def _suppress(self, conn, tenant, address, reason, now, until):
         conn.execute(SQL_UPSERT_SUPPRESSION, (_scoped(tenant, address.lower()), reason, now,
@@ -2206,7 +2206,7 @@ class Store:
                 return len(undelivered)
             # one already on the wire is failed too: if the relay accepts it,
             # record_outcomes turns it into "sent" (the truth) and reports that
-            self._withdraw_claims([(pk, message_id) for pk, message_id, _ in undelivered])
+            self._withdraw_claims([(pk, key) for pk, key, _ in undelivered])
             for pk, ref, priority in undelivered:
                 self._force_fail(conn, MessageKey(pk, ref, account_id, priority), now,
                            "account deleted")
@@ -2391,10 +2391,10 @@ class Store:
         with claim and record_outcomes."""
         on_wire = []
         with self._claims_lock:
-            for pk, message_id in keys:
+            for pk, key in keys:
                 state = self._claims.get(pk)
                 if state in (_ON_WIRE, _DOOMED):
-                    on_wire.append(message_id)
+                    on_wire.append(key)
                     if doom:
                         self._claims[pk] = _DOOMED
                 elif state == _CLAIMED:
@@ -2692,17 +2692,17 @@ def validate_message(raw, default_priority, resolve_account):
                 value = str(value)
             _check_text(value, "header %s" % name, required=True, single_line=True)
             message["headers"][name] = value
-    message_id = raw.get("message_id")
-    if message_id is not None:
+    rfc_message_id = raw.get("message_id")
+    if rfc_message_id is not None:
         # printable ASCII only: RFC 5322 has no encoding for a msg-id, so
         # anything else (U+2028 too) would fail the message at send time
-        if (not isinstance(message_id, str) or len(message_id) > 250
-                or not _MESSAGE_ID_TEXT.fullmatch(message_id) or "@" not in message_id):
+        if (not isinstance(rfc_message_id, str) or len(rfc_message_id) > 250
+                or not _MESSAGE_ID_TEXT.fullmatch(rfc_message_id) or "@" not in rfc_message_id):
             raise ValueError("message_id must look like <unique@domain> (printable ASCII)")
-        message_id = message_id.strip("<>")
-        if not message_id or "<" in message_id or ">" in message_id:
+        rfc_message_id = rfc_message_id.strip("<>")
+        if not rfc_message_id or "<" in rfc_message_id or ">" in rfc_message_id:
             raise ValueError("message_id must look like <unique@domain>")
-        message["message_id"] = "<%s>" % message_id
+        message["message_id"] = "<%s>" % rfc_message_id
     else:
         domain = message["from"][1].rpartition("@")[2]
         message["message_id"] = "<%s@%s>" % (os.urandom(16).hex(), domain)
@@ -3224,7 +3224,7 @@ MAX_BOUNCE_RECIPIENTS = 1000   # entries reported from one bounce; the rest drop
 MAX_HEADER_VALUES = 20      # Delivered-To (one per hop) etc. values searched for VERP
 MAX_FIELD_CHARS = 1000      # a DSN field or header value kept (RFC 5322 line: 998)
 MAX_DIAGNOSTIC_CHARS = 1000  # diagnostic text kept; an SMTP reply line is <= 512
-MAX_MESSAGE_ID = 250        # as validate_message accepts a client's message_id
+MAX_RFC_MESSAGE_ID = 250        # as validate_message accepts a client's message_id
 
 BOUNCE_KINDS = ("dsn", "qmail", "exim", "not_a_bounce", "too_large")
 DSN_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 2.3.3
@@ -3284,7 +3284,7 @@ bounce names it, ``action`` (one of DSN_ACTIONS or "unknown"), ``status``
 (the reason text, a DSN's Diagnostic-Code without its type prefix)."""
 
 BounceReport = collections.namedtuple(
-    "BounceReport", "kind verp_token original_message_id recipients")
+    "BounceReport", "kind verp_token original_rfc_message_id recipients")
 BounceReport.__doc__ = """What parse_bounce read from one message: ``kind``
 (one of BOUNCE_KINDS), the VERP token or None, the bounced message's
 ``"<id@domain>"`` or None, and a tuple of RecipientStatus."""
@@ -3386,19 +3386,19 @@ def _clean(value, limit):
     return _UNPRINTABLE_RUN.sub(" ", text).strip()[:limit]
 
 
-def _message_id(value):
+def _rfc_message_id(value):
     """``"<id@domain>"`` from a Message-ID header value, else None."""
     text = _clean(value, MAX_FIELD_CHARS) if value is not None else ""
     match = _MESSAGE_ID.fullmatch(text)
     found = match and (match.group(1) or match.group(2))
-    return "<%s>" % found if found and len(found) <= MAX_MESSAGE_ID else None
+    return "<%s>" % found if found and len(found) <= MAX_RFC_MESSAGE_ID else None
 
 
-def _message_id_in_text(text):
+def _rfc_message_id_in_text(text):
     """The Message-ID in the header block at the start of ``text`` (a quoted
     original message in a plain-text bounce), else None."""
     raw = text.lstrip("\r\n").encode("utf-8")
-    return _message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
+    return _rfc_message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
 
 
 def _body_text(message):
@@ -3444,20 +3444,20 @@ def _dsn_recipient(fields):
     return RecipientStatus(recipient, action, status, diagnostic)
 
 
-def _returned_message_id(part):
+def _returned_rfc_message_id(part):
     """The Message-ID in a DSN's third part (``message/rfc822`` or
     ``text/rfc822-headers``), else None."""
     if part.is_multipart():   # message/rfc822: parsed as a sub-message
         payload = part.get_payload()
-        return _message_id(payload[0].get("Message-ID")) if payload else None
+        return _rfc_message_id(payload[0].get("Message-ID")) if payload else None
     raw = part.get_payload(decode=True)
     if not isinstance(raw, bytes):
         return None
-    return _message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
+    return _rfc_message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
 
 
 def _parse_dsn(message):
-    """``(original_message_id, recipients)`` of an RFC 3464 report, else None.
+    """``(original_rfc_message_id, recipients)`` of an RFC 3464 report, else None.
 
     A DSN is a top-level ``multipart/report; report-type=delivery-status`` with
     a ``message/delivery-status`` part; the original's headers are read from
@@ -3484,7 +3484,7 @@ def _parse_dsn(message):
     original = None
     for part in parts:
         if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
-            original = _returned_message_id(part)
+            original = _returned_rfc_message_id(part)
             break
     return original, recipients
 
@@ -3506,7 +3506,7 @@ def _paragraphs(lines):
 
 
 def _parse_qmail(text, lines):
-    """``(original_message_id, recipients)`` of a qmail bounce, else None.
+    """``(original_rfc_message_id, recipients)`` of a qmail bounce, else None.
 
     QSBMF (https://cr.yp.to/proto/qsbmf.txt): the body begins "Hi. This is
     the"; after an introductory paragraph come failure paragraphs, whose first
@@ -3523,7 +3523,7 @@ def _parse_qmail(text, lines):
     for start, paragraph in paragraphs:
         first = paragraph[0].strip()
         if first.startswith("-"):
-            original = _message_id_in_text("\n".join(lines[start + len(paragraph):]))
+            original = _rfc_message_id_in_text("\n".join(lines[start + len(paragraph):]))
             break
         address = first[1:-2].strip()
         if (not (first.startswith("<") and first.endswith(">:")) or not address
@@ -3536,7 +3536,7 @@ def _parse_qmail(text, lines):
 
 
 def _parse_exim(text, lines):
-    """``(original_message_id, recipients)`` of an Exim plain-text bounce, else None.
+    """``(original_rfc_message_id, recipients)`` of an Exim plain-text bounce, else None.
 
     Exim's default text (its spec, "Customizing bounce and warning messages",
     and deliver.c): "This message was created automatically by mail delivery
@@ -3559,7 +3559,7 @@ def _parse_exim(text, lines):
     for number in range(index + 1, len(lines)):
         line = lines[number]
         if line.startswith(_EXIM_COPY):
-            original = _message_id_in_text("\n".join(lines[number + 1:]))
+            original = _rfc_message_id_in_text("\n".join(lines[number + 1:]))
             break
         if line.startswith(("    ", "\t")):          # an error line
             if errors is not None:
@@ -5590,8 +5590,8 @@ class _BounceCollector(_Worker):
             if report.verp_token and self.verp:
                 pk = verp_pk(self.verp.key, report.verp_token)
                 found = self.store.find_sent(pk=pk) if pk else None
-            if found is None and report.original_message_id:
-                found = self.store.find_sent(rfc_message_id=report.original_message_id)
+            if found is None and report.original_rfc_message_id:
+                found = self.store.find_sent(rfc_message_id=report.original_rfc_message_id)
         if found is None:
             self.metrics.inc("asyncmail_bounces_unmatched_total")
             return False, 0
@@ -7160,8 +7160,8 @@ class AsyncMailCore:
                 "next": cursor}
 
     def _cmd_get_message(self, payload, tenant):
-        message_id = payload.get("id")
-        key = _scoped(tenant, message_id) if isinstance(message_id, str) else None
+        ref = payload.get("id")
+        key = _scoped(tenant, ref) if isinstance(ref, str) else None
         record = self.store.get_message(key) if key is not None else None
         if record is None:
             raise NotFoundError("unknown message")
@@ -7847,14 +7847,14 @@ def _cli(config, args, out=None):
         else:
             print("%s: %d message%s" % (args.command, answer["affected"],
                                         "" if answer["affected"] == 1 else "s"), file=out)
-            for message_id in answer.get("not_found", []):
-                print("  not found: %s" % message_id, file=out)
-            for message_id in answer.get("skipped", []):
-                print("  not in a status %s applies to: %s" % (args.command, message_id),
+            for ref in answer.get("not_found", []):
+                print("  not found: %s" % ref, file=out)
+            for ref in answer.get("skipped", []):
+                print("  not in a status %s applies to: %s" % (args.command, ref),
                       file=out)
-            for message_id in answer.get("being_sent", []):
+            for ref in answer.get("being_sent", []):
                 print("  on the wire, deleted when its transaction ends unless sent: %s"
-                      % message_id, file=out)
+                      % ref, file=out)
         return 1 if answer.get("not_found") else 0
     except _CliError as exc:
         print("asyncmail: %s" % exc, file=sys.stderr)

@@ -5429,14 +5429,14 @@ class BounceParsingTests(unittest.TestCase):
 
     # -- RFC 3464 ----------------------------------------------------------------
 
-    # Regression (found while writing these tests): MAX_MESSAGE_ID was never
+    # Regression (found while writing these tests): MAX_RFC_MESSAGE_ID was never
     # defined, so any bounce that returned the original's Message-ID raised
     # NameError out of parse_bounce and stalled the mailbox.
-    def test_a_returned_message_id_is_read(self):
-        self.assertEqual(self.parse(ODD_DSN).original_message_id, "<odd-1@example.com>")
+    def test_a_returned_rfc_message_id_is_read(self):
+        self.assertEqual(self.parse(ODD_DSN).original_rfc_message_id, "<odd-1@example.com>")
         long_id = "<%s@example.com>" % ("x" * 300)
         self.assertIsNone(self.parse(ODD_DSN.replace("<odd-1@example.com>", long_id))
-                          .original_message_id)
+                          .original_rfc_message_id)
 
     def test_simple_dsn_with_the_original_as_message_rfc822(self):
         report = self.parse(SIMPLE_DSN)
@@ -5447,7 +5447,7 @@ class BounceParsingTests(unittest.TestCase):
 
     def test_mixed_recipients_with_text_rfc822_headers(self):
         report = self.parse(MULTI_DSN)
-        self.assertEqual((report.kind, report.verp_token, report.original_message_id),
+        self.assertEqual((report.kind, report.verp_token, report.original_rfc_message_id),
                          ("dsn", BOUNCE_TOKEN, "<multi-1@example.com>"))
         self.assertEqual(report.recipients, (
             asyncmail.RecipientStatus(
@@ -5461,7 +5461,7 @@ class BounceParsingTests(unittest.TestCase):
 
     def test_delay_warning(self):
         report = self.parse(DELAYED_DSN)
-        self.assertEqual((report.kind, report.original_message_id),
+        self.assertEqual((report.kind, report.original_rfc_message_id),
                          ("dsn", "<late-7@example.com>"))
         self.assertEqual(report.recipients, (asyncmail.RecipientStatus(
             "dee@busy.example.org", "delayed", "4.4.7", ""),))
@@ -5503,7 +5503,7 @@ class BounceParsingTests(unittest.TestCase):
 
     def test_qmail(self):
         report = self.parse(QMAIL_BOUNCE)
-        self.assertEqual((report.kind, report.verp_token, report.original_message_id),
+        self.assertEqual((report.kind, report.verp_token, report.original_rfc_message_id),
                          ("qmail", BOUNCE_TOKEN, "<qmail-1@example.com>"))
         self.assertEqual([(r.recipient, r.action, r.status) for r in report.recipients], [
             ("gone@example.org", "failed", "5.1.1"),
@@ -5518,14 +5518,14 @@ class BounceParsingTests(unittest.TestCase):
             "<god@heaven.example>:\nSorry, I couldn't find any host by that name.\n\n"
             "--- Below this line is a copy of the message.\n\nSubject: x\n\nbody\n")
         report = self.parse(text)
-        self.assertEqual((report.kind, report.original_message_id), ("qmail", None))
+        self.assertEqual((report.kind, report.original_rfc_message_id), ("qmail", None))
         self.assertEqual(report.recipients, (asyncmail.RecipientStatus(
             "god@heaven.example", "failed", "5.0.0",
             "Sorry, I couldn't find any host by that name."),))
 
     def test_exim(self):
         report = self.parse(EXIM_BOUNCE)
-        self.assertEqual((report.kind, report.verp_token, report.original_message_id),
+        self.assertEqual((report.kind, report.verp_token, report.original_rfc_message_id),
                          ("exim", BOUNCE_TOKEN, "<exim-1@example.com>"))
         self.assertEqual([(r.recipient, r.status) for r in report.recipients], [
             ("nobody@example.org", "5.1.1"), ("lost@example.org", "5.0.0"),
@@ -5587,7 +5587,7 @@ class BounceParsingTests(unittest.TestCase):
         filler = ("A" * 76 + "\r\n").encode() * ((5 << 20) // 78)
         raw = wire(SIMPLE_DSN).replace(b"Thanks for your order.", filler)
         report = asyncmail.parse_bounce(raw, VERP_BASE, max_bytes=8 << 20)
-        self.assertEqual((report.kind, report.original_message_id),
+        self.assertEqual((report.kind, report.original_rfc_message_id),
                          ("dsn", "<c0ffee42@example.com>"))
 
     def test_deep_nesting_and_long_content_types_are_refused_before_parsing(self):
@@ -5611,7 +5611,7 @@ class BounceParsingTests(unittest.TestCase):
         nest = "".join('Content-Type: multipart/mixed; boundary="b%d"\n\n--b%d\n' % (i, i)
                        for i in range(asyncmail.MAX_MIME_CONTAINERS - 4))
         text = SIMPLE_DSN.replace("Thanks for your order.", "MIME-Version: 1.0\n" + nest + "\nhi")
-        self.assertEqual(self.parse(text).original_message_id, "<c0ffee42@example.com>")
+        self.assertEqual(self.parse(text).original_rfc_message_id, "<c0ffee42@example.com>")
 
     def test_binary_garbage(self):
         rng = random.Random(3464)
@@ -5964,7 +5964,7 @@ class DovecotPeerTests(CoreCase):
     whole class; each test reads its own fresh folder.
 
     (The five tests whose bounces return the original's Message-ID failed on
-    fa43578, which never defined MAX_MESSAGE_ID.)"""
+    fa43578, which never defined MAX_RFC_MESSAGE_ID.)"""
 
     _folders = itertools.count(1)
 
