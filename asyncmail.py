@@ -1529,6 +1529,19 @@ class IntakeRow(collections.namedtuple(
 
     __slots__ = ()
 
+    @classmethod
+    def of(cls, message, tenant, now):
+        """The row of a message as validate_message normalised it, accepted
+        at ``now`` into ``tenant``: deferred while its ``deferred_ts`` is
+        ahead, else pending."""
+        deferred_ts = message["deferred_ts"]
+        status = "deferred" if deferred_ts is not None and deferred_ts > now else "pending"
+        recipients = [_format_address(*pair) for pair in message["to"]]
+        return cls(_scoped(tenant, message["id"]), _scoped(tenant, message["account_id"]),
+                   message["priority"], status, now, deferred_ts, message["subject"],
+                   json.dumps(recipients), message["message_id"],
+                   json.dumps(message, separators=(",", ":")), tenant, message["batch_code"])
+
 
 class _IntakeRequest:
     """One add-messages batch waiting for a group commit."""
@@ -1716,10 +1729,11 @@ class Store:
 
     # -- intake -------------------------------------------------------------
 
-    def insert_messages(self, rows):
-        """Insert message rows durably, skipping ids that are already queued.
+    def insert_messages(self, messages, now, tenant=DEFAULT_TENANT):
+        """Insert messages durably, skipping ids that are already queued.
 
-        ``rows`` are IntakeRows, no key twice.  Returns (keys already
+        ``messages`` are what validate_message returns, no id twice, for
+        ``tenant`` at ``now``; they are stored as IntakeRows.  Returns (keys already
         present, keys whose account was deleted meanwhile, keys that replaced
         a failed message): the first two are not inserted.  A key whose
         message ended in error is a new attempt: the failed row, its history
@@ -1730,7 +1744,7 @@ class Store:
         Whoever holds ``_intake_leader`` commits every request queued so far;
         the others find theirs done when they get the mutex.
         """
-        request = _IntakeRequest(rows)
+        request = _IntakeRequest([IntakeRow.of(m, tenant, now) for m in messages])
         with self._lock:
             self._intake.append(request)
         with self._intake_leader:
@@ -6916,7 +6930,7 @@ class AsyncMailCore:
                                    if tenant == DEFAULT_TENANT else None)
         endpoint = self.attachment_endpoint(tenant)
         now = self.now()
-        rejected, rows, seen, repeated, ignored = [], [], set(), [], []
+        rejected, accepted, seen, repeated, ignored = [], [], set(), [], []
         for raw in messages:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             try:
@@ -6942,21 +6956,15 @@ class AsyncMailCore:
                 repeated.append(message["id"])
                 continue
             seen.add(message["id"])
-            deferred_ts = message["deferred_ts"]
-            status = "deferred" if deferred_ts is not None and deferred_ts > now else "pending"
-            recipients = [_format_address(*pair) for pair in message["to"]]
-            rows.append(IntakeRow(
-                _scoped(tenant, message["id"]), _scoped(tenant, message["account_id"]),
-                message["priority"], status, now, deferred_ts, message["subject"],
-                json.dumps(recipients), message["message_id"],
-                json.dumps(message, separators=(",", ":")), tenant, message["batch_code"]))
-        duplicates, orphans, replaced = (self.store.insert_messages(rows) if rows
-                                         else (set(), set(), set()))
+            accepted.append(message)
+        duplicates, orphans, replaced = (self.store.insert_messages(accepted, now, tenant)
+                                         if accepted else (set(), set(), set()))
         for key in sorted(orphans):
             rejected.append({"id": _name_of(key), "reason": "unknown account (deleted)"})
-        queued = len(rows) - len(duplicates) - len(orphans)
-        due = [row.priority for row in rows if row.status == "pending"
-               and row.key not in duplicates and row.key not in orphans]
+        queued = len(accepted) - len(duplicates) - len(orphans)
+        stored = [m for m in accepted if _scoped(tenant, m["id"]) not in duplicates | orphans]
+        due = [m["priority"] for m in stored
+               if m["deferred_ts"] is None or m["deferred_ts"] <= now]
         if 0 in due:
             self.dispatcher.wake()
         elif due:
@@ -6965,11 +6973,13 @@ class AsyncMailCore:
             self.dispatcher.wake_if_idle()
         answer = {"ok": True, "queued": queued, "rejected": rejected,
                   "duplicates": list(dict.fromkeys(
-                      [_name_of(row.key) for row in rows if row.key in duplicates] + repeated))}
+                      [m["id"] for m in accepted if _scoped(tenant, m["id"]) in duplicates]
+                      + repeated))}
         if ignored:
             answer["ignored"] = ignored
         if replaced:
-            answer["replaced"] = [_name_of(row.key) for row in rows if row.key in replaced]
+            answer["replaced"] = [m["id"] for m in accepted
+                                  if _scoped(tenant, m["id"]) in replaced]
             self.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
                           len(replaced), tenant)
         return answer

@@ -164,11 +164,9 @@ def report_cycle(core, now):
         done.wait(WAIT)
 
 
-def intake_row(key, account="acct", payload="{}", rfc_message_id="<m@x>", created=1.0,
-               tenant="default"):
-    """A pending IntakeRow for Store.insert_messages."""
-    return asyncmail.IntakeRow(key, account, 2, "pending", created, None, "s", "[]",
-                               rfc_message_id, payload, tenant, None)
+def stored_message(mid, **fields):
+    """A message as validate_message leaves it, for Store.insert_messages."""
+    return asyncmail.validate_message(message(mid, **fields), 2, lambda account: account or "acct")
 
 
 
@@ -3253,9 +3251,7 @@ class HardeningTests(CoreCase):
         self.add_account(core, smtp)
         stored = json.loads(json.dumps(valid))
         stored["headers"] = {"X-Injected\n": "1"}
-        core.store.insert_messages([intake_row("old", payload=json.dumps(stored),
-                                               rfc_message_id=stored["message_id"],
-                                               created=self.clock())])
+        core.store.insert_messages([stored], self.clock())
         self.run_now(core)
         record = self.record(core, "old")
         self.assertEqual(record["status"], "error")
@@ -3909,8 +3905,8 @@ class ReviewRegressionTests(CoreCase):
 
     def test_intake_rechecks_the_account_inside_its_transaction(self):
         core = self.make_core(http=False)
-        row = intake_row("orphan", account="gone")
-        self.assertEqual(core.store.insert_messages([row]), (set(), {"orphan"}, set()))
+        orphan = stored_message("orphan", account_id="gone")
+        self.assertEqual(core.store.insert_messages([orphan], 1.0), (set(), {"orphan"}, set()))
         self.assertEqual(core.handle_command("status")["queue"]["pending"], 0)
 
     def test_unicode_digits_and_huge_integers_are_400(self):
@@ -4936,8 +4932,7 @@ class StoreConcurrencyTests(CoreCase):
         finished = []
         with store._writer:              # a long write in progress
             writers = [threading.Thread(target=lambda i=i: finished.append(
-                store.insert_messages([intake_row("w%d" % i, created=0.0,
-                                                  payload=json.dumps(message("w%d" % i)))])))
+                store.insert_messages([stored_message("w%d" % i)], 0.0)))
                        for i in range(asyncmail.STORE_CONNECTIONS + 2)]
             for writer in writers:
                 writer.start()
