@@ -96,7 +96,7 @@ except ImportError:  # pragma: no cover - exercised on 3.8 only
 
 
 # ####################################################################### #
-# ###########################  Constants and SQL  ####################### #
+# #########################  Constants and SQL  ######################### #
 # ####################################################################### #
 
 EX_CONFIG = 78          # sysexits.h: configuration error
@@ -553,7 +553,7 @@ SQL_PRUNE_SEND_LOG = "DELETE FROM send_log WHERE ts <= ?"
 
 
 # ####################################################################### #
-# ###############################  Errors  ############################## #
+# ##############################  Errors  ############################### #
 # ####################################################################### #
 
 class AsyncmailError(Exception):
@@ -808,6 +808,15 @@ def _is_quoted_string(text):
     return index == end   # a final backslash would have escaped the closing quote
 
 
+def _format_address(name, addr):
+    """``Name <addr>`` (name quoted when needed) or the bare address."""
+    if not name:
+        return addr
+    if re.search(r'[()<>\[\]:;@\\,."]', name):
+        name = '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
+    return "%s <%s>" % (name, addr)
+
+
 def _parse_address(text):
     """Parse one ``addr``, ``<addr>`` or ``Name <addr>`` into (name, addr).
 
@@ -860,15 +869,6 @@ def _parse_address_list(value, field):
     return parsed
 
 
-def _format_address(name, addr):
-    """``Name <addr>`` (name quoted when needed) or the bare address."""
-    if not name:
-        return addr
-    if re.search(r'[()<>\[\]:;@\\,."]', name):
-        name = '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
-    return "%s <%s>" % (name, addr)
-
-
 def _is_host(text):
     """A DNS name (IDNA allowed) or an IPv4/IPv6 address."""
     if len(text) > MAX_DOMAIN:   # before IDNA, which never makes a name shorter
@@ -894,6 +894,19 @@ def _is_loopback_host(host):
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _redact_url(url):
+    """The URL without user:password (safe for logs)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += ":%d" % parts.port
+        parts = parts._replace(netloc=host)
+    return urllib.parse.urlunsplit(parts._replace(query=""))
 
 
 def _mask(key, value):
@@ -1024,17 +1037,49 @@ def _key_digest(key):
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _redact_url(url):
-    """The URL without user:password (safe for logs)."""
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += ":%d" % parts.port
-        parts = parts._replace(netloc=host)
-    return urllib.parse.urlunsplit(parts._replace(query=""))
+def _check_text(value, field, required=False, max_chars=None, single_line=False):
+    """A string field: None when absent and optional; ValueError otherwise."""
+    if value is None:
+        if required:
+            raise ValueError("%s is required" % field)
+        return None
+    if not isinstance(value, str):
+        raise ValueError("%s must be a string" % field)
+    if single_line and _CRLF.search(value):
+        raise ValueError("%s must not contain CR or LF" % field)
+    line_break = _LINE_BREAKS.search(value) if single_line else None
+    if line_break:   # VT, FF, NEL, U+2028...: the email package refuses them too
+        raise ValueError("%s must not contain a line break (U+%04X)"
+                         % (field, ord(line_break.group())))
+    control = _HEADER_CONTROLS.search(value) if single_line else None
+    if control:      # they would reach the header raw: RFC 5322 has no place for them
+        raise ValueError("%s must not contain a control character (U+%04X)"
+                         % (field, ord(control.group())))
+    if "\x00" in value:
+        raise ValueError("%s must not contain NUL" % field)
+    if max_chars is not None and len(value) > max_chars:
+        raise ValueError("%s is longer than %d characters" % (field, max_chars))
+    return value
+
+
+def _check_identifier(value, field):
+    """An id: 1-256 characters, no control characters."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("%s must be a non-empty string" % field)
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError("%s is longer than %d characters" % (field, MAX_ID_CHARS))
+    if _CONTROL_CHARS.search(value):
+        raise ValueError("%s must not contain control characters" % field)
+    return value
+
+
+def _check_timestamp(value, field):
+    if value is None:
+        return None
+    if not _is_number(value) or value < 0 or value > LATEST_TS:
+        raise ValueError("%s must be epoch seconds (a number between 0 and %d)"
+                         % (field, LATEST_TS))
+    return value
 
 
 # ####################################################################### #
@@ -1350,6 +1395,10 @@ class Config:
         return rows
 
 
+# whitespace then ";" or "#": what an ini reader that knows inline comments cuts
+_INLINE_COMMENT = re.compile(r"\s[;#]")
+
+
 def load_config(path=None, environ=None):
     """The configuration from the ini file and the environment.
 
@@ -1426,12 +1475,8 @@ def load_config(path=None, environ=None):
                   sources=sources)
 
 
-# whitespace then ";" or "#": what an ini reader that knows inline comments cuts
-_INLINE_COMMENT = re.compile(r"\s[;#]")
-
-
 # ####################################################################### #
-# ###########################  Store (SQLite)  ########################## #
+# ##########################  Store (SQLite)  ########################### #
 # ####################################################################### #
 
 class MessageKey(collections.namedtuple("MessageKey", "pk ref account_id priority")):
@@ -2503,266 +2548,8 @@ class Store:
 
 
 # ####################################################################### #
-# ##############  Messages: validation, MIME, attachments  ############## #
+# #######################  Accounts and tenants  ######################## #
 # ####################################################################### #
-
-# Headers that the message's own fields produce; a custom header may not
-# replace them (Bcc in particular must never reach the headers).
-_RESERVED_HEADERS = frozenset([
-    "from", "to", "cc", "bcc", "subject", "reply-to", "return-path", "message-id",
-    "date", "mime-version", "content-type", "content-transfer-encoding", "sender"])
-_MESSAGE_ID_TEXT = re.compile(r"[!-~]+")   # printable ASCII, no space
-_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}", re.IGNORECASE)
-_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
-ATTACHMENT_SOURCES = ("content", "url", "s3", "storage_path")
-MAX_STORAGE_PATH = 1024
-
-
-def _check_text(value, field, required=False, max_chars=None, single_line=False):
-    """A string field: None when absent and optional; ValueError otherwise."""
-    if value is None:
-        if required:
-            raise ValueError("%s is required" % field)
-        return None
-    if not isinstance(value, str):
-        raise ValueError("%s must be a string" % field)
-    if single_line and _CRLF.search(value):
-        raise ValueError("%s must not contain CR or LF" % field)
-    line_break = _LINE_BREAKS.search(value) if single_line else None
-    if line_break:   # VT, FF, NEL, U+2028...: the email package refuses them too
-        raise ValueError("%s must not contain a line break (U+%04X)"
-                         % (field, ord(line_break.group())))
-    control = _HEADER_CONTROLS.search(value) if single_line else None
-    if control:      # they would reach the header raw: RFC 5322 has no place for them
-        raise ValueError("%s must not contain a control character (U+%04X)"
-                         % (field, ord(control.group())))
-    if "\x00" in value:
-        raise ValueError("%s must not contain NUL" % field)
-    if max_chars is not None and len(value) > max_chars:
-        raise ValueError("%s is longer than %d characters" % (field, max_chars))
-    return value
-
-
-def _check_identifier(value, field):
-    """An id: 1-256 characters, no control characters."""
-    if not isinstance(value, str) or not value:
-        raise ValueError("%s must be a non-empty string" % field)
-    if len(value) > MAX_ID_CHARS:
-        raise ValueError("%s is longer than %d characters" % (field, MAX_ID_CHARS))
-    if _CONTROL_CHARS.search(value):
-        raise ValueError("%s must not contain control characters" % field)
-    return value
-
-
-def _check_timestamp(value, field):
-    if value is None:
-        return None
-    if not _is_number(value) or value < 0 or value > LATEST_TS:
-        raise ValueError("%s must be epoch seconds (a number between 0 and %d)"
-                         % (field, LATEST_TS))
-    return value
-
-
-def _check_attachment(raw, index):
-    field = "attachments[%d]" % index
-    if not isinstance(raw, dict):
-        raise ValueError("%s must be an object" % field)
-    filename = _check_text(raw.get("filename"), field + ".filename", required=True,
-                           max_chars=255, single_line=True)
-    if not filename.strip() or _CONTROL_CHARS.search(filename):
-        raise ValueError("%s.filename must be a non-empty name without control characters"
-                         % field)
-    if "/" in filename or "\\" in filename:
-        raise ValueError("%s.filename must be a bare name, not a path" % field)
-    attachment = {"filename": filename}
-    mime_type = raw.get("mime_type")
-    if mime_type is not None:
-        if (not isinstance(mime_type, str) or len(mime_type) > MAX_MIME_TYPE_CHARS
-                or not _MIME_TYPE.fullmatch(mime_type)):
-            raise ValueError("%s.mime_type must look like type/subtype" % field)
-        attachment["mime_type"] = mime_type.lower()
-    sources = [key for key in ATTACHMENT_SOURCES if raw.get(key) is not None]
-    if len(sources) != 1:
-        raise ValueError("%s needs exactly one of content, url, s3 or storage_path" % field)
-    source = sources[0]
-    value = raw[source]
-    fetch_mode = raw.get("fetch_mode")
-    if fetch_mode is not None and (source != "storage_path" or fetch_mode != "endpoint"):
-        raise ValueError("%s.fetch_mode must be endpoint, with storage_path" % field)
-    if source == "storage_path":
-        # a path on the tenant's own storage ("volume:path"), fetched back
-        # from its client_attachment_path at send time
-        if (not isinstance(value, str) or not value or len(value) > MAX_STORAGE_PATH
-                or _CONTROL_CHARS.search(value)):
-            raise ValueError("%s.storage_path must be a path of 1-%d characters without "
-                             "control characters" % (field, MAX_STORAGE_PATH))
-        attachment["storage_path"] = value
-        md5 = raw.get("content_md5")
-        if md5 is not None:
-            if not isinstance(md5, str) or not _MD5_HEX.fullmatch(md5):
-                raise ValueError("%s.content_md5 must be 32 hexadecimal digits" % field)
-            attachment["content_md5"] = md5.lower()
-    elif source == "content":
-        if not isinstance(value, str):
-            raise ValueError("%s.content must be a base64 string" % field)
-        compact = "".join(value.split())
-        try:
-            base64.b64decode(compact, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError("%s.content is not valid base64" % field) from exc
-        attachment["content"] = compact
-    elif source == "url":
-        if not isinstance(value, str) or _CONTROL_CHARS.search(value) or " " in value:
-            raise ValueError("%s.url must be an http or https URL" % field)
-        if not value.isascii():
-            raise ValueError("%s.url must be ASCII (percent-encode the rest)" % field)
-        parts = urllib.parse.urlsplit(value)
-        try:
-            parts.port
-        except ValueError as exc:
-            raise ValueError("%s.url has an invalid port" % field) from exc
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError("%s.url must be an http or https URL" % field)
-        attachment["url"] = value
-    else:
-        if not isinstance(value, dict):
-            raise ValueError("%s.s3 must be an object with bucket and key" % field)
-        bucket = value.get("bucket")
-        key = value.get("key")
-        if not isinstance(bucket, str) or not _S3_BUCKET.fullmatch(bucket):
-            raise ValueError("%s.s3.bucket must be a bucket name" % field)
-        if not isinstance(key, str) or not key or len(key) > 1024 or "\x00" in key:
-            raise ValueError("%s.s3.key must be a non-empty object key" % field)
-        s3 = {"bucket": bucket, "key": key}
-        region = value.get("region")
-        if region is not None:
-            if not isinstance(region, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", region):
-                raise ValueError("%s.s3.region must be a region name" % field)
-            s3["region"] = region
-        attachment["s3"] = s3
-    return attachment
-
-
-def validate_message(raw, default_priority, resolve_account):
-    """Check one message of an add-messages batch and normalise it.
-
-    ``resolve_account(account_id_or_None)`` returns the account id to use or
-    raises ValueError.  Returns the normalised message (a JSON-able dict);
-    raises ValueError with the reason the message is rejected.
-    """
-    if not isinstance(raw, dict):
-        raise ValueError("message must be an object")
-    message = {"id": _check_identifier(raw.get("id"), "id")}
-    account_id = raw.get("account_id")
-    if account_id is not None:
-        _check_identifier(account_id, "account_id")
-    message["account_id"] = resolve_account(account_id)
-    sender = raw.get("from")
-    if sender is None:
-        raise ValueError("from is required")
-    message["from"] = list(_parse_address(sender)) if isinstance(sender, str) else None
-    if message["from"] is None:
-        raise ValueError("from must be a string")
-    for field in ("to", "cc", "bcc"):
-        value = raw.get(field)
-        message[field] = ([list(pair) for pair in _parse_address_list(value, field)]
-                          if value is not None else [])
-    if not message["to"]:
-        raise ValueError("to must name at least one recipient")
-    reply_to = raw.get("reply_to")
-    message["reply_to"] = ([list(p) for p in _parse_address_list(reply_to, "reply_to")]
-                           if reply_to is not None else [])
-    return_path = raw.get("return_path")
-    if return_path is not None:
-        if not isinstance(return_path, str):
-            raise ValueError("return_path must be a string")
-        message["return_path"] = _parse_address(return_path)[1]
-    else:
-        message["return_path"] = None
-    message["subject"] = _check_text(raw.get("subject"), "subject", required=True,
-                                     single_line=True)
-    message["body"] = _check_text(raw.get("body"), "body", required=True)
-    content_type = raw.get("content_type", "plain")
-    if content_type is None:
-        content_type = "plain"
-    if not isinstance(content_type, str) or content_type.lower() not in (
-            "plain", "html", "text/plain", "text/html"):
-        raise ValueError("content_type must be plain or html")
-    message["content_type"] = "html" if content_type.lower().endswith("html") else "plain"
-    message["body_text"] = _check_text(raw.get("body_text"), "body_text")
-    headers = raw.get("headers")
-    message["headers"] = {}
-    if headers is not None:
-        if not isinstance(headers, dict):
-            raise ValueError("headers must be an object of name: value strings")
-        for name, value in headers.items():
-            if len(name) > 76 or not _HEADER_NAME.fullmatch(name):
-                raise ValueError("header name %r is not a valid field name" % name[:80])
-            if name.lower() in _RESERVED_HEADERS:
-                raise ValueError("header %s comes from its own field and cannot be set" % name)
-            if isinstance(value, bool):   # Genropy sends its extra headers' numbers and
-                value = "true" if value else "false"   # flags as JSON numbers and booleans
-            elif _is_number(value):
-                value = str(value)
-            _check_text(value, "header %s" % name, required=True, single_line=True)
-            message["headers"][name] = value
-    rfc_message_id = raw.get("message_id")
-    if rfc_message_id is not None:
-        # printable ASCII only: RFC 5322 has no encoding for a msg-id, so
-        # anything else (U+2028 too) would fail the message at send time
-        if (not isinstance(rfc_message_id, str) or len(rfc_message_id) > 250
-                or not _MESSAGE_ID_TEXT.fullmatch(rfc_message_id) or "@" not in rfc_message_id):
-            raise ValueError("message_id must look like <unique@domain> (printable ASCII)")
-        rfc_message_id = rfc_message_id.strip("<>")
-        if not rfc_message_id or "<" in rfc_message_id or ">" in rfc_message_id:
-            raise ValueError("message_id must look like <unique@domain>")
-        message["message_id"] = "<%s>" % rfc_message_id
-    else:
-        domain = message["from"][1].rpartition("@")[2]
-        message["message_id"] = "<%s@%s>" % (os.urandom(16).hex(), domain)
-    priority = raw.get("priority")
-    message["priority"] = default_priority if priority is None else _parse_priority(priority)
-    message["deferred_ts"] = _check_timestamp(raw.get("deferred_ts"), "deferred_ts")
-    batch_code = raw.get("batch_code")
-    if batch_code is not None:
-        _check_identifier(batch_code, "batch_code")
-        if len(batch_code) > MAX_BATCH_CODE:
-            raise ValueError("batch_code is longer than %d characters" % MAX_BATCH_CODE)
-    message["batch_code"] = batch_code
-    attachments = raw.get("attachments")
-    if attachments is None:
-        attachments = []
-    if not isinstance(attachments, list):
-        raise ValueError("attachments must be a list")
-    message["attachments"] = [_check_attachment(a, i) for i, a in enumerate(attachments)]
-    return message
-
-
-# Every field a message may have (SPEC 3, and today's Genropy: tenant_id,
-# batch_code; fetch_mode and content_md5 of an endpoint attachment).  Others
-# are accepted and ignored, and the answer names them.
-MESSAGE_FIELDS = frozenset([
-    "id", "account_id", "from", "to", "cc", "bcc", "reply_to", "return_path", "subject",
-    "body", "content_type", "body_text", "headers", "message_id", "priority", "deferred_ts",
-    "attachments", "batch_code", "tenant_id"])
-ATTACHMENT_FIELDS = frozenset(["filename", "mime_type", "fetch_mode", "content_md5"]
-                              + list(ATTACHMENT_SOURCES))
-
-
-def ignored_message_fields(raw):
-    """The field names of a message (and of its attachments, as
-    ``attachments[i].name``) that asyncmail does not know, sorted, cut to 80
-    characters: a misspelled ``Bcc`` or ``atachments`` must not pass
-    unnoticed."""
-    names = [str(name)[:80] for name in raw if name not in MESSAGE_FIELDS]
-    attachments = raw.get("attachments")
-    if isinstance(attachments, list):
-        for index, attachment in enumerate(attachments):
-            if isinstance(attachment, dict):
-                names.extend("attachments[%d].%s" % (index, str(name)[:80])
-                             for name in attachment if name not in ATTACHMENT_FIELDS)
-    return sorted(names)
-
 
 def _account_whole(low, high):
     def parse(value):
@@ -2973,705 +2760,99 @@ def _tenant_auth_headers(settings):
     return _auth_headers(auth.get("user"), auth.get("password"), auth.get("token"))
 
 
-_BULKY_FIELDS = ("body", "body_text")
+# ####################################################################### #
+# ########  Attachments: URL, S3, SigV4, endpoints, SSRF guard  ######### #
+# ####################################################################### #
+
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}", re.IGNORECASE)
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
+ATTACHMENT_SOURCES = ("content", "url", "s3", "storage_path")
+MAX_STORAGE_PATH = 1024
 
 
-def message_view(message, retry_count, full=True):
-    """A normalised message as the API shows it: the shape a client sends
-    (addresses as strings), plus ``retry_count``.  Without ``full`` the
-    bodies and attachment contents are left out, so listing a page of large
-    messages stays small."""
-    view = dict(message)
-    view["from"] = _format_address(*message["from"])
-    for field in ("to", "cc", "bcc"):
-        view[field] = [_format_address(*pair) for pair in message[field]]
-    view["reply_to"] = ", ".join(_format_address(*pair) for pair in message["reply_to"]) or None
-    if not full:
-        for field in _BULKY_FIELDS:
-            view.pop(field, None)
-        view["attachments"] = [{key: value for key, value in attachment.items()
-                                if key != "content"} for attachment in message["attachments"]]
-    view["retry_count"] = retry_count
-    return view
-
-
-def _address_objects(pairs):
-    from email.headerregistry import Address
-    objects = []
-    for name, addr in pairs:
-        local, _, domain = addr.rpartition("@")
-        if local.startswith('"') and local.endswith('"'):
-            local = re.sub(r"\\(.)", r"\1", local[1:-1])
-        objects.append(Address(display_name=name or "", username=local, domain=domain))
-    return objects
-
-
-def build_mime(message, attachments, now):
-    """The message as bytes ready for DATA: CRLF line ends, 7-bit clean
-    (non-ASCII text goes quoted-printable or base64, headers RFC 2047), no
-    line longer than 78 octets, Bcc nowhere in the headers.
-
-    ``attachments`` is a list of (filename, mime_type, bytes).  Raises
-    PermanentError when the message cannot be represented.  A single-part
-    message whose headers are plain ASCII is written directly (the email
-    package's header machinery is ~85% of the delivery CPU); anything else
-    goes through ``email.message.EmailMessage``.
-    """
-    _check_header_fields(message, attachments)
-    if not attachments:
-        simple = _simple_mime(message, now)
-        if simple is not None:
-            return simple
-    return _rich_mime(message, attachments, now)
-
-
-def _check_header_fields(message, attachments):
-    """Check once more, where the headers are written, everything that
-    becomes a header: a message stored by an older version, or a gap in
-    intake validation, must fail here rather than end the header block
-    early or add a header.  Raises PermanentError."""
-    def refuse(what):
-        raise PermanentError("cannot build the message: %s" % what)
-
-    for name, value in message["headers"].items():
-        if (len(name) > 76 or not _HEADER_NAME.fullmatch(name)
-                or name.lower() in _RESERVED_HEADERS):
-            refuse("header name %r is not allowed" % name[:80])
-        if not isinstance(value, str) or _LINE_BREAKS.search(value):
-            refuse("header %s holds a line break" % name)
-    if _LINE_BREAKS.search(message["subject"]):
-        refuse("the subject holds a line break")
-    if not _MESSAGE_ID_TEXT.fullmatch(message["message_id"]):
-        refuse("message_id %r is not printable ASCII" % message["message_id"][:80])
-    pairs = [message["from"]] + message["to"] + message["cc"] + message["reply_to"]
-    for name, addr in pairs + message["bcc"]:
-        if _CONTROL_CHARS.search(name) or _CONTROL_CHARS.search(addr):
-            refuse("address %r holds a control character" % addr[:80])
-    for filename, mime_type, _ in attachments:
-        if _CONTROL_CHARS.search(filename):
-            refuse("attachment filename %r holds a control character" % filename[:80])
-        if len(mime_type) > MAX_MIME_TYPE_CHARS or not _MIME_TYPE.fullmatch(mime_type):
-            refuse("attachment %s has MIME type %r" % (filename, mime_type[:80]))
-
-
-def _simple_mime(message, now):
-    """``build_mime`` for a single text part with ASCII headers that fit in
-    78 octets, or None when the message needs the email package."""
-    if message["content_type"] == "html" and message.get("body_text") is not None:
-        return None
-    lines = []
-
-    def add(name, value):
-        line = "%s: %s" % (name, value)
-        if len(line) > 78 or not _PRINTABLE_ASCII.fullmatch(value):
-            raise _NotSimple()
-        lines.append(line)
-
-    def add_addresses(name, pairs):
-        # one address per continuation line keeps long lists within 78 octets
-        add(name, _format_address(*pairs[0]) + ("," if len(pairs) > 1 else ""))
-        for index, pair in enumerate(pairs[1:], 1):
-            text = " " + _format_address(*pair) + ("," if index < len(pairs) - 1 else "")
-            if len(text) > 78 or not _PRINTABLE_ASCII.fullmatch(text):
-                raise _NotSimple()
-            lines.append(text)
-
-    try:
-        add_addresses("From", [message["from"]])
-        if message["to"]:     # empty when every To recipient was suppressed
-            add_addresses("To", message["to"])
-        if message["cc"]:
-            add_addresses("Cc", message["cc"])
-        if message["reply_to"]:
-            add_addresses("Reply-To", message["reply_to"])
-        add("Subject", message["subject"])
-        add("Date", email.utils.format_datetime(
-            datetime.datetime.fromtimestamp(now, datetime.timezone.utc)))
-        add("Message-ID", message["message_id"])
-        for name, value in message["headers"].items():
-            add(name, value)
-    except _NotSimple:
-        return None
-    body = message["body"]
-    text_lines = _LINE_BREAK.split(body[:-1] if body.endswith("\n") else body)
-    if _PRINTABLE_ASCII.fullmatch(body.replace("\n", " ").replace("\r", " ").replace("\t", " ")) \
-            and max(len(line) for line in text_lines) <= 78:
-        encoding, payload = "7bit", "\r\n".join(text_lines).encode("ascii") + b"\r\n"
+def _check_attachment(raw, index):
+    field = "attachments[%d]" % index
+    if not isinstance(raw, dict):
+        raise ValueError("%s must be an object" % field)
+    filename = _check_text(raw.get("filename"), field + ".filename", required=True,
+                           max_chars=255, single_line=True)
+    if not filename.strip() or _CONTROL_CHARS.search(filename):
+        raise ValueError("%s.filename must be a non-empty name without control characters"
+                         % field)
+    if "/" in filename or "\\" in filename:
+        raise ValueError("%s.filename must be a bare name, not a path" % field)
+    attachment = {"filename": filename}
+    mime_type = raw.get("mime_type")
+    if mime_type is not None:
+        if (not isinstance(mime_type, str) or len(mime_type) > MAX_MIME_TYPE_CHARS
+                or not _MIME_TYPE.fullmatch(mime_type)):
+            raise ValueError("%s.mime_type must look like type/subtype" % field)
+        attachment["mime_type"] = mime_type.lower()
+    sources = [key for key in ATTACHMENT_SOURCES if raw.get(key) is not None]
+    if len(sources) != 1:
+        raise ValueError("%s needs exactly one of content, url, s3 or storage_path" % field)
+    source = sources[0]
+    value = raw[source]
+    fetch_mode = raw.get("fetch_mode")
+    if fetch_mode is not None and (source != "storage_path" or fetch_mode != "endpoint"):
+        raise ValueError("%s.fetch_mode must be endpoint, with storage_path" % field)
+    if source == "storage_path":
+        # a path on the tenant's own storage ("volume:path"), fetched back
+        # from its client_attachment_path at send time
+        if (not isinstance(value, str) or not value or len(value) > MAX_STORAGE_PATH
+                or _CONTROL_CHARS.search(value)):
+            raise ValueError("%s.storage_path must be a path of 1-%d characters without "
+                             "control characters" % (field, MAX_STORAGE_PATH))
+        attachment["storage_path"] = value
+        md5 = raw.get("content_md5")
+        if md5 is not None:
+            if not isinstance(md5, str) or not _MD5_HEX.fullmatch(md5):
+                raise ValueError("%s.content_md5 must be 32 hexadecimal digits" % field)
+            attachment["content_md5"] = md5.lower()
+    elif source == "content":
+        if not isinstance(value, str):
+            raise ValueError("%s.content must be a base64 string" % field)
+        compact = "".join(value.split())
+        try:
+            base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("%s.content is not valid base64" % field) from exc
+        attachment["content"] = compact
+    elif source == "url":
+        if not isinstance(value, str) or _CONTROL_CHARS.search(value) or " " in value:
+            raise ValueError("%s.url must be an http or https URL" % field)
+        if not value.isascii():
+            raise ValueError("%s.url must be ASCII (percent-encode the rest)" % field)
+        parts = urllib.parse.urlsplit(value)
+        try:
+            parts.port
+        except ValueError as exc:
+            raise ValueError("%s.url has an invalid port" % field) from exc
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("%s.url must be an http or https URL" % field)
+        attachment["url"] = value
     else:
-        encoding = "quoted-printable"
-        payload = binascii.b2a_qp("\n".join(text_lines).encode("utf-8") + b"\n",
-                                  istext=True).replace(b"\n", b"\r\n")
-    lines.append("MIME-Version: 1.0")
-    lines.append('Content-Type: text/%s; charset="utf-8"' % message["content_type"])
-    lines.append("Content-Transfer-Encoding: " + encoding)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + payload
-
-
-class _NotSimple(Exception):
-    """Internal to _simple_mime: this message needs the email package."""
-
-
-_PRINTABLE_ASCII = re.compile(r"[ -~]*")
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")   # what the email package splits on; not \f or \u2028
-
-
-def _rich_mime(message, attachments, now):
-    """``build_mime`` through ``email.message.EmailMessage``."""
-    import email.policy
-    from email.message import EmailMessage
-    policy = email.policy.SMTP.clone(cte_type="7bit", max_line_length=78)
-    mime = EmailMessage(policy=policy)
-    try:
-        mime["From"] = _address_objects([message["from"]])
-        if message["to"]:
-            mime["To"] = _address_objects(message["to"])
-        if message["cc"]:
-            mime["Cc"] = _address_objects(message["cc"])
-        if message["reply_to"]:
-            mime["Reply-To"] = _address_objects(message["reply_to"])
-        mime["Subject"] = message["subject"]
-        mime["Date"] = email.utils.format_datetime(
-            datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
-        mime["Message-ID"] = message["message_id"]
-        for name, value in message["headers"].items():
-            mime[name] = value
-        if message["content_type"] == "html":
-            if message.get("body_text") is not None:
-                mime.set_content(message["body_text"], subtype="plain", charset="utf-8")
-                mime.add_alternative(message["body"], subtype="html", charset="utf-8")
-            else:
-                mime.set_content(message["body"], subtype="html", charset="utf-8")
-        else:
-            mime.set_content(message["body"], subtype="plain", charset="utf-8")
-        for filename, mime_type, data in attachments:
-            maintype, _, subtype = mime_type.partition("/")
-            mime.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
-        return mime.as_bytes(policy=policy)
-    except (ValueError, TypeError, IndexError, email.errors.MessageError) as exc:
-        raise PermanentError("cannot build the message: %s" % exc) from exc
+        if not isinstance(value, dict):
+            raise ValueError("%s.s3 must be an object with bucket and key" % field)
+        bucket = value.get("bucket")
+        key = value.get("key")
+        if not isinstance(bucket, str) or not _S3_BUCKET.fullmatch(bucket):
+            raise ValueError("%s.s3.bucket must be a bucket name" % field)
+        if not isinstance(key, str) or not key or len(key) > 1024 or "\x00" in key:
+            raise ValueError("%s.s3.key must be a non-empty object key" % field)
+        s3 = {"bucket": bucket, "key": key}
+        region = value.get("region")
+        if region is not None:
+            if not isinstance(region, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", region):
+                raise ValueError("%s.s3.region must be a region name" % field)
+            s3["region"] = region
+        attachment["s3"] = s3
+    return attachment
 
 
 def _guess_mime_type(filename):
     import mimetypes
     return mimetypes.guess_type(filename)[0] or "application/octet-stream"
-
-
-def envelope(message, verp_sender=None):
-    """(sender, [recipients]) for the SMTP envelope: the message's own
-    return_path, else ``verp_sender``, else From; To, Cc and Bcc without
-    duplicates."""
-    sender = message["return_path"] or verp_sender or message["from"][1]
-    recipients = []
-    for field in ("to", "cc", "bcc"):
-        for _, addr in message[field]:
-            if addr.lower() not in (r.lower() for r in recipients):
-                recipients.append(addr)
-    return sender, recipients
-
-
-# -- VERP (SPEC 8): a bounce names the message it is about --------------------
-
-VERP_MAC_CHARS = 8   # 40 bits of HMAC: a forged bounce would have to guess them
-_VERP_TOKEN = re.compile(r"[a-z2-7]{%d}[0-9a-z]{1,13}" % VERP_MAC_CHARS)
-
-
-def _base36(number):
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    text = ""
-    while True:
-        number, digit = divmod(number, 36)
-        text = digits[digit] + text
-        if not number:
-            return text
-
-
-def verp_token(key, pk):
-    """The VERP token of the message stored as row ``pk``: letters and
-    digits only (lower case, as some MTAs fold local parts), at most 21
-    characters: an HMAC of the row under the database's own key, then the
-    row in base 36.  Only this database can make one, and reading it back
-    needs no index."""
-    mac = hmac.new(key, b"%d" % pk, hashlib.sha256).digest()
-    return base64.b32encode(mac).decode("ascii").lower()[:VERP_MAC_CHARS] + _base36(pk)
-
-
-def verp_pk(key, token):
-    """The row a VERP token names, or None when it is not one of ours."""
-    token = token.lower()
-    if not _VERP_TOKEN.fullmatch(token):
-        return None
-    pk = int(token[VERP_MAC_CHARS:], 36)
-    return pk if hmac.compare_digest(verp_token(key, pk), token) else None
-
-
-def verp_sender(base, token):
-    """``bounces+TOKEN@example.com`` from ``bounces@example.com``."""
-    local, _, domain = base.rpartition("@")
-    return "%s+%s@%s" % (local, token, domain)
-
-
-def verp_token_of(base, address):
-    """The token of a VERP address built on ``base`` (case-insensitive), or
-    None when ``address`` is not one."""
-    local, _, domain = address.strip().strip("<>").rpartition("@")
-    base_local, _, base_domain = base.rpartition("@")
-    prefix = base_local.lower() + "+"
-    if domain.lower() != base_domain.lower() or not local.lower().startswith(prefix):
-        return None
-    return local[len(prefix):] or None
-
-
-# -- bounces: reading delivery status notifications (SPEC 8) ------------------
-# Pure functions: the bounce collector fetches a message and hands its bytes to
-# parse_bounce.  RFC 3464 reports through the email package (compat32, raw
-# header values, every value cleaned by one bounded function), and the two
-# commonest plain-text formats: qmail's QSBMF and Exim's default bounce.
-
-# Postfix returns at most 50 kB of the original, Exim 100 kB; a 1 MiB DSN
-# parses in ~20 ms.  Larger messages are not parsed (kind "too_large").
-MAX_BOUNCE_BYTES = 1 << 20
-# multipart/ and message/ parts: the email package recurses once per level and
-# checks every line against every enclosing boundary.
-MAX_MIME_CONTAINERS = 32
-MAX_CONTENT_TYPE_CHARS = 2048  # the email package's parameter parsing is quadratic
-MAX_BOUNCE_RECIPIENTS = 1000   # entries reported from one bounce; the rest dropped
-MAX_HEADER_VALUES = 20      # Delivered-To (one per hop) etc. values searched for VERP
-MAX_FIELD_CHARS = 1000      # a DSN field or header value kept (RFC 5322 line: 998)
-MAX_DIAGNOSTIC_CHARS = 1000  # diagnostic text kept; an SMTP reply line is <= 512
-MAX_RFC_MESSAGE_ID = 250        # as validate_message accepts a client's message_id
-
-BOUNCE_KINDS = ("dsn", "qmail", "exim", "not_a_bounce", "too_large")
-DSN_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 2.3.3
-# The headers that may carry the address a bounce was delivered to, most
-# trustworthy first: the first two are written by the final MTA, To by anyone.
-VERP_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "To")
-
-# RFC 3463 section 3: class, subject, and the detail codes a bounce most
-# often carries.  Details are defined independently of the class.
-_STATUS_CLASSES = {"2": "Success", "4": "Persistent transient failure",
-                   "5": "Permanent failure"}
-_STATUS_SUBJECTS = {
-    "0": "other or undefined status", "1": "addressing status",
-    "2": "mailbox status", "3": "mail system status",
-    "4": "network and routing status", "5": "mail delivery protocol status",
-    "6": "message content or media status", "7": "security or policy status"}
-_STATUS_DETAILS = {
-    "1.1": "Bad destination mailbox address",
-    "1.2": "Bad destination system address",
-    "1.3": "Bad destination mailbox address syntax",
-    "1.6": "Destination mailbox has moved, no forwarding address",
-    "2.1": "Mailbox disabled, not accepting messages",
-    "2.2": "Mailbox full",
-    "2.3": "Message length exceeds administrative limit",
-    "3.4": "Message too big for system",
-    "4.1": "No answer from host",
-    "4.2": "Bad connection",
-    "4.4": "Unable to route",
-    "4.7": "Delivery time expired",
-    "7.1": "Delivery not authorized, message refused"}
-
-_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})")
-# A failure's enhanced status code inside free text ("550 5.1.1 ...", qmail's
-# "(#5.1.1)"); the look-arounds keep it from matching inside an IP address.
-_STATUS_IN_TEXT = re.compile(r"(?<![0-9.])([45])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9.])")
-# A basic SMTP reply code at a line start or after a colon ("said: 550 ...").
-_SMTP_CODE_IN_TEXT = re.compile(r"(?:^|:)[ \t]*([45])[0-9][0-9][ -]", re.M)
-_ADDRESS_SEPARATORS = re.compile(r"[\s<>,;:\"()\[\]]+")
-_TYPED_VALUE = re.compile(r"([A-Za-z0-9-]{1,40})[ \t]*;[ \t]*(.*)", re.S)  # "smtp; 550 ..."
-_MESSAGE_ID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>|([^<>\s@]+@[^<>\s@]+)")
-_UNPRINTABLE_RUN = re.compile(r"[\s\x00-\x1f\x7f]+")
-# A header value with its folded continuation lines (the email package also
-# ends lines at a bare \r).
-_FOLDED_VALUE = re.compile(rb"(?:[^\r\n]|(?:\r\n?|\n)[ \t])*")
-_CONTENT_TYPE = b"content-type:"
-
-_QMAIL_START = "Hi. This is the"          # QSBMF section 2: the body begins so
-_EXIM_START = "This message was created automatically by mail delivery software."
-_EXIM_COPY = "------ This is a copy of the message"
-
-
-RecipientStatus = collections.namedtuple(
-    "RecipientStatus", "recipient action status diagnostic")
-RecipientStatus.__doc__ = """One recipient of a bounce: ``recipient`` as the
-bounce names it, ``action`` (one of DSN_ACTIONS or "unknown"), ``status``
-(RFC 3463 ``x.y.z``, or "" when nothing implies one) and ``diagnostic``
-(the reason text, a DSN's Diagnostic-Code without its type prefix)."""
-
-BounceReport = collections.namedtuple(
-    "BounceReport", "kind verp_token original_rfc_message_id recipients")
-BounceReport.__doc__ = """What parse_bounce read from one message: ``kind``
-(one of BOUNCE_KINDS), the VERP token or None, the bounced message's
-``"<id@domain>"`` or None, and a tuple of RecipientStatus."""
-
-
-def bounce_type(action, status):
-    """``"hard"``, ``"soft"``, ``"delayed"`` or None for one recipient.
-
-    SPEC 8: ``failed`` with a 5.x.x status is a hard bounce, with 4.x.x a soft
-    one; ``delayed`` is noted, not a bounce.  Anything else (delivered,
-    relayed, a failure claiming 2.x.x) is None: nothing to record.
-    """
-    if action == "delayed":
-        return "delayed"
-    if action == "failed" and status[:2] == "5.":
-        return "hard"
-    if action == "failed" and status[:2] == "4.":
-        return "soft"
-    return None
-
-
-def status_meaning(status):
-    """A short English text for an RFC 3463 status such as ``"5.1.1"``: the
-    detail's meaning when it is a common one, else the class and subject
-    ("Permanent failure: mailbox status"), else the class alone ("5.0.0":
-    "Permanent failure").  Raises ValueError for a string that is not a
-    status code."""
-    match = _STATUS.fullmatch(status) if isinstance(status, str) else None
-    if not match:
-        raise ValueError("not an RFC 3463 status code: %r" % (status,))
-    klass, subject, detail = (str(int(group)) for group in match.groups())
-    if subject + "." + detail in _STATUS_DETAILS:
-        return _STATUS_DETAILS[subject + "." + detail]
-    if subject in _STATUS_SUBJECTS and subject != "0":
-        return "%s: %s" % (_STATUS_CLASSES[klass], _STATUS_SUBJECTS[subject])
-    return _STATUS_CLASSES[klass]
-
-
-def _normal_status(match):
-    """``x.y.z`` without leading zeros from a match of ``_STATUS*``."""
-    return ".".join(str(int(group)) for group in match.groups())
-
-
-def _status_from_text(text, default):
-    """The status a free-text diagnostic implies: its first enhanced code,
-    else the class of its first SMTP reply code, else ``default``."""
-    match = _STATUS_IN_TEXT.search(text)
-    if match:
-        return _normal_status(match)
-    match = _SMTP_CODE_IN_TEXT.search(text)
-    if match:
-        return match.group(1) + ".0.0"
-    return default
-
-
-# ####################################################################### #
-# ########################  Parsing: the email package  ################# #
-# ####################################################################### #
-
-@functools.lru_cache(maxsize=1)
-def _raw_header_policy():
-    """compat32, but header values come back as the raw str (built at the
-    first bounce: the email package is a heavy import for start-up).
-
-    compat32 rather than ``email.policy.default``: the default policy parses
-    every header it is asked for into structured objects, code with a history
-    of exceptions and super-linear cases on malformed input; here every value
-    goes through this module's own bounded cleaning instead.  And the raw str
-    rather than compat32's ``Header`` wrapper, which would turn 8-bit text into
-    U+FFFD where ``_clean`` recovers UTF-8.
-    """
-
-    import email.policy
-
-    class RawHeaderPolicy(email.policy.Compat32):
-        def header_fetch_parse(self, name, value):
-            return value
-
-    return RawHeaderPolicy()   # policies are immutable
-
-
-def _parse_message(raw, headers_only=False):
-    """A ``Message`` from bytes (``parse_bounce`` translates what this raises)."""
-    import email.parser
-    return email.parser.BytesParser(policy=_raw_header_policy()).parsebytes(
-        raw, headersonly=headers_only)
-
-
-def _clean(value, limit):
-    """A header value or text as one printable line of at most ``limit``
-    characters: bytes the parser carried as surrogate escapes are decoded as
-    UTF-8 (else U+FFFD), and runs of whitespace and control characters, folding
-    included, become one space.  Work is bounded by ``limit``, not by the input."""
-    text = str(value)[:limit * 4]
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:   # a surrogate that is not an escaped byte
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return _UNPRINTABLE_RUN.sub(" ", text).strip()[:limit]
-
-
-def _rfc_message_id(value):
-    """``"<id@domain>"`` from a Message-ID header value, else None."""
-    text = _clean(value, MAX_FIELD_CHARS) if value is not None else ""
-    match = _MESSAGE_ID.fullmatch(text)
-    found = match and (match.group(1) or match.group(2))
-    return "<%s>" % found if found and len(found) <= MAX_RFC_MESSAGE_ID else None
-
-
-def _rfc_message_id_in_text(text):
-    """The Message-ID in the header block at the start of ``text`` (a quoted
-    original message in a plain-text bounce), else None."""
-    raw = text.lstrip("\r\n").encode("utf-8")
-    return _rfc_message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
-
-
-def _body_text(message):
-    """The decoded body of a single-part message as str, else None."""
-    if message.is_multipart():
-        return None
-    payload = message.get_payload(decode=True)
-    return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
-
-
-# ####################################################################### #
-# ########################  Parsing: the formats  ####################### #
-# ####################################################################### #
-
-def _dsn_address(value):
-    """The address of a Final-/Original-Recipient value ("rfc822; a@b"), else None."""
-    text = _clean(value, MAX_FIELD_CHARS)
-    typed = _TYPED_VALUE.fullmatch(text)
-    address = (typed.group(2) if typed else text).strip().strip("<>").strip()
-    if not address or len(address) > MAX_ADDR_SPEC:
-        return None
-    return address
-
-
-def _dsn_recipient(fields):
-    """A ``RecipientStatus`` from one per-recipient block (a ``Message`` whose
-    headers are the fields), else None when the block names no recipient."""
-    recipient = _dsn_address(fields.get("Final-Recipient", ""))
-    recipient = recipient or _dsn_address(fields.get("Original-Recipient", ""))
-    if recipient is None:
-        return None
-    action = _clean(fields.get("Action", ""), 40).lower().partition(" ")[0]
-    action = action if action in DSN_ACTIONS else "unknown"
-    diagnostic = _clean(fields.get("Diagnostic-Code", ""), MAX_DIAGNOSTIC_CHARS)
-    typed = _TYPED_VALUE.fullmatch(diagnostic)
-    diagnostic = typed.group(2).strip() if typed else diagnostic
-    # RFC 3464 requires Status; when it is missing or garbled, the diagnostic
-    # or (as a last resort) the action says what kind of failure this was.
-    field = _clean(fields.get("Status", ""), 40).partition(" ")[0]
-    match = _STATUS.fullmatch(field)
-    default = {"failed": "5.0.0", "delayed": "4.0.0", "unknown": ""}.get(action, "2.0.0")
-    status = _normal_status(match) if match else _status_from_text(diagnostic, default)
-    return RecipientStatus(recipient, action, status, diagnostic)
-
-
-def _returned_rfc_message_id(part):
-    """The Message-ID in a DSN's third part (``message/rfc822`` or
-    ``text/rfc822-headers``), else None."""
-    if part.is_multipart():   # message/rfc822: parsed as a sub-message
-        payload = part.get_payload()
-        return _rfc_message_id(payload[0].get("Message-ID")) if payload else None
-    raw = part.get_payload(decode=True)
-    if not isinstance(raw, bytes):
-        return None
-    return _rfc_message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
-
-
-def _parse_dsn(message):
-    """``(original_rfc_message_id, recipients)`` of an RFC 3464 report, else None.
-
-    A DSN is a top-level ``multipart/report; report-type=delivery-status`` with
-    a ``message/delivery-status`` part; the original's headers are read from
-    its first ``message/rfc822`` or ``text/rfc822-headers`` part.  (RFC 6533's
-    message/global-delivery-status is not read: asyncmail does not send
-    SMTPUTF8 mail, and only such mail gets one.)
-    """
-    if message.get_content_type() != "multipart/report":
-        return None
-    report_type = email.utils.collapse_rfc2231_value(message.get_param("report-type", ""))
-    if report_type.lower() != "delivery-status" or not message.is_multipart():
-        return None   # not a report, or its boundary is missing
-    # (get_payload() only on multiparts: on a str payload 3.8 can raise.)
-    parts = message.get_payload()
-    status_parts = [part for part in parts if part.is_multipart()
-                    and part.get_content_type() == "message/delivery-status"]
-    if not status_parts:
-        return None
-    recipients = []
-    for fields in status_parts[0].get_payload():
-        entry = _dsn_recipient(fields)
-        if entry is not None and len(recipients) < MAX_BOUNCE_RECIPIENTS:
-            recipients.append(entry)
-    original = None
-    for part in parts:
-        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
-            original = _returned_rfc_message_id(part)
-            break
-    return original, recipients
-
-
-def _paragraphs(lines):
-    """Split lines into paragraphs: ``(first line index, [lines])`` for each
-    run of non-blank lines."""
-    paragraph, start = [], 0
-    for index, line in enumerate(lines):
-        if line.strip():
-            if not paragraph:
-                start = index
-            paragraph.append(line)
-        elif paragraph:
-            yield start, paragraph
-            paragraph = []
-    if paragraph:
-        yield start, paragraph
-
-
-def _parse_qmail(text, lines):
-    """``(original_rfc_message_id, recipients)`` of a qmail bounce, else None.
-
-    QSBMF (https://cr.yp.to/proto/qsbmf.txt): the body begins "Hi. This is
-    the"; after an introductory paragraph come failure paragraphs, whose first
-    line is "<address>:" and the rest a description, then a break paragraph
-    starting with "-", then the original message.  Every failure is permanent
-    (status 5.0.0) unless the description quotes a code ("Remote host said:
-    550 5.1.1 ...", qmail's own "(#5.1.1)").
-    """
-    if not text.startswith(_QMAIL_START):
-        return None
-    recipients, original = [], None
-    paragraphs = _paragraphs(lines)
-    next(paragraphs)   # the introduction
-    for start, paragraph in paragraphs:
-        first = paragraph[0].strip()
-        if first.startswith("-"):
-            original = _rfc_message_id_in_text("\n".join(lines[start + len(paragraph):]))
-            break
-        address = first[1:-2].strip()
-        if (not (first.startswith("<") and first.endswith(">:")) or not address
-                or len(address) > MAX_ADDR_SPEC or len(recipients) >= MAX_BOUNCE_RECIPIENTS):
-            continue   # reserved for extensions, or one too many
-        diagnostic = _clean(" ".join(paragraph[1:]), MAX_DIAGNOSTIC_CHARS)
-        recipients.append(RecipientStatus(
-            address, "failed", _status_from_text(diagnostic, "5.0.0"), diagnostic))
-    return original, recipients
-
-
-def _parse_exim(text, lines):
-    """``(original_rfc_message_id, recipients)`` of an Exim plain-text bounce, else None.
-
-    Exim's default text (its spec, "Customizing bounce and warning messages",
-    and deliver.c): "This message was created automatically by mail delivery
-    software.", a paragraph saying the message "could not be delivered" and
-    ending "...address(es) failed:", then each address indented two spaces with
-    its error indented four, then "------ This is a copy of the message..."
-    and the original.  The failure is permanent: status 5.0.0 unless the error
-    quotes a code.
-    """
-    first = next((index for index, line in enumerate(lines) if line.strip()), None)
-    if first is None or lines[first].strip() != _EXIM_START:
-        return None
-    index = first + 1
-    while index < len(lines) and not lines[index].rstrip().endswith("failed:"):
-        index += 1
-    intro = _clean(" ".join(lines[first:index + 1]), MAX_FIELD_CHARS)
-    if index == len(lines) or "could not be delivered" not in intro:
-        return None   # a delay warning, or something else
-    failed, errors, original = [], None, None   # failed: [(address, [error line])]
-    for number in range(index + 1, len(lines)):
-        line = lines[number]
-        if line.startswith(_EXIM_COPY):
-            original = _rfc_message_id_in_text("\n".join(lines[number + 1:]))
-            break
-        if line.startswith(("    ", "\t")):          # an error line
-            if errors is not None:
-                errors.append(line)
-        elif line.startswith("  ") and line.strip():   # an address
-            address, errors = line.strip().strip("<>"), None
-            if ("@" in address and " " not in address and len(address) <= MAX_ADDR_SPEC
-                    and len(failed) < MAX_BOUNCE_RECIPIENTS):
-                errors = []
-                failed.append((address, errors))
-        elif line.strip():   # "The following text was generated ..." and the like
-            errors = None
-    recipients = []
-    for address, error_lines in failed:
-        diagnostic = _clean(" ".join(error_lines), MAX_DIAGNOSTIC_CHARS)
-        recipients.append(RecipientStatus(
-            address, "failed", _status_from_text(diagnostic, "5.0.0"), diagnostic))
-    return original, recipients
-
-
-def _find_verp_token(message, verp_address):
-    """The VERP token in the first of ``VERP_HEADERS`` that holds one, else None."""
-    for name in VERP_HEADERS:
-        for value in (message.get_all(name) or [])[:MAX_HEADER_VALUES]:
-            for word in _ADDRESS_SEPARATORS.split(_clean(value, MAX_FIELD_CHARS)):
-                token = verp_token_of(verp_address, word) if "@" in word else None
-                if token:
-                    return token
-    return None
-
-
-def _check_mime_limits(raw):
-    """Raise BounceParseError unless every Content-Type field is at most
-    ``MAX_CONTENT_TYPE_CHARS`` long and at most ``MAX_MIME_CONTAINERS`` of them
-    declare a multipart or message type: the two things that make the email
-    package's work grow faster than the input."""
-    lowered, containers = raw.lower(), 0
-    at = lowered.find(_CONTENT_TYPE)
-    while at >= 0:
-        end = at + len(_CONTENT_TYPE)
-        if at == 0 or lowered[at - 1] in b"\r\n":   # a field, not words in a line
-            value = _FOLDED_VALUE.match(lowered, end).group()
-            if len(value) > MAX_CONTENT_TYPE_CHARS:
-                raise BounceParseError("a Content-Type field longer than %d characters"
-                                       % MAX_CONTENT_TYPE_CHARS)
-            if value.lstrip(b" \t\r\n").startswith((b"multipart/", b"message/")):
-                containers += 1
-        at = lowered.find(_CONTENT_TYPE, end)
-    if containers > MAX_MIME_CONTAINERS:
-        raise BounceParseError("more than %d multipart or message parts" % MAX_MIME_CONTAINERS)
-
-
-def _read_bounce(raw, verp_address):
-    """``parse_bounce`` once the input passed its limits."""
-    message = _parse_message(raw)
-    token = _find_verp_token(message, verp_address) if verp_address else None
-    found = _parse_dsn(message)
-    if found is not None:
-        return BounceReport("dsn", token, found[0], tuple(found[1]))
-    text = _body_text(message)
-    if text is not None:
-        lines = text.splitlines()
-        for kind, parse in (("qmail", _parse_qmail), ("exim", _parse_exim)):
-            found = parse(text, lines)
-            if found is not None:
-                return BounceReport(kind, token, found[0], tuple(found[1]))
-    return BounceReport("not_a_bounce", token, None, ())
-
-
-def parse_bounce(raw_bytes, verp_address=None, max_bytes=MAX_BOUNCE_BYTES):
-    """Read one message from the bounce mailbox.
-
-    Returns a ``BounceReport``: kind ``"too_large"`` (nothing parsed) when
-    ``raw_bytes`` is longer than ``max_bytes``; else the VERP token (when
-    ``verp_address`` is set) from ``VERP_HEADERS`` and, for kind ``"dsn"``,
-    ``"qmail"`` or ``"exim"``, the returned Message-ID and the recipients.
-    Anything else is ``"not_a_bounce"``.  Linear in the input.
-
-    Raises BounceParseError for a message with more MIME nesting or longer
-    Content-Type fields than this module parses (``_check_mime_limits``) or
-    one the email package fails on; TypeError when ``raw_bytes`` is not
-    bytes.  Nothing else, whatever the bytes hold.
-    """
-    if not isinstance(raw_bytes, (bytes, bytearray)):
-        raise TypeError("raw_bytes must be bytes")
-    if len(raw_bytes) > max_bytes:
-        return BounceReport("too_large", None, None, ())
-    _check_mime_limits(raw_bytes)
-    try:
-        return _read_bounce(bytes(raw_bytes), verp_address)
-    except (email.errors.MessageError, RecursionError, LookupError, ValueError,
-            TypeError) as exc:
-        # The email package records defects rather than raising, but not
-        # always: on 3.8-3.10 a broken uuencoded body lets binascii.Error out
-        # of get_payload(decode=True); 3.8's get_payload() raises TypeError on
-        # an RFC 2231 charset.  The one place its exceptions are translated.
-        raise BounceParseError("unparseable message: %s: %s"
-                               % (type(exc).__name__, exc)) from exc
 
 
 # -- attachments: URL and S3 sources -----------------------------------------
@@ -3741,6 +2922,103 @@ class AttachmentEndpoint(collections.namedtuple("AttachmentEndpoint", "tenant ur
 
 
 ENDPOINT_FETCH_FAILED = "Attachment fetch failed"   # Genropy retries errors that say so
+
+
+def _time_left(deadline):
+    """Seconds until ``deadline`` (time.monotonic()); socket.timeout once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """socket.makefile's raw reader, each read waiting at most the time left."""
+
+    def __init__(self, sock, deadline):
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)   # keeps the socket open until closed
+        self._deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self):
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """A connected socket (plain or TLS) whose every operation ends by
+    ``deadline``: each waits at most the time left, where a plain socket
+    timeout would start afresh with every byte a server drips.  Offers what
+    http.client uses of a socket: sendall, makefile("rb") and close."""
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data):
+        self._sock.settimeout(_time_left(self._deadline))
+        self._sock.sendall(data)
+
+    def makefile(self, mode="rb", *args, **kwargs):
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self):
+        self._sock.close()   # the socket stays open while a reader still uses it
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to a pre-checked address, whatever DNS says by now, and
+    ends every socket operation by ``deadline``."""
+
+    def __init__(self, host, port, address, deadline):
+        super().__init__(host, port)
+        self.pinned_address = address
+        self.deadline = deadline
+
+    def connect(self):
+        sock = socket.create_connection((self.pinned_address, self.port),
+                                        _time_left(self.deadline))
+        self.sock = _DeadlineSocket(sock, self.deadline)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """TLS to a pre-checked address, verifying the certificate for ``host``,
+    every socket operation ending by ``deadline``."""
+
+    def __init__(self, host, port, address, deadline, context):
+        super().__init__(host, port, context=context)
+        self.pinned_address = address
+        self.deadline = deadline
+
+    def connect(self):
+        sock = socket.create_connection((self.pinned_address, self.port),
+                                        _time_left(self.deadline))
+        # the handshake's timeout is its total duration (ssl, Python 3.5+)
+        sock.settimeout(_time_left(self.deadline))
+        sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = _DeadlineSocket(sock, self.deadline)
+
+
+def _pinned_connection(scheme, host, port, address, deadline, context):
+    """An http.client connection to ``host`` that connects to ``address``
+    and ends every socket operation by ``deadline`` (time.monotonic())."""
+    if scheme == "https":
+        return _PinnedHTTPSConnection(host, port, address, deadline, context)
+    return _PinnedHTTPConnection(host, port, address, deadline)
+
+
+def _content_type(headers):
+    value = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return value if len(value) <= MAX_MIME_TYPE_CHARS and _MIME_TYPE.fullmatch(value) else None
 
 
 class AttachmentFetcher:
@@ -3996,101 +3274,933 @@ class AttachmentFetcher:
             connection.close()
 
 
-def _time_left(deadline):
-    """Seconds until ``deadline`` (time.monotonic()); socket.timeout once it passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise socket.timeout("timed out")
-    return left
+# ####################################################################### #
+# #############  Messages: validation, MIME, the envelope  ############## #
+# ####################################################################### #
+
+# Headers that the message's own fields produce; a custom header may not
+# replace them (Bcc in particular must never reach the headers).
+_RESERVED_HEADERS = frozenset([
+    "from", "to", "cc", "bcc", "subject", "reply-to", "return-path", "message-id",
+    "date", "mime-version", "content-type", "content-transfer-encoding", "sender"])
+_MESSAGE_ID_TEXT = re.compile(r"[!-~]+")   # printable ASCII, no space
 
 
-class _DeadlineSocket:
-    """A connected socket (plain or TLS) whose every operation ends by
-    ``deadline``: each waits at most the time left, where a plain socket
-    timeout would start afresh with every byte a server drips.  Offers what
-    http.client uses of a socket: sendall, makefile("rb") and close."""
+def validate_message(raw, default_priority, resolve_account):
+    """Check one message of an add-messages batch and normalise it.
 
-    def __init__(self, sock, deadline):
-        self._sock = sock
-        self._deadline = deadline
+    ``resolve_account(account_id_or_None)`` returns the account id to use or
+    raises ValueError.  Returns the normalised message (a JSON-able dict);
+    raises ValueError with the reason the message is rejected.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("message must be an object")
+    message = {"id": _check_identifier(raw.get("id"), "id")}
+    account_id = raw.get("account_id")
+    if account_id is not None:
+        _check_identifier(account_id, "account_id")
+    message["account_id"] = resolve_account(account_id)
+    sender = raw.get("from")
+    if sender is None:
+        raise ValueError("from is required")
+    message["from"] = list(_parse_address(sender)) if isinstance(sender, str) else None
+    if message["from"] is None:
+        raise ValueError("from must be a string")
+    for field in ("to", "cc", "bcc"):
+        value = raw.get(field)
+        message[field] = ([list(pair) for pair in _parse_address_list(value, field)]
+                          if value is not None else [])
+    if not message["to"]:
+        raise ValueError("to must name at least one recipient")
+    reply_to = raw.get("reply_to")
+    message["reply_to"] = ([list(p) for p in _parse_address_list(reply_to, "reply_to")]
+                           if reply_to is not None else [])
+    return_path = raw.get("return_path")
+    if return_path is not None:
+        if not isinstance(return_path, str):
+            raise ValueError("return_path must be a string")
+        message["return_path"] = _parse_address(return_path)[1]
+    else:
+        message["return_path"] = None
+    message["subject"] = _check_text(raw.get("subject"), "subject", required=True,
+                                     single_line=True)
+    message["body"] = _check_text(raw.get("body"), "body", required=True)
+    content_type = raw.get("content_type", "plain")
+    if content_type is None:
+        content_type = "plain"
+    if not isinstance(content_type, str) or content_type.lower() not in (
+            "plain", "html", "text/plain", "text/html"):
+        raise ValueError("content_type must be plain or html")
+    message["content_type"] = "html" if content_type.lower().endswith("html") else "plain"
+    message["body_text"] = _check_text(raw.get("body_text"), "body_text")
+    headers = raw.get("headers")
+    message["headers"] = {}
+    if headers is not None:
+        if not isinstance(headers, dict):
+            raise ValueError("headers must be an object of name: value strings")
+        for name, value in headers.items():
+            if len(name) > 76 or not _HEADER_NAME.fullmatch(name):
+                raise ValueError("header name %r is not a valid field name" % name[:80])
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError("header %s comes from its own field and cannot be set" % name)
+            if isinstance(value, bool):   # Genropy sends its extra headers' numbers and
+                value = "true" if value else "false"   # flags as JSON numbers and booleans
+            elif _is_number(value):
+                value = str(value)
+            _check_text(value, "header %s" % name, required=True, single_line=True)
+            message["headers"][name] = value
+    rfc_message_id = raw.get("message_id")
+    if rfc_message_id is not None:
+        # printable ASCII only: RFC 5322 has no encoding for a msg-id, so
+        # anything else (U+2028 too) would fail the message at send time
+        if (not isinstance(rfc_message_id, str) or len(rfc_message_id) > 250
+                or not _MESSAGE_ID_TEXT.fullmatch(rfc_message_id) or "@" not in rfc_message_id):
+            raise ValueError("message_id must look like <unique@domain> (printable ASCII)")
+        rfc_message_id = rfc_message_id.strip("<>")
+        if not rfc_message_id or "<" in rfc_message_id or ">" in rfc_message_id:
+            raise ValueError("message_id must look like <unique@domain>")
+        message["message_id"] = "<%s>" % rfc_message_id
+    else:
+        domain = message["from"][1].rpartition("@")[2]
+        message["message_id"] = "<%s@%s>" % (os.urandom(16).hex(), domain)
+    priority = raw.get("priority")
+    message["priority"] = default_priority if priority is None else _parse_priority(priority)
+    message["deferred_ts"] = _check_timestamp(raw.get("deferred_ts"), "deferred_ts")
+    batch_code = raw.get("batch_code")
+    if batch_code is not None:
+        _check_identifier(batch_code, "batch_code")
+        if len(batch_code) > MAX_BATCH_CODE:
+            raise ValueError("batch_code is longer than %d characters" % MAX_BATCH_CODE)
+    message["batch_code"] = batch_code
+    attachments = raw.get("attachments")
+    if attachments is None:
+        attachments = []
+    if not isinstance(attachments, list):
+        raise ValueError("attachments must be a list")
+    message["attachments"] = [_check_attachment(a, i) for i, a in enumerate(attachments)]
+    return message
 
-    def sendall(self, data):
-        self._sock.settimeout(_time_left(self._deadline))
-        self._sock.sendall(data)
 
-    def makefile(self, mode="rb", *args, **kwargs):
-        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
-
-    def close(self):
-        self._sock.close()   # the socket stays open while a reader still uses it
-
-
-class _DeadlineReader(io.RawIOBase):
-    """socket.makefile's raw reader, each read waiting at most the time left."""
-
-    def __init__(self, sock, deadline):
-        super().__init__()
-        self._sock = sock
-        self._raw = sock.makefile("rb", buffering=0)   # keeps the socket open until closed
-        self._deadline = deadline
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        self._sock.settimeout(_time_left(self._deadline))
-        return self._raw.readinto(buffer)
-
-    def close(self):
-        if not self.closed:
-            self._raw.close()
-        super().close()
+# Every field a message may have (SPEC 3, and today's Genropy: tenant_id,
+# batch_code; fetch_mode and content_md5 of an endpoint attachment).  Others
+# are accepted and ignored, and the answer names them.
+MESSAGE_FIELDS = frozenset([
+    "id", "account_id", "from", "to", "cc", "bcc", "reply_to", "return_path", "subject",
+    "body", "content_type", "body_text", "headers", "message_id", "priority", "deferred_ts",
+    "attachments", "batch_code", "tenant_id"])
+ATTACHMENT_FIELDS = frozenset(["filename", "mime_type", "fetch_mode", "content_md5"]
+                              + list(ATTACHMENT_SOURCES))
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to a pre-checked address, whatever DNS says by now, and
-    ends every socket operation by ``deadline``."""
-
-    def __init__(self, host, port, address, deadline):
-        super().__init__(host, port)
-        self.pinned_address = address
-        self.deadline = deadline
-
-    def connect(self):
-        sock = socket.create_connection((self.pinned_address, self.port),
-                                        _time_left(self.deadline))
-        self.sock = _DeadlineSocket(sock, self.deadline)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """TLS to a pre-checked address, verifying the certificate for ``host``,
-    every socket operation ending by ``deadline``."""
-
-    def __init__(self, host, port, address, deadline, context):
-        super().__init__(host, port, context=context)
-        self.pinned_address = address
-        self.deadline = deadline
-
-    def connect(self):
-        sock = socket.create_connection((self.pinned_address, self.port),
-                                        _time_left(self.deadline))
-        # the handshake's timeout is its total duration (ssl, Python 3.5+)
-        sock.settimeout(_time_left(self.deadline))
-        sock = self._context.wrap_socket(sock, server_hostname=self.host)
-        self.sock = _DeadlineSocket(sock, self.deadline)
+def ignored_message_fields(raw):
+    """The field names of a message (and of its attachments, as
+    ``attachments[i].name``) that asyncmail does not know, sorted, cut to 80
+    characters: a misspelled ``Bcc`` or ``atachments`` must not pass
+    unnoticed."""
+    names = [str(name)[:80] for name in raw if name not in MESSAGE_FIELDS]
+    attachments = raw.get("attachments")
+    if isinstance(attachments, list):
+        for index, attachment in enumerate(attachments):
+            if isinstance(attachment, dict):
+                names.extend("attachments[%d].%s" % (index, str(name)[:80])
+                             for name in attachment if name not in ATTACHMENT_FIELDS)
+    return sorted(names)
 
 
-def _pinned_connection(scheme, host, port, address, deadline, context):
-    """An http.client connection to ``host`` that connects to ``address``
-    and ends every socket operation by ``deadline`` (time.monotonic())."""
-    if scheme == "https":
-        return _PinnedHTTPSConnection(host, port, address, deadline, context)
-    return _PinnedHTTPConnection(host, port, address, deadline)
+_BULKY_FIELDS = ("body", "body_text")
 
 
-def _content_type(headers):
-    value = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return value if len(value) <= MAX_MIME_TYPE_CHARS and _MIME_TYPE.fullmatch(value) else None
+def message_view(message, retry_count, full=True):
+    """A normalised message as the API shows it: the shape a client sends
+    (addresses as strings), plus ``retry_count``.  Without ``full`` the
+    bodies and attachment contents are left out, so listing a page of large
+    messages stays small."""
+    view = dict(message)
+    view["from"] = _format_address(*message["from"])
+    for field in ("to", "cc", "bcc"):
+        view[field] = [_format_address(*pair) for pair in message[field]]
+    view["reply_to"] = ", ".join(_format_address(*pair) for pair in message["reply_to"]) or None
+    if not full:
+        for field in _BULKY_FIELDS:
+            view.pop(field, None)
+        view["attachments"] = [{key: value for key, value in attachment.items()
+                                if key != "content"} for attachment in message["attachments"]]
+    view["retry_count"] = retry_count
+    return view
+
+
+def _address_objects(pairs):
+    from email.headerregistry import Address
+    objects = []
+    for name, addr in pairs:
+        local, _, domain = addr.rpartition("@")
+        if local.startswith('"') and local.endswith('"'):
+            local = re.sub(r"\\(.)", r"\1", local[1:-1])
+        objects.append(Address(display_name=name or "", username=local, domain=domain))
+    return objects
+
+
+def _check_header_fields(message, attachments):
+    """Check once more, where the headers are written, everything that
+    becomes a header: a message stored by an older version, or a gap in
+    intake validation, must fail here rather than end the header block
+    early or add a header.  Raises PermanentError."""
+    def refuse(what):
+        raise PermanentError("cannot build the message: %s" % what)
+
+    for name, value in message["headers"].items():
+        if (len(name) > 76 or not _HEADER_NAME.fullmatch(name)
+                or name.lower() in _RESERVED_HEADERS):
+            refuse("header name %r is not allowed" % name[:80])
+        if not isinstance(value, str) or _LINE_BREAKS.search(value):
+            refuse("header %s holds a line break" % name)
+    if _LINE_BREAKS.search(message["subject"]):
+        refuse("the subject holds a line break")
+    if not _MESSAGE_ID_TEXT.fullmatch(message["message_id"]):
+        refuse("message_id %r is not printable ASCII" % message["message_id"][:80])
+    pairs = [message["from"]] + message["to"] + message["cc"] + message["reply_to"]
+    for name, addr in pairs + message["bcc"]:
+        if _CONTROL_CHARS.search(name) or _CONTROL_CHARS.search(addr):
+            refuse("address %r holds a control character" % addr[:80])
+    for filename, mime_type, _ in attachments:
+        if _CONTROL_CHARS.search(filename):
+            refuse("attachment filename %r holds a control character" % filename[:80])
+        if len(mime_type) > MAX_MIME_TYPE_CHARS or not _MIME_TYPE.fullmatch(mime_type):
+            refuse("attachment %s has MIME type %r" % (filename, mime_type[:80]))
+
+
+class _NotSimple(Exception):
+    """Internal to _simple_mime: this message needs the email package."""
+
+
+_PRINTABLE_ASCII = re.compile(r"[ -~]*")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")   # what the email package splits on; not \f or \u2028
+
+
+def _simple_mime(message, now):
+    """``build_mime`` for a single text part with ASCII headers that fit in
+    78 octets, or None when the message needs the email package."""
+    if message["content_type"] == "html" and message.get("body_text") is not None:
+        return None
+    lines = []
+
+    def add(name, value):
+        line = "%s: %s" % (name, value)
+        if len(line) > 78 or not _PRINTABLE_ASCII.fullmatch(value):
+            raise _NotSimple()
+        lines.append(line)
+
+    def add_addresses(name, pairs):
+        # one address per continuation line keeps long lists within 78 octets
+        add(name, _format_address(*pairs[0]) + ("," if len(pairs) > 1 else ""))
+        for index, pair in enumerate(pairs[1:], 1):
+            text = " " + _format_address(*pair) + ("," if index < len(pairs) - 1 else "")
+            if len(text) > 78 or not _PRINTABLE_ASCII.fullmatch(text):
+                raise _NotSimple()
+            lines.append(text)
+
+    try:
+        add_addresses("From", [message["from"]])
+        if message["to"]:     # empty when every To recipient was suppressed
+            add_addresses("To", message["to"])
+        if message["cc"]:
+            add_addresses("Cc", message["cc"])
+        if message["reply_to"]:
+            add_addresses("Reply-To", message["reply_to"])
+        add("Subject", message["subject"])
+        add("Date", email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(now, datetime.timezone.utc)))
+        add("Message-ID", message["message_id"])
+        for name, value in message["headers"].items():
+            add(name, value)
+    except _NotSimple:
+        return None
+    body = message["body"]
+    text_lines = _LINE_BREAK.split(body[:-1] if body.endswith("\n") else body)
+    if _PRINTABLE_ASCII.fullmatch(body.replace("\n", " ").replace("\r", " ").replace("\t", " ")) \
+            and max(len(line) for line in text_lines) <= 78:
+        encoding, payload = "7bit", "\r\n".join(text_lines).encode("ascii") + b"\r\n"
+    else:
+        encoding = "quoted-printable"
+        payload = binascii.b2a_qp("\n".join(text_lines).encode("utf-8") + b"\n",
+                                  istext=True).replace(b"\n", b"\r\n")
+    lines.append("MIME-Version: 1.0")
+    lines.append('Content-Type: text/%s; charset="utf-8"' % message["content_type"])
+    lines.append("Content-Transfer-Encoding: " + encoding)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + payload
+
+
+def _rich_mime(message, attachments, now):
+    """``build_mime`` through ``email.message.EmailMessage``."""
+    import email.policy
+    from email.message import EmailMessage
+    policy = email.policy.SMTP.clone(cte_type="7bit", max_line_length=78)
+    mime = EmailMessage(policy=policy)
+    try:
+        mime["From"] = _address_objects([message["from"]])
+        if message["to"]:
+            mime["To"] = _address_objects(message["to"])
+        if message["cc"]:
+            mime["Cc"] = _address_objects(message["cc"])
+        if message["reply_to"]:
+            mime["Reply-To"] = _address_objects(message["reply_to"])
+        mime["Subject"] = message["subject"]
+        mime["Date"] = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
+        mime["Message-ID"] = message["message_id"]
+        for name, value in message["headers"].items():
+            mime[name] = value
+        if message["content_type"] == "html":
+            if message.get("body_text") is not None:
+                mime.set_content(message["body_text"], subtype="plain", charset="utf-8")
+                mime.add_alternative(message["body"], subtype="html", charset="utf-8")
+            else:
+                mime.set_content(message["body"], subtype="html", charset="utf-8")
+        else:
+            mime.set_content(message["body"], subtype="plain", charset="utf-8")
+        for filename, mime_type, data in attachments:
+            maintype, _, subtype = mime_type.partition("/")
+            mime.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+        return mime.as_bytes(policy=policy)
+    except (ValueError, TypeError, IndexError, email.errors.MessageError) as exc:
+        raise PermanentError("cannot build the message: %s" % exc) from exc
+
+
+def build_mime(message, attachments, now):
+    """The message as bytes ready for DATA: CRLF line ends, 7-bit clean
+    (non-ASCII text goes quoted-printable or base64, headers RFC 2047), no
+    line longer than 78 octets, Bcc nowhere in the headers.
+
+    ``attachments`` is a list of (filename, mime_type, bytes).  Raises
+    PermanentError when the message cannot be represented.  A single-part
+    message whose headers are plain ASCII is written directly (the email
+    package's header machinery is ~85% of the delivery CPU); anything else
+    goes through ``email.message.EmailMessage``.
+    """
+    _check_header_fields(message, attachments)
+    if not attachments:
+        simple = _simple_mime(message, now)
+        if simple is not None:
+            return simple
+    return _rich_mime(message, attachments, now)
+
+
+def envelope(message, verp_address=None):
+    """(sender, [recipients]) for the SMTP envelope: the message's own
+    return_path, else ``verp_address`` (its VERP sender), else From; To, Cc
+    and Bcc without duplicates."""
+    sender = message["return_path"] or verp_address or message["from"][1]
+    recipients = []
+    for field in ("to", "cc", "bcc"):
+        for _, addr in message[field]:
+            if addr.lower() not in (r.lower() for r in recipients):
+                recipients.append(addr)
+    return sender, recipients
+
+
+# ####################################################################### #
+# #########  Bounces: VERP, DSN, qmail, Exim, the IMAP client  ########## #
+# ####################################################################### #
+
+# -- VERP (SPEC 8): a bounce names the message it is about --------------------
+
+VERP_MAC_CHARS = 8   # 40 bits of HMAC: a forged bounce would have to guess them
+_VERP_TOKEN = re.compile(r"[a-z2-7]{%d}[0-9a-z]{1,13}" % VERP_MAC_CHARS)
+
+
+def _base36(number):
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, digit = divmod(number, 36)
+        text = digits[digit] + text
+        if not number:
+            return text
+
+
+def verp_token(key, pk):
+    """The VERP token of the message stored as row ``pk``: letters and
+    digits only (lower case, as some MTAs fold local parts), at most 21
+    characters: an HMAC of the row under the database's own key, then the
+    row in base 36.  Only this database can make one, and reading it back
+    needs no index."""
+    mac = hmac.new(key, b"%d" % pk, hashlib.sha256).digest()
+    return base64.b32encode(mac).decode("ascii").lower()[:VERP_MAC_CHARS] + _base36(pk)
+
+
+def verp_pk(key, token):
+    """The row a VERP token names, or None when it is not one of ours."""
+    token = token.lower()
+    if not _VERP_TOKEN.fullmatch(token):
+        return None
+    pk = int(token[VERP_MAC_CHARS:], 36)
+    return pk if hmac.compare_digest(verp_token(key, pk), token) else None
+
+
+def verp_sender(base, token):
+    """``bounces+TOKEN@example.com`` from ``bounces@example.com``."""
+    local, _, domain = base.rpartition("@")
+    return "%s+%s@%s" % (local, token, domain)
+
+
+def verp_token_of(base, address):
+    """The token of a VERP address built on ``base`` (case-insensitive), or
+    None when ``address`` is not one."""
+    local, _, domain = address.strip().strip("<>").rpartition("@")
+    base_local, _, base_domain = base.rpartition("@")
+    prefix = base_local.lower() + "+"
+    if domain.lower() != base_domain.lower() or not local.lower().startswith(prefix):
+        return None
+    return local[len(prefix):] or None
+
+
+# -- bounces: reading delivery status notifications (SPEC 8) ------------------
+# Pure functions: the bounce collector fetches a message and hands its bytes to
+# parse_bounce.  RFC 3464 reports through the email package (compat32, raw
+# header values, every value cleaned by one bounded function), and the two
+# commonest plain-text formats: qmail's QSBMF and Exim's default bounce.
+
+# Postfix returns at most 50 kB of the original, Exim 100 kB; a 1 MiB DSN
+# parses in ~20 ms.  Larger messages are not parsed (kind "too_large").
+MAX_BOUNCE_BYTES = 1 << 20
+# multipart/ and message/ parts: the email package recurses once per level and
+# checks every line against every enclosing boundary.
+MAX_MIME_CONTAINERS = 32
+MAX_CONTENT_TYPE_CHARS = 2048  # the email package's parameter parsing is quadratic
+MAX_BOUNCE_RECIPIENTS = 1000   # entries reported from one bounce; the rest dropped
+MAX_HEADER_VALUES = 20      # Delivered-To (one per hop) etc. values searched for VERP
+MAX_FIELD_CHARS = 1000      # a DSN field or header value kept (RFC 5322 line: 998)
+MAX_DIAGNOSTIC_CHARS = 1000  # diagnostic text kept; an SMTP reply line is <= 512
+MAX_RFC_MESSAGE_ID = 250        # as validate_message accepts a client's message_id
+
+BOUNCE_KINDS = ("dsn", "qmail", "exim", "not_a_bounce", "too_large")
+DSN_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 2.3.3
+# The headers that may carry the address a bounce was delivered to, most
+# trustworthy first: the first two are written by the final MTA, To by anyone.
+VERP_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "To")
+
+# RFC 3463 section 3: class, subject, and the detail codes a bounce most
+# often carries.  Details are defined independently of the class.
+_STATUS_CLASSES = {"2": "Success", "4": "Persistent transient failure",
+                   "5": "Permanent failure"}
+_STATUS_SUBJECTS = {
+    "0": "other or undefined status", "1": "addressing status",
+    "2": "mailbox status", "3": "mail system status",
+    "4": "network and routing status", "5": "mail delivery protocol status",
+    "6": "message content or media status", "7": "security or policy status"}
+_STATUS_DETAILS = {
+    "1.1": "Bad destination mailbox address",
+    "1.2": "Bad destination system address",
+    "1.3": "Bad destination mailbox address syntax",
+    "1.6": "Destination mailbox has moved, no forwarding address",
+    "2.1": "Mailbox disabled, not accepting messages",
+    "2.2": "Mailbox full",
+    "2.3": "Message length exceeds administrative limit",
+    "3.4": "Message too big for system",
+    "4.1": "No answer from host",
+    "4.2": "Bad connection",
+    "4.4": "Unable to route",
+    "4.7": "Delivery time expired",
+    "7.1": "Delivery not authorized, message refused"}
+
+_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})")
+# A failure's enhanced status code inside free text ("550 5.1.1 ...", qmail's
+# "(#5.1.1)"); the look-arounds keep it from matching inside an IP address.
+_STATUS_IN_TEXT = re.compile(r"(?<![0-9.])([45])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9.])")
+# A basic SMTP reply code at a line start or after a colon ("said: 550 ...").
+_SMTP_CODE_IN_TEXT = re.compile(r"(?:^|:)[ \t]*([45])[0-9][0-9][ -]", re.M)
+_ADDRESS_SEPARATORS = re.compile(r"[\s<>,;:\"()\[\]]+")
+_TYPED_VALUE = re.compile(r"([A-Za-z0-9-]{1,40})[ \t]*;[ \t]*(.*)", re.S)  # "smtp; 550 ..."
+_MESSAGE_ID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>|([^<>\s@]+@[^<>\s@]+)")
+_UNPRINTABLE_RUN = re.compile(r"[\s\x00-\x1f\x7f]+")
+# A header value with its folded continuation lines (the email package also
+# ends lines at a bare \r).
+_FOLDED_VALUE = re.compile(rb"(?:[^\r\n]|(?:\r\n?|\n)[ \t])*")
+_CONTENT_TYPE = b"content-type:"
+
+_QMAIL_START = "Hi. This is the"          # QSBMF section 2: the body begins so
+_EXIM_START = "This message was created automatically by mail delivery software."
+_EXIM_COPY = "------ This is a copy of the message"
+
+
+RecipientStatus = collections.namedtuple(
+    "RecipientStatus", "recipient action status diagnostic")
+RecipientStatus.__doc__ = """One recipient of a bounce: ``recipient`` as the
+bounce names it, ``action`` (one of DSN_ACTIONS or "unknown"), ``status``
+(RFC 3463 ``x.y.z``, or "" when nothing implies one) and ``diagnostic``
+(the reason text, a DSN's Diagnostic-Code without its type prefix)."""
+
+BounceReport = collections.namedtuple(
+    "BounceReport", "kind verp_token original_rfc_message_id recipients")
+BounceReport.__doc__ = """What parse_bounce read from one message: ``kind``
+(one of BOUNCE_KINDS), the VERP token or None, the bounced message's
+``"<id@domain>"`` or None, and a tuple of RecipientStatus."""
+
+
+def bounce_type(action, status):
+    """``"hard"``, ``"soft"``, ``"delayed"`` or None for one recipient.
+
+    SPEC 8: ``failed`` with a 5.x.x status is a hard bounce, with 4.x.x a soft
+    one; ``delayed`` is noted, not a bounce.  Anything else (delivered,
+    relayed, a failure claiming 2.x.x) is None: nothing to record.
+    """
+    if action == "delayed":
+        return "delayed"
+    if action == "failed" and status[:2] == "5.":
+        return "hard"
+    if action == "failed" and status[:2] == "4.":
+        return "soft"
+    return None
+
+
+def status_meaning(status):
+    """A short English text for an RFC 3463 status such as ``"5.1.1"``: the
+    detail's meaning when it is a common one, else the class and subject
+    ("Permanent failure: mailbox status"), else the class alone ("5.0.0":
+    "Permanent failure").  Raises ValueError for a string that is not a
+    status code."""
+    match = _STATUS.fullmatch(status) if isinstance(status, str) else None
+    if not match:
+        raise ValueError("not an RFC 3463 status code: %r" % (status,))
+    klass, subject, detail = (str(int(group)) for group in match.groups())
+    if subject + "." + detail in _STATUS_DETAILS:
+        return _STATUS_DETAILS[subject + "." + detail]
+    if subject in _STATUS_SUBJECTS and subject != "0":
+        return "%s: %s" % (_STATUS_CLASSES[klass], _STATUS_SUBJECTS[subject])
+    return _STATUS_CLASSES[klass]
+
+
+def _normal_status(match):
+    """``x.y.z`` without leading zeros from a match of ``_STATUS*``."""
+    return ".".join(str(int(group)) for group in match.groups())
+
+
+def _status_from_text(text, default):
+    """The status a free-text diagnostic implies: its first enhanced code,
+    else the class of its first SMTP reply code, else ``default``."""
+    match = _STATUS_IN_TEXT.search(text)
+    if match:
+        return _normal_status(match)
+    match = _SMTP_CODE_IN_TEXT.search(text)
+    if match:
+        return match.group(1) + ".0.0"
+    return default
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_header_policy():
+    """compat32, but header values come back as the raw str (built at the
+    first bounce: the email package is a heavy import for start-up).
+
+    compat32 rather than ``email.policy.default``: the default policy parses
+    every header it is asked for into structured objects, code with a history
+    of exceptions and super-linear cases on malformed input; here every value
+    goes through this module's own bounded cleaning instead.  And the raw str
+    rather than compat32's ``Header`` wrapper, which would turn 8-bit text into
+    U+FFFD where ``_clean`` recovers UTF-8.
+    """
+
+    import email.policy
+
+    class RawHeaderPolicy(email.policy.Compat32):
+        def header_fetch_parse(self, name, value):
+            return value
+
+    return RawHeaderPolicy()   # policies are immutable
+
+
+def _parse_message(raw, headers_only=False):
+    """A ``Message`` from bytes (``parse_bounce`` translates what this raises)."""
+    import email.parser
+    return email.parser.BytesParser(policy=_raw_header_policy()).parsebytes(
+        raw, headersonly=headers_only)
+
+
+def _clean(value, limit):
+    """A header value or text as one printable line of at most ``limit``
+    characters: bytes the parser carried as surrogate escapes are decoded as
+    UTF-8 (else U+FFFD), and runs of whitespace and control characters, folding
+    included, become one space.  Work is bounded by ``limit``, not by the input."""
+    text = str(value)[:limit * 4]
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:   # a surrogate that is not an escaped byte
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return _UNPRINTABLE_RUN.sub(" ", text).strip()[:limit]
+
+
+def _rfc_message_id(value):
+    """``"<id@domain>"`` from a Message-ID header value, else None."""
+    text = _clean(value, MAX_FIELD_CHARS) if value is not None else ""
+    match = _MESSAGE_ID.fullmatch(text)
+    found = match and (match.group(1) or match.group(2))
+    return "<%s>" % found if found and len(found) <= MAX_RFC_MESSAGE_ID else None
+
+
+def _rfc_message_id_in_text(text):
+    """The Message-ID in the header block at the start of ``text`` (a quoted
+    original message in a plain-text bounce), else None."""
+    raw = text.lstrip("\r\n").encode("utf-8")
+    return _rfc_message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
+
+
+def _body_text(message):
+    """The decoded body of a single-part message as str, else None."""
+    if message.is_multipart():
+        return None
+    payload = message.get_payload(decode=True)
+    return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
+
+
+def _dsn_address(value):
+    """The address of a Final-/Original-Recipient value ("rfc822; a@b"), else None."""
+    text = _clean(value, MAX_FIELD_CHARS)
+    typed = _TYPED_VALUE.fullmatch(text)
+    address = (typed.group(2) if typed else text).strip().strip("<>").strip()
+    if not address or len(address) > MAX_ADDR_SPEC:
+        return None
+    return address
+
+
+def _dsn_recipient(fields):
+    """A ``RecipientStatus`` from one per-recipient block (a ``Message`` whose
+    headers are the fields), else None when the block names no recipient."""
+    recipient = _dsn_address(fields.get("Final-Recipient", ""))
+    recipient = recipient or _dsn_address(fields.get("Original-Recipient", ""))
+    if recipient is None:
+        return None
+    action = _clean(fields.get("Action", ""), 40).lower().partition(" ")[0]
+    action = action if action in DSN_ACTIONS else "unknown"
+    diagnostic = _clean(fields.get("Diagnostic-Code", ""), MAX_DIAGNOSTIC_CHARS)
+    typed = _TYPED_VALUE.fullmatch(diagnostic)
+    diagnostic = typed.group(2).strip() if typed else diagnostic
+    # RFC 3464 requires Status; when it is missing or garbled, the diagnostic
+    # or (as a last resort) the action says what kind of failure this was.
+    field = _clean(fields.get("Status", ""), 40).partition(" ")[0]
+    match = _STATUS.fullmatch(field)
+    default = {"failed": "5.0.0", "delayed": "4.0.0", "unknown": ""}.get(action, "2.0.0")
+    status = _normal_status(match) if match else _status_from_text(diagnostic, default)
+    return RecipientStatus(recipient, action, status, diagnostic)
+
+
+def _returned_rfc_message_id(part):
+    """The Message-ID in a DSN's third part (``message/rfc822`` or
+    ``text/rfc822-headers``), else None."""
+    if part.is_multipart():   # message/rfc822: parsed as a sub-message
+        payload = part.get_payload()
+        return _rfc_message_id(payload[0].get("Message-ID")) if payload else None
+    raw = part.get_payload(decode=True)
+    if not isinstance(raw, bytes):
+        return None
+    return _rfc_message_id(_parse_message(raw, headers_only=True).get("Message-ID"))
+
+
+def _parse_dsn(message):
+    """``(original_rfc_message_id, recipients)`` of an RFC 3464 report, else None.
+
+    A DSN is a top-level ``multipart/report; report-type=delivery-status`` with
+    a ``message/delivery-status`` part; the original's headers are read from
+    its first ``message/rfc822`` or ``text/rfc822-headers`` part.  (RFC 6533's
+    message/global-delivery-status is not read: asyncmail does not send
+    SMTPUTF8 mail, and only such mail gets one.)
+    """
+    if message.get_content_type() != "multipart/report":
+        return None
+    report_type = email.utils.collapse_rfc2231_value(message.get_param("report-type", ""))
+    if report_type.lower() != "delivery-status" or not message.is_multipart():
+        return None   # not a report, or its boundary is missing
+    # (get_payload() only on multiparts: on a str payload 3.8 can raise.)
+    parts = message.get_payload()
+    status_parts = [part for part in parts if part.is_multipart()
+                    and part.get_content_type() == "message/delivery-status"]
+    if not status_parts:
+        return None
+    recipients = []
+    for fields in status_parts[0].get_payload():
+        entry = _dsn_recipient(fields)
+        if entry is not None and len(recipients) < MAX_BOUNCE_RECIPIENTS:
+            recipients.append(entry)
+    original = None
+    for part in parts:
+        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+            original = _returned_rfc_message_id(part)
+            break
+    return original, recipients
+
+
+def _paragraphs(lines):
+    """Split lines into paragraphs: ``(first line index, [lines])`` for each
+    run of non-blank lines."""
+    paragraph, start = [], 0
+    for index, line in enumerate(lines):
+        if line.strip():
+            if not paragraph:
+                start = index
+            paragraph.append(line)
+        elif paragraph:
+            yield start, paragraph
+            paragraph = []
+    if paragraph:
+        yield start, paragraph
+
+
+def _parse_qmail(text, lines):
+    """``(original_rfc_message_id, recipients)`` of a qmail bounce, else None.
+
+    QSBMF (https://cr.yp.to/proto/qsbmf.txt): the body begins "Hi. This is
+    the"; after an introductory paragraph come failure paragraphs, whose first
+    line is "<address>:" and the rest a description, then a break paragraph
+    starting with "-", then the original message.  Every failure is permanent
+    (status 5.0.0) unless the description quotes a code ("Remote host said:
+    550 5.1.1 ...", qmail's own "(#5.1.1)").
+    """
+    if not text.startswith(_QMAIL_START):
+        return None
+    recipients, original = [], None
+    paragraphs = _paragraphs(lines)
+    next(paragraphs)   # the introduction
+    for start, paragraph in paragraphs:
+        first = paragraph[0].strip()
+        if first.startswith("-"):
+            original = _rfc_message_id_in_text("\n".join(lines[start + len(paragraph):]))
+            break
+        address = first[1:-2].strip()
+        if (not (first.startswith("<") and first.endswith(">:")) or not address
+                or len(address) > MAX_ADDR_SPEC or len(recipients) >= MAX_BOUNCE_RECIPIENTS):
+            continue   # reserved for extensions, or one too many
+        diagnostic = _clean(" ".join(paragraph[1:]), MAX_DIAGNOSTIC_CHARS)
+        recipients.append(RecipientStatus(
+            address, "failed", _status_from_text(diagnostic, "5.0.0"), diagnostic))
+    return original, recipients
+
+
+def _parse_exim(text, lines):
+    """``(original_rfc_message_id, recipients)`` of an Exim plain-text bounce, else None.
+
+    Exim's default text (its spec, "Customizing bounce and warning messages",
+    and deliver.c): "This message was created automatically by mail delivery
+    software.", a paragraph saying the message "could not be delivered" and
+    ending "...address(es) failed:", then each address indented two spaces with
+    its error indented four, then "------ This is a copy of the message..."
+    and the original.  The failure is permanent: status 5.0.0 unless the error
+    quotes a code.
+    """
+    first = next((index for index, line in enumerate(lines) if line.strip()), None)
+    if first is None or lines[first].strip() != _EXIM_START:
+        return None
+    index = first + 1
+    while index < len(lines) and not lines[index].rstrip().endswith("failed:"):
+        index += 1
+    intro = _clean(" ".join(lines[first:index + 1]), MAX_FIELD_CHARS)
+    if index == len(lines) or "could not be delivered" not in intro:
+        return None   # a delay warning, or something else
+    failed, errors, original = [], None, None   # failed: [(address, [error line])]
+    for number in range(index + 1, len(lines)):
+        line = lines[number]
+        if line.startswith(_EXIM_COPY):
+            original = _rfc_message_id_in_text("\n".join(lines[number + 1:]))
+            break
+        if line.startswith(("    ", "\t")):          # an error line
+            if errors is not None:
+                errors.append(line)
+        elif line.startswith("  ") and line.strip():   # an address
+            address, errors = line.strip().strip("<>"), None
+            if ("@" in address and " " not in address and len(address) <= MAX_ADDR_SPEC
+                    and len(failed) < MAX_BOUNCE_RECIPIENTS):
+                errors = []
+                failed.append((address, errors))
+        elif line.strip():   # "The following text was generated ..." and the like
+            errors = None
+    recipients = []
+    for address, error_lines in failed:
+        diagnostic = _clean(" ".join(error_lines), MAX_DIAGNOSTIC_CHARS)
+        recipients.append(RecipientStatus(
+            address, "failed", _status_from_text(diagnostic, "5.0.0"), diagnostic))
+    return original, recipients
+
+
+def _find_verp_token(message, verp_address):
+    """The VERP token in the first of ``VERP_HEADERS`` that holds one, else None."""
+    for name in VERP_HEADERS:
+        for value in (message.get_all(name) or [])[:MAX_HEADER_VALUES]:
+            for word in _ADDRESS_SEPARATORS.split(_clean(value, MAX_FIELD_CHARS)):
+                token = verp_token_of(verp_address, word) if "@" in word else None
+                if token:
+                    return token
+    return None
+
+
+def _check_mime_limits(raw):
+    """Raise BounceParseError unless every Content-Type field is at most
+    ``MAX_CONTENT_TYPE_CHARS`` long and at most ``MAX_MIME_CONTAINERS`` of them
+    declare a multipart or message type: the two things that make the email
+    package's work grow faster than the input."""
+    lowered, containers = raw.lower(), 0
+    at = lowered.find(_CONTENT_TYPE)
+    while at >= 0:
+        end = at + len(_CONTENT_TYPE)
+        if at == 0 or lowered[at - 1] in b"\r\n":   # a field, not words in a line
+            value = _FOLDED_VALUE.match(lowered, end).group()
+            if len(value) > MAX_CONTENT_TYPE_CHARS:
+                raise BounceParseError("a Content-Type field longer than %d characters"
+                                       % MAX_CONTENT_TYPE_CHARS)
+            if value.lstrip(b" \t\r\n").startswith((b"multipart/", b"message/")):
+                containers += 1
+        at = lowered.find(_CONTENT_TYPE, end)
+    if containers > MAX_MIME_CONTAINERS:
+        raise BounceParseError("more than %d multipart or message parts" % MAX_MIME_CONTAINERS)
+
+
+def _read_bounce(raw, verp_address):
+    """``parse_bounce`` once the input passed its limits."""
+    message = _parse_message(raw)
+    token = _find_verp_token(message, verp_address) if verp_address else None
+    found = _parse_dsn(message)
+    if found is not None:
+        return BounceReport("dsn", token, found[0], tuple(found[1]))
+    text = _body_text(message)
+    if text is not None:
+        lines = text.splitlines()
+        for kind, parse in (("qmail", _parse_qmail), ("exim", _parse_exim)):
+            found = parse(text, lines)
+            if found is not None:
+                return BounceReport(kind, token, found[0], tuple(found[1]))
+    return BounceReport("not_a_bounce", token, None, ())
+
+
+def parse_bounce(raw_bytes, verp_address=None, max_bytes=MAX_BOUNCE_BYTES):
+    """Read one message from the bounce mailbox.
+
+    Returns a ``BounceReport``: kind ``"too_large"`` (nothing parsed) when
+    ``raw_bytes`` is longer than ``max_bytes``; else the VERP token (when
+    ``verp_address`` is set) from ``VERP_HEADERS`` and, for kind ``"dsn"``,
+    ``"qmail"`` or ``"exim"``, the returned Message-ID and the recipients.
+    Anything else is ``"not_a_bounce"``.  Linear in the input.
+
+    Raises BounceParseError for a message with more MIME nesting or longer
+    Content-Type fields than this module parses (``_check_mime_limits``) or
+    one the email package fails on; TypeError when ``raw_bytes`` is not
+    bytes.  Nothing else, whatever the bytes hold.
+    """
+    if not isinstance(raw_bytes, (bytes, bytearray)):
+        raise TypeError("raw_bytes must be bytes")
+    if len(raw_bytes) > max_bytes:
+        return BounceReport("too_large", None, None, ())
+    _check_mime_limits(raw_bytes)
+    try:
+        return _read_bounce(bytes(raw_bytes), verp_address)
+    except (email.errors.MessageError, RecursionError, LookupError, ValueError,
+            TypeError) as exc:
+        # The email package records defects rather than raising, but not
+        # always: on 3.8-3.10 a broken uuencoded body lets binascii.Error out
+        # of get_payload(decode=True); 3.8's get_payload() raises TypeError on
+        # an RFC 2231 charset.  The one place its exceptions are translated.
+        raise BounceParseError("unparseable message: %s: %s"
+                               % (type(exc).__name__, exc)) from exc
+
+
+IMAP_TIMEOUT = 30.0      # seconds for each IMAP socket operation of the bounce collector
+
+
+def _imap(imap, command, *args):
+    """The data of an IMAP command that answered OK.  Raises ImapError for
+    any other answer, and for what imaplib raises (a BAD answer, a dropped
+    or garbled connection): its errors are translated here and in
+    _imap_connect only."""
+    import imaplib
+    try:
+        typ, data = getattr(imap, command)(*args)
+    except imaplib.IMAP4.error as exc:
+        raise ImapError("IMAP %s failed: %s" % (command.upper(), str(exc)[:200])) from exc
+    if typ != "OK":
+        raise ImapError("IMAP %s answered %s: %s" % (command.upper(), typ, b" ".join(
+            d for d in data if isinstance(d, bytes))[:200].decode("utf-8", "replace")))
+    return data
+
+
+_FETCH_SIZE = re.compile(rb"UID (\d+) RFC822\.SIZE (\d+)|RFC822\.SIZE (\d+) UID (\d+)")
+
+
+def _imap_sizes(imap, uids):
+    """{uid: size} of messages, in one FETCH."""
+    sizes = {}
+    for item in _imap(imap, "uid", "FETCH", b",".join(uids), "(RFC822.SIZE)"):
+        line = item[0] if isinstance(item, tuple) else item
+        match = _FETCH_SIZE.search(line or b"")
+        if match:
+            uid, size = (match.group(1), match.group(2)) if match.group(1) else (
+                match.group(4), match.group(3))
+            sizes[uid] = int(size)
+    return sizes
+
+
+def _imap_body(imap, uid):
+    """The whole message, without setting \\Seen (BODY.PEEK)."""
+    for item in _imap(imap, "uid", "FETCH", uid, "(BODY.PEEK[])"):
+        if isinstance(item, tuple) and len(item) == 2:
+            return item[1]
+    return b""
+
+
+def _imap_flag(imap, uid, flag):
+    _imap(imap, "uid", "STORE", uid, "+FLAGS.SILENT", "(%s)" % flag)
+
+
+def _imap_logout(imap):
+    with contextlib.suppress(Exception):   # the mailbox may be gone already
+        imap.logout()
+
+
+def _imap_connect(settings):
+    """Open, secure, authenticate and select the bounce folder; the
+    ``imap_connect`` seam.  Implicit TLS with ``imap_ssl``, else STARTTLS,
+    refused when the server does not offer it unless ``imap_plain``.
+    Credentials go as UTF-8 through AUTHENTICATE PLAIN when offered.
+    Raises ImapError or OSError (imaplib's and ssl's errors translated)."""
+    import imaplib
+    import ssl
+    context = _ssl_context({"ca_file": settings.imap_ca_file or None,
+                            "tls_verify": settings.imap_tls_verify})
+
+    class Imap(imaplib.IMAP4):
+        # a bounded socket on every Python (3.8's IMAP4 takes no timeout)
+        def _create_socket(self, *args):
+            return socket.create_connection((self.host, self.port), IMAP_TIMEOUT)
+
+    class ImapSsl(imaplib.IMAP4_SSL):
+        def _create_socket(self, *args):
+            sock = socket.create_connection((self.host, self.port), IMAP_TIMEOUT)
+            return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+    where = "%s:%d" % (settings.imap_host, settings.imap_port)
+    imap = None
+    try:
+        if settings.imap_ssl:
+            imap = ImapSsl(settings.imap_host, settings.imap_port, ssl_context=context)
+        else:
+            imap = Imap(settings.imap_host, settings.imap_port)
+            if "STARTTLS" in imap.capabilities:
+                imap.starttls(ssl_context=context)
+            elif not settings.imap_plain:
+                raise ImapError("%s does not offer STARTTLS and imap_plain is false: "
+                                "refusing to log in in plain text" % where)
+        user, password = settings.imap_user, settings.imap_password
+        if "AUTH=PLAIN" in imap.capabilities:
+            blob = ("\0%s\0%s" % (user, password)).encode("utf-8")
+            _imap(imap, "authenticate", "PLAIN", lambda challenge: blob)
+        else:
+            _imap(imap, "login", user, password)
+        _imap(imap, "select", settings.folder)
+        return imap
+    except (imaplib.IMAP4.error, ssl.SSLError, ImapError, UnicodeError) as exc:
+        if imap is not None:
+            _imap_logout(imap)
+        raise ImapError("%s: %s" % (where, type(exc).__name__ if isinstance(exc, UnicodeError)
+                                    else exc)) from exc
+    except OSError:
+        if imap is not None:
+            _imap_logout(imap)
+        raise
 
 
 # ####################################################################### #
@@ -4099,6 +4209,12 @@ def _content_type(headers):
 
 def _escape_label(value):
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_number(value):
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
 
 
 class Metrics:
@@ -4235,18 +4351,11 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _format_number(value):
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
-
-
 # ####################################################################### #
-# ####################  SMTP: relays and rate limits  ################### #
+# ###################  SMTP: relays and rate limits  #################### #
 # ####################################################################### #
 
 REUSE_CHECK_IDLE = 2.0   # seconds idle after which a cached connection gets a NOOP
-IMAP_TIMEOUT = 30.0      # seconds for each IMAP socket operation of the bounce collector
 RATE_LIMIT_ERROR = "rate limit exceeded"   # the error of limit_behavior = reject
 
 
@@ -4286,23 +4395,8 @@ def _reply_text(code, reply):
     return ("%s %s" % (code, " ".join(str(reply).split()))).strip()[:500]
 
 
-def _smtp_connect(account, timeout, local_hostname):
-    """Open, greet, secure and authenticate one SMTP connection.
-
-    The default ``smtp_connect`` seam; returns an ``smtplib.SMTP``.  Raises
-    SmtpTemporaryError (account-level) for every failure: a relay that
-    cannot be reached, refuses TLS or rejects the credentials is not the
-    message's fault.  smtplib's and ssl's exceptions are translated here,
-    and no text of the failure ever carries the account's credentials.
-    """
-    try:
-        return _smtp_open(account, timeout, local_hostname)
-    except _SMTP_ERRORS as exc:
-        clean = _without_credentials(str(exc), account)
-        if clean == str(exc):
-            raise
-        raise _smtp_error(clean, isinstance(exc, TemporaryError), exc.account_level,
-                          exc.smtp_code) from None
+def _b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 def _without_credentials(text, account):
@@ -4316,10 +4410,6 @@ def _without_credentials(text, account):
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
         text = re.sub(r"(?<!\w)%s(?!\w)" % re.escape(secret), "********", text)
     return text
-
-
-def _b64(text):
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 def _smtp_login(conn, user, password, where):
@@ -4348,6 +4438,18 @@ def _smtp_login(conn, user, password, where):
                           True, True)
     if code not in (235, 503):   # 503: already authenticated
         raise smtplib.SMTPAuthenticationError(code, reply)
+
+
+def _close_quietly(conn):
+    """QUIT, or just close when the connection is already broken."""
+    import smtplib
+    if conn is None:
+        return
+    try:
+        conn.quit()
+    except (smtplib.SMTPException, OSError):
+        with contextlib.suppress(OSError):
+            conn.close()
 
 
 def _smtp_open(account, timeout, local_hostname):
@@ -4400,16 +4502,23 @@ def _smtp_open(account, timeout, local_hostname):
                           True, True) from exc
 
 
-def _close_quietly(conn):
-    """QUIT, or just close when the connection is already broken."""
-    import smtplib
-    if conn is None:
-        return
+def _smtp_connect(account, timeout, local_hostname):
+    """Open, greet, secure and authenticate one SMTP connection.
+
+    The default ``smtp_connect`` seam; returns an ``smtplib.SMTP``.  Raises
+    SmtpTemporaryError (account-level) for every failure: a relay that
+    cannot be reached, refuses TLS or rejects the credentials is not the
+    message's fault.  smtplib's and ssl's exceptions are translated here,
+    and no text of the failure ever carries the account's credentials.
+    """
     try:
-        conn.quit()
-    except (smtplib.SMTPException, OSError):
-        with contextlib.suppress(OSError):
-            conn.close()
+        return _smtp_open(account, timeout, local_hostname)
+    except _SMTP_ERRORS as exc:
+        clean = _without_credentials(str(exc), account)
+        if clean == str(exc):
+            raise
+        raise _smtp_error(clean, isinstance(exc, TemporaryError), exc.account_level,
+                          exc.smtp_code) from None
 
 
 class SmtpReply(collections.namedtuple("SmtpReply", "code text refused")):
@@ -4418,6 +4527,14 @@ class SmtpReply(collections.namedtuple("SmtpReply", "code text refused")):
     accepted (empty when none)."""
 
     __slots__ = ()
+
+
+class _StaleConnection(Exception):
+    """Internal: the connection failed before the transaction took effect."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class SmtpRelay:
@@ -4543,14 +4660,6 @@ class SmtpRelay:
                          {r: text for r, (_, text) in refused.items()})
 
 
-class _StaleConnection(Exception):
-    """Internal: the connection failed before the transaction took effect."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
-
-
 class RateLimiter:
     """Per-account sliding windows of 60 s, 1 h and 24 h over successful sends.
 
@@ -4615,7 +4724,114 @@ class RateLimiter:
 
 
 # ####################################################################### #
-# ######################  Workers: dispatch, reports  ################### #
+# ############  Delivery reports: entries, answers, targets  ############ #
+# ####################################################################### #
+
+class ReportTarget(collections.namedtuple("ReportTarget", "tenant url headers")):
+    """Where one tenant's delivery reports go: its sync URL and the headers
+    of its credentials (``Authorization``, or none)."""
+
+    __slots__ = ()
+
+
+class _Upstream:
+    """One tenant's report target and its pacing: our back-off after a
+    failure, its Retry-After, its next_sync_after, whether it has more work
+    for us.  Changed only by the one report job it may have at a time
+    (``busy``, under the reporter's lock)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.busy = False
+        self.forced = False
+        self.last_post = None
+        self.failures = 0
+        self.retry_at = 0.0        # our own back-off after a failure
+        self.not_before = 0.0      # the upstream's Retry-After
+        self.heartbeat_after = 0.0   # the upstream's next_sync_after
+        self.more = False          # the upstream has more work for us
+
+    @property
+    def tenant(self):
+        return self.target.tenant
+
+
+def _report_target(record):
+    """The ReportTarget of a tenant record (``client_base_url +
+    client_sync_path``, its client_auth)."""
+    settings = record["settings"]
+    return ReportTarget(record["id"], _tenant_url(settings, "client_sync_path"),
+                        _tenant_auth_headers(settings))
+
+
+def _report_entry(event):
+    """One delivery report entry (SPEC 5; a bounce adds SPEC 8's fields)."""
+    tenant, ref = _unscoped(event["id"])
+    entry = {"id": ref, "account_id": _name_of(event["account_id"]),
+             "priority": event["priority"], "status": event["kind"],
+             "sent_ts": event["sent_ts"], "error_ts": event["error_ts"],
+             "error": event["error"], "deferred_ts": event["deferred_ts"]}
+    if event["reason"]:
+        entry["deferred_reason"] = event["reason"]
+    if event["refused"]:
+        entry["refused"] = event["refused"]
+    if tenant != DEFAULT_TENANT:
+        entry["tenant_id"] = tenant
+    bounce = event.get("bounce")
+    if bounce:
+        entry.update({"bounce_ts": bounce["ts"], "bounce_type": bounce["type"],
+                      "bounce_code": bounce["status"], "bounce_reason": bounce["reason"],
+                      "bounce_recipient": bounce["recipient"]})
+    return entry
+
+
+_SUMMARY_FIELDS = ("sent", "error", "deferred", "queued", "next_sync_after")
+GENROPY_JSON_SUFFIX = "::JS"   # Genropy's RPC answers: JSON text tagged with its type
+
+
+MAX_SUMMARY_BYTES = 65536   # a summary is a few numbers; a larger answer is not one
+
+
+def _parse_summary(answer):
+    """The numbers of the upstream's summary (``sent``, ``error``,
+    ``deferred``, ``queued``, ``next_sync_after``) as a dict; {} when the
+    answer is not such a summary (plain JSON, or Genropy's ``{...}::JS``)."""
+    try:
+        text = answer[:MAX_SUMMARY_BYTES].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return {}
+    if text.endswith(GENROPY_JSON_SUFFIX):
+        text = text[:-len(GENROPY_JSON_SUFFIX)]
+    try:
+        data = json.loads(text) if text else None
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in _SUMMARY_FIELDS if _is_number(data.get(k))}
+
+
+def _retry_after_seconds(value, now):
+    """Seconds from ``now`` that a Retry-After header (delta-seconds or an
+    HTTP date, RFC 9110 10.2.3) asks to wait, or None when absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if _ASCII_DIGITS.fullmatch(value) and len(value) <= 10:
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, moment.timestamp() - now)
+
+
+# ####################################################################### #
+# ##########  Workers: dispatcher, reporter, bounce collector  ########## #
 # ####################################################################### #
 
 class _Controls:
@@ -5203,35 +5419,6 @@ class _Dispatcher(_Worker):
             relay.close()
 
 
-class ReportTarget(collections.namedtuple("ReportTarget", "tenant url headers")):
-    """Where one tenant's delivery reports go: its sync URL and the headers
-    of its credentials (``Authorization``, or none)."""
-
-    __slots__ = ()
-
-
-class _Upstream:
-    """One tenant's report target and its pacing: our back-off after a
-    failure, its Retry-After, its next_sync_after, whether it has more work
-    for us.  Changed only by the one report job it may have at a time
-    (``busy``, under the reporter's lock)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.busy = False
-        self.forced = False
-        self.last_post = None
-        self.failures = 0
-        self.retry_at = 0.0        # our own back-off after a failure
-        self.not_before = 0.0      # the upstream's Retry-After
-        self.heartbeat_after = 0.0   # the upstream's next_sync_after
-        self.more = False          # the upstream has more work for us
-
-    @property
-    def tenant(self):
-        return self.target.tenant
-
-
 class _Reporter(_Worker):
     """POSTs delivery report events upstream, each tenant's to its own
     target, and purges reported, finished messages past their retention.
@@ -5484,14 +5671,6 @@ class _Reporter(_Worker):
         return response.status, response.getheader("Retry-After"), answer
 
 
-def _report_target(record):
-    """The ReportTarget of a tenant record (``client_base_url +
-    client_sync_path``, its client_auth)."""
-    settings = record["settings"]
-    return ReportTarget(record["id"], _tenant_url(settings, "client_sync_path"),
-                        _tenant_auth_headers(settings))
-
-
 class _BounceCollector(_Worker):
     """Polls the ``[bounces]`` mailbox over IMAP and applies what it finds
     (SPEC 8): every unseen message is read (PEEK, so nothing changes until
@@ -5632,175 +5811,8 @@ class _BounceCollector(_Worker):
         return True, new
 
 
-def _imap(imap, command, *args):
-    """The data of an IMAP command that answered OK.  Raises ImapError for
-    any other answer, and for what imaplib raises (a BAD answer, a dropped
-    or garbled connection): its errors are translated here and in
-    _imap_connect only."""
-    import imaplib
-    try:
-        typ, data = getattr(imap, command)(*args)
-    except imaplib.IMAP4.error as exc:
-        raise ImapError("IMAP %s failed: %s" % (command.upper(), str(exc)[:200])) from exc
-    if typ != "OK":
-        raise ImapError("IMAP %s answered %s: %s" % (command.upper(), typ, b" ".join(
-            d for d in data if isinstance(d, bytes))[:200].decode("utf-8", "replace")))
-    return data
-
-
-_FETCH_SIZE = re.compile(rb"UID (\d+) RFC822\.SIZE (\d+)|RFC822\.SIZE (\d+) UID (\d+)")
-
-
-def _imap_sizes(imap, uids):
-    """{uid: size} of messages, in one FETCH."""
-    sizes = {}
-    for item in _imap(imap, "uid", "FETCH", b",".join(uids), "(RFC822.SIZE)"):
-        line = item[0] if isinstance(item, tuple) else item
-        match = _FETCH_SIZE.search(line or b"")
-        if match:
-            uid, size = (match.group(1), match.group(2)) if match.group(1) else (
-                match.group(4), match.group(3))
-            sizes[uid] = int(size)
-    return sizes
-
-
-def _imap_body(imap, uid):
-    """The whole message, without setting \\Seen (BODY.PEEK)."""
-    for item in _imap(imap, "uid", "FETCH", uid, "(BODY.PEEK[])"):
-        if isinstance(item, tuple) and len(item) == 2:
-            return item[1]
-    return b""
-
-
-def _imap_flag(imap, uid, flag):
-    _imap(imap, "uid", "STORE", uid, "+FLAGS.SILENT", "(%s)" % flag)
-
-
-def _imap_logout(imap):
-    with contextlib.suppress(Exception):   # the mailbox may be gone already
-        imap.logout()
-
-
-def _imap_connect(settings):
-    """Open, secure, authenticate and select the bounce folder; the
-    ``imap_connect`` seam.  Implicit TLS with ``imap_ssl``, else STARTTLS,
-    refused when the server does not offer it unless ``imap_plain``.
-    Credentials go as UTF-8 through AUTHENTICATE PLAIN when offered.
-    Raises ImapError or OSError (imaplib's and ssl's errors translated)."""
-    import imaplib
-    import ssl
-    context = _ssl_context({"ca_file": settings.imap_ca_file or None,
-                            "tls_verify": settings.imap_tls_verify})
-
-    class Imap(imaplib.IMAP4):
-        # a bounded socket on every Python (3.8's IMAP4 takes no timeout)
-        def _create_socket(self, *args):
-            return socket.create_connection((self.host, self.port), IMAP_TIMEOUT)
-
-    class ImapSsl(imaplib.IMAP4_SSL):
-        def _create_socket(self, *args):
-            sock = socket.create_connection((self.host, self.port), IMAP_TIMEOUT)
-            return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-
-    where = "%s:%d" % (settings.imap_host, settings.imap_port)
-    imap = None
-    try:
-        if settings.imap_ssl:
-            imap = ImapSsl(settings.imap_host, settings.imap_port, ssl_context=context)
-        else:
-            imap = Imap(settings.imap_host, settings.imap_port)
-            if "STARTTLS" in imap.capabilities:
-                imap.starttls(ssl_context=context)
-            elif not settings.imap_plain:
-                raise ImapError("%s does not offer STARTTLS and imap_plain is false: "
-                                "refusing to log in in plain text" % where)
-        user, password = settings.imap_user, settings.imap_password
-        if "AUTH=PLAIN" in imap.capabilities:
-            blob = ("\0%s\0%s" % (user, password)).encode("utf-8")
-            _imap(imap, "authenticate", "PLAIN", lambda challenge: blob)
-        else:
-            _imap(imap, "login", user, password)
-        _imap(imap, "select", settings.folder)
-        return imap
-    except (imaplib.IMAP4.error, ssl.SSLError, ImapError, UnicodeError) as exc:
-        if imap is not None:
-            _imap_logout(imap)
-        raise ImapError("%s: %s" % (where, type(exc).__name__ if isinstance(exc, UnicodeError)
-                                    else exc)) from exc
-    except OSError:
-        if imap is not None:
-            _imap_logout(imap)
-        raise
-
-
-def _report_entry(event):
-    """One delivery report entry (SPEC 5; a bounce adds SPEC 8's fields)."""
-    tenant, ref = _unscoped(event["id"])
-    entry = {"id": ref, "account_id": _name_of(event["account_id"]),
-             "priority": event["priority"], "status": event["kind"],
-             "sent_ts": event["sent_ts"], "error_ts": event["error_ts"],
-             "error": event["error"], "deferred_ts": event["deferred_ts"]}
-    if event["reason"]:
-        entry["deferred_reason"] = event["reason"]
-    if event["refused"]:
-        entry["refused"] = event["refused"]
-    if tenant != DEFAULT_TENANT:
-        entry["tenant_id"] = tenant
-    bounce = event.get("bounce")
-    if bounce:
-        entry.update({"bounce_ts": bounce["ts"], "bounce_type": bounce["type"],
-                      "bounce_code": bounce["status"], "bounce_reason": bounce["reason"],
-                      "bounce_recipient": bounce["recipient"]})
-    return entry
-
-
-_SUMMARY_FIELDS = ("sent", "error", "deferred", "queued", "next_sync_after")
-GENROPY_JSON_SUFFIX = "::JS"   # Genropy's RPC answers: JSON text tagged with its type
-
-
-def _parse_summary(answer):
-    """The numbers of the upstream's summary (``sent``, ``error``,
-    ``deferred``, ``queued``, ``next_sync_after``) as a dict; {} when the
-    answer is not such a summary (plain JSON, or Genropy's ``{...}::JS``)."""
-    try:
-        text = answer[:MAX_SUMMARY_BYTES].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return {}
-    if text.endswith(GENROPY_JSON_SUFFIX):
-        text = text[:-len(GENROPY_JSON_SUFFIX)]
-    try:
-        data = json.loads(text) if text else None
-    except (ValueError, RecursionError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: data[k] for k in _SUMMARY_FIELDS if _is_number(data.get(k))}
-
-
-MAX_SUMMARY_BYTES = 65536   # a summary is a few numbers; a larger answer is not one
-
-
-def _retry_after_seconds(value, now):
-    """Seconds from ``now`` that a Retry-After header (delta-seconds or an
-    HTTP date, RFC 9110 10.2.3) asks to wait, or None when absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if _ASCII_DIGITS.fullmatch(value) and len(value) <= 10:
-        return float(value)
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, moment.timestamp() - now)
-
-
 # ####################################################################### #
-# ##############################  HTTP API  ############################# #
+# #############################  HTTP API  ############################## #
 # ####################################################################### #
 
 class Caller(collections.namedtuple("Caller", "admin tenant")):
@@ -5903,94 +5915,31 @@ def _is_loopback_authority(authority):
     return bool(host) and _is_loopback_host(host)
 
 
-class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
-    """The HTTP listener: one daemon thread per client connection.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")   # RFC 9112 7.1: 1*HEXDIG, and nothing else
 
-    Each connection carries a deadline for its current request (the request
-    line and headers within REQUEST_IDLE_TIMEOUT, the body and answer within
-    REQUEST_BODY_DEADLINE more); ``service_actions``, run by the accept loop,
-    shuts down connections past it, so a client dribbling bytes cannot pin a
-    thread.  Beyond MAX_CONNECTIONS new connections get 503 and are closed.
-    """
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 128
-    max_connections = MAX_CONNECTIONS
-    idle_timeout = REQUEST_IDLE_TIMEOUT
-    body_deadline = REQUEST_BODY_DEADLINE
-    # refused tokens are logged at once, then at most one summary line this often
-    unauthorized_log_every = 60.0
+def _has_lone_surrogate(value):
+    """Whether any string in a parsed JSON value cannot be encoded as UTF-8
+    (JSON lets "\\ud800" through; storing it would break every later answer)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
-    def __init__(self, address, core, api_token, max_request_bytes, metrics, log):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.core = core
-        self.api_token = api_token.encode("utf-8") if api_token else None
-        self.max_request_bytes = max_request_bytes
-        self.metrics = metrics
-        self.log = log
-        self._deadlines = {}
-        self._deadlines_lock = threading.Lock()
-        self.large_requests = threading.BoundedSemaphore(LARGE_BODY_CONCURRENCY)
-        self._last_reap = time.monotonic()
-        self._unauthorized = 0
-        self._unauthorized_logged = -math.inf
-        HTTPServer.__init__(self, address, _ApiHandler)
 
-    def note_unauthorized(self, client):
-        """Count a request refused for its token (a 401; the code-labelled
-        request counter has it too) and log it, at most one line per
-        ``unauthorized_log_every`` seconds, however many come."""
-        with self._deadlines_lock:
-            self._unauthorized += 1
-            now = time.monotonic()
-            if now - self._unauthorized_logged < self.unauthorized_log_every:
-                return
-            count, self._unauthorized, self._unauthorized_logged = self._unauthorized, 0, now
-        self.log.warning("refused %d request(s) with a missing or wrong API token (the last "
-                         "from %s); next report in %ds at most", count, client,
-                         self.unauthorized_log_every)
-
-    def process_request(self, request, client_address):
-        with self._deadlines_lock:
-            crowded = len(self._deadlines) >= self.max_connections
-            if not crowded:
-                self._deadlines[request] = time.monotonic() + self.idle_timeout
-        if crowded:
-            body = b'{"ok":false,"error":"too many connections, retry later"}'
-            with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                                b"application/json\r\nContent-Length: %d\r\nConnection: "
-                                b"close\r\n\r\n%s" % (len(body), body))
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def set_deadline(self, request, seconds):
-        with self._deadlines_lock:
-            if request in self._deadlines:
-                self._deadlines[request] = time.monotonic() + seconds
-
-    def shutdown_request(self, request):
-        with self._deadlines_lock:
-            self._deadlines.pop(request, None)
-        super().shutdown_request(request)
-
-    def service_actions(self):
-        now = time.monotonic()
-        if now - self._last_reap < 1.0:
-            return
-        self._last_reap = now
-        with self._deadlines_lock:
-            late = [request for request, deadline in self._deadlines.items() if deadline < now]
-        for request in late:
-            with contextlib.suppress(OSError):
-                request.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request, client_address):
-        self.log.exception("unexpected error on a connection from %s", client_address[0])
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
 
 
 class _ApiHandler(BaseHTTPRequestHandler):
@@ -6501,36 +6450,230 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return payload
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")   # RFC 9112 7.1: 1*HEXDIG, and nothing else
+class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
+    """The HTTP listener: one daemon thread per client connection.
 
+    Each connection carries a deadline for its current request (the request
+    line and headers within REQUEST_IDLE_TIMEOUT, the body and answer within
+    REQUEST_BODY_DEADLINE more); ``service_actions``, run by the accept loop,
+    shuts down connections past it, so a client dribbling bytes cannot pin a
+    thread.  Beyond MAX_CONNECTIONS new connections get 503 and are closed.
+    """
 
-def _has_lone_surrogate(value):
-    """Whether any string in a parsed JSON value cannot be encoded as UTF-8
-    (JSON lets "\\ud800" through; storing it would break every later answer)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+    max_connections = MAX_CONNECTIONS
+    idle_timeout = REQUEST_IDLE_TIMEOUT
+    body_deadline = REQUEST_BODY_DEADLINE
+    # refused tokens are logged at once, then at most one summary line this often
+    unauthorized_log_every = 60.0
 
+    def __init__(self, address, core, api_token, max_request_bytes, metrics, log):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.core = core
+        self.api_token = api_token.encode("utf-8") if api_token else None
+        self.max_request_bytes = max_request_bytes
+        self.metrics = metrics
+        self.log = log
+        self._deadlines = {}
+        self._deadlines_lock = threading.Lock()
+        self.large_requests = threading.BoundedSemaphore(LARGE_BODY_CONCURRENCY)
+        self._last_reap = time.monotonic()
+        self._unauthorized = 0
+        self._unauthorized_logged = -math.inf
+        HTTPServer.__init__(self, address, _ApiHandler)
 
-def _reject_constant(name):
-    raise ValueError("%s is not valid JSON" % name)
+    def note_unauthorized(self, client):
+        """Count a request refused for its token (a 401; the code-labelled
+        request counter has it too) and log it, at most one line per
+        ``unauthorized_log_every`` seconds, however many come."""
+        with self._deadlines_lock:
+            self._unauthorized += 1
+            now = time.monotonic()
+            if now - self._unauthorized_logged < self.unauthorized_log_every:
+                return
+            count, self._unauthorized, self._unauthorized_logged = self._unauthorized, 0, now
+        self.log.warning("refused %d request(s) with a missing or wrong API token (the last "
+                         "from %s); next report in %ds at most", count, client,
+                         self.unauthorized_log_every)
+
+    def process_request(self, request, client_address):
+        with self._deadlines_lock:
+            crowded = len(self._deadlines) >= self.max_connections
+            if not crowded:
+                self._deadlines[request] = time.monotonic() + self.idle_timeout
+        if crowded:
+            body = b'{"ok":false,"error":"too many connections, retry later"}'
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nContent-Length: %d\r\nConnection: "
+                                b"close\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def set_deadline(self, request, seconds):
+        with self._deadlines_lock:
+            if request in self._deadlines:
+                self._deadlines[request] = time.monotonic() + seconds
+
+    def shutdown_request(self, request):
+        with self._deadlines_lock:
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self):
+        now = time.monotonic()
+        if now - self._last_reap < 1.0:
+            return
+        self._last_reap = now
+        with self._deadlines_lock:
+            late = [request for request, deadline in self._deadlines.items() if deadline < now]
+        for request in late:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request, client_address):
+        self.log.exception("unexpected error on a connection from %s", client_address[0])
 
 
 # ####################################################################### #
-# ##############################  The core  ############################# #
+# #############################  The core  ############################## #
 # ####################################################################### #
+
+def _present_record(record, full):
+    """A store record as the API shows it: SPEC fields plus the seed
+    system's ``created_at``, ``updated_at`` and ``message``, which Genropy's
+    queue views read."""
+    payload = record.pop("payload")
+    record["id"] = _name_of(record["id"])
+    record["account_id"] = _name_of(record["account_id"])
+    record["created_at"] = _iso(record["created_ts"])
+    record["updated_at"] = _iso(record.pop("updated_ts"))
+    record["message"] = message_view(payload, record["retry_count"], full)
+    return record
+
+
+SELECTOR_FIELDS = ("ids", "account_id", "status")
+COMMAND_OPTIONS = {"retry": ("include_scheduled",)}
+
+
+def _parse_selector(command, payload):
+    """The Selector of an operator command (SPEC 7): ids, account_id, status
+    or all.  Raises ValidationError for any other shape or an unknown
+    field."""
+    known = set(SELECTOR_FIELDS) | set(COMMAND_OPTIONS.get(command, ()))
+    unknown = sorted(str(key)[:80] for key in payload if key not in known)
+    if unknown:
+        raise ValidationError("unknown field %s (a selector is ids, account_id or status)"
+                              % unknown[0])
+    given = [key for key in SELECTOR_FIELDS if key in payload]
+    if len(given) > 1:
+        raise ValidationError("a selector names one of ids, account_id or status")
+    if not given:
+        return Selector("all", None)
+    kind, value = given[0], payload[given[0]]
+    if kind == "ids":
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise ValidationError("ids must be a list of message ids")
+        if len(value) > MAX_DELETE_IDS:
+            raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
+        return Selector("ids", list(dict.fromkeys(value)))
+    if kind == "status":
+        if value not in COMMAND_STATUSES[command]:
+            raise ValidationError("%s applies to status %s" % (
+                command, " or ".join(COMMAND_STATUSES[command])))
+        return Selector("status", value)
+    try:
+        return Selector("account_id", _check_identifier(value, "account_id"))
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
+
+
+def _encode_cursor(position):
+    """An opaque, URL-safe keyset cursor: [created_ts, pk], or an id."""
+    text = json.dumps(position, separators=(",", ":"), ensure_ascii=False)
+    return base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+MAX_CURSOR_CHARS = 2048
+
+
+def _decode_cursor(value, by_id):
+    """The position of a cursor from ``_encode_cursor``; ValidationError if
+    it is not one (of the listing's kind)."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > MAX_CURSOR_CHARS:
+        raise ValidationError("after must be a cursor from a previous answer's next")
+    try:
+        position = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except (ValueError, binascii.Error, RecursionError) as exc:
+        raise ValidationError("after must be a cursor from a previous answer's next") from exc
+    if by_id and isinstance(position, str):
+        return position
+    if (not by_id and isinstance(position, list) and len(position) == 2
+            and _is_number(position[0]) and isinstance(position[1], int)
+            and not isinstance(position[1], bool)):
+        return position
+    raise ValidationError("after must be a cursor from a previous answer's next "
+                          "(with the same id_prefix use)")
+
+
+_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+
+
+def _query_number(payload, name):
+    value = payload.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        if not _DECIMAL.fullmatch(value.strip()):
+            raise ValidationError("%s must be epoch seconds" % name)
+        value = float(value)
+    if not _is_number(value) or not 0 <= value <= LATEST_TS:
+        raise ValidationError("%s must be epoch seconds" % name)
+    return value
+
+
+def _query_bool(payload, name):
+    try:
+        return _parse_bool(payload.get(name, False))
+    except ValueError as exc:
+        raise ValidationError("%s must be true or false" % name) from exc
+
+
+def _query_int(payload, name, default, low, high):
+    value = payload.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValidationError("%s must be a whole number between %d and %d" % (name, low, high))
+    return value
+
+
+class _AccountResolver:
+    """Picks the account of a message: its own, else ``default_account``,
+    else the only account when there is exactly one."""
+
+    def __init__(self, accounts, default_account):
+        self.accounts = accounts
+        self.default = default_account or (next(iter(accounts)) if len(accounts) == 1 else None)
+
+    def __call__(self, account_id):
+        if account_id is None:
+            if self.default is None:
+                raise ValueError("no account_id and no default account")
+            account_id = self.default
+        if account_id not in self.accounts:
+            raise ValueError("unknown account %s" % account_id[:80])
+        return account_id
+
 
 class AsyncMailCore:
     """Builds and owns everything: store, workers, HTTP server, metrics.
@@ -7390,159 +7533,9 @@ class AsyncMailCore:
         return self.metrics.render(gauges)
 
 
-def _present_record(record, full):
-    """A store record as the API shows it: SPEC fields plus the seed
-    system's ``created_at``, ``updated_at`` and ``message``, which Genropy's
-    queue views read."""
-    payload = record.pop("payload")
-    record["id"] = _name_of(record["id"])
-    record["account_id"] = _name_of(record["account_id"])
-    record["created_at"] = _iso(record["created_ts"])
-    record["updated_at"] = _iso(record.pop("updated_ts"))
-    record["message"] = message_view(payload, record["retry_count"], full)
-    return record
-
-
-SELECTOR_FIELDS = ("ids", "account_id", "status")
-COMMAND_OPTIONS = {"retry": ("include_scheduled",)}
-
-
-def _parse_selector(command, payload):
-    """The Selector of an operator command (SPEC 7): ids, account_id, status
-    or all.  Raises ValidationError for any other shape or an unknown
-    field."""
-    known = set(SELECTOR_FIELDS) | set(COMMAND_OPTIONS.get(command, ()))
-    unknown = sorted(str(key)[:80] for key in payload if key not in known)
-    if unknown:
-        raise ValidationError("unknown field %s (a selector is ids, account_id or status)"
-                              % unknown[0])
-    given = [key for key in SELECTOR_FIELDS if key in payload]
-    if len(given) > 1:
-        raise ValidationError("a selector names one of ids, account_id or status")
-    if not given:
-        return Selector("all", None)
-    kind, value = given[0], payload[given[0]]
-    if kind == "ids":
-        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
-            raise ValidationError("ids must be a list of message ids")
-        if len(value) > MAX_DELETE_IDS:
-            raise ValidationError("at most %d ids per request" % MAX_DELETE_IDS)
-        return Selector("ids", list(dict.fromkeys(value)))
-    if kind == "status":
-        if value not in COMMAND_STATUSES[command]:
-            raise ValidationError("%s applies to status %s" % (
-                command, " or ".join(COMMAND_STATUSES[command])))
-        return Selector("status", value)
-    try:
-        return Selector("account_id", _check_identifier(value, "account_id"))
-    except ValueError as exc:
-        raise ValidationError(str(exc)) from exc
-
-
-MAX_CURSOR_CHARS = 2048
-
-
-def _encode_cursor(position):
-    """An opaque, URL-safe keyset cursor: [created_ts, pk], or an id."""
-    text = json.dumps(position, separators=(",", ":"), ensure_ascii=False)
-    return base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii").rstrip("=")
-
-
-def _decode_cursor(value, by_id):
-    """The position of a cursor from ``_encode_cursor``; ValidationError if
-    it is not one (of the listing's kind)."""
-    if value in (None, ""):
-        return None
-    if not isinstance(value, str) or len(value) > MAX_CURSOR_CHARS:
-        raise ValidationError("after must be a cursor from a previous answer's next")
-    try:
-        position = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
-    except (ValueError, binascii.Error, RecursionError) as exc:
-        raise ValidationError("after must be a cursor from a previous answer's next") from exc
-    if by_id and isinstance(position, str):
-        return position
-    if (not by_id and isinstance(position, list) and len(position) == 2
-            and _is_number(position[0]) and isinstance(position[1], int)
-            and not isinstance(position[1], bool)):
-        return position
-    raise ValidationError("after must be a cursor from a previous answer's next "
-                          "(with the same id_prefix use)")
-
-
-def _query_number(payload, name):
-    value = payload.get(name)
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        if not _DECIMAL.fullmatch(value.strip()):
-            raise ValidationError("%s must be epoch seconds" % name)
-        value = float(value)
-    if not _is_number(value) or not 0 <= value <= LATEST_TS:
-        raise ValidationError("%s must be epoch seconds" % name)
-    return value
-
-
-_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
-
-
-def _query_bool(payload, name):
-    try:
-        return _parse_bool(payload.get(name, False))
-    except ValueError as exc:
-        raise ValidationError("%s must be true or false" % name) from exc
-
-
-def _query_int(payload, name, default, low, high):
-    value = payload.get(name)
-    if value is None or value == "":
-        return default
-    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValidationError("%s must be a whole number between %d and %d" % (name, low, high))
-    return value
-
-
-class _AccountResolver:
-    """Picks the account of a message: its own, else ``default_account``,
-    else the only account when there is exactly one."""
-
-    def __init__(self, accounts, default_account):
-        self.accounts = accounts
-        self.default = default_account or (next(iter(accounts)) if len(accounts) == 1 else None)
-
-    def __call__(self, account_id):
-        if account_id is None:
-            if self.default is None:
-                raise ValueError("no account_id and no default account")
-            account_id = self.default
-        if account_id not in self.accounts:
-            raise ValueError("unknown account %s" % account_id[:80])
-        return account_id
-
-
 # ####################################################################### #
 # ######################  systemd, CLI and main()  ###################### #
 # ####################################################################### #
-
-def _setup_logging(config, stream=None):
-    """Log to stderr; under systemd (JOURNAL_STREAM set) without timestamps
-    and with ``<N>`` syslog priority prefixes that journald understands."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    journal = bool(os.environ.get("JOURNAL_STREAM"))
-    if config.logging.format == "json":
-        handler.setFormatter(_JsonFormatter(journal))
-    elif journal:
-        handler.setFormatter(_JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("asyncmail")
-    logger.handlers[:] = [handler]
-    logger.setLevel(config.logging.level)
-    logger.propagate = False
-    return logger
-
 
 class _JournalFormatter(logging.Formatter):
     PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
@@ -7573,6 +7566,25 @@ class _JsonFormatter(logging.Formatter):
         if self.journal:
             text = "<%d>%s" % (_JournalFormatter.PRIORITIES.get(record.levelno, 6), text)
         return text
+
+
+def _setup_logging(config, stream=None):
+    """Log to stderr; under systemd (JOURNAL_STREAM set) without timestamps
+    and with ``<N>`` syslog priority prefixes that journald understands."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    if config.logging.format == "json":
+        handler.setFormatter(_JsonFormatter(journal))
+    elif journal:
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("asyncmail")
+    logger.handlers[:] = [handler]
+    logger.setLevel(config.logging.level)
+    logger.propagate = False
+    return logger
 
 
 def _sd_notify(message, environ=None):
