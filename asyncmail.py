@@ -5832,18 +5832,30 @@ SPAN_COMMANDS = frozenset(["status", "run now", "suspend", "activate", "metrics"
 ALL_TENANT_COMMANDS = SPAN_COMMANDS | frozenset(["list messages", "list accounts", "retry",
                                                  "requeue", "hold", "release"])
 
-# HTTP routes: (method, path pattern) -> command name.  ``{id}`` matches one
-# percent-decoded path segment.
-_COMMAND_PATHS = {
-    "run-now": "run now", "suspend": "suspend", "activate": "activate",
-    "add-messages": "add messages", "delete-messages": "delete messages",
-    "cleanup-messages": "cleanup messages", "retry": "retry", "requeue": "requeue",
-    "hold": "hold", "release": "release",
-}
-_ROUTES = (
+class Route(collections.namedtuple("Route", "method pattern command")):
+    """One HTTP route: ``method``, the path ``pattern`` (segments; ``{id}``
+    matches one percent-decoded segment, passed to the command under that
+    name) and the ``command`` it runs (a _Commands method, by its name with
+    spaces: "run now" is ``_Commands.run_now``)."""
+
+    __slots__ = ()
+
+
+# The one table of the API: every route and the command it runs.
+_ROUTES = tuple(Route(*route) for route in (
+    ("GET", ("health",), "health"),
     ("GET", ("status",), "status"),
     ("GET", ("metrics",), "metrics"),
-    ("POST", ("commands", "{name}"), None),
+    ("POST", ("commands", "run-now"), "run now"),
+    ("POST", ("commands", "suspend"), "suspend"),
+    ("POST", ("commands", "activate"), "activate"),
+    ("POST", ("commands", "add-messages"), "add messages"),
+    ("POST", ("commands", "delete-messages"), "delete messages"),
+    ("POST", ("commands", "cleanup-messages"), "cleanup messages"),
+    ("POST", ("commands", "retry"), "retry"),
+    ("POST", ("commands", "requeue"), "requeue"),
+    ("POST", ("commands", "hold"), "hold"),
+    ("POST", ("commands", "release"), "release"),
     ("POST", ("account",), "add account"),
     ("GET", ("accounts",), "list accounts"),
     ("DELETE", ("account", "{id}"), "delete account"),
@@ -5856,15 +5868,17 @@ _ROUTES = (
     ("GET", ("tenants",), "list tenants"),
     ("GET", ("tenant", "{id}"), "get tenant"),
     ("DELETE", ("tenant", "{id}"), "delete tenant"),
-    ("GET", ("health",), "health"),
-)
+))
+# The commands no token is needed for: a probe that touches no data.
+PUBLIC_COMMANDS = frozenset(["health"])
+COMMAND_NAMES = frozenset(route.command for route in _ROUTES)
 
 
 def _index_routes(routes):
     """Routes by (first path segment, number of segments)."""
     index = {}
     for route in routes:
-        index.setdefault((route[1][0], len(route[1])), []).append(route)
+        index.setdefault((route.pattern[0], len(route.pattern)), []).append(route)
     return index
 
 
@@ -6274,23 +6288,24 @@ class _ApiHandler(BaseHTTPRequestHandler):
         instead; the core's StoreError becomes a 503 in ``_handle``."""
         parts = self._request_target()
         segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
-        if segments == ["health"] and self.command in ("GET", "HEAD"):
-            # for probes (Genropy's "Proxy reachable", load balancers): no
-            # token, no database, nothing about the queue
-            self._discard_body()
-            self._send_json(200, {"ok": True, "status": "ok"})
-            return
-        self._refuse_browser_requests(parts)
-        caller = self._caller()
-        if caller is None:
-            self.server.note_unauthorized(self.client_address[0])
-            self._refuse(401, "Invalid or missing API token")
         matches = _match_route(segments)
+        method = "GET" if self.command == "HEAD" else self.command
+        public = [m for m in matches if m[1] in PUBLIC_COMMANDS and m[0] == method]
+        if not public:   # probes (Genropy's "Proxy reachable", load balancers) need no token
+            self._refuse_browser_requests(parts)
+            caller = self._caller()
+            if caller is None:
+                self.server.note_unauthorized(self.client_address[0])
+                self._refuse(401, "Invalid or missing API token")
+        else:
+            caller = None
         if not matches:
             self._discard_body()
+            if segments[0] == "commands" and len(segments) == 2:
+                raise NotFoundError("unknown command")
             raise NotFoundError("no such endpoint: %s" % parts.path[:200])
-        for method, command, params in matches:
-            if method == self.command:
+        for route_method, command, params in matches:
+            if route_method == method:
                 break
         else:
             self._discard_body()
@@ -6299,11 +6314,6 @@ class _ApiHandler(BaseHTTPRequestHandler):
                            detail={"allow": allowed})
         if method != "POST":
             self._discard_body()      # keep-alive stays in sync with a GET that has a body
-        if command is None:
-            command = _COMMAND_PATHS.get(params["name"])
-            if command is None:
-                self._discard_body()
-                raise NotFoundError("unknown command")
         query = {}
         if parts.query:
             try:
@@ -6541,7 +6551,7 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
 
 
 # ####################################################################### #
-# #############################  The core  ############################## #
+# ########  API commands: handlers, selectors, cursors, records  ######## #
 # ####################################################################### #
 
 def _present_record(record, full):
@@ -6675,6 +6685,609 @@ class _AccountResolver:
         return account_id
 
 
+class _Commands:
+    """The API's commands, between HTTP and the core: one method per command
+    (its name with spaces: "run now" is ``run_now``), each taking the
+    payload (path parameters, query and body merged, ``tenant_id`` taken
+    out) and the tenant the caller acts in, and returning the answer as a
+    dict; raises ApiError.  ``run`` checks who may run what and resolves the
+    tenant.  Given the core, whose store, workers, controls, caches and
+    clock it uses; it keeps only what the commands remember themselves (the
+    ignored field names already logged, each tenant's intake serial).
+    Safe from any thread."""
+
+    def __init__(self, core):
+        self.core = core
+        self._lock = threading.Lock()
+        self._ignored_fields = set()   # (kind, field) already logged as ignored
+        self._intake_counter = itertools.count(1)
+        self._intake_serials = {}      # tenant -> serial of its last add-messages batch
+
+    # -- dispatch ------------------------------------------------------------
+
+    def run(self, name, payload=None, caller=None):
+        """Run the command ``name`` for ``caller`` (a Caller; None: the
+        admin): returns (HTTP status, answer); raises ApiError.  The
+        payload's ``tenant_id`` picks the tenant it acts in (see ``_scope``)."""
+        if name not in COMMAND_NAMES:
+            raise NotFoundError("unknown command")
+        if payload is None:
+            payload = {}
+        if not isinstance(payload, dict):
+            raise ValidationError("payload must be an object")
+        caller = caller or ADMIN
+        if name in ADMIN_COMMANDS and not caller.admin:
+            raise ApiError("this endpoint needs the admin token, not a tenant key", status=403)
+        payload = dict(payload)
+        tenant = self._scope(name, caller, payload.pop("tenant_id", None))
+        return 200, getattr(self, name.replace(" ", "_"))(payload, tenant)
+
+    def intake_serial(self, tenant):
+        """The serial of ``tenant``'s last well-formed add-messages batch."""
+        return self._intake_serials.get(tenant, 0)
+
+    def health(self, payload, tenant):
+        """For probes: no database, nothing about the queue."""
+        return {"ok": True, "status": "ok"}
+
+    def _scope(self, name, caller, given):
+        """The tenant a command acts in: a tenant key's own (naming another
+        is a 401); for the admin the one ``tenant_id`` names, else the
+        default tenant, or ALL_TENANTS for the commands that span the daemon
+        (status, run-now, suspend, metrics)."""
+        if given is not None and not isinstance(given, str):
+            raise ValidationError("tenant_id must be a string")
+        if given == "":
+            given = None
+        if not caller.admin:
+            if given is not None and given != caller.tenant:
+                raise ApiError("Invalid or missing API token (the key is not tenant %s's)"
+                               % given[:80], status=401)
+            return caller.tenant
+        if given is None:
+            return ALL_TENANTS if name in SPAN_COMMANDS else DEFAULT_TENANT
+        if given == ALL_TENANTS:
+            if name not in ALL_TENANT_COMMANDS:
+                raise ValidationError("tenant_id=* is for listings and operator commands")
+            return given
+        if given != DEFAULT_TENANT:
+            known = self.core.tenant(given) is not None
+            if not known:
+                raise NotFoundError("unknown tenant %s" % given[:80])
+        return given
+
+    def status(self, payload, tenant):
+        if tenant == ALL_TENANTS:
+            by_tenant = self.core.store.tenant_queue_counts()
+            counts = self.core.store.queue_counts()
+            backlog = self.core.store.event_backlog()
+            answer = {"ok": True, "active": self.core.controls.active, "version": __version__,
+                      "queue": {status: counts.get(status, 0) for status in STATUSES},
+                      "accounts": self._account_states(tenant),
+                      "report_backlog": sum(backlog.values())}
+            if len(by_tenant) > 1:
+                answer["tenants"] = {name: {status: by_tenant[name].get(status, 0)
+                                            for status in STATUSES}
+                                     for name in sorted(by_tenant)}
+            return answer
+        counts = self.core.store.queue_counts(tenant)
+        return {"ok": True, "active": self.core.controls.active and self.core.controls.tenant_active(tenant),
+                "version": __version__, "tenant_id": tenant,
+                "queue": {status: counts.get(status, 0) for status in STATUSES},
+                "accounts": self._account_states(tenant),
+                "report_backlog": self.core.store.event_backlog().get(tenant, 0)}
+
+    def metrics(self, payload, tenant):
+        return {"ok": True, "text": self.core.render_metrics()}
+
+    def run_now(self, payload, tenant):
+        """Both loops run a cycle now (the reporter for one tenant, or all);
+        in test mode the answer waits for the cycles and the deliveries
+        they started."""
+        wait = self._run_now_wait() if self.core.test_mode else None
+        self.core.dispatcher.run_now(wait)
+        if self.core.bounces is not None:
+            self.core.bounces.run_now(wait)
+        self.core.reporter.run_now(wait, tenant=None if tenant == ALL_TENANTS else tenant)
+        return {"ok": True}
+
+    def _run_now_wait(self):
+        """How long a test-mode run-now waits for one piece of work: an SMTP
+        job's steps (connect, TLS and AUTH, the transaction, QUIT) are each
+        bounded by the SMTP timeout, a report exchange by its own, and the
+        store gets some slack besides."""
+        smtp_steps = 4
+        return max(self.core.config.delivery.smtp_timeout_seconds * smtp_steps,
+                   self.core.config.client.timeout_seconds) + RUN_NOW_SLACK
+
+    def _account_argument(self, payload, tenant):
+        """The store key of the payload's ``account_id`` in ``tenant``
+        (None when absent); NotFoundError when it has no such account."""
+        account_id = payload.get("account_id")
+        if account_id is None:
+            return None
+        if tenant == ALL_TENANTS:
+            raise ValidationError("account_id needs one tenant_id")
+        key = _scoped(tenant, account_id) if isinstance(account_id, str) else None
+        if key is None or key not in self.core.accounts():
+            raise NotFoundError("unknown account")
+        return key
+
+    def _suspension(self, payload, tenant, suspended):
+        """suspend / activate: globally (the admin without tenant_id), one
+        tenant, one account (``account_id``) or one campaign (``batch_code``)."""
+        unknown = sorted(str(k)[:80] for k in payload if k not in ("account_id", "batch_code"))
+        if unknown:
+            raise ValidationError("unknown field %s (suspend and activate take account_id "
+                                  "or batch_code)" % unknown[0])
+        verb = "suspended" if suspended else "activated"
+        batch_code = payload.get("batch_code")
+        if batch_code is not None:
+            if "account_id" in payload:
+                raise ValidationError("name account_id or batch_code, not both")
+            if tenant == ALL_TENANTS:
+                tenant = DEFAULT_TENANT
+            try:
+                _check_identifier(batch_code, "batch_code")
+            except ValueError as exc:
+                raise ValidationError(str(exc)) from exc
+            self.core.controls.hold_batch(tenant, batch_code, held=suspended)
+            self.core.log.info("dispatching %s for batch %s of tenant %s", verb, batch_code[:80],
+                          tenant)
+            if not suspended:
+                self.core.dispatcher.wake()
+            return {"ok": True, "batch_code": batch_code, "active": not suspended}
+        if tenant == ALL_TENANTS and "account_id" in payload:
+            tenant = DEFAULT_TENANT   # the seed's per-account suspend, unchanged
+        account_id = self._account_argument(payload, tenant)
+        if account_id is not None:
+            (self.core.controls.suspend if suspended else self.core.controls.activate)(account_id)
+            self.core.log.info("dispatching %s for account %s", verb, _shown_key(account_id))
+        elif tenant == ALL_TENANTS:
+            (self.core.controls.suspend if suspended else self.core.controls.activate)()
+            self.core.log.info("dispatching %s", verb)
+        else:
+            self.core.controls.suspend_tenant(tenant, suspended)
+            self.core.log.info("dispatching %s for tenant %s", verb, tenant)
+        if not suspended:
+            self.core.dispatcher.wake()
+        if account_id is not None:
+            return {"ok": True, "account_id": _name_of(account_id),
+                    "active": self.core.controls.account_active(account_id)}
+        if tenant == ALL_TENANTS:
+            return {"ok": True, "active": self.core.controls.active}
+        return {"ok": True, "tenant_id": tenant, "active": self.core.controls.tenant_active(tenant)}
+
+    def suspend(self, payload, tenant):
+        return self._suspension(payload, tenant, suspended=True)
+
+    def activate(self, payload, tenant):
+        return self._suspension(payload, tenant, suspended=False)
+
+    def add_messages(self, payload, tenant):
+        """Queue a batch.  Only a malformed batch (no messages list, or more
+        than MAX_BATCH_MESSAGES) is an error: the real client raises on any
+        non-2xx, and a raise inside its pull loop would wedge it on that
+        batch for good.  Invalid messages are listed in ``rejected``; an id
+        already queued or sent, or earlier in the batch, in ``duplicates``
+        (the first copy stands, so a resend after a lost answer reads as
+        success); an id whose message failed is queued anew (``replaced``:
+        Genropy's "Retry send" resends the same id)."""
+        messages = payload.get("messages")
+        if not isinstance(messages, list):
+            raise self._batch_error("body must be an object with a messages list", [])
+        if len(messages) > MAX_BATCH_MESSAGES:
+            raise self._batch_error("a batch holds at most %d messages" % MAX_BATCH_MESSAGES, [])
+        self._note_intake(tenant)
+        default_priority = self.core.config.delivery.default_priority
+        bad_default = None
+        if payload.get("default_priority") is not None:
+            try:
+                default_priority = _parse_priority(payload["default_priority"])
+            except ValueError as exc:
+                bad_default = "default_priority: %s" % exc
+        resolve = _AccountResolver(set(self.core.tenant_accounts(tenant)),
+                                   self.core.config.delivery.default_account
+                                   if tenant == DEFAULT_TENANT else None)
+        endpoint = self.core.attachment_endpoint(tenant)
+        now = self.core.now()
+        rejected, accepted, seen, repeated, ignored = [], [], set(), [], []
+        for raw in messages:
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            try:
+                if bad_default and raw.get("priority") is None:
+                    raise ValueError(bad_default)
+                if raw.get("tenant_id") not in (None, tenant):
+                    raise ValueError("tenant_id %s is not this request's tenant (%s)"
+                                     % (str(raw["tenant_id"])[:80], tenant))
+                message = validate_message(raw, default_priority, resolve)
+                if endpoint is None and any("storage_path" in a
+                                            for a in message["attachments"]):
+                    raise ValueError("storage_path attachments need a tenant registered "
+                                     "with client_attachment_path")
+            except ValueError as exc:
+                rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
+                                 "reason": str(exc)})
+                continue
+            unknown = ignored_message_fields(raw)
+            if unknown and len(ignored) < MAX_IGNORED_SHOWN:
+                ignored.append({"id": message["id"], "fields": unknown[:MAX_IGNORED_SHOWN]})
+                self._note_ignored_fields("message", message["id"], unknown)
+            if message["id"] in seen:
+                repeated.append(message["id"])
+                continue
+            seen.add(message["id"])
+            accepted.append(message)
+        duplicates, orphans, replaced = (self.core.store.insert_messages(accepted, now, tenant)
+                                         if accepted else (set(), set(), set()))
+        for key in sorted(orphans):
+            rejected.append({"id": _name_of(key), "reason": "unknown account (deleted)"})
+        queued = len(accepted) - len(duplicates) - len(orphans)
+        stored = [m for m in accepted if _scoped(tenant, m["id"]) not in duplicates | orphans]
+        due = [m["priority"] for m in stored
+               if m["deferred_ts"] is None or m["deferred_ts"] <= now]
+        if 0 in due:
+            self.core.dispatcher.wake()
+        elif due:
+            # new due mail is looked at now, as Postfix's qmgr is told of new
+            # mail at once (send_interval_seconds is only the idle poll)
+            self.core.dispatcher.wake_if_idle()
+        answer = {"ok": True, "queued": queued, "rejected": rejected,
+                  "duplicates": list(dict.fromkeys(
+                      [m["id"] for m in accepted if _scoped(tenant, m["id"]) in duplicates]
+                      + repeated))}
+        if ignored:
+            answer["ignored"] = ignored
+        if replaced:
+            answer["replaced"] = [m["id"] for m in accepted
+                                  if _scoped(tenant, m["id"]) in replaced]
+            self.core.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
+                          len(replaced), tenant)
+        return answer
+
+    def _note_intake(self, tenant):
+        """Count a well-formed add-messages batch.  The reporter compares the
+        count around each report POST: an upstream that handed work over
+        while its POST was open (Genropy's pull flow) may have more."""
+        self._intake_serials[tenant] = next(self._intake_counter)
+
+    @staticmethod
+    def _batch_error(message, rejected):
+        return ValidationError(message, detail={"error": message, "rejected": rejected})
+
+    def delete_messages(self, payload, tenant):
+        """Delete what a selector names (SPEC 7 shapes: ids, account_id,
+        status, or {} for every message not yet sent or failed), like
+        ``postsuper -d``; each deletion is logged and reported upstream.  A
+        message on the wire goes when its transaction ends, unless the relay
+        accepted it (``being_sent``)."""
+        kind, value = _parse_selector("delete", payload)
+        if tenant == ALL_TENANTS:
+            raise ValidationError("delete-messages needs one tenant_id")
+        not_found = []
+        if kind == "ids":
+            keys = [_scoped(tenant, i) for i in value]
+            not_found, being_sent = self.core.store.delete_messages(keys) if keys else ([], [])
+            removed = len(keys) - len(not_found) - len(being_sent)
+        else:
+            if kind == "account_id":
+                value = _scoped(tenant, value)
+            removed, being_sent = self.core.store.delete_selected(kind, value, tenant)
+        what = {"ids": "%d id(s)" % len(value) if kind == "ids" else "",
+                "account_id": "account %s" % _shown_key(str(value)),
+                "status": "status %s" % value, "all": "all not yet sent or failed"}[kind]
+        self.core.log.info("delete-messages (%s, tenant %s): %d deleted%s", what, tenant, removed,
+                      "; %d on the wire, deleted when their transaction ends unless sent"
+                      % len(being_sent) if being_sent else "")
+        if removed:
+            self.core.reporter.wake()
+        answer = {"ok": True, "removed": removed, "affected": removed,
+                  "not_found": [_name_of(k) for k in not_found]}
+        if being_sent:
+            answer["being_sent"] = [_name_of(k) for k in being_sent]
+        return answer
+
+    def cleanup_messages(self, payload, tenant):
+        older_than = payload.get("older_than_seconds")
+        if older_than is None:
+            older_than = self.core.config.delivery.delivery_report_retention_seconds
+        elif not _is_number(older_than) or older_than < 0:
+            raise ValidationError("older_than_seconds must be a number >= 0")
+        older_than = min(older_than, 1e12)   # 30,000 years: beyond it, float() overflows
+        return {"ok": True, "removed": self.core.store.purge_reported(self.core.now() - older_than,
+                                                                 tenant)}
+
+    def add_account(self, payload, tenant):
+        try:
+            account = validate_account(payload)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+        key = _scoped(tenant, account["id"])
+        account.update(id=key, tenant_id=tenant)
+        self.core.store.upsert_account(account, self.core.now())
+        self.core.reload_accounts()
+        self.core.metrics.add_account(key)
+        self.core.dispatcher.account_changed(key)
+        answer = {"ok": True}
+        ignored = ignored_account_fields(payload)
+        if ignored:
+            answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
+            self._note_ignored_fields("account", _shown_key(key), ignored)
+        return answer
+
+    def _note_ignored_fields(self, kind, name, fields):
+        """Log each ignored field name of an account or a message once per
+        process: a client that sends the same extra field every time is
+        told once (every answer still lists them)."""
+        with self._lock:
+            new = [f for f in fields if (kind, f) not in self._ignored_fields]
+            if len(self._ignored_fields) < MAX_IGNORED_SHOWN * 10:
+                self._ignored_fields.update((kind, f) for f in new)
+        if new:
+            self.core.log.info("%s %s: ignored unknown field(s) %s (not stored)", kind, name,
+                          ", ".join(new[:MAX_IGNORED_SHOWN]))
+
+    def list_accounts(self, payload, tenant):
+        """The accounts, each with its state: ``active`` (its own suspension
+        flag) and ``held_back_until`` (epoch, or None: the dispatcher's
+        back-off after a relay failure or a full rate window)."""
+        accounts = self.core.tenant_accounts(tenant)
+        held = self.core.dispatcher.held_back(self.core.now())
+        shown = []
+        for name in sorted(accounts):
+            account = public_account(accounts[name])
+            key = accounts[name]["id"]
+            account["active"] = self.core.controls.account_active(key)
+            account["held_back_until"] = held.get(key)
+            shown.append(account)
+        return {"ok": True, "accounts": shown}
+
+    def _account_states(self, tenant):
+        """For /status: the accounts suspended, and those held back (until)."""
+        now = self.core.now()
+        held = self.core.dispatcher.held_back(now)
+        suspended, backed_off = [], {}
+        for key in sorted(self.core.accounts()):
+            if tenant != ALL_TENANTS and _tenant_of(key) != tenant:
+                continue
+            shown = _name_of(key) if tenant != ALL_TENANTS else _shown_key(key)
+            if not self.core.controls.account_active(key):
+                suspended.append(shown)
+            if key in held:
+                backed_off[shown] = held[key]
+        return {"suspended": suspended, "held_back_until": backed_off}
+
+    def delete_account(self, payload, tenant):
+        account_id = payload.get("id")
+        if not isinstance(account_id, str):
+            raise ValidationError("id must be a string")
+        try:
+            force = _parse_bool(payload.get("force", False))
+        except ValueError as exc:
+            raise ValidationError("force must be true or false") from exc
+        key = _scoped(tenant, account_id)
+        undelivered = self.core.store.delete_account(key, force, self.core.now())
+        self.core.reload_accounts()
+        if undelivered is None:
+            raise NotFoundError("unknown account")
+        if undelivered and not force:
+            raise ConflictError("account has %d undelivered message(s); use ?force=true "
+                                "to fail them" % undelivered)
+        if undelivered:
+            self.core.log.warning("account %s deleted with force: %d message(s) failed",
+                             _shown_key(key), undelivered)
+            self.core.reporter.wake()
+        self.core.dispatcher.account_changed(key)
+        return {"ok": True}
+
+    def list_messages(self, payload, tenant):
+        """GET /messages: filters (status, account_id, since, until,
+        id_prefix, batch_code), order and keyset paging (``after`` /
+        ``next``), in one tenant or (ALL_TENANTS) all."""
+        statuses = list(STATUSES)
+        if payload.get("status") not in (None, ""):
+            wanted = str(payload["status"]).split(",")
+            unknown = [s for s in wanted if s not in STATUSES]
+            if unknown:
+                raise ValidationError("status must be a comma list of %s" % ", ".join(STATUSES))
+            statuses = [s for s in STATUSES if s in wanted]
+        if _query_bool(payload, "active_only"):
+            statuses = [s for s in statuses if s in ACTIVE_STATUSES]
+        order = payload.get("order") or "oldest"
+        if order not in SQL_LIST_ORDER:
+            raise ValidationError("order must be oldest or newest")
+        id_prefix = payload.get("id_prefix")
+        if id_prefix is not None:
+            id_prefix = _check_identifier(id_prefix, "id_prefix") if id_prefix != "" else None
+        account_id = payload.get("account_id") or None
+        if account_id is not None and not isinstance(account_id, str):
+            raise ValidationError("account_id must be a string")
+        batch_code = payload.get("batch_code") or None
+        if batch_code is not None and not isinstance(batch_code, str):
+            raise ValidationError("batch_code must be a string")
+        if tenant == ALL_TENANTS and (id_prefix is not None or account_id is not None):
+            raise ValidationError("id_prefix and account_id need one tenant_id")
+        if tenant != ALL_TENANTS:
+            account_id = None if account_id is None else _scoped(tenant, account_id)
+            if id_prefix is not None:
+                id_prefix = _scoped(tenant, id_prefix)
+        query = {"account_id": account_id, "id_prefix": id_prefix, "order": order,
+                 "tenant": None if tenant == ALL_TENANTS else tenant, "batch_code": batch_code,
+                 "since": _query_number(payload, "since"),
+                 "until": _query_number(payload, "until"),
+                 "after": _decode_cursor(payload.get("after"), by_id=id_prefix is not None),
+                 "limit": _query_int(payload, "limit", 1000, 0, MAX_LIST_LIMIT),
+                 "offset": _query_int(payload, "offset", 0, 0, 2 ** 62)}
+        full = _query_bool(payload, "full")
+        records = self.core.store.list_messages(statuses, **query) if statuses else []
+        cursor = None
+        if records and len(records) == query["limit"]:
+            last = records[-1]
+            cursor = _encode_cursor(last["id"] if id_prefix is not None
+                                    else [last["created_ts"], last["pk"]])
+        for record in records:
+            del record["pk"]
+        return {"ok": True, "messages": [_present_record(r, full) for r in records],
+                "next": cursor}
+
+    def get_message(self, payload, tenant):
+        ref = payload.get("id")
+        key = _scoped(tenant, ref) if isinstance(ref, str) else None
+        record = self.core.store.get_message(key) if key is not None else None
+        if record is None:
+            raise NotFoundError("unknown message")
+        record = _present_record(record, full=True)
+        record["attempts"] = self.core.store.attempts(key)
+        record["bounces"] = self.core.store.bounces(key)
+        return {"ok": True, "message": record}
+
+    def list_suppressions(self, payload, tenant):
+        return {"ok": True, "suppressions": self.core.store.suppressions(self.core.now(), tenant)}
+
+    def add_suppression(self, payload, tenant):
+        """Suppress an address for ``days`` (default ``suppress_days``; 0:
+        until deleted, so that with automatic suppression off an admin's
+        suppression still holds)."""
+        unknown = sorted(str(k)[:80] for k in payload if k not in ("address", "days"))
+        if unknown:
+            raise ValidationError("unknown field %s" % unknown[0])
+        address = payload.get("address")
+        try:
+            name, address = _parse_address(address)
+        except ValueError as exc:
+            raise ValidationError("address: %s" % exc) from exc
+        if name:
+            raise ValidationError("address must be a bare address")
+        days = payload.get("days", self.core.config.bounces.suppress_days)
+        if not _is_number(days) or not 0 <= days <= MAX_SUPPRESS_DAYS:
+            raise ValidationError("days must be 0-%d (0: until deleted)" % MAX_SUPPRESS_DAYS)
+        now = self.core.now()
+        self.core.store.suppress(address, "manual", now, now + days * DAY if days else None, tenant)
+        return {"ok": True, "address": address.lower()}
+
+    def delete_suppression(self, payload, tenant):
+        address = payload.get("address")
+        if not isinstance(address, str) or not self.core.store.unsuppress(address, self.core.now(),
+                                                                     tenant):
+            raise NotFoundError("not suppressed")
+        return {"ok": True}
+
+    def add_tenant(self, payload, tenant):
+        """Register a tenant, or replace its settings: either way a new API
+        key is made and returned (Genropy stores whatever key comes back, and
+        makes new client_auth credentials at every "Register"), so the old
+        key stops working at once."""
+        try:
+            tenant_id, settings, ignored = validate_tenant(payload)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+        key = secrets.token_urlsafe(TENANT_KEY_BYTES)
+        created = self.core.store.upsert_tenant(tenant_id, settings, _key_digest(key), self.core.now())
+        self.core.reload_tenants()
+        record = self.core.tenant(tenant_id)
+        self.core.reporter.set_target(_report_target(record))
+        self.core.log.info("tenant %s %s (reports to %s); a new API key was issued", tenant_id,
+                      "registered" if created else "updated",
+                      _redact_url(_tenant_url(settings, "client_sync_path")))
+        answer = {"ok": True, "id": tenant_id, "api_key": key, "created": created}
+        if ignored:
+            answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
+        return answer
+
+    def _tenant_record(self, payload):
+        tenant_id = payload.get("id")
+        record = self.core.tenant(tenant_id) if isinstance(tenant_id, str) else None
+        if record is None:
+            raise NotFoundError("unknown tenant")
+        return record
+
+    def get_tenant(self, payload, tenant):
+        return {"ok": True, "tenant": public_tenant(self._tenant_record(payload))}
+
+    def list_tenants(self, payload, tenant):
+        records = self.core.tenants()
+        return {"ok": True, "tenants": [public_tenant(record) for record in records]}
+
+    def delete_tenant(self, payload, tenant):
+        """Unregister a tenant: its key stops working, and its accounts and
+        messages (queued ones too: the site asked to leave) are removed."""
+        record = self._tenant_record(payload)
+        tenant_id = record["id"]
+        accounts = [key for key in self.core.accounts() if _tenant_of(key) == tenant_id]
+        removed = self.core.store.delete_tenant(tenant_id)
+        if removed is None:
+            raise NotFoundError("unknown tenant")
+        self.core.reload_tenants()
+        self.core.reload_accounts()
+        self.core.reporter.drop_target(tenant_id)
+        self.core.controls.forget_tenant(tenant_id)
+        self.core.metrics.forget_tenant(tenant_id)
+        for key in accounts:
+            self.core.dispatcher.account_changed(key)
+        self.core.log.warning("tenant %s deleted with %d message(s) and %d account(s)", tenant_id,
+                         removed[0], removed[1])
+        return {"ok": True, "removed_messages": removed[0], "removed_accounts": removed[1]}
+
+    def retry(self, payload, tenant):
+        """Deferred messages due now (postqueue -f / -i); the client's own
+        schedule stays unless ``include_scheduled``; rate limits still hold
+        (the dispatcher defers a message still over one to the exact
+        instant).  Also lifts the accounts' back-off after a relay failure."""
+        try:
+            include = _parse_bool(payload.get("include_scheduled", False))
+        except ValueError as exc:
+            raise ValidationError("include_scheduled must be true or false") from exc
+        answer = self._operate("retry", payload, tenant, include_scheduled=include)
+        account_id = payload.get("account_id")
+        self.core.dispatcher.lift_backoff(None if account_id is None or tenant == ALL_TENANTS
+                                     else _scoped(tenant, str(account_id)))
+        self.core.dispatcher.wake()
+        return answer
+
+    def requeue(self, payload, tenant):
+        """Failed messages back to pending with retry_count 0 (after a
+        fix: a password, a relay), each reported as a new state change."""
+        answer = self._operate("requeue", payload, tenant)
+        self.core.dispatcher.wake()
+        self.core.reporter.wake()
+        return answer
+
+    def hold(self, payload, tenant):
+        """Pending or deferred messages to ``held``: never dispatched, never
+        expired, until released (postsuper -h)."""
+        return self._operate("hold", payload, tenant)
+
+    def release(self, payload, tenant):
+        """Held messages back to where they were: ``deferred`` while their
+        ``deferred_ts`` is ahead, else ``pending`` (postsuper -H)."""
+        answer = self._operate("release", payload, tenant)
+        self.core.dispatcher.wake()
+        return answer
+
+    def _operate(self, command, payload, tenant, include_scheduled=False):
+        kind, value = _parse_selector(command, payload)
+        if tenant == ALL_TENANTS and kind in ("ids", "account_id"):
+            raise ValidationError("ids and account_id need one tenant_id")
+        if kind == "ids":
+            value = [_scoped(tenant, i) for i in value]
+        elif kind == "account_id":
+            value = _scoped(tenant, value)
+        affected, not_found, skipped = self.core.store.operate(
+            command, Selector(kind, value), self.core.now(), include_scheduled,
+            tenant=None if tenant == ALL_TENANTS else tenant)
+        if affected:
+            self.core.log.info("%s: %d message(s) (selector %s, tenant %s)", command, affected,
+                          kind, "all" if tenant == ALL_TENANTS else tenant)
+        answer = {"ok": True, "affected": affected, "not_found": [_name_of(k) for k in not_found]}
+        if kind == "ids":
+            answer["skipped"] = [_name_of(k) for k in skipped]
+        return answer
+
+
+# ####################################################################### #
+# #############################  The core  ############################## #
+# ####################################################################### #
+
 class AsyncMailCore:
     """Builds and owns everything: store, workers, HTTP server, metrics.
 
@@ -6688,7 +7301,9 @@ class AsyncMailCore:
 
     ``handle_command(name, payload)`` is safe from any thread; it acts as
     the admin, in the default tenant unless the payload names a
-    ``tenant_id``.
+    ``tenant_id``.  The commands themselves are ``_Commands``'; the core
+    wires the parts, starts and stops them, and keeps the caches (accounts,
+    tenants) that several of them read.
     """
 
     def __init__(self, config=None, test_mode=False, now=None, smtp_connect=None,
@@ -6712,9 +7327,7 @@ class AsyncMailCore:
         self._http_thread = None
         self._started = False
         self._accounts_lock = threading.Lock()
-        self._ignored_fields = set()   # account field names already logged as ignored
-        self._intake_counter = itertools.count(1)
-        self._intake_serials = {}      # tenant -> serial of its last add-messages batch
+        self.commands = _Commands(self)
         self._accounts = self._load_accounts()
         self._tenants, self._tenant_keys = self._load_tenants()
         self.metrics.add_tenant(DEFAULT_TENANT)
@@ -6734,7 +7347,7 @@ class AsyncMailCore:
             self.log, self.now, poll, on_delivered=lambda: self.reporter.wake(),
             smtp_connect=smtp_connect, verp=verp, endpoint=self.attachment_endpoint)
         self.reporter = _Reporter(self.store, self.metrics, config, self.log, self.now, poll,
-                                  intake_serial=self.intake_serial)
+                                  intake_serial=self.commands.intake_serial)
         for tenant in self._tenants.values():
             self.reporter.set_target(_report_target(tenant))
         self.bounces = None   # the third loop runs only with a bounce mailbox
@@ -6742,32 +7355,6 @@ class AsyncMailCore:
             self.bounces = _BounceCollector(
                 self.store, self.metrics, config.bounces, verp, self.log, self.now, poll,
                 on_bounce=lambda: self.reporter.wake(), imap_connect=imap_connect)
-        self._commands = {
-            "status": self._cmd_status,
-            "run now": self._cmd_run_now,
-            "suspend": self._cmd_suspend,
-            "activate": self._cmd_activate,
-            "add messages": self._cmd_add_messages,
-            "delete messages": self._cmd_delete_messages,
-            "cleanup messages": self._cmd_cleanup_messages,
-            "add account": self._cmd_add_account,
-            "list accounts": self._cmd_list_accounts,
-            "delete account": self._cmd_delete_account,
-            "list messages": self._cmd_list_messages,
-            "get message": self._cmd_get_message,
-            "retry": self._cmd_retry,
-            "requeue": self._cmd_requeue,
-            "hold": self._cmd_hold,
-            "release": self._cmd_release,
-            "list suppressions": self._cmd_list_suppressions,
-            "add suppression": self._cmd_add_suppression,
-            "delete suppression": self._cmd_delete_suppression,
-            "add tenant": self._cmd_add_tenant,
-            "get tenant": self._cmd_get_tenant,
-            "list tenants": self._cmd_list_tenants,
-            "delete tenant": self._cmd_delete_tenant,
-            "metrics": self._cmd_metrics,
-        }
 
     # -- accounts (cached: read on every intake and every dispatch cycle) -----
 
@@ -6779,7 +7366,7 @@ class AsyncMailCore:
         with self._accounts_lock:
             return dict(self._accounts)
 
-    def _tenant_accounts(self, tenant):
+    def tenant_accounts(self, tenant):
         """{account id: settings} of one tenant (ALL_TENANTS: by store key)."""
         accounts = self.accounts()
         if tenant == ALL_TENANTS:
@@ -6787,7 +7374,7 @@ class AsyncMailCore:
         return {_name_of(key): account for key, account in accounts.items()
                 if _tenant_of(key) == tenant}
 
-    def _reload_accounts(self):
+    def reload_accounts(self):
         accounts = self._load_accounts()
         with self._accounts_lock:
             self._accounts = accounts
@@ -6798,10 +7385,20 @@ class AsyncMailCore:
         tenants = {t["id"]: t for t in self.store.list_tenants()}
         return tenants, {t["key_hash"]: t["id"] for t in tenants.values()}
 
-    def _reload_tenants(self):
+    def reload_tenants(self):
         tenants, keys = self._load_tenants()
         with self._accounts_lock:
             self._tenants, self._tenant_keys = tenants, keys
+
+    def tenant(self, tenant_id):
+        """The record of a registered tenant, or None."""
+        with self._accounts_lock:
+            return self._tenants.get(tenant_id)
+
+    def tenants(self):
+        """Every registered tenant's record, by id."""
+        with self._accounts_lock:
+            return [self._tenants[name] for name in sorted(self._tenants)]
 
     def tenant_for_key(self, key):
         """The tenant whose API key is ``key``, or None.  Only the key's
@@ -6823,10 +7420,6 @@ class AsyncMailCore:
         settings = record["settings"]
         return AttachmentEndpoint(tenant, _tenant_url(settings, "client_attachment_path"),
                                   _tenant_auth_headers(settings))
-
-    def intake_serial(self, tenant):
-        """The serial of ``tenant``'s last well-formed add-messages batch."""
-        return self._intake_serials.get(tenant, 0)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -6884,48 +7477,8 @@ class AsyncMailCore:
 
     def run_command(self, name, payload=None, caller=None):
         """Run a command for ``caller`` (a Caller; None: the admin): returns
-        (HTTP status, answer); raises ApiError.  The payload's ``tenant_id``
-        picks the tenant the command acts in (see ``_scope``)."""
-        handler = self._commands.get(name)
-        if handler is None:
-            raise NotFoundError("unknown command")
-        if payload is None:
-            payload = {}
-        if not isinstance(payload, dict):
-            raise ValidationError("payload must be an object")
-        caller = caller or ADMIN
-        if name in ADMIN_COMMANDS and not caller.admin:
-            raise ApiError("this endpoint needs the admin token, not a tenant key", status=403)
-        payload = dict(payload)
-        tenant = self._scope(name, caller, payload.pop("tenant_id", None))
-        return 200, handler(payload, tenant)
-
-    def _scope(self, name, caller, given):
-        """The tenant a command acts in: a tenant key's own (naming another
-        is a 401); for the admin the one ``tenant_id`` names, else the
-        default tenant, or ALL_TENANTS for the commands that span the daemon
-        (status, run-now, suspend, metrics)."""
-        if given is not None and not isinstance(given, str):
-            raise ValidationError("tenant_id must be a string")
-        if given == "":
-            given = None
-        if not caller.admin:
-            if given is not None and given != caller.tenant:
-                raise ApiError("Invalid or missing API token (the key is not tenant %s's)"
-                               % given[:80], status=401)
-            return caller.tenant
-        if given is None:
-            return ALL_TENANTS if name in SPAN_COMMANDS else DEFAULT_TENANT
-        if given == ALL_TENANTS:
-            if name not in ALL_TENANT_COMMANDS:
-                raise ValidationError("tenant_id=* is for listings and operator commands")
-            return given
-        if given != DEFAULT_TENANT:
-            with self._accounts_lock:
-                known = given in self._tenants
-            if not known:
-                raise NotFoundError("unknown tenant %s" % given[:80])
-        return given
+        (HTTP status, answer); raises ApiError (see _Commands.run)."""
+        return self.commands.run(name, payload, caller)
 
     def handle_command(self, name, payload=None):
         """Run a command as the admin and return its answer as a dict (``ok``
@@ -6938,541 +7491,11 @@ class AsyncMailCore:
                 answer["detail"] = exc.detail
             return answer
 
-    def _cmd_status(self, payload, tenant):
-        if tenant == ALL_TENANTS:
-            by_tenant = self.store.tenant_queue_counts()
-            counts = self.store.queue_counts()
-            backlog = self.store.event_backlog()
-            answer = {"ok": True, "active": self.controls.active, "version": __version__,
-                      "queue": {status: counts.get(status, 0) for status in STATUSES},
-                      "accounts": self._account_states(tenant),
-                      "report_backlog": sum(backlog.values())}
-            if len(by_tenant) > 1:
-                answer["tenants"] = {name: {status: by_tenant[name].get(status, 0)
-                                            for status in STATUSES}
-                                     for name in sorted(by_tenant)}
-            return answer
-        counts = self.store.queue_counts(tenant)
-        return {"ok": True, "active": self.controls.active and self.controls.tenant_active(tenant),
-                "version": __version__, "tenant_id": tenant,
-                "queue": {status: counts.get(status, 0) for status in STATUSES},
-                "accounts": self._account_states(tenant),
-                "report_backlog": self.store.event_backlog().get(tenant, 0)}
-
-    def _cmd_metrics(self, payload, tenant):
-        return {"ok": True, "text": self.render_metrics()}
-
-    def _cmd_run_now(self, payload, tenant):
-        """Both loops run a cycle now (the reporter for one tenant, or all);
-        in test mode the answer waits for the cycles and the deliveries
-        they started."""
-        wait = self._run_now_wait() if self.test_mode else None
-        self.dispatcher.run_now(wait)
-        if self.bounces is not None:
-            self.bounces.run_now(wait)
-        self.reporter.run_now(wait, tenant=None if tenant == ALL_TENANTS else tenant)
-        return {"ok": True}
-
-    def _run_now_wait(self):
-        """How long a test-mode run-now waits for one piece of work: an SMTP
-        job's steps (connect, TLS and AUTH, the transaction, QUIT) are each
-        bounded by the SMTP timeout, a report exchange by its own, and the
-        store gets some slack besides."""
-        smtp_steps = 4
-        return max(self.config.delivery.smtp_timeout_seconds * smtp_steps,
-                   self.config.client.timeout_seconds) + RUN_NOW_SLACK
-
-    def _account_argument(self, payload, tenant):
-        """The store key of the payload's ``account_id`` in ``tenant``
-        (None when absent); NotFoundError when it has no such account."""
-        account_id = payload.get("account_id")
-        if account_id is None:
-            return None
-        if tenant == ALL_TENANTS:
-            raise ValidationError("account_id needs one tenant_id")
-        key = _scoped(tenant, account_id) if isinstance(account_id, str) else None
-        if key is None or key not in self.accounts():
-            raise NotFoundError("unknown account")
-        return key
-
-    def _suspension(self, payload, tenant, suspended):
-        """suspend / activate: globally (the admin without tenant_id), one
-        tenant, one account (``account_id``) or one campaign (``batch_code``)."""
-        unknown = sorted(str(k)[:80] for k in payload if k not in ("account_id", "batch_code"))
-        if unknown:
-            raise ValidationError("unknown field %s (suspend and activate take account_id "
-                                  "or batch_code)" % unknown[0])
-        verb = "suspended" if suspended else "activated"
-        batch_code = payload.get("batch_code")
-        if batch_code is not None:
-            if "account_id" in payload:
-                raise ValidationError("name account_id or batch_code, not both")
-            if tenant == ALL_TENANTS:
-                tenant = DEFAULT_TENANT
-            try:
-                _check_identifier(batch_code, "batch_code")
-            except ValueError as exc:
-                raise ValidationError(str(exc)) from exc
-            self.controls.hold_batch(tenant, batch_code, held=suspended)
-            self.log.info("dispatching %s for batch %s of tenant %s", verb, batch_code[:80],
-                          tenant)
-            if not suspended:
-                self.dispatcher.wake()
-            return {"ok": True, "batch_code": batch_code, "active": not suspended}
-        if tenant == ALL_TENANTS and "account_id" in payload:
-            tenant = DEFAULT_TENANT   # the seed's per-account suspend, unchanged
-        account_id = self._account_argument(payload, tenant)
-        if account_id is not None:
-            (self.controls.suspend if suspended else self.controls.activate)(account_id)
-            self.log.info("dispatching %s for account %s", verb, _shown_key(account_id))
-        elif tenant == ALL_TENANTS:
-            (self.controls.suspend if suspended else self.controls.activate)()
-            self.log.info("dispatching %s", verb)
-        else:
-            self.controls.suspend_tenant(tenant, suspended)
-            self.log.info("dispatching %s for tenant %s", verb, tenant)
-        if not suspended:
-            self.dispatcher.wake()
-        if account_id is not None:
-            return {"ok": True, "account_id": _name_of(account_id),
-                    "active": self.controls.account_active(account_id)}
-        if tenant == ALL_TENANTS:
-            return {"ok": True, "active": self.controls.active}
-        return {"ok": True, "tenant_id": tenant, "active": self.controls.tenant_active(tenant)}
-
-    def _cmd_suspend(self, payload, tenant):
-        return self._suspension(payload, tenant, suspended=True)
-
-    def _cmd_activate(self, payload, tenant):
-        return self._suspension(payload, tenant, suspended=False)
-
-    def _cmd_add_messages(self, payload, tenant):
-        """Queue a batch.  Only a malformed batch (no messages list, or more
-        than MAX_BATCH_MESSAGES) is an error: the real client raises on any
-        non-2xx, and a raise inside its pull loop would wedge it on that
-        batch for good.  Invalid messages are listed in ``rejected``; an id
-        already queued or sent, or earlier in the batch, in ``duplicates``
-        (the first copy stands, so a resend after a lost answer reads as
-        success); an id whose message failed is queued anew (``replaced``:
-        Genropy's "Retry send" resends the same id)."""
-        messages = payload.get("messages")
-        if not isinstance(messages, list):
-            raise self._batch_error("body must be an object with a messages list", [])
-        if len(messages) > MAX_BATCH_MESSAGES:
-            raise self._batch_error("a batch holds at most %d messages" % MAX_BATCH_MESSAGES, [])
-        self._note_intake(tenant)
-        default_priority = self.config.delivery.default_priority
-        bad_default = None
-        if payload.get("default_priority") is not None:
-            try:
-                default_priority = _parse_priority(payload["default_priority"])
-            except ValueError as exc:
-                bad_default = "default_priority: %s" % exc
-        resolve = _AccountResolver(set(self._tenant_accounts(tenant)),
-                                   self.config.delivery.default_account
-                                   if tenant == DEFAULT_TENANT else None)
-        endpoint = self.attachment_endpoint(tenant)
-        now = self.now()
-        rejected, accepted, seen, repeated, ignored = [], [], set(), [], []
-        for raw in messages:
-            raw_id = raw.get("id") if isinstance(raw, dict) else None
-            try:
-                if bad_default and raw.get("priority") is None:
-                    raise ValueError(bad_default)
-                if raw.get("tenant_id") not in (None, tenant):
-                    raise ValueError("tenant_id %s is not this request's tenant (%s)"
-                                     % (str(raw["tenant_id"])[:80], tenant))
-                message = validate_message(raw, default_priority, resolve)
-                if endpoint is None and any("storage_path" in a
-                                            for a in message["attachments"]):
-                    raise ValueError("storage_path attachments need a tenant registered "
-                                     "with client_attachment_path")
-            except ValueError as exc:
-                rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
-                                 "reason": str(exc)})
-                continue
-            unknown = ignored_message_fields(raw)
-            if unknown and len(ignored) < MAX_IGNORED_SHOWN:
-                ignored.append({"id": message["id"], "fields": unknown[:MAX_IGNORED_SHOWN]})
-                self._note_ignored_fields("message", message["id"], unknown)
-            if message["id"] in seen:
-                repeated.append(message["id"])
-                continue
-            seen.add(message["id"])
-            accepted.append(message)
-        duplicates, orphans, replaced = (self.store.insert_messages(accepted, now, tenant)
-                                         if accepted else (set(), set(), set()))
-        for key in sorted(orphans):
-            rejected.append({"id": _name_of(key), "reason": "unknown account (deleted)"})
-        queued = len(accepted) - len(duplicates) - len(orphans)
-        stored = [m for m in accepted if _scoped(tenant, m["id"]) not in duplicates | orphans]
-        due = [m["priority"] for m in stored
-               if m["deferred_ts"] is None or m["deferred_ts"] <= now]
-        if 0 in due:
-            self.dispatcher.wake()
-        elif due:
-            # new due mail is looked at now, as Postfix's qmgr is told of new
-            # mail at once (send_interval_seconds is only the idle poll)
-            self.dispatcher.wake_if_idle()
-        answer = {"ok": True, "queued": queued, "rejected": rejected,
-                  "duplicates": list(dict.fromkeys(
-                      [m["id"] for m in accepted if _scoped(tenant, m["id"]) in duplicates]
-                      + repeated))}
-        if ignored:
-            answer["ignored"] = ignored
-        if replaced:
-            answer["replaced"] = [m["id"] for m in accepted
-                                  if _scoped(tenant, m["id"]) in replaced]
-            self.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
-                          len(replaced), tenant)
-        return answer
-
-    def _note_intake(self, tenant):
-        """Count a well-formed add-messages batch.  The reporter compares the
-        count around each report POST: an upstream that handed work over
-        while its POST was open (Genropy's pull flow) may have more."""
-        self._intake_serials[tenant] = next(self._intake_counter)
-
-    @staticmethod
-    def _batch_error(message, rejected):
-        return ValidationError(message, detail={"error": message, "rejected": rejected})
-
-    def _cmd_delete_messages(self, payload, tenant):
-        """Delete what a selector names (SPEC 7 shapes: ids, account_id,
-        status, or {} for every message not yet sent or failed), like
-        ``postsuper -d``; each deletion is logged and reported upstream.  A
-        message on the wire goes when its transaction ends, unless the relay
-        accepted it (``being_sent``)."""
-        kind, value = _parse_selector("delete", payload)
-        if tenant == ALL_TENANTS:
-            raise ValidationError("delete-messages needs one tenant_id")
-        not_found = []
-        if kind == "ids":
-            keys = [_scoped(tenant, i) for i in value]
-            not_found, being_sent = self.store.delete_messages(keys) if keys else ([], [])
-            removed = len(keys) - len(not_found) - len(being_sent)
-        else:
-            if kind == "account_id":
-                value = _scoped(tenant, value)
-            removed, being_sent = self.store.delete_selected(kind, value, tenant)
-        what = {"ids": "%d id(s)" % len(value) if kind == "ids" else "",
-                "account_id": "account %s" % _shown_key(str(value)),
-                "status": "status %s" % value, "all": "all not yet sent or failed"}[kind]
-        self.log.info("delete-messages (%s, tenant %s): %d deleted%s", what, tenant, removed,
-                      "; %d on the wire, deleted when their transaction ends unless sent"
-                      % len(being_sent) if being_sent else "")
-        if removed:
-            self.reporter.wake()
-        answer = {"ok": True, "removed": removed, "affected": removed,
-                  "not_found": [_name_of(k) for k in not_found]}
-        if being_sent:
-            answer["being_sent"] = [_name_of(k) for k in being_sent]
-        return answer
-
-    def _cmd_cleanup_messages(self, payload, tenant):
-        older_than = payload.get("older_than_seconds")
-        if older_than is None:
-            older_than = self.config.delivery.delivery_report_retention_seconds
-        elif not _is_number(older_than) or older_than < 0:
-            raise ValidationError("older_than_seconds must be a number >= 0")
-        older_than = min(older_than, 1e12)   # 30,000 years: beyond it, float() overflows
-        return {"ok": True, "removed": self.store.purge_reported(self.now() - older_than,
-                                                                 tenant)}
-
-    def _cmd_add_account(self, payload, tenant):
-        try:
-            account = validate_account(payload)
-        except ValueError as exc:
-            raise ValidationError(str(exc)) from exc
-        key = _scoped(tenant, account["id"])
-        account.update(id=key, tenant_id=tenant)
-        self.store.upsert_account(account, self.now())
-        self._reload_accounts()
-        self.metrics.add_account(key)
-        self.dispatcher.account_changed(key)
-        answer = {"ok": True}
-        ignored = ignored_account_fields(payload)
-        if ignored:
-            answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
-            self._note_ignored_fields("account", _shown_key(key), ignored)
-        return answer
-
-    def _note_ignored_fields(self, kind, name, fields):
-        """Log each ignored field name of an account or a message once per
-        process: a client that sends the same extra field every time is
-        told once (every answer still lists them)."""
-        with self._accounts_lock:
-            new = [f for f in fields if (kind, f) not in self._ignored_fields]
-            if len(self._ignored_fields) < MAX_IGNORED_SHOWN * 10:
-                self._ignored_fields.update((kind, f) for f in new)
-        if new:
-            self.log.info("%s %s: ignored unknown field(s) %s (not stored)", kind, name,
-                          ", ".join(new[:MAX_IGNORED_SHOWN]))
-
-    def _cmd_list_accounts(self, payload, tenant):
-        """The accounts, each with its state: ``active`` (its own suspension
-        flag) and ``held_back_until`` (epoch, or None: the dispatcher's
-        back-off after a relay failure or a full rate window)."""
-        accounts = self._tenant_accounts(tenant)
-        held = self.dispatcher.held_back(self.now())
-        shown = []
-        for name in sorted(accounts):
-            account = public_account(accounts[name])
-            key = accounts[name]["id"]
-            account["active"] = self.controls.account_active(key)
-            account["held_back_until"] = held.get(key)
-            shown.append(account)
-        return {"ok": True, "accounts": shown}
-
-    def _account_states(self, tenant):
-        """For /status: the accounts suspended, and those held back (until)."""
-        now = self.now()
-        held = self.dispatcher.held_back(now)
-        suspended, backed_off = [], {}
-        for key in sorted(self.accounts()):
-            if tenant != ALL_TENANTS and _tenant_of(key) != tenant:
-                continue
-            shown = _name_of(key) if tenant != ALL_TENANTS else _shown_key(key)
-            if not self.controls.account_active(key):
-                suspended.append(shown)
-            if key in held:
-                backed_off[shown] = held[key]
-        return {"suspended": suspended, "held_back_until": backed_off}
-
-    def _cmd_delete_account(self, payload, tenant):
-        account_id = payload.get("id")
-        if not isinstance(account_id, str):
-            raise ValidationError("id must be a string")
-        try:
-            force = _parse_bool(payload.get("force", False))
-        except ValueError as exc:
-            raise ValidationError("force must be true or false") from exc
-        key = _scoped(tenant, account_id)
-        undelivered = self.store.delete_account(key, force, self.now())
-        self._reload_accounts()
-        if undelivered is None:
-            raise NotFoundError("unknown account")
-        if undelivered and not force:
-            raise ConflictError("account has %d undelivered message(s); use ?force=true "
-                                "to fail them" % undelivered)
-        if undelivered:
-            self.log.warning("account %s deleted with force: %d message(s) failed",
-                             _shown_key(key), undelivered)
-            self.reporter.wake()
-        self.dispatcher.account_changed(key)
-        return {"ok": True}
-
-    def _cmd_list_messages(self, payload, tenant):
-        """GET /messages: filters (status, account_id, since, until,
-        id_prefix, batch_code), order and keyset paging (``after`` /
-        ``next``), in one tenant or (ALL_TENANTS) all."""
-        statuses = list(STATUSES)
-        if payload.get("status") not in (None, ""):
-            wanted = str(payload["status"]).split(",")
-            unknown = [s for s in wanted if s not in STATUSES]
-            if unknown:
-                raise ValidationError("status must be a comma list of %s" % ", ".join(STATUSES))
-            statuses = [s for s in STATUSES if s in wanted]
-        if _query_bool(payload, "active_only"):
-            statuses = [s for s in statuses if s in ACTIVE_STATUSES]
-        order = payload.get("order") or "oldest"
-        if order not in SQL_LIST_ORDER:
-            raise ValidationError("order must be oldest or newest")
-        id_prefix = payload.get("id_prefix")
-        if id_prefix is not None:
-            id_prefix = _check_identifier(id_prefix, "id_prefix") if id_prefix != "" else None
-        account_id = payload.get("account_id") or None
-        if account_id is not None and not isinstance(account_id, str):
-            raise ValidationError("account_id must be a string")
-        batch_code = payload.get("batch_code") or None
-        if batch_code is not None and not isinstance(batch_code, str):
-            raise ValidationError("batch_code must be a string")
-        if tenant == ALL_TENANTS and (id_prefix is not None or account_id is not None):
-            raise ValidationError("id_prefix and account_id need one tenant_id")
-        if tenant != ALL_TENANTS:
-            account_id = None if account_id is None else _scoped(tenant, account_id)
-            if id_prefix is not None:
-                id_prefix = _scoped(tenant, id_prefix)
-        query = {"account_id": account_id, "id_prefix": id_prefix, "order": order,
-                 "tenant": None if tenant == ALL_TENANTS else tenant, "batch_code": batch_code,
-                 "since": _query_number(payload, "since"),
-                 "until": _query_number(payload, "until"),
-                 "after": _decode_cursor(payload.get("after"), by_id=id_prefix is not None),
-                 "limit": _query_int(payload, "limit", 1000, 0, MAX_LIST_LIMIT),
-                 "offset": _query_int(payload, "offset", 0, 0, 2 ** 62)}
-        full = _query_bool(payload, "full")
-        records = self.store.list_messages(statuses, **query) if statuses else []
-        cursor = None
-        if records and len(records) == query["limit"]:
-            last = records[-1]
-            cursor = _encode_cursor(last["id"] if id_prefix is not None
-                                    else [last["created_ts"], last["pk"]])
-        for record in records:
-            del record["pk"]
-        return {"ok": True, "messages": [_present_record(r, full) for r in records],
-                "next": cursor}
-
-    def _cmd_get_message(self, payload, tenant):
-        ref = payload.get("id")
-        key = _scoped(tenant, ref) if isinstance(ref, str) else None
-        record = self.store.get_message(key) if key is not None else None
-        if record is None:
-            raise NotFoundError("unknown message")
-        record = _present_record(record, full=True)
-        record["attempts"] = self.store.attempts(key)
-        record["bounces"] = self.store.bounces(key)
-        return {"ok": True, "message": record}
-
     # -- suppressions (SPEC 8) -----------------------------------------------
-
-    def _cmd_list_suppressions(self, payload, tenant):
-        return {"ok": True, "suppressions": self.store.suppressions(self.now(), tenant)}
-
-    def _cmd_add_suppression(self, payload, tenant):
-        """Suppress an address for ``days`` (default ``suppress_days``; 0:
-        until deleted, so that with automatic suppression off an admin's
-        suppression still holds)."""
-        unknown = sorted(str(k)[:80] for k in payload if k not in ("address", "days"))
-        if unknown:
-            raise ValidationError("unknown field %s" % unknown[0])
-        address = payload.get("address")
-        try:
-            name, address = _parse_address(address)
-        except ValueError as exc:
-            raise ValidationError("address: %s" % exc) from exc
-        if name:
-            raise ValidationError("address must be a bare address")
-        days = payload.get("days", self.config.bounces.suppress_days)
-        if not _is_number(days) or not 0 <= days <= MAX_SUPPRESS_DAYS:
-            raise ValidationError("days must be 0-%d (0: until deleted)" % MAX_SUPPRESS_DAYS)
-        now = self.now()
-        self.store.suppress(address, "manual", now, now + days * DAY if days else None, tenant)
-        return {"ok": True, "address": address.lower()}
-
-    def _cmd_delete_suppression(self, payload, tenant):
-        address = payload.get("address")
-        if not isinstance(address, str) or not self.store.unsuppress(address, self.now(),
-                                                                     tenant):
-            raise NotFoundError("not suppressed")
-        return {"ok": True}
 
     # -- tenants ----------------------------------------------------------------
 
-    def _cmd_add_tenant(self, payload, tenant):
-        """Register a tenant, or replace its settings: either way a new API
-        key is made and returned (Genropy stores whatever key comes back, and
-        makes new client_auth credentials at every "Register"), so the old
-        key stops working at once."""
-        try:
-            tenant_id, settings, ignored = validate_tenant(payload)
-        except ValueError as exc:
-            raise ValidationError(str(exc)) from exc
-        key = secrets.token_urlsafe(TENANT_KEY_BYTES)
-        created = self.store.upsert_tenant(tenant_id, settings, _key_digest(key), self.now())
-        self._reload_tenants()
-        with self._accounts_lock:
-            record = self._tenants[tenant_id]
-        self.reporter.set_target(_report_target(record))
-        self.log.info("tenant %s %s (reports to %s); a new API key was issued", tenant_id,
-                      "registered" if created else "updated",
-                      _redact_url(_tenant_url(settings, "client_sync_path")))
-        answer = {"ok": True, "id": tenant_id, "api_key": key, "created": created}
-        if ignored:
-            answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
-        return answer
-
-    def _tenant_record(self, payload):
-        tenant_id = payload.get("id")
-        with self._accounts_lock:
-            record = self._tenants.get(tenant_id) if isinstance(tenant_id, str) else None
-        if record is None:
-            raise NotFoundError("unknown tenant")
-        return record
-
-    def _cmd_get_tenant(self, payload, tenant):
-        return {"ok": True, "tenant": public_tenant(self._tenant_record(payload))}
-
-    def _cmd_list_tenants(self, payload, tenant):
-        with self._accounts_lock:
-            records = [self._tenants[name] for name in sorted(self._tenants)]
-        return {"ok": True, "tenants": [public_tenant(record) for record in records]}
-
-    def _cmd_delete_tenant(self, payload, tenant):
-        """Unregister a tenant: its key stops working, and its accounts and
-        messages (queued ones too: the site asked to leave) are removed."""
-        record = self._tenant_record(payload)
-        tenant_id = record["id"]
-        accounts = [key for key in self.accounts() if _tenant_of(key) == tenant_id]
-        removed = self.store.delete_tenant(tenant_id)
-        if removed is None:
-            raise NotFoundError("unknown tenant")
-        self._reload_tenants()
-        self._reload_accounts()
-        self.reporter.drop_target(tenant_id)
-        self.controls.forget_tenant(tenant_id)
-        self.metrics.forget_tenant(tenant_id)
-        for key in accounts:
-            self.dispatcher.account_changed(key)
-        self.log.warning("tenant %s deleted with %d message(s) and %d account(s)", tenant_id,
-                         removed[0], removed[1])
-        return {"ok": True, "removed_messages": removed[0], "removed_accounts": removed[1]}
-
     # -- operator control (SPEC 7) -------------------------------------------
-
-    def _cmd_retry(self, payload, tenant):
-        """Deferred messages due now (postqueue -f / -i); the client's own
-        schedule stays unless ``include_scheduled``; rate limits still hold
-        (the dispatcher defers a message still over one to the exact
-        instant).  Also lifts the accounts' back-off after a relay failure."""
-        try:
-            include = _parse_bool(payload.get("include_scheduled", False))
-        except ValueError as exc:
-            raise ValidationError("include_scheduled must be true or false") from exc
-        answer = self._operate("retry", payload, tenant, include_scheduled=include)
-        account_id = payload.get("account_id")
-        self.dispatcher.lift_backoff(None if account_id is None or tenant == ALL_TENANTS
-                                     else _scoped(tenant, str(account_id)))
-        self.dispatcher.wake()
-        return answer
-
-    def _cmd_requeue(self, payload, tenant):
-        """Failed messages back to pending with retry_count 0 (after a
-        fix: a password, a relay), each reported as a new state change."""
-        answer = self._operate("requeue", payload, tenant)
-        self.dispatcher.wake()
-        self.reporter.wake()
-        return answer
-
-    def _cmd_hold(self, payload, tenant):
-        """Pending or deferred messages to ``held``: never dispatched, never
-        expired, until released (postsuper -h)."""
-        return self._operate("hold", payload, tenant)
-
-    def _cmd_release(self, payload, tenant):
-        """Held messages back to where they were: ``deferred`` while their
-        ``deferred_ts`` is ahead, else ``pending`` (postsuper -H)."""
-        answer = self._operate("release", payload, tenant)
-        self.dispatcher.wake()
-        return answer
-
-    def _operate(self, command, payload, tenant, include_scheduled=False):
-        kind, value = _parse_selector(command, payload)
-        if tenant == ALL_TENANTS and kind in ("ids", "account_id"):
-            raise ValidationError("ids and account_id need one tenant_id")
-        if kind == "ids":
-            value = [_scoped(tenant, i) for i in value]
-        elif kind == "account_id":
-            value = _scoped(tenant, value)
-        affected, not_found, skipped = self.store.operate(
-            command, Selector(kind, value), self.now(), include_scheduled,
-            tenant=None if tenant == ALL_TENANTS else tenant)
-        if affected:
-            self.log.info("%s: %d message(s) (selector %s, tenant %s)", command, affected,
-                          kind, "all" if tenant == ALL_TENANTS else tenant)
-        answer = {"ok": True, "affected": affected, "not_found": [_name_of(k) for k in not_found]}
-        if kind == "ids":
-            answer["skipped"] = [_name_of(k) for k in skipped]
-        return answer
 
     def healthy(self, max_age):
         """Every loop alive and looking up within ``max_age`` seconds (the
