@@ -937,34 +937,22 @@ def _ssl_context(account):
     return context
 
 
-class _Deadline:
-    """Whether a ``_whole_exchange_deadline`` ran out."""
-    expired = False
+class _LazyTls:
+    """The verified client TLS context (the system store plus certifi) that
+    the reporter and the attachment fetcher share, built at its first use:
+    loading the CAs costs milliseconds that a daemon which never speaks
+    https should not pay at start-up.  Thread-safe (an SSLContext may be
+    shared)."""
 
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._context = None
 
-@contextlib.contextmanager
-def _whole_exchange_deadline(conn, seconds):
-    """Bound a whole exchange on the http.client connection ``conn``: at
-    the deadline a timer shuts its socket down, so the blocked read ends.
-    A socket timeout bounds each read only, and a peer that drips one byte
-    at a time never trips it.  Yields a _Deadline whose ``expired`` says
-    whether the timer fired (the caller must then not trust what it read)."""
-    deadline = _Deadline()
-
-    def cut():
-        deadline.expired = True
-        sock = conn.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    timer = threading.Timer(seconds, cut)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield deadline
-    finally:
-        timer.cancel()
+    def get(self):
+        with self._lock:
+            if self._context is None:
+                self._context = _ssl_context({"tls_verify": True})
+            return self._context
 
 
 def _prefix_end(prefix):
@@ -3044,16 +3032,16 @@ class AttachmentFetcher:
     match is kept (per tenant, MAX_CACHED_ATTACHMENT_BYTES in all).
     """
 
-    def __init__(self, attachments, s3, now, resolve=None, address_allowed=None):
+    def __init__(self, attachments, s3, now, resolve=None, address_allowed=None, tls=None):
         """``resolve(host, port) -> [address]`` and ``address_allowed(address)``
         are the network seams (defaults: getaddrinfo, and public addresses
-        only unless ``allow_private_urls``)."""
+        only unless ``allow_private_urls``); ``tls`` a _LazyTls to share."""
         self.max_bytes = attachments.max_bytes
         self.timeout = attachments.timeout_seconds
         self.s3 = s3
         self.now = now
         self._resolve = resolve or self._getaddrinfo
-        self._tls = None   # built at the first https fetch: loading CAs costs ms
+        self._tls = tls or _LazyTls()
         if address_allowed is None:
             address_allowed = ((lambda address: True) if attachments.allow_private_urls
                                else _is_public_address)
@@ -3224,9 +3212,8 @@ class AttachmentFetcher:
         ``address``, ending by ``deadline`` (time.monotonic()).  Returns
         (status, lower-case headers, body) for 2xx and redirects; raises
         TemporaryError or PermanentError (with ``http_status``) otherwise."""
-        if scheme == "https" and self._tls is None:
-            self._tls = _ssl_context({"tls_verify": True})   # thread-safe to share
-        connection = _pinned_connection(scheme, host, port, address, deadline, self._tls)
+        connection = _pinned_connection(scheme, host, port, address, deadline,
+                                        self._tls.get() if scheme == "https" else None)
         request_headers = {"User-Agent": "asyncmail/" + __version__, "Accept": "*/*"}
         request_headers.update(headers)
         try:
@@ -5455,10 +5442,10 @@ class _Reporter(_Worker):
     MAX_POSTS_PER_CYCLE = 50
     REPORT_WORKERS = 4
 
-    def __init__(self, store, metrics, config, log, now, poll, intake_serial):
+    def __init__(self, store, metrics, config, log, now, poll, intake_serial, tls=None):
         """``intake_serial(tenant)`` counts a tenant's well-formed
         add-messages batches: work handed over while a POST was open means
-        the upstream may have more."""
+        the upstream may have more; ``tls`` is a _LazyTls to share."""
         super().__init__(log, now, poll)
         self.store = store
         self.metrics = metrics
@@ -5471,7 +5458,7 @@ class _Reporter(_Worker):
         self._purge_forced = False
         self._lock = threading.Lock()
         self._upstreams = {}
-        self._tls = None   # built at the first https POST
+        self._tls = tls or _LazyTls()
         self._pool = None
         if client.client_sync_url:
             self.set_target(ReportTarget(DEFAULT_TENANT, client.client_sync_url,
@@ -5646,28 +5633,22 @@ class _Reporter(_Worker):
         "acknowledges" everything).  Raises OSError, http.client.HTTPException.
         """
         target, timeout = urllib.parse.urlsplit(url), self.client.timeout_seconds
-        if target.scheme == "https":
-            with self._lock:
-                if self._tls is None:
-                    self._tls = _ssl_context({"tls_verify": True})
-            conn = http.client.HTTPSConnection(target.hostname, target.port, timeout=timeout,
-                                               context=self._tls)
-        else:
-            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=timeout)
+        deadline = time.monotonic() + timeout     # the fetcher's way: every socket
+        port = target.port or (443 if target.scheme == "https" else 80)   # op ends by it
+        address = socket.getaddrinfo(target.hostname, port, type=socket.SOCK_STREAM)[0][4][0]
+        conn = _pinned_connection(target.scheme, target.hostname, port, address, deadline,
+                                  self._tls.get() if target.scheme == "https" else None)
         path = (target.path or "/") + ("?" + target.query if target.query else "")
-        deadline = None
         try:
-            with _whole_exchange_deadline(conn, timeout) as deadline:
-                conn.request("POST", path, body, headers)
-                response = conn.getresponse()
-                answer = response.read(self.MAX_ANSWER_BYTES)
+            conn.request("POST", path, body, headers)
+            response = conn.getresponse()
+            answer = response.read(self.MAX_ANSWER_BYTES)
         except (OSError, http.client.HTTPException):
-            if deadline is None or not deadline.expired:
-                raise
+            if time.monotonic() >= deadline:
+                raise socket.timeout("no complete answer within %gs" % timeout) from None
+            raise
         finally:
             conn.close()
-        if deadline.expired:
-            raise socket.timeout("no complete answer within %gs" % timeout)
         return response.status, response.getheader("Retry-After"), answer
 
 
@@ -7322,7 +7303,8 @@ class AsyncMailCore:
         self.metrics = Metrics()
         self.store = Store(config.storage.db_path, reporting=bool(config.client.client_sync_url))
         self.controls = _Controls(config.scheduler.active)
-        self.fetcher = AttachmentFetcher(config.attachments, config.s3, self.now)
+        self.tls = _LazyTls()   # one verified context for https, reporter and fetcher
+        self.fetcher = AttachmentFetcher(config.attachments, config.s3, self.now, tls=self.tls)
         self._http = None
         self._http_thread = None
         self._started = False
@@ -7347,7 +7329,7 @@ class AsyncMailCore:
             self.log, self.now, poll, on_delivered=lambda: self.reporter.wake(),
             smtp_connect=smtp_connect, verp=verp, endpoint=self.attachment_endpoint)
         self.reporter = _Reporter(self.store, self.metrics, config, self.log, self.now, poll,
-                                  intake_serial=self.commands.intake_serial)
+                                  intake_serial=self.commands.intake_serial, tls=self.tls)
         for tenant in self._tenants.values():
             self.reporter.set_target(_report_target(tenant))
         self.bounces = None   # the third loop runs only with a bounce mailbox
