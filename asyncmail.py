@@ -130,6 +130,15 @@ MAX_ADDR_SPEC = 254     # RFC 5321 4.5.3.1.3: a path is 256 octets including its
 MAX_MAIL_LINE = 998     # RFC 5322 2.1.1: octets of one line of a message
 MAX_ADDRESS_CHARS = MAX_MAIL_LINE - len("Reply-To: ")   # an address fits one header line
 MAX_MIME_TYPE_CHARS = 255   # RFC 6838 4.2: type and subtype names are at most 127 each
+MAX_HEADER_NAME = 76    # RFC 5322 2.1.1: a line should fit 78 characters, the name and ": " too
+MAX_RFC_MESSAGE_ID = 250    # a Message-ID a client may give (and a bounce may quote)
+MAX_FILENAME_CHARS = 255    # what file systems keep of a name
+MAX_S3_KEY = 1024           # S3: an object key is at most 1024 bytes
+MAX_CREDENTIAL_CHARS = 1024     # a tenant's client_auth user, password or token
+# How much of a client's value, or of a foreign text, an error or a log line
+# quotes: enough to recognise it, never a flood.
+QUOTE_CHARS = 80
+QUOTE_TEXT_CHARS = 200
 
 PRIORITY_NAMES = {"immediate": 0, "high": 1, "medium": 2, "low": 3}
 STATUSES = ("pending", "deferred", "held", "sending", "sent", "error")
@@ -764,17 +773,17 @@ def _check_addr_spec(addr):
     naming what is wrong.
     """
     if "@" not in addr:
-        raise ValueError("invalid address %r: no @" % addr[:80])
+        raise ValueError("invalid address %r: no @" % addr[:QUOTE_CHARS])
     if len(addr) > MAX_ADDR_SPEC:
         raise ValueError("invalid address %r...: longer than %d characters"
-                         % (addr[:80], MAX_ADDR_SPEC))
+                         % (addr[:QUOTE_CHARS], MAX_ADDR_SPEC))
     local, _, domain = addr.rpartition("@")
     if len(local) > MAX_LOCAL_PART:
         raise ValueError("invalid address %r: local part longer than %d characters"
-                         % (addr[:80], MAX_LOCAL_PART))
+                         % (addr[:QUOTE_CHARS], MAX_LOCAL_PART))
     if len(domain) > MAX_DOMAIN:   # IDNA never makes a name shorter
         raise ValueError("invalid address %r: domain longer than %d characters"
-                         % (addr[:80], MAX_DOMAIN))
+                         % (addr[:QUOTE_CHARS], MAX_DOMAIN))
     try:
         ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError as exc:
@@ -2642,7 +2651,7 @@ def ignored_account_fields(raw):
     if not isinstance(raw, dict):
         return []
     known = set(ACCOUNT_SCHEMA) | {"id"}
-    return sorted(str(name)[:80] for name in raw if name not in known)
+    return sorted(str(name)[:QUOTE_CHARS] for name in raw if name not in known)
 
 
 def public_account(account):
@@ -2701,7 +2710,7 @@ def validate_tenant(raw):
         auth = {"method": "none"}
     if not isinstance(auth, dict):
         raise ValueError("client_auth must be an object")
-    unknown = sorted(str(k)[:80] for k in auth if k not in ("method", "user", "password",
+    unknown = sorted(str(k)[:QUOTE_CHARS] for k in auth if k not in ("method", "user", "password",
                                                             "token"))
     if unknown:
         raise ValueError("client_auth: unknown field %s" % unknown[0])
@@ -2709,7 +2718,7 @@ def validate_tenant(raw):
     if method not in TENANT_AUTH_METHODS:
         raise ValueError("client_auth.method must be basic, bearer or none")
     for field in ("user", "password", "token"):
-        _check_text(auth.get(field), "client_auth." + field, max_chars=1024,
+        _check_text(auth.get(field), "client_auth." + field, max_chars=MAX_CREDENTIAL_CHARS,
                     single_line=True)
     if method == "basic" and (not auth.get("user") or ":" in auth["user"]):
         raise ValueError("client_auth.user is required for basic (and has no ':')")
@@ -2720,7 +2729,7 @@ def validate_tenant(raw):
         settings["client_auth"].update(user=auth["user"], password=auth.get("password") or "")
     elif method == "bearer":
         settings["client_auth"]["token"] = auth["token"]
-    ignored = sorted(str(k)[:80] for k in raw if k not in TENANT_FIELDS)
+    ignored = sorted(str(k)[:QUOTE_CHARS] for k in raw if k not in TENANT_FIELDS)
     return tenant_id, settings, ignored
 
 
@@ -2763,7 +2772,7 @@ def _check_attachment(raw, index):
     if not isinstance(raw, dict):
         raise ValueError("%s must be an object" % field)
     filename = _check_text(raw.get("filename"), field + ".filename", required=True,
-                           max_chars=255, single_line=True)
+                           max_chars=MAX_FILENAME_CHARS, single_line=True)
     if not filename.strip() or _CONTROL_CHARS.search(filename):
         raise ValueError("%s.filename must be a non-empty name without control characters"
                          % field)
@@ -2826,7 +2835,7 @@ def _check_attachment(raw, index):
         key = value.get("key")
         if not isinstance(bucket, str) or not _S3_BUCKET.fullmatch(bucket):
             raise ValueError("%s.s3.bucket must be a bucket name" % field)
-        if not isinstance(key, str) or not key or len(key) > 1024 or "\x00" in key:
+        if not isinstance(key, str) or not key or len(key) > MAX_S3_KEY or "\x00" in key:
             raise ValueError("%s.s3.key must be a non-empty object key" % field)
         s3 = {"bucket": bucket, "key": key}
         region = value.get("region")
@@ -3326,8 +3335,8 @@ def validate_message(raw, default_priority, resolve_account):
         if not isinstance(headers, dict):
             raise ValueError("headers must be an object of name: value strings")
         for name, value in headers.items():
-            if len(name) > 76 or not _HEADER_NAME.fullmatch(name):
-                raise ValueError("header name %r is not a valid field name" % name[:80])
+            if len(name) > MAX_HEADER_NAME or not _HEADER_NAME.fullmatch(name):
+                raise ValueError("header name %r is not a valid field name" % name[:QUOTE_CHARS])
             if name.lower() in _RESERVED_HEADERS:
                 raise ValueError("header %s comes from its own field and cannot be set" % name)
             if isinstance(value, bool):   # Genropy sends its extra headers' numbers and
@@ -3340,7 +3349,7 @@ def validate_message(raw, default_priority, resolve_account):
     if rfc_message_id is not None:
         # printable ASCII only: RFC 5322 has no encoding for a msg-id, so
         # anything else (U+2028 too) would fail the message at send time
-        if (not isinstance(rfc_message_id, str) or len(rfc_message_id) > 250
+        if (not isinstance(rfc_message_id, str) or len(rfc_message_id) > MAX_RFC_MESSAGE_ID
                 or not _MESSAGE_ID_TEXT.fullmatch(rfc_message_id) or "@" not in rfc_message_id):
             raise ValueError("message_id must look like <unique@domain> (printable ASCII)")
         rfc_message_id = rfc_message_id.strip("<>")
@@ -3384,12 +3393,12 @@ def ignored_message_fields(raw):
     ``attachments[i].name``) that asyncmail does not know, sorted, cut to 80
     characters: a misspelled ``Bcc`` or ``atachments`` must not pass
     unnoticed."""
-    names = [str(name)[:80] for name in raw if name not in MESSAGE_FIELDS]
+    names = [str(name)[:QUOTE_CHARS] for name in raw if name not in MESSAGE_FIELDS]
     attachments = raw.get("attachments")
     if isinstance(attachments, list):
         for index, attachment in enumerate(attachments):
             if isinstance(attachment, dict):
-                names.extend("attachments[%d].%s" % (index, str(name)[:80])
+                names.extend("attachments[%d].%s" % (index, str(name)[:QUOTE_CHARS])
                              for name in attachment if name not in ATTACHMENT_FIELDS)
     return sorted(names)
 
@@ -3436,24 +3445,24 @@ def _check_header_fields(message, attachments):
         raise PermanentError("cannot build the message: %s" % what)
 
     for name, value in message["headers"].items():
-        if (len(name) > 76 or not _HEADER_NAME.fullmatch(name)
+        if (len(name) > MAX_HEADER_NAME or not _HEADER_NAME.fullmatch(name)
                 or name.lower() in _RESERVED_HEADERS):
-            refuse("header name %r is not allowed" % name[:80])
+            refuse("header name %r is not allowed" % name[:QUOTE_CHARS])
         if not isinstance(value, str) or _LINE_BREAKS.search(value):
             refuse("header %s holds a line break" % name)
     if _LINE_BREAKS.search(message["subject"]):
         refuse("the subject holds a line break")
     if not _MESSAGE_ID_TEXT.fullmatch(message["message_id"]):
-        refuse("message_id %r is not printable ASCII" % message["message_id"][:80])
+        refuse("message_id %r is not printable ASCII" % message["message_id"][:QUOTE_CHARS])
     pairs = [message["from"]] + message["to"] + message["cc"] + message["reply_to"]
     for name, addr in pairs + message["bcc"]:
         if _CONTROL_CHARS.search(name) or _CONTROL_CHARS.search(addr):
-            refuse("address %r holds a control character" % addr[:80])
+            refuse("address %r holds a control character" % addr[:QUOTE_CHARS])
     for filename, mime_type, _ in attachments:
         if _CONTROL_CHARS.search(filename):
-            refuse("attachment filename %r holds a control character" % filename[:80])
+            refuse("attachment filename %r holds a control character" % filename[:QUOTE_CHARS])
         if len(mime_type) > MAX_MIME_TYPE_CHARS or not _MIME_TYPE.fullmatch(mime_type):
-            refuse("attachment %s has MIME type %r" % (filename, mime_type[:80]))
+            refuse("attachment %s has MIME type %r" % (filename, mime_type[:QUOTE_CHARS]))
 
 
 class _NotSimple(Exception):
@@ -3658,7 +3667,6 @@ MAX_BOUNCE_RECIPIENTS = 1000   # entries reported from one bounce; the rest drop
 MAX_HEADER_VALUES = 20      # Delivered-To (one per hop) etc. values searched for VERP
 MAX_FIELD_CHARS = 1000      # a DSN field or header value kept (RFC 5322 line: 998)
 MAX_DIAGNOSTIC_CHARS = 1000  # diagnostic text kept; an SMTP reply line is <= 512
-MAX_RFC_MESSAGE_ID = 250        # as validate_message accepts a client's message_id
 
 BOUNCE_KINDS = ("dsn", "qmail", "exim", "not_a_bounce", "too_large")
 DSN_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 2.3.3
@@ -4098,10 +4106,12 @@ def _imap(imap, command, *args):
     try:
         typ, data = getattr(imap, command)(*args)
     except imaplib.IMAP4.error as exc:
-        raise ImapError("IMAP %s failed: %s" % (command.upper(), str(exc)[:200])) from exc
+        raise ImapError("IMAP %s failed: %s" % (command.upper(),
+                                                 str(exc)[:QUOTE_TEXT_CHARS])) from exc
     if typ != "OK":
-        raise ImapError("IMAP %s answered %s: %s" % (command.upper(), typ, b" ".join(
-            d for d in data if isinstance(d, bytes))[:200].decode("utf-8", "replace")))
+        said = b" ".join(d for d in data if isinstance(d, bytes))[:QUOTE_TEXT_CHARS]
+        raise ImapError("IMAP %s answered %s: %s" % (command.upper(), typ,
+                                                     said.decode("utf-8", "replace")))
     return data
 
 
@@ -4421,7 +4431,8 @@ def _smtp_login(conn, user, password, where):
             code, reply = conn.docmd(_b64(password))
     else:
         raise _smtp_error("%s offers no AUTH mechanism asyncmail speaks (CRAM-MD5, PLAIN, "
-                          "LOGIN); offered: %s" % (where, " ".join(offered)[:200] or "none"),
+                          "LOGIN); offered: %s"
+                          % (where, " ".join(offered)[:QUOTE_TEXT_CHARS] or "none"),
                           True, True)
     if code not in (235, 503):   # 503: already authenticated
         raise smtplib.SMTPAuthenticationError(code, reply)
@@ -5305,7 +5316,7 @@ class _Dispatcher(_Worker):
                                _shown_key(claim.ref), _shown_key(claim.account_id))
             relay.close()
             return self._fail(claim, self.now(), "internal error while sending: %s: %s"
-                              % (type(exc).__name__, str(exc)[:200]))
+                              % (type(exc).__name__, str(exc)[:QUOTE_TEXT_CHARS]))
         duration = self.monotonic() - started
         self.metrics.observe_smtp(duration)
         now = self.now()
@@ -5751,7 +5762,8 @@ class _BounceCollector(_Worker):
             report = parse_bounce(raw, self.verp.base if self.verp else None)
         except BounceParseError as exc:
             self.metrics.inc("asyncmail_bounces_skipped_total")
-            self.log.info("bounce mailbox: a message could not be read: %s", str(exc)[:200])
+            self.log.info("bounce mailbox: a message could not be read: %s",
+                          str(exc)[:QUOTE_TEXT_CHARS])
             return False, 0
         except Exception:
             # a parser bug must not stall the mailbox on one message at every
@@ -5776,7 +5788,7 @@ class _BounceCollector(_Worker):
             kind = bounce_type(entry.action, entry.status)
             if kind == "delayed":
                 self.log.info("message %s delayed for %s: %s %s", key.ref, entry.recipient,
-                              entry.status, entry.diagnostic[:200])
+                              entry.status, entry.diagnostic[:QUOTE_TEXT_CHARS])
                 continue
             # only the message's own recipients: a bounce must not suppress others
             if kind is None or entry.recipient.lower() not in recipients:
@@ -6037,7 +6049,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 self.close_connection = False
             self.request_version = version
         if not 2 <= len(words) <= 3:
-            self.send_error(400, "Bad request syntax (%r)" % requestline[:100])
+            self.send_error(400, "Bad request syntax (%r)" % requestline[:QUOTE_CHARS])
             return False
         self.command, self.path = words[0], words[1]
         if len(words) == 2:
@@ -6252,11 +6264,11 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self._send_json(exc.status, payload, headers)
         except StoreError as exc:
             self.server.log.error("store error answering %s %s: %s",
-                                  self.command, self.path[:200], exc)
+                                  self.command, self.path[:QUOTE_TEXT_CHARS], exc)
             self._send_json(503, {"ok": False, "error": "storage unavailable, retry later"})
         except Exception:
             self.server.log.exception("internal error answering %s %s",
-                                      self.command, self.path[:200])
+                                      self.command, self.path[:QUOTE_TEXT_CHARS])
             self.close_connection = True
             self._send_json(500, {"ok": False, "error": "internal error"})
 
@@ -6284,7 +6296,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self._discard_body()
             if segments[0] == "commands" and len(segments) == 2:
                 raise NotFoundError("unknown command")
-            raise NotFoundError("no such endpoint: %s" % parts.path[:200])
+            raise NotFoundError("no such endpoint: %s" % parts.path[:QUOTE_TEXT_CHARS])
         for route_method, command, params in matches:
             if route_method == method:
                 break
@@ -6360,7 +6372,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 path, _, query = target.partition("#")[0].partition("?")
                 return urllib.parse.SplitResult("", "", path, query, "")
             self._refuse(400, "malformed request target %r (percent-encode [ and ])"
-                         % target[:100])
+                         % target[:QUOTE_CHARS])
         if target[:7].lower() == "http://" or target[:8].lower() == "https://":
             try:
                 parts = urllib.parse.urlsplit(target)
@@ -6369,7 +6381,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 parts = None
             if parts is not None and parts.hostname:
                 return parts._replace(path=parts.path or "/")
-        self._refuse(400, "malformed request target %r" % target[:100])
+        self._refuse(400, "malformed request target %r" % target[:QUOTE_CHARS])
 
     def _refuse_browser_requests(self, parts):
         """Without an api_token, refuse what a web page could make a browser
@@ -6385,12 +6397,12 @@ class _ApiHandler(BaseHTTPRequestHandler):
         host = self.headers.get("Host")   # present on HTTP/1.1 (parse_request)
         if host is not None and not _is_loopback_authority(host):
             self._refuse(403, "Host %r is not a loopback name or address (without "
-                              "api_token only local clients are served)" % host[:100])
+                              "api_token only local clients are served)" % host[:QUOTE_CHARS])
         if parts.netloc and not _is_loopback_host(parts.hostname):
             self._refuse(403, "request target names a host that is not loopback")
         origin = self.headers.get("Origin")
         if origin is not None and (host is None or origin.lower() != "http://" + host.lower()):
-            self._refuse(403, "cross-origin request refused (Origin %r)" % origin[:100])
+            self._refuse(403, "cross-origin request refused (Origin %r)" % origin[:QUOTE_CHARS])
         if self._content_length() or self.headers.get("Transfer-Encoding") is not None:
             media_type = self.headers.get("Content-Type", "").partition(";")[0]
             if media_type.strip().lower() != "application/json":
@@ -6428,7 +6440,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
         try:
             payload = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
-            raise ValidationError("body is not valid JSON: %s" % str(exc)[:200]) from exc
+            raise ValidationError("body is not valid JSON: %s"
+                                  % str(exc)[:QUOTE_TEXT_CHARS]) from exc
         if not isinstance(payload, dict):
             message = "body must be a JSON object"
             if command == "add messages":   # the shape of every other malformed batch
@@ -6557,7 +6570,7 @@ def _parse_selector(command, payload):
     or all.  Raises ValidationError for any other shape or an unknown
     field."""
     known = set(SELECTOR_FIELDS) | set(COMMAND_OPTIONS.get(command, ()))
-    unknown = sorted(str(key)[:80] for key in payload if key not in known)
+    unknown = sorted(str(key)[:QUOTE_CHARS] for key in payload if key not in known)
     if unknown:
         raise ValidationError("unknown field %s (a selector is ids, account_id or status)"
                               % unknown[0])
@@ -6662,7 +6675,7 @@ class _AccountResolver:
                 raise ValueError("no account_id and no default account")
             account_id = self.default
         if account_id not in self.accounts:
-            raise ValueError("unknown account %s" % account_id[:80])
+            raise ValueError("unknown account %s" % account_id[:QUOTE_CHARS])
         return account_id
 
 
@@ -6723,7 +6736,7 @@ class _Commands:
         if not caller.admin:
             if given is not None and given != caller.tenant:
                 raise ApiError("Invalid or missing API token (the key is not tenant %s's)"
-                               % given[:80], status=401)
+                               % given[:QUOTE_CHARS], status=401)
             return caller.tenant
         if given is None:
             return ALL_TENANTS if name in SPAN_COMMANDS else DEFAULT_TENANT
@@ -6734,7 +6747,7 @@ class _Commands:
         if given != DEFAULT_TENANT:
             known = self.core.tenant(given) is not None
             if not known:
-                raise NotFoundError("unknown tenant %s" % given[:80])
+                raise NotFoundError("unknown tenant %s" % given[:QUOTE_CHARS])
         return given
 
     def status(self, payload, tenant):
@@ -6752,7 +6765,8 @@ class _Commands:
                                      for name in sorted(by_tenant)}
             return answer
         counts = self.core.store.queue_counts(tenant)
-        return {"ok": True, "active": self.core.controls.active and self.core.controls.tenant_active(tenant),
+        controls = self.core.controls
+        return {"ok": True, "active": controls.active and controls.tenant_active(tenant),
                 "version": __version__, "tenant_id": tenant,
                 "queue": {status: counts.get(status, 0) for status in STATUSES},
                 "accounts": self._account_states(tenant),
@@ -6797,7 +6811,8 @@ class _Commands:
     def _suspension(self, payload, tenant, suspended):
         """suspend / activate: globally (the admin without tenant_id), one
         tenant, one account (``account_id``) or one campaign (``batch_code``)."""
-        unknown = sorted(str(k)[:80] for k in payload if k not in ("account_id", "batch_code"))
+        unknown = sorted(str(k)[:QUOTE_CHARS] for k in payload
+                         if k not in ("account_id", "batch_code"))
         if unknown:
             raise ValidationError("unknown field %s (suspend and activate take account_id "
                                   "or batch_code)" % unknown[0])
@@ -6813,8 +6828,8 @@ class _Commands:
             except ValueError as exc:
                 raise ValidationError(str(exc)) from exc
             self.core.controls.hold_batch(tenant, batch_code, held=suspended)
-            self.core.log.info("dispatching %s for batch %s of tenant %s", verb, batch_code[:80],
-                          tenant)
+            self.core.log.info("dispatching %s for batch %s of tenant %s", verb,
+                               batch_code[:QUOTE_CHARS], tenant)
             if not suspended:
                 self.core.dispatcher.wake()
             return {"ok": True, "batch_code": batch_code, "active": not suspended}
@@ -6837,7 +6852,8 @@ class _Commands:
                     "active": self.core.controls.account_active(account_id)}
         if tenant == ALL_TENANTS:
             return {"ok": True, "active": self.core.controls.active}
-        return {"ok": True, "tenant_id": tenant, "active": self.core.controls.tenant_active(tenant)}
+        return {"ok": True, "tenant_id": tenant,
+                "active": self.core.controls.tenant_active(tenant)}
 
     def suspend(self, payload, tenant):
         return self._suspension(payload, tenant, suspended=True)
@@ -6880,7 +6896,7 @@ class _Commands:
                     raise ValueError(bad_default)
                 if raw.get("tenant_id") not in (None, tenant):
                     raise ValueError("tenant_id %s is not this request's tenant (%s)"
-                                     % (str(raw["tenant_id"])[:80], tenant))
+                                     % (str(raw["tenant_id"])[:QUOTE_CHARS], tenant))
                 message = validate_message(raw, default_priority, resolve)
                 if endpoint is None and any("storage_path" in a
                                             for a in message["attachments"]):
@@ -6923,7 +6939,7 @@ class _Commands:
             answer["replaced"] = [m["id"] for m in accepted
                                   if _scoped(tenant, m["id"]) in replaced]
             self.core.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
-                          len(replaced), tenant)
+                               len(replaced), tenant)
         return answer
 
     def _note_intake(self, tenant):
@@ -6958,8 +6974,8 @@ class _Commands:
                 "account_id": "account %s" % _shown_key(str(value)),
                 "status": "status %s" % value, "all": "all not yet sent or failed"}[kind]
         self.core.log.info("delete-messages (%s, tenant %s): %d deleted%s", what, tenant, removed,
-                      "; %d on the wire, deleted when their transaction ends unless sent"
-                      % len(being_sent) if being_sent else "")
+                           "; %d on the wire, deleted when their transaction ends unless sent"
+                           % len(being_sent) if being_sent else "")
         if removed:
             self.core.reporter.wake()
         answer = {"ok": True, "removed": removed, "affected": removed,
@@ -6976,7 +6992,7 @@ class _Commands:
             raise ValidationError("older_than_seconds must be a number >= 0")
         older_than = min(older_than, 1e12)   # 30,000 years: beyond it, float() overflows
         return {"ok": True, "removed": self.core.store.purge_reported(self.core.now() - older_than,
-                                                                 tenant)}
+                                                                      tenant)}
 
     def add_account(self, payload, tenant):
         try:
@@ -7006,7 +7022,7 @@ class _Commands:
                 self._ignored_fields.update((kind, f) for f in new)
         if new:
             self.core.log.info("%s %s: ignored unknown field(s) %s (not stored)", kind, name,
-                          ", ".join(new[:MAX_IGNORED_SHOWN]))
+                               ", ".join(new[:MAX_IGNORED_SHOWN]))
 
     def list_accounts(self, payload, tenant):
         """The accounts, each with its state: ``active`` (its own suspension
@@ -7056,7 +7072,7 @@ class _Commands:
                                 "to fail them" % undelivered)
         if undelivered:
             self.core.log.warning("account %s deleted with force: %d message(s) failed",
-                             _shown_key(key), undelivered)
+                                  _shown_key(key), undelivered)
             self.core.reporter.wake()
         self.core.dispatcher.account_changed(key)
         return {"ok": True}
@@ -7129,7 +7145,7 @@ class _Commands:
         """Suppress an address for ``days`` (default ``suppress_days``; 0:
         until deleted, so that with automatic suppression off an admin's
         suppression still holds)."""
-        unknown = sorted(str(k)[:80] for k in payload if k not in ("address", "days"))
+        unknown = sorted(str(k)[:QUOTE_CHARS] for k in payload if k not in ("address", "days"))
         if unknown:
             raise ValidationError("unknown field %s" % unknown[0])
         address = payload.get("address")
@@ -7143,13 +7159,14 @@ class _Commands:
         if not _is_number(days) or not 0 <= days <= MAX_SUPPRESS_DAYS:
             raise ValidationError("days must be 0-%d (0: until deleted)" % MAX_SUPPRESS_DAYS)
         now = self.core.now()
-        self.core.store.suppress(address, "manual", now, now + days * DAY if days else None, tenant)
+        self.core.store.suppress(address, "manual", now, now + days * DAY if days else None,
+                                 tenant)
         return {"ok": True, "address": address.lower()}
 
     def delete_suppression(self, payload, tenant):
         address = payload.get("address")
         if not isinstance(address, str) or not self.core.store.unsuppress(address, self.core.now(),
-                                                                     tenant):
+                                                                          tenant):
             raise NotFoundError("not suppressed")
         return {"ok": True}
 
@@ -7163,13 +7180,14 @@ class _Commands:
         except ValueError as exc:
             raise ValidationError(str(exc)) from exc
         key = secrets.token_urlsafe(TENANT_KEY_BYTES)
-        created = self.core.store.upsert_tenant(tenant_id, settings, _key_digest(key), self.core.now())
+        created = self.core.store.upsert_tenant(tenant_id, settings, _key_digest(key),
+                                                self.core.now())
         self.core.reload_tenants()
         record = self.core.tenant(tenant_id)
         self.core.reporter.set_target(_report_target(record))
         self.core.log.info("tenant %s %s (reports to %s); a new API key was issued", tenant_id,
-                      "registered" if created else "updated",
-                      _redact_url(_tenant_url(settings, "client_sync_path")))
+                           "registered" if created else "updated",
+                           _redact_url(_tenant_url(settings, "client_sync_path")))
         answer = {"ok": True, "id": tenant_id, "api_key": key, "created": created}
         if ignored:
             answer["ignored"] = ignored[:MAX_IGNORED_SHOWN]
@@ -7206,7 +7224,7 @@ class _Commands:
         for key in accounts:
             self.core.dispatcher.account_changed(key)
         self.core.log.warning("tenant %s deleted with %d message(s) and %d account(s)", tenant_id,
-                         removed[0], removed[1])
+                              removed[0], removed[1])
         return {"ok": True, "removed_messages": removed[0], "removed_accounts": removed[1]}
 
     def retry(self, payload, tenant):
@@ -7258,7 +7276,7 @@ class _Commands:
             tenant=None if tenant == ALL_TENANTS else tenant)
         if affected:
             self.core.log.info("%s: %d message(s) (selector %s, tenant %s)", command, affected,
-                          kind, "all" if tenant == ALL_TENANTS else tenant)
+                               kind, "all" if tenant == ALL_TENANTS else tenant)
         answer = {"ok": True, "affected": affected, "not_found": [_name_of(k) for k in not_found]}
         if kind == "ids":
             answer["skipped"] = [_name_of(k) for k in skipped]
