@@ -42,17 +42,26 @@ __version__ = "0.1.0"
 __all__ = [
     # the daemon
     "AsyncMailCore", "Config", "load_config", "main",
-    # its parts, usable on their own
+    # the store and the shapes that cross its boundary
     "Store", "MessageKey", "Claim", "Attempt", "Outcome", "IntakeRow", "SentMessage",
-    "Selector", "Verp", "Metrics",
-    "SendingWindow", "SmtpRelay", "SmtpReply", "RateLimiter", "AttachmentFetcher",
-    "AttachmentEndpoint", "ReportTarget", "Caller",
-    "sigv4_sign", "build_mime", "envelope", "validate_message", "validate_account",
-    "public_account", "validate_tenant", "public_tenant",
+    "Selector", "Verp",
+    # accounts, tenants, messages
+    "validate_account", "ignored_account_fields", "public_account", "validate_tenant",
+    "public_tenant", "validate_message", "ignored_message_fields", "message_view",
+    "build_mime", "envelope",
+    # attachments
+    "AttachmentFetcher", "AttachmentEndpoint", "sigv4_sign",
+    # bounces
+    "verp_token", "verp_pk", "verp_sender", "verp_token_of", "parse_bounce", "BounceReport",
+    "RecipientStatus", "bounce_type", "status_meaning",
+    # delivery, reports, the API
+    "Metrics", "SendingWindow", "SmtpRelay", "SmtpReply", "RateLimiter", "ReportTarget",
+    "Caller", "Route",
     # errors
-    "AsyncmailError", "ConfigError", "StoreError", "ApiError", "ValidationError",
-    "NotFoundError", "ConflictError", "DeliveryError", "TemporaryError", "PermanentError",
-    "SmtpTemporaryError", "SmtpPermanentError",
+    "AsyncmailError", "ConfigError", "StoreError", "AlreadyRunningError", "ApiError",
+    "ValidationError", "NotFoundError", "ConflictError", "DeliveryError", "TemporaryError",
+    "PermanentError", "SmtpTemporaryError", "SmtpPermanentError", "ImapError",
+    "BounceParseError",
 ]
 
 import argparse

@@ -519,6 +519,20 @@ class CommandLineTests(unittest.TestCase):
         with open(os.path.join(HERE, ".ci", "run")) as handle:
             self.assertIn("( %s )" % command, handle.read())
 
+    def test_all_lists_exactly_the_public_names(self):
+        import ast
+        with open(os.path.join(HERE, "asyncmail.py")) as handle:
+            tree = ast.parse(handle.read())
+        public = {node.name for node in tree.body
+                  if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                  and not node.name.startswith("_")}
+        public |= {node.targets[0].id for node in tree.body if isinstance(node, ast.Assign)
+                   and isinstance(node.value, ast.Call)
+                   and getattr(node.value.func, "attr", "") == "namedtuple"}
+        self.assertEqual(sorted(public - set(asyncmail.__all__)), [])
+        self.assertEqual([n for n in asyncmail.__all__ if not hasattr(asyncmail, n)], [])
+        self.assertEqual(len(asyncmail.__all__), len(set(asyncmail.__all__)))
+
     def test_help_is_readable(self):
         result = self.run_cli("--help")
         self.assertEqual(result.returncode, 0)
