@@ -1043,6 +1043,63 @@ def _key_digest(key):
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+# -- Field parsers: one family for config keys, account fields, message
+# fields and queries.  Each takes a value as it arrives (a JSON value, or the
+# text of an ini file or a query) and returns it normalised, or raises
+# ValueError saying what it must be; the caller names the field (ConfigError
+# with its key, a 400 with its name).
+
+_WHOLE_TEXT = re.compile(r"[+-]?[0-9]{1,19}")      # int() of this is bounded
+_DECIMAL_TEXT = re.compile(r"[+-]?[0-9]{1,19}(?:\.[0-9]{1,9})?(?:[eE][+-]?[0-9]{1,3})?")
+
+
+def _range_text(low, high, unit=""):
+    if low is not None and high is not None:
+        return " %g-%g%s" % (low, high, unit)
+    if low is not None:
+        return " of at least %g%s" % (low, unit)
+    return " of at most %g%s" % (high, unit) if high is not None else ""
+
+
+def _whole(low=None, high=None):
+    """A whole number in [low, high] (None: unbounded): an int, not a bool,
+    or its digits as text."""
+    def parse(value):
+        if isinstance(value, str) and _WHOLE_TEXT.fullmatch(value.strip()):
+            value = int(value.strip())
+        if (not isinstance(value, int) or isinstance(value, bool)
+                or (low is not None and value < low) or (high is not None and value > high)):
+            raise ValueError("must be a whole number%s" % _range_text(low, high))
+        return value
+    return parse
+
+
+def _seconds(low=0, high=None, allow_zero=True, text=True):
+    """A finite number of seconds in [low, high] (zero only with
+    ``allow_zero``): a number, or (with ``text``) its decimal text."""
+    def parse(value):
+        if text and isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value.strip()):
+            value = float(value.strip())
+        if (not _is_number(value) or (isinstance(value, float) and not math.isfinite(value))
+                or value < low or (high is not None and value > high)
+                or (value == 0 and not allow_zero)):
+            raise ValueError("must be %s seconds%s" % (
+                "a number of" if allow_zero else "a positive number of",
+                _range_text(low if low else None, high)))
+        return value
+    return parse
+
+
+def _choice(*choices):
+    """One of ``choices`` (text, compared lower-cased)."""
+    def parse(value):
+        word = str(value).strip().lower()
+        if word not in choices:
+            raise ValueError("must be %s" % " or ".join(choices))
+        return word
+    return parse
+
+
 def _check_text(value, field, required=False, max_chars=None, single_line=False):
     """A string field: None when absent and optional; ValueError otherwise."""
     if value is None:
@@ -1079,13 +1136,18 @@ def _check_identifier(value, field):
     return value
 
 
+_EPOCH = _seconds(0, LATEST_TS, text=False)     # a JSON number of epoch seconds
+_EPOCH_TEXT = _seconds(0, LATEST_TS)             # ... or, in a query, its text
+
+
 def _check_timestamp(value, field):
     if value is None:
         return None
-    if not _is_number(value) or value < 0 or value > LATEST_TS:
+    try:
+        return _EPOCH(value)
+    except ValueError as exc:
         raise ValueError("%s must be epoch seconds (a number between 0 and %d)"
-                         % (field, LATEST_TS))
-    return value
+                         % (field, LATEST_TS)) from exc
 
 
 # ####################################################################### #
@@ -1096,37 +1158,6 @@ def _conf_str(value):
     return str(value)
 
 
-def _conf_int(low=None, high=None):
-    def parse(value):
-        if isinstance(value, bool):
-            raise ValueError("expected an integer")
-        if isinstance(value, str):
-            value = value.strip()
-            if not re.fullmatch(r"[+-]?[0-9]+", value):
-                raise ValueError("expected an integer")
-        number = int(value)
-        if low is not None and number < low:
-            raise ValueError("must be at least %d" % low)
-        if high is not None and number > high:
-            raise ValueError("must be at most %d" % high)
-        return number
-    return parse
-
-
-def _conf_duration(allow_zero=False):
-    def parse(value):
-        if isinstance(value, bool):
-            raise ValueError("expected seconds")
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError("expected seconds (a number, may be fractional)") from exc
-        if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-            raise ValueError("expected a positive number of seconds")
-        return seconds
-    return parse
-
-
 def _conf_delays(value):
     if isinstance(value, (list, tuple)):
         items = list(value)
@@ -1134,7 +1165,7 @@ def _conf_delays(value):
         items = [item for item in str(value).split(",") if item.strip()]
     if not items:
         raise ValueError("expected a comma-separated list of seconds")
-    parse = _conf_duration(allow_zero=True)
+    parse = _seconds()
     return tuple(parse(item) for item in items)
 
 
@@ -1252,15 +1283,6 @@ def _conf_window(value):
     return SendingWindow.parse(value)
 
 
-def _conf_choice(*choices):
-    def parse(value):
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise ValueError("expected %s" % " or ".join(choices))
-        return text
-    return parse
-
-
 def _conf_address(value):
     """An addr-spec (the VERP base address), or empty."""
     text = str(value).strip()
@@ -1275,30 +1297,30 @@ def _conf_address(value):
 CONFIG_SCHEMA = {
     ("storage", "db_path"): (_conf_str, "asyncmail.db"),
     ("server", "host"): (_conf_str, "127.0.0.1"),
-    ("server", "port"): (_conf_int(0, 65535), "8000"),
+    ("server", "port"): (_whole(0, 65535), "8000"),
     ("server", "api_token"): (_conf_str, ""),
-    ("server", "max_request_bytes"): (_conf_int(1024), "33554432"),
+    ("server", "max_request_bytes"): (_whole(1024), "33554432"),
     ("client", "client_sync_url"): (_conf_url, ""),
     ("client", "client_sync_user"): (_conf_str, ""),
     ("client", "client_sync_password"): (_conf_str, ""),
     ("client", "client_sync_token"): (_conf_str, ""),
-    ("client", "batch_size"): (_conf_int(1), "1000"),
-    ("client", "timeout_seconds"): (_conf_duration(), "30"),
-    ("client", "sync_interval_seconds"): (_conf_duration(), "300"),
+    ("client", "batch_size"): (_whole(1), "1000"),
+    ("client", "timeout_seconds"): (_seconds(allow_zero=False), "30"),
+    ("client", "sync_interval_seconds"): (_seconds(allow_zero=False), "300"),
     ("scheduler", "active"): (_parse_bool, "true"),
     ("scheduler", "timezone"): (_conf_timezone, "UTC"),
     ("scheduler", "window"): (_conf_window, ""),
-    ("delivery", "send_interval_seconds"): (_conf_duration(), "1"),
+    ("delivery", "send_interval_seconds"): (_seconds(allow_zero=False), "1"),
     ("delivery", "test_mode"): (_parse_bool, "false"),
     ("delivery", "default_priority"): (_parse_priority, "2"),
-    ("delivery", "delivery_report_retention_seconds"): (_conf_duration(True), "604800"),
-    ("delivery", "max_retries"): (_conf_int(0), "5"),
+    ("delivery", "delivery_report_retention_seconds"): (_seconds(), "604800"),
+    ("delivery", "max_retries"): (_whole(0), "5"),
     ("delivery", "retry_delays"): (_conf_delays, "60,300,900,3600,7200"),
-    ("delivery", "max_workers"): (_conf_int(1, 256), "4"),
-    ("delivery", "smtp_timeout_seconds"): (_conf_duration(), "30"),
+    ("delivery", "max_workers"): (_whole(1, 256), "4"),
+    ("delivery", "smtp_timeout_seconds"): (_seconds(allow_zero=False), "30"),
     ("delivery", "default_account"): (_conf_str, ""),
-    ("attachments", "max_bytes"): (_conf_int(1), "26214400"),
-    ("attachments", "timeout_seconds"): (_conf_duration(), "30"),
+    ("attachments", "max_bytes"): (_whole(1), "26214400"),
+    ("attachments", "timeout_seconds"): (_seconds(allow_zero=False), "30"),
     ("attachments", "allow_private_urls"): (_parse_bool, "false"),
     ("s3", "region"): (_conf_str, "us-east-1"),
     ("s3", "endpoint_url"): (_conf_url, ""),
@@ -1306,7 +1328,7 @@ CONFIG_SCHEMA = {
     ("s3", "secret_access_key"): (_conf_str, ""),
     ("s3", "session_token"): (_conf_str, ""),
     ("bounces", "imap_host"): (_conf_str, ""),
-    ("bounces", "imap_port"): (_conf_int(1, 65535), "993"),
+    ("bounces", "imap_port"): (_whole(1, 65535), "993"),
     ("bounces", "imap_ssl"): (_parse_bool, "true"),
     ("bounces", "imap_plain"): (_parse_bool, "false"),
     ("bounces", "imap_tls_verify"): (_parse_bool, "true"),
@@ -1314,13 +1336,13 @@ CONFIG_SCHEMA = {
     ("bounces", "imap_user"): (_conf_str, ""),
     ("bounces", "imap_password"): (_conf_str, ""),
     ("bounces", "folder"): (_conf_str, "INBOX"),
-    ("bounces", "poll_interval_seconds"): (_conf_duration(), "60"),
+    ("bounces", "poll_interval_seconds"): (_seconds(allow_zero=False), "60"),
     ("bounces", "verp_address"): (_conf_address, ""),
-    ("bounces", "after"): (_conf_choice("mark_seen", "delete"), "mark_seen"),
-    ("bounces", "suppress_days"): (_conf_duration(allow_zero=True), "30"),
+    ("bounces", "after"): (_choice("mark_seen", "delete"), "mark_seen"),
+    ("bounces", "suppress_days"): (_seconds(), "30"),
     ("logging", "level"): (_conf_level, "INFO"),
     ("logging", "delivery_activity"): (_parse_bool, "false"),
-    ("logging", "format"): (_conf_choice("text", "json"), "text"),
+    ("logging", "format"): (_choice("text", "json"), "text"),
 }
 
 _S3_ENV_FALLBACK = {
@@ -2557,24 +2579,6 @@ class Store:
 # #######################  Accounts and tenants  ######################## #
 # ####################################################################### #
 
-def _account_whole(low, high):
-    def parse(value):
-        if isinstance(value, str) and _ASCII_DIGITS.fullmatch(value.strip()):
-            value = int(value.strip())
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ValueError("must be a whole number %d-%d" % (low, high))
-        return value
-    return parse
-
-
-def _account_seconds(low, high):
-    def parse(value):
-        if not _is_number(value) or not low <= value <= high:
-            raise ValueError("must be %g-%g seconds" % (low, high))
-        return value
-    return parse
-
-
 def _account_host(value):
     if not isinstance(value, str) or not _is_host(value):
         raise ValueError("must be a DNS name or an IP address")
@@ -2589,14 +2593,6 @@ def _account_credential(value):
     return value or None
 
 
-def _account_choice(*choices):
-    def parse(value):
-        if not isinstance(value, str) or value.strip().lower() not in choices:
-            raise ValueError("must be one of %s" % ", ".join(choices))
-        return value.strip().lower()
-    return parse
-
-
 def _account_path(value):
     if not isinstance(value, str) or _CONTROL_CHARS.search(value):
         raise ValueError("must be a path")
@@ -2607,20 +2603,20 @@ def _account_path(value):
 # default; a parser raises ValueError saying what the value must be.
 ACCOUNT_SCHEMA = {
     "host": (_account_host, None),          # required
-    "port": (_account_whole(1, 65535), 587),
+    "port": (_whole(1, 65535), 587),
     "user": (_account_credential, None),
     "password": (_account_credential, None),
     "use_tls": (_parse_bool, False),       # STARTTLS (implicit TLS on 465)
     "use_ssl": (_parse_bool, None),        # implicit TLS; None: port == 465
     "tls_verify": (_parse_bool, True),
     "ca_file": (_account_path, None),        # a private CA for this relay
-    "limit_per_minute": (_account_whole(0, 10 ** 9), 0),   # 0: no limit
-    "limit_per_hour": (_account_whole(0, 10 ** 9), 0),
-    "limit_per_day": (_account_whole(0, 10 ** 9), 0),
-    "limit_behavior": (_account_choice("defer", "reject"), "defer"),
-    "timeout": (_account_seconds(0.1, 3600), None),   # None: smtp_timeout_seconds
-    "batch_size": (_account_whole(1, 100000), 100),   # messages per dispatch cycle
-    "ttl": (_account_seconds(0, DAY), 300),   # seconds a connection is reused
+    "limit_per_minute": (_whole(0, 10 ** 9), 0),   # 0: no limit
+    "limit_per_hour": (_whole(0, 10 ** 9), 0),
+    "limit_per_day": (_whole(0, 10 ** 9), 0),
+    "limit_behavior": (_choice("defer", "reject"), "defer"),
+    "timeout": (_seconds(0.1, 3600), None),   # None: smtp_timeout_seconds
+    "batch_size": (_whole(1, 100000), 100),   # messages per dispatch cycle
+    "ttl": (_seconds(0, DAY), 300),   # seconds a connection is reused
 }
 IMPLICIT_TLS_PORT = 465   # "submissions" (RFC 8314): TLS from the first byte
 
@@ -6636,38 +6632,30 @@ def _decode_cursor(value, by_id):
                           "(with the same id_prefix use)")
 
 
-_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
-def _query_number(payload, name):
-    value = payload.get(name)
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        if not _DECIMAL.fullmatch(value.strip()):
-            raise ValidationError("%s must be epoch seconds" % name)
-        value = float(value)
-    if not _is_number(value) or not 0 <= value <= LATEST_TS:
-        raise ValidationError("%s must be epoch seconds" % name)
-    return value
-
-
-def _query_bool(payload, name):
-    try:
-        return _parse_bool(payload.get(name, False))
-    except ValueError as exc:
-        raise ValidationError("%s must be true or false" % name) from exc
-
-
-def _query_int(payload, name, default, low, high):
+def _query_field(payload, name, parse, default=None):
+    """A query parameter through one of the field parsers (absent or empty:
+    ``default``); ValidationError naming it."""
     value = payload.get(name)
     if value is None or value == "":
         return default
-    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValidationError("%s must be a whole number between %d and %d" % (name, low, high))
-    return value
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ValidationError("%s %s" % (name, exc)) from exc
+
+
+def _query_number(payload, name):
+    return _query_field(payload, name, _EPOCH_TEXT)
+
+
+def _query_bool(payload, name):
+    return _query_field(payload, name, _parse_bool, default=False)
+
+
+def _query_int(payload, name, default, low, high):
+    return _query_field(payload, name, _whole(low, high), default)
 
 
 class _AccountResolver:
