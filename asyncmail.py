@@ -6287,8 +6287,11 @@ class _ApiHandler(BaseHTTPRequestHandler):
         parts = self._request_target()
         segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
         matches = _match_route(segments)
-        method = "GET" if self.command == "HEAD" else self.command
-        public = [m for m in matches if m[1] in PUBLIC_COMMANDS and m[0] == method]
+        method = self.command
+        public = [m for m in matches if m[1] in PUBLIC_COMMANDS
+                  and m[0] == ("GET" if method == "HEAD" else method)]
+        if public and method == "HEAD":
+            method = "GET"   # a probe may HEAD; the API itself is not a web server (405)
         if not public:   # probes (Genropy's "Proxy reachable", load balancers) need no token
             self._refuse_browser_requests(parts)
             caller = self._caller()

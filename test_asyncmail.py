@@ -5177,6 +5177,9 @@ class TenantApiTests(CoreCase):
     def test_health_needs_no_token_and_says_nothing_of_the_queue(self):
         anonymous = self.client(self.core)
         self.assertEqual(anonymous.request("GET", "/health"), (200, {"ok": True, "status": "ok"}))
+        self.assertEqual(anonymous.request("HEAD", "/health", raw=True)[0], 200)
+        # HEAD is for probes only: the API routes it nowhere else
+        self.assertEqual(self.admin.request("HEAD", "/status", raw=True)[0], 405)
         self.core.store.close()     # no database behind the answer
         self.assertEqual(anonymous.request("GET", "/health")[0], 200)
 
