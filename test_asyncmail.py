@@ -5575,28 +5575,13 @@ class TenantGenropyClient:
         return self.request("DELETE", "/tenant/%s" % (tenant_id or self.tenant_id))
 
     def account_payload(self, record):
-        """The account as the client builds it from an email.account record."""
-        def whole(value):
-            try:
-                return None if value in (None, "") else int(value)
-            except (TypeError, ValueError):
-                return None
-        payload = {
-            "id": record.get("id"), "name": record.get("account_name"),
-            "tenant_id": self.tenant_id, "host": record.get("smtp_host"),
-            "port": whole(record.get("smtp_port")), "user": record.get("smtp_username"),
-            "password": record.get("smtp_password"),
-            "use_tls": None if record.get("smtp_tls") is None else bool(record["smtp_tls"]),
-            "ttl": whole(record.get("proxy_ttl")),
-            "limit_per_minute": whole(record.get("proxy_limit_per_minute")),
-            "limit_per_hour": whole(record.get("proxy_limit_per_hour")),
-            "limit_per_day": whole(record.get("proxy_limit_per_day")),
-            "limit_behavior": record.get("proxy_limit_behavior"),
-            "batch_size": whole(record.get("proxy_batch_size")),
-        }
-        if record.get("smtp_timeout"):
-            payload["timeout"] = whole(record["smtp_timeout"])
-        return {k: v for k, v in payload.items() if v not in (None, "")}
+        """The account as the client builds it from an email.account record:
+        the October client's fields plus ``name`` and ``tenant_id``, null
+        values left out."""
+        payload = GenropyClient.account_payload(dict(record, extra_fields={}))
+        extra = {"name": record.get("account_name"), "tenant_id": self.tenant_id}
+        payload.update((k, v) for k, v in extra.items() if v not in (None, ""))
+        return payload
 
     def add_account(self, record):
         return self.request("POST", "/account", self.account_payload(record))
