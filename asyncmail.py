@@ -1177,6 +1177,8 @@ def _conf_level(value):
 
 
 def _conf_url(value):
+    """An http(s) URL with a host and no credentials in it (the sync URL,
+    the S3 endpoint), or empty."""
     url = str(value).strip()
     if url:
         parts = urllib.parse.urlsplit(url)
@@ -1211,6 +1213,8 @@ class _FixedOffset(datetime.tzinfo):
 
 
 def _conf_timezone(value):
+    """A time zone for the sending window: UTC, a fixed offset (+02:00), or (Python 3.9+) an
+    IANA name."""
     name = str(value).strip() or "UTC"
     if name.upper() in ("UTC", "Z", "GMT"):
         return _FixedOffset(0, "UTC")
@@ -2229,6 +2233,8 @@ class Store:
         return affected, not_found, skipped
 
     def _operate(self, conn, command, where, args, now, include_scheduled):
+        """Run one operator command's SQL for ``where`` (a selector's clause and its
+        arguments); returns the rows it changed.  Raises ValueError for an unknown command."""
         if command == "retry":
             scheduled = "1" if include_scheduled else SQL_RETRY_NOT_SCHEDULED
             return conn.execute(SQL_RETRY.format(scheduled=scheduled, where=where),
@@ -2773,6 +2779,9 @@ MAX_STORAGE_PATH = 1024
 
 
 def _check_attachment(raw, index):
+    """One attachment of a message, checked and normalised: a bare filename, an optional MIME
+    type, and exactly one source (base64 ``content``, an http(s) ``url``, an ``s3`` bucket and
+    key, or a tenant's ``storage_path``).  Raises ValueError naming ``attachments[index]``."""
     field = "attachments[%d]" % index
     if not isinstance(raw, dict):
         raise ValueError("%s must be an object" % field)
@@ -3088,6 +3097,8 @@ class AttachmentFetcher:
     # -- URL ----------------------------------------------------------------
 
     def _fetch_url(self, filename, url, deadline):
+        """(bytes, content type) of an http(s) attachment, following at most MAX_REDIRECTS
+        redirects, each hop resolved and checked again (the SSRF guard)."""
         for _ in range(MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -3124,6 +3135,10 @@ class AttachmentFetcher:
     # -- a tenant's attachment endpoint ---------------------------------------
 
     def _fetch_endpoint(self, filename, attachment, endpoint, deadline):
+        """(bytes, content type) of a tenant's ``storage_path`` attachment, POSTed for at
+        its endpoint with its credentials, or from the cache when ``content_md5`` names
+        bytes already fetched and verified.  404 is a PermanentError naming the file;
+        anything temporary is a TemporaryError saying ENDPOINT_FETCH_FAILED."""
         path = attachment["storage_path"]
         if endpoint is None:
             raise PermanentError("attachment %s: %s needs a tenant with a "
@@ -3179,6 +3194,11 @@ class AttachmentFetcher:
     # -- S3 -----------------------------------------------------------------
 
     def _fetch_s3(self, filename, source, deadline):
+        """(bytes, content type) of an S3 object: a GET signed with SigV4, path-
+        style at ``[s3] endpoint_url``, else at AWS (the bucket's virtual host,
+        or path-style when its name has dots); the address is checked unless
+        the admin named the endpoint.  Raises PermanentError without
+        credentials or on a redirect (a wrong region)."""
         s3 = self.s3
         if not s3.access_key_id or not s3.secret_access_key:
             raise PermanentError("attachment %s: no S3 credentials configured ([s3] or "
@@ -4456,6 +4476,11 @@ def _close_quietly(conn):
 
 
 def _smtp_open(account, timeout, local_hostname):
+    """A connected, greeted and (when the account has a user) authenticated
+    SMTP connection: implicit TLS or STARTTLS as the account says, never a
+    fallback to plain text when TLS was asked for.  Raises SmtpTemporaryError,
+    account-level (connect, TLS, a refused session, AUTH), so the account's
+    messages wait and are retried."""
     import smtplib
     import ssl
     host, port = account["host"], account["port"]
@@ -4680,6 +4705,8 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def _log(self, account_id, now):
+        """The account's recent send times (the last day), read from the send log once and
+        kept in memory after."""
         sends = self._sends.get(account_id)
         if sends is None:
             loaded = self._store.sends_since(account_id, now - DAY)
@@ -4921,6 +4948,9 @@ class _Worker:
     name = "asyncmail-worker"
 
     def __init__(self, log, now, poll):
+        """``log`` for the loop's exceptions, ``now`` the epoch clock handed to each cycle,
+        ``poll`` whether the loop runs by itself every ``interval()`` (false: test mode,
+        only run-now)."""
         self.log = log
         self.now = now          # epoch seconds (durations use time.monotonic)
         self._poll = poll
@@ -5035,6 +5065,8 @@ class _Pool:
         return done
 
     def _run(self):
+        """A pool thread: run jobs until the stop marker, each job's exception logged with
+        its traceback; a job's Event is set however it ends."""
         while True:
             item = self._jobs.get()
             if item is None:
@@ -5189,6 +5221,8 @@ class _Dispatcher(_Worker):
             relay.close()
 
     def _relay(self, account):
+        """The account's SmtpRelay, made anew when the account's settings changed (the old
+        connection closed outside the lock)."""
         stale = None
         with self._lock:
             relay = self._relays.get(account["id"])
@@ -5398,6 +5432,8 @@ class _Dispatcher(_Worker):
         return delays[min(retry_count, len(delays) - 1)]
 
     def _retry(self, claim, now, error, attempt):
+        """The Outcome of a temporary failure: deferred by ``retry_delays[retry_count]``,
+        or failed once ``max_retries`` are used up (the error says so)."""
         retries = claim.retry_count
         if retries >= self.delivery.max_retries:
             return self._fail(claim, now, "gave up after %d retries: %s" % (retries, error),
@@ -6165,6 +6201,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return self._read_exact(length, deadline)
 
     def _read_exact(self, length, deadline):
+        """Exactly ``length`` body bytes, read by ``deadline``; raises ApiError:
+        408 past the deadline, 400 when the client sends fewer."""
         chunks, remaining = [], length
         while remaining:
             if time.monotonic() > deadline:
@@ -6258,6 +6296,9 @@ class _ApiHandler(BaseHTTPRequestHandler):
     # -- dispatch -----------------------------------------------------------
 
     def _handle(self):
+        """Every method's entry: bound the request, route it, and turn what it raised into
+        an answer (ApiError: its status; StoreError: 503; anything else: a logged 500 that
+        closes the connection)."""
         self.server.set_deadline(self.connection, self.server.body_deadline * 2)
         try:
             self._route()
@@ -6436,6 +6477,10 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _json_body(self, body, command):
+        """The request body as a JSON object (empty: {}, except for delete-messages, where
+        a selector must be given).  Raises ValidationError for what is not UTF-8 JSON of an
+        object (for add-messages with the batch shape's ``detail``), or holds a lone
+        surrogate."""
         if not body.strip():
             if command == "delete messages":   # a bare POST must not empty the queue
                 raise ValidationError("name what to delete: ids, account_id, status, or {} "
@@ -6513,6 +6558,8 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
                          self.unauthorized_log_every)
 
     def process_request(self, request, client_address):
+        """Give a new connection its deadline and thread, or, past MAX_CONNECTIONS, a 503
+        and the door."""
         with self._deadlines_lock:
             crowded = len(self._deadlines) >= self.max_connections
             if not crowded:
@@ -6751,6 +6798,9 @@ class _Commands:
         return given
 
     def status(self, payload, tenant):
+        """GET /status: queue depth by status, the accounts suspended or held back and the
+        report backlog, of one tenant, or of the daemon (with each tenant's counts) for the
+        admin without tenant_id."""
         if tenant == ALL_TENANTS:
             by_tenant = self.core.store.tenant_queue_counts()
             counts = self.core.store.queue_counts()
@@ -6985,6 +7035,8 @@ class _Commands:
         return answer
 
     def cleanup_messages(self, payload, tenant):
+        """POST /commands/cleanup-messages: purge the tenant's reported, finished messages
+        older than ``older_than_seconds`` (default: the retention)."""
         older_than = payload.get("older_than_seconds")
         if older_than is None:
             older_than = self.core.config.delivery.delivery_report_retention_seconds
@@ -6995,6 +7047,8 @@ class _Commands:
                                                                       tenant)}
 
     def add_account(self, payload, tenant):
+        """POST /account: validate and insert or replace an account of ``tenant``; unknown
+        fields are ignored, listed in the answer and logged once."""
         try:
             account = validate_account(payload)
         except ValueError as exc:
@@ -7055,6 +7109,8 @@ class _Commands:
         return {"suspended": suspended, "held_back_until": backed_off}
 
     def delete_account(self, payload, tenant):
+        """DELETE /account/{id}: 404 unknown; 409 while it has undelivered messages, unless
+        ``force``, which fails them with ``account deleted`` (reported like any error)."""
         account_id = payload.get("id")
         if not isinstance(account_id, str):
             raise ValidationError("id must be a string")
@@ -7128,6 +7184,7 @@ class _Commands:
                 "next": cursor}
 
     def get_message(self, payload, tenant):
+        """GET /messages/{id}: the record with its attempts and bounces; 404 unknown."""
         ref = payload.get("id")
         key = _scoped(tenant, ref) if isinstance(ref, str) else None
         record = self.core.store.get_message(key) if key is not None else None
@@ -7264,6 +7321,8 @@ class _Commands:
         return answer
 
     def _operate(self, command, payload, tenant, include_scheduled=False):
+        """Apply an operator command to what the payload's selector names in ``tenant``;
+        answers ``affected`` and ``not_found`` (with ids also ``skipped``)."""
         kind, value = _parse_selector(command, payload)
         if tenant == ALL_TENANTS and kind in ("ids", "account_id"):
             raise ValidationError("ids and account_id need one tenant_id")
@@ -7638,6 +7697,8 @@ def _watchdog_seconds(environ):
 
 
 def _parse_args(argv):
+    """The command line: the daemon's options, and the CLI's commands with theirs (``--json``,
+    ``--tenant`` and ``--config`` on each).  argparse exits 2 on a usage error."""
     parser = argparse.ArgumentParser(
         prog="asyncmail.py",
         description="asyncmail %s: a durable mail queue daemon with a REST API. "
@@ -7767,6 +7828,9 @@ def _next_attempt(record, now):
 
 
 def _cli_queue(api, args, now, out):
+    """``asyncmail.py queue``: a mailq-like table (header row, NEXT column, a summary and "more
+    exist" when ``--limit`` cut it), or ``--json``; pages through GET /messages with its keyset
+    cursor.  Raises _CliError."""
     query = {"status": args.status or ",".join(ACTIVE_STATUSES), "limit": 1000}
     if args.account:
         known = [a["id"] for a in api.call("GET", "/accounts")["accounts"]]
@@ -7819,6 +7883,8 @@ def _cli_selector(args):
 
 
 def _cli_delete(api, args):
+    """``asyncmail.py delete``: ids in chunks of MAX_DELETE_IDS, or the account's (or every)
+    message not yet sent or failed through one selector."""
     selector = _cli_selector(args)
     ids = selector.get("ids")
     if ids is None:        # the queued messages of an account, or all of them
