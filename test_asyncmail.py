@@ -40,6 +40,7 @@ from testsupport import (  # noqa: E402  (shared with bench/ and reliability/)
     wait_until,
     SmtpServer,
     serve_locally,
+    QuietHandler,
     Upstream,
     message,
     parse_mail,
@@ -4696,13 +4697,7 @@ class GenropySite:
         self._lock = threading.RLock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 status, headers, text = outer._proxy_sync(self.headers, body)
@@ -5701,13 +5696,7 @@ class TenantGenropySite:
         self._lock = threading.RLock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 status, content_type, data = outer._dispatch(self.path, self.headers, body)
