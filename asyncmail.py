@@ -900,8 +900,8 @@ def _is_host(text):
         ascii_name = text.encode("idna").decode("ascii")
     except UnicodeError:
         return False
-    return bool(ascii_name) and len(ascii_name) <= MAX_DOMAIN \
-        and bool(_DOMAIN.fullmatch(ascii_name)) and not ascii_name.startswith("[")
+    return (bool(ascii_name) and len(ascii_name) <= MAX_DOMAIN
+            and bool(_DOMAIN.fullmatch(ascii_name)) and not ascii_name.startswith("["))
 
 
 def _is_loopback_host(host):
@@ -3538,8 +3538,8 @@ def _simple_mime(message, now):
         return None
     body = message["body"]
     text_lines = _LINE_BREAK.split(body[:-1] if body.endswith("\n") else body)
-    if _PRINTABLE_ASCII.fullmatch(body.replace("\n", " ").replace("\r", " ").replace("\t", " ")) \
-            and max(len(line) for line in text_lines) <= 78:
+    if (_PRINTABLE_ASCII.fullmatch(body.replace("\n", " ").replace("\r", " ").replace("\t", " "))
+            and max(len(line) for line in text_lines) <= 78):
         encoding, payload = "7bit", "\r\n".join(text_lines).encode("ascii") + b"\r\n"
     else:
         encoding = "quoted-printable"
@@ -4406,8 +4406,8 @@ def _unexpected_cause(exc):
     cause = exc.__cause__
     if cause is None or isinstance(cause, (smtplib.SMTPException, OSError, DeliveryError)):
         return ""
-    return "\nTraceback (most recent call last):\n%s%s.%s (message withheld: it may hold " \
-           "a credential)" % ("".join(traceback.format_tb(cause.__traceback__)),
+    return ("\nTraceback (most recent call last):\n%s%s.%s (message withheld: it may hold "
+            "a credential)") % ("".join(traceback.format_tb(cause.__traceback__)),
                                type(cause).__module__, type(cause).__qualname__)
 
 
