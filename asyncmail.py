@@ -2774,90 +2774,143 @@ def _tenant_auth_headers(settings):
 
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}", re.IGNORECASE)
 _MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
-ATTACHMENT_SOURCES = ("content", "url", "s3", "storage_path")
+_S3_REGION = re.compile(r"[a-z0-9-]{1,64}")
 MAX_STORAGE_PATH = 1024
 
 
+def _attachment_filename(value, field):
+    filename = _check_text(value, field, required=True, max_chars=MAX_FILENAME_CHARS,
+                           single_line=True)
+    if not filename.strip() or _CONTROL_CHARS.search(filename):
+        raise ValueError("%s must be a non-empty name without control characters" % field)
+    if "/" in filename or "\\" in filename:
+        raise ValueError("%s must be a bare name, not a path" % field)
+    return filename
+
+
+def _attachment_mime_type(value, field):
+    if value is None:
+        return None
+    if (not isinstance(value, str) or len(value) > MAX_MIME_TYPE_CHARS
+            or not _MIME_TYPE.fullmatch(value)):
+        raise ValueError("%s must look like type/subtype" % field)
+    return value.lower()
+
+
+def _content_source(value, field):
+    """Base64 content, kept without its line breaks."""
+    if not isinstance(value, str):
+        raise ValueError("%s must be a base64 string" % field)
+    compact = "".join(value.split())
+    try:
+        base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("%s is not valid base64" % field) from exc
+    return compact
+
+
+def _url_source(value, field):
+    """An http(s) URL, fetched at send time through the address check."""
+    if not isinstance(value, str) or _CONTROL_CHARS.search(value) or " " in value:
+        raise ValueError("%s must be an http or https URL" % field)
+    if not value.isascii():
+        raise ValueError("%s must be ASCII (percent-encode the rest)" % field)
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ValueError("%s has an invalid port" % field) from exc
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("%s must be an http or https URL" % field)
+    return value
+
+
+def _s3_source(value, field):
+    """An S3 object: ``bucket``, ``key`` and an optional ``region``."""
+    if not isinstance(value, dict):
+        raise ValueError("%s must be an object with bucket and key" % field)
+    bucket, key, region = value.get("bucket"), value.get("key"), value.get("region")
+    if not isinstance(bucket, str) or not _S3_BUCKET.fullmatch(bucket):
+        raise ValueError("%s.bucket must be a bucket name" % field)
+    if not isinstance(key, str) or not key or len(key) > MAX_S3_KEY or "\x00" in key:
+        raise ValueError("%s.key must be a non-empty object key" % field)
+    s3 = {"bucket": bucket, "key": key}
+    if region is not None:
+        if not isinstance(region, str) or not _S3_REGION.fullmatch(region):
+            raise ValueError("%s.region must be a region name" % field)
+        s3["region"] = region
+    return s3
+
+
+def _storage_source(value, field):
+    """A path on the tenant's own storage ("volume:path"), fetched back from
+    its client_attachment_path at send time."""
+    if (not isinstance(value, str) or not value or len(value) > MAX_STORAGE_PATH
+            or _CONTROL_CHARS.search(value)):
+        raise ValueError("%s must be a path of 1-%d characters without control characters"
+                         % (field, MAX_STORAGE_PATH))
+    return value
+
+
+def _endpoint_fetch_mode(value, field):
+    if value is not None and value != "endpoint":
+        raise ValueError("%s must be endpoint, with storage_path" % field)
+    return None     # the only mode: not stored
+
+
+def _content_md5(value, field):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _MD5_HEX.fullmatch(value):
+        raise ValueError("%s must be 32 hexadecimal digits" % field)
+    return value.lower()
+
+
+# field -> parser(value or None, the field's name in errors) for every
+# attachment; then the sources, of which an attachment names exactly one; then
+# the fields that only a storage_path source may carry.  A parser returns the
+# normalised value (None: not stored) or raises ValueError naming the field.
+ATTACHMENT_SCHEMA = {
+    "filename": _attachment_filename,      # required
+    "mime_type": _attachment_mime_type,    # None: guessed from the filename
+}
+ATTACHMENT_SOURCES = {
+    "content": _content_source,
+    "url": _url_source,
+    "s3": _s3_source,
+    "storage_path": _storage_source,
+}
+ENDPOINT_SCHEMA = {
+    "fetch_mode": _endpoint_fetch_mode,
+    "content_md5": _content_md5,     # caches the fetched bytes when they match
+}
+
+
 def _check_attachment(raw, index):
-    """One attachment of a message, checked and normalised: a bare filename, an optional MIME
-    type, and exactly one source (base64 ``content``, an http(s) ``url``, an ``s3`` bucket and
-    key, or a tenant's ``storage_path``).  Raises ValueError naming ``attachments[index]``."""
+    """One attachment of a message, checked and normalised by its field
+    tables: a bare filename, an optional MIME type, and exactly one source
+    (base64 ``content``, an http(s) ``url``, an ``s3`` bucket and key, or a
+    tenant's ``storage_path``).  Raises ValueError naming ``attachments[index]``."""
     field = "attachments[%d]" % index
     if not isinstance(raw, dict):
         raise ValueError("%s must be an object" % field)
-    filename = _check_text(raw.get("filename"), field + ".filename", required=True,
-                           max_chars=MAX_FILENAME_CHARS, single_line=True)
-    if not filename.strip() or _CONTROL_CHARS.search(filename):
-        raise ValueError("%s.filename must be a non-empty name without control characters"
-                         % field)
-    if "/" in filename or "\\" in filename:
-        raise ValueError("%s.filename must be a bare name, not a path" % field)
-    attachment = {"filename": filename}
-    mime_type = raw.get("mime_type")
-    if mime_type is not None:
-        if (not isinstance(mime_type, str) or len(mime_type) > MAX_MIME_TYPE_CHARS
-                or not _MIME_TYPE.fullmatch(mime_type)):
-            raise ValueError("%s.mime_type must look like type/subtype" % field)
-        attachment["mime_type"] = mime_type.lower()
-    sources = [key for key in ATTACHMENT_SOURCES if raw.get(key) is not None]
+    attachment = {}
+    for name, parse in ATTACHMENT_SCHEMA.items():
+        value = parse(raw.get(name), "%s.%s" % (field, name))
+        if value is not None:
+            attachment[name] = value
+    sources = [name for name in ATTACHMENT_SOURCES if raw.get(name) is not None]
     if len(sources) != 1:
         raise ValueError("%s needs exactly one of content, url, s3 or storage_path" % field)
     source = sources[0]
-    value = raw[source]
-    fetch_mode = raw.get("fetch_mode")
-    if fetch_mode is not None and (source != "storage_path" or fetch_mode != "endpoint"):
+    if source != "storage_path" and raw.get("fetch_mode") is not None:
         raise ValueError("%s.fetch_mode must be endpoint, with storage_path" % field)
+    attachment[source] = ATTACHMENT_SOURCES[source](raw[source], "%s.%s" % (field, source))
     if source == "storage_path":
-        # a path on the tenant's own storage ("volume:path"), fetched back
-        # from its client_attachment_path at send time
-        if (not isinstance(value, str) or not value or len(value) > MAX_STORAGE_PATH
-                or _CONTROL_CHARS.search(value)):
-            raise ValueError("%s.storage_path must be a path of 1-%d characters without "
-                             "control characters" % (field, MAX_STORAGE_PATH))
-        attachment["storage_path"] = value
-        md5 = raw.get("content_md5")
-        if md5 is not None:
-            if not isinstance(md5, str) or not _MD5_HEX.fullmatch(md5):
-                raise ValueError("%s.content_md5 must be 32 hexadecimal digits" % field)
-            attachment["content_md5"] = md5.lower()
-    elif source == "content":
-        if not isinstance(value, str):
-            raise ValueError("%s.content must be a base64 string" % field)
-        compact = "".join(value.split())
-        try:
-            base64.b64decode(compact, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError("%s.content is not valid base64" % field) from exc
-        attachment["content"] = compact
-    elif source == "url":
-        if not isinstance(value, str) or _CONTROL_CHARS.search(value) or " " in value:
-            raise ValueError("%s.url must be an http or https URL" % field)
-        if not value.isascii():
-            raise ValueError("%s.url must be ASCII (percent-encode the rest)" % field)
-        parts = urllib.parse.urlsplit(value)
-        try:
-            parts.port
-        except ValueError as exc:
-            raise ValueError("%s.url has an invalid port" % field) from exc
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError("%s.url must be an http or https URL" % field)
-        attachment["url"] = value
-    else:
-        if not isinstance(value, dict):
-            raise ValueError("%s.s3 must be an object with bucket and key" % field)
-        bucket = value.get("bucket")
-        key = value.get("key")
-        if not isinstance(bucket, str) or not _S3_BUCKET.fullmatch(bucket):
-            raise ValueError("%s.s3.bucket must be a bucket name" % field)
-        if not isinstance(key, str) or not key or len(key) > MAX_S3_KEY or "\x00" in key:
-            raise ValueError("%s.s3.key must be a non-empty object key" % field)
-        s3 = {"bucket": bucket, "key": key}
-        region = value.get("region")
-        if region is not None:
-            if not isinstance(region, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", region):
-                raise ValueError("%s.s3.region must be a region name" % field)
-            s3["region"] = region
-        attachment["s3"] = s3
+        for name, parse in ENDPOINT_SCHEMA.items():
+            value = parse(raw.get(name), "%s.%s" % (field, name))
+            if value is not None:
+                attachment[name] = value
     return attachment
 
 
@@ -3307,8 +3360,139 @@ _RESERVED_HEADERS = frozenset([
 _MESSAGE_ID_TEXT = re.compile(r"[!-~]+")   # printable ASCII, no space
 
 
+def _account_id_field(value, field):
+    return None if value is None else _check_identifier(value, field)
+
+
+def _sender_field(value, field):
+    if value is None:
+        raise ValueError("%s is required" % field)
+    if not isinstance(value, str):
+        raise ValueError("%s must be a string" % field)
+    return list(_parse_address(value))
+
+
+def _address_list_field(value, field):
+    """A list of [name, address] pairs (empty when absent)."""
+    return [] if value is None else [list(pair) for pair in _parse_address_list(value, field)]
+
+
+def _recipient_field(value, field):
+    recipients = _address_list_field(value, field)
+    if not recipients:
+        raise ValueError("%s must name at least one recipient" % field)
+    return recipients
+
+
+def _return_path_field(value, field):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("%s must be a string" % field)
+    return _parse_address(value)[1]
+
+
+def _text_field(required=False, single_line=False):
+    def parse(value, field):
+        return _check_text(value, field, required=required, single_line=single_line)
+    return parse
+
+
+def _content_type_field(value, field):
+    if value is None:
+        return "plain"
+    if not isinstance(value, str) or value.lower() not in (
+            "plain", "html", "text/plain", "text/html"):
+        raise ValueError("%s must be plain or html" % field)
+    return "html" if value.lower().endswith("html") else "plain"
+
+
+def _headers_field(value, field):
+    """Custom headers, name: value; none may replace a header that a field of
+    the message makes (Bcc above all)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("%s must be an object of name: value strings" % field)
+    headers = {}
+    for name, text in value.items():
+        if len(name) > MAX_HEADER_NAME or not _HEADER_NAME.fullmatch(name):
+            raise ValueError("header name %r is not a valid field name" % name[:QUOTE_CHARS])
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError("header %s comes from its own field and cannot be set" % name)
+        if isinstance(text, bool):   # Genropy sends its extra headers' numbers and
+            text = "true" if text else "false"   # flags as JSON numbers and booleans
+        elif _is_number(text):
+            text = str(text)
+        headers[name] = _check_text(text, "header %s" % name, required=True, single_line=True)
+    return headers
+
+
+def _rfc_message_id_field(value, field):
+    """The client's Message-ID as ``<id>`` (None: one is made from the
+    sender's domain).  Printable ASCII only: RFC 5322 has no encoding for a
+    msg-id, so anything else (U+2028 too) would fail the message at send time."""
+    if value is None:
+        return None
+    if (not isinstance(value, str) or len(value) > MAX_RFC_MESSAGE_ID
+            or not _MESSAGE_ID_TEXT.fullmatch(value) or "@" not in value):
+        raise ValueError("%s must look like <unique@domain> (printable ASCII)" % field)
+    bare = value.strip("<>")
+    if not bare or "<" in bare or ">" in bare:
+        raise ValueError("%s must look like <unique@domain>" % field)
+    return "<%s>" % bare
+
+
+def _priority_field(value, field):
+    return None if value is None else _parse_priority(value)   # None: the batch's default
+
+
+def _batch_code_field(value, field):
+    if value is None:
+        return None
+    _check_identifier(value, field)
+    if len(value) > MAX_BATCH_CODE:
+        raise ValueError("%s is longer than %d characters" % (field, MAX_BATCH_CODE))
+    return value
+
+
+def _attachments_field(value, field):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError("%s must be a list" % field)
+    return [_check_attachment(attachment, i) for i, attachment in enumerate(value)]
+
+
+# field -> parser(value or None, the field's name in errors), in the order
+# they are checked; a parser returns the normalised value or raises
+# ValueError with the reason the message is refused.  ``account_id``,
+# ``message_id`` and ``priority`` left None are filled in by validate_message.
+MESSAGE_SCHEMA = {
+    "id": _check_identifier,                  # required
+    "account_id": _account_id_field,          # None: the default account
+    "from": _sender_field,                    # required
+    "to": _recipient_field,                   # required, at least one
+    "cc": _address_list_field,
+    "bcc": _address_list_field,
+    "reply_to": _address_list_field,
+    "return_path": _return_path_field,        # the envelope sender (VERP aside)
+    "subject": _text_field(required=True, single_line=True),
+    "body": _text_field(required=True),
+    "content_type": _content_type_field,      # plain or html
+    "body_text": _text_field(),               # the plain part beside an html body
+    "headers": _headers_field,
+    "message_id": _rfc_message_id_field,
+    "priority": _priority_field,
+    "deferred_ts": _check_timestamp,          # not before this epoch second
+    "batch_code": _batch_code_field,          # a campaign, which suspend can hold
+    "attachments": _attachments_field,
+}
+
+
 def validate_message(raw, default_priority, resolve_account):
-    """Check one message of an add-messages batch and normalise it.
+    """Check one message of an add-messages batch and normalise it, field by
+    field as MESSAGE_SCHEMA says.
 
     ``resolve_account(account_id_or_None)`` returns the account id to use or
     raises ValueError.  Returns the normalised message (a JSON-able dict);
@@ -3316,101 +3500,21 @@ def validate_message(raw, default_priority, resolve_account):
     """
     if not isinstance(raw, dict):
         raise ValueError("message must be an object")
-    message = {"id": _check_identifier(raw.get("id"), "id")}
-    account_id = raw.get("account_id")
-    if account_id is not None:
-        _check_identifier(account_id, "account_id")
-    message["account_id"] = resolve_account(account_id)
-    sender = raw.get("from")
-    if sender is None:
-        raise ValueError("from is required")
-    message["from"] = list(_parse_address(sender)) if isinstance(sender, str) else None
-    if message["from"] is None:
-        raise ValueError("from must be a string")
-    for field in ("to", "cc", "bcc"):
-        value = raw.get(field)
-        message[field] = ([list(pair) for pair in _parse_address_list(value, field)]
-                          if value is not None else [])
-    if not message["to"]:
-        raise ValueError("to must name at least one recipient")
-    reply_to = raw.get("reply_to")
-    message["reply_to"] = ([list(p) for p in _parse_address_list(reply_to, "reply_to")]
-                           if reply_to is not None else [])
-    return_path = raw.get("return_path")
-    if return_path is not None:
-        if not isinstance(return_path, str):
-            raise ValueError("return_path must be a string")
-        message["return_path"] = _parse_address(return_path)[1]
-    else:
-        message["return_path"] = None
-    message["subject"] = _check_text(raw.get("subject"), "subject", required=True,
-                                     single_line=True)
-    message["body"] = _check_text(raw.get("body"), "body", required=True)
-    content_type = raw.get("content_type", "plain")
-    if content_type is None:
-        content_type = "plain"
-    if not isinstance(content_type, str) or content_type.lower() not in (
-            "plain", "html", "text/plain", "text/html"):
-        raise ValueError("content_type must be plain or html")
-    message["content_type"] = "html" if content_type.lower().endswith("html") else "plain"
-    message["body_text"] = _check_text(raw.get("body_text"), "body_text")
-    headers = raw.get("headers")
-    message["headers"] = {}
-    if headers is not None:
-        if not isinstance(headers, dict):
-            raise ValueError("headers must be an object of name: value strings")
-        for name, value in headers.items():
-            if len(name) > MAX_HEADER_NAME or not _HEADER_NAME.fullmatch(name):
-                raise ValueError("header name %r is not a valid field name" % name[:QUOTE_CHARS])
-            if name.lower() in _RESERVED_HEADERS:
-                raise ValueError("header %s comes from its own field and cannot be set" % name)
-            if isinstance(value, bool):   # Genropy sends its extra headers' numbers and
-                value = "true" if value else "false"   # flags as JSON numbers and booleans
-            elif _is_number(value):
-                value = str(value)
-            _check_text(value, "header %s" % name, required=True, single_line=True)
-            message["headers"][name] = value
-    rfc_message_id = raw.get("message_id")
-    if rfc_message_id is not None:
-        # printable ASCII only: RFC 5322 has no encoding for a msg-id, so
-        # anything else (U+2028 too) would fail the message at send time
-        if (not isinstance(rfc_message_id, str) or len(rfc_message_id) > MAX_RFC_MESSAGE_ID
-                or not _MESSAGE_ID_TEXT.fullmatch(rfc_message_id) or "@" not in rfc_message_id):
-            raise ValueError("message_id must look like <unique@domain> (printable ASCII)")
-        rfc_message_id = rfc_message_id.strip("<>")
-        if not rfc_message_id or "<" in rfc_message_id or ">" in rfc_message_id:
-            raise ValueError("message_id must look like <unique@domain>")
-        message["message_id"] = "<%s>" % rfc_message_id
-    else:
+    message = {field: parse(raw.get(field), field) for field, parse in MESSAGE_SCHEMA.items()}
+    message["account_id"] = resolve_account(message["account_id"])
+    if message["message_id"] is None:
         domain = message["from"][1].rpartition("@")[2]
         message["message_id"] = "<%s@%s>" % (os.urandom(16).hex(), domain)
-    priority = raw.get("priority")
-    message["priority"] = default_priority if priority is None else _parse_priority(priority)
-    message["deferred_ts"] = _check_timestamp(raw.get("deferred_ts"), "deferred_ts")
-    batch_code = raw.get("batch_code")
-    if batch_code is not None:
-        _check_identifier(batch_code, "batch_code")
-        if len(batch_code) > MAX_BATCH_CODE:
-            raise ValueError("batch_code is longer than %d characters" % MAX_BATCH_CODE)
-    message["batch_code"] = batch_code
-    attachments = raw.get("attachments")
-    if attachments is None:
-        attachments = []
-    if not isinstance(attachments, list):
-        raise ValueError("attachments must be a list")
-    message["attachments"] = [_check_attachment(a, i) for i, a in enumerate(attachments)]
+    if message["priority"] is None:
+        message["priority"] = default_priority
     return message
 
 
 # Every field a message may have (SPEC 3, and today's Genropy: tenant_id,
 # batch_code; fetch_mode and content_md5 of an endpoint attachment).  Others
 # are accepted and ignored, and the answer names them.
-MESSAGE_FIELDS = frozenset([
-    "id", "account_id", "from", "to", "cc", "bcc", "reply_to", "return_path", "subject",
-    "body", "content_type", "body_text", "headers", "message_id", "priority", "deferred_ts",
-    "attachments", "batch_code", "tenant_id"])
-ATTACHMENT_FIELDS = frozenset(["filename", "mime_type", "fetch_mode", "content_md5"]
-                              + list(ATTACHMENT_SOURCES))
+MESSAGE_FIELDS = frozenset(MESSAGE_SCHEMA) | {"tenant_id"}
+ATTACHMENT_FIELDS = frozenset(ATTACHMENT_SCHEMA) | set(ATTACHMENT_SOURCES) | set(ENDPOINT_SCHEMA)
 
 
 def ignored_message_fields(raw):
