@@ -1528,6 +1528,10 @@ class Claim(collections.namedtuple(
 
     __slots__ = ()
 
+    def message(self):
+        """The normalised message this claim is for (its payload decoded)."""
+        return json.loads(self.payload)
+
 
 class Attempt(collections.namedtuple("Attempt", "ts duration relay code text refused")):
     """One delivery attempt for the message's history: when, how long, over
@@ -5387,8 +5391,9 @@ class _Dispatcher(_Worker):
             for claim in chunk:
                 if self._stop.is_set() or not self.controls.may_send(account["id"]):
                     break
-                outcomes.append(self._attempt(relay, account, claim))
-                if outcomes[-1].account_down:
+                outcome = self._attempt(relay, account, claim)
+                outcomes += [outcome]
+                if outcome.account_down:
                     break
         finally:
             outcomes.extend(Outcome.released(claim) for claim in chunk[len(outcomes):])
@@ -5427,7 +5432,7 @@ class _Dispatcher(_Worker):
     def _attempt(self, relay, account, claim):
         """One delivery attempt of a claimed message: its Outcome, with the
         Attempt behind it (``account_down`` when the relay itself failed)."""
-        payload = json.loads(claim.payload)
+        payload = claim.message()
         tenant = _tenant_of(claim.account_id)
         suppressed = self._drop_suppressed(tenant, payload)
         if suppressed and not (payload["to"] or payload["cc"] or payload["bcc"]):
@@ -7037,38 +7042,9 @@ class _Commands:
                 default_priority = _parse_priority(payload["default_priority"])
             except ValueError as exc:
                 bad_default = "default_priority: %s" % exc
-        resolve = _AccountResolver(set(self.core.tenant_accounts(tenant)),
-                                   self.core.config.delivery.default_account
-                                   if tenant == DEFAULT_TENANT else None)
-        endpoint = self.core.attachment_endpoint(tenant)
         now = self.core.now()
-        rejected, accepted, seen, repeated, ignored = [], [], set(), [], []
-        for raw in messages:
-            raw_id = raw.get("id") if isinstance(raw, dict) else None
-            try:
-                if bad_default and raw.get("priority") is None:
-                    raise ValueError(bad_default)
-                if raw.get("tenant_id") not in (None, tenant):
-                    raise ValueError("tenant_id %s is not this request's tenant (%s)"
-                                     % (str(raw["tenant_id"])[:QUOTE_CHARS], tenant))
-                message = validate_message(raw, default_priority, resolve)
-                if endpoint is None and any("storage_path" in a
-                                            for a in message["attachments"]):
-                    raise ValueError("storage_path attachments need a tenant registered "
-                                     "with client_attachment_path")
-            except ValueError as exc:
-                rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
-                                 "reason": str(exc)})
-                continue
-            unknown = ignored_message_fields(raw)
-            if unknown and len(ignored) < MAX_IGNORED_SHOWN:
-                ignored.append({"id": message["id"], "fields": unknown[:MAX_IGNORED_SHOWN]})
-                self._note_ignored_fields("message", message["id"], unknown)
-            if message["id"] in seen:
-                repeated.append(message["id"])
-                continue
-            seen.add(message["id"])
-            accepted.append(message)
+        accepted, rejected, repeated, ignored = self._screen(messages, tenant, default_priority,
+                                                             bad_default)
         duplicates, orphans, replaced = (self.core.store.insert_messages(accepted, now, tenant)
                                          if accepted else (set(), set(), set()))
         for key in sorted(orphans):
@@ -7095,6 +7071,45 @@ class _Commands:
             self.core.log.info("%d failed message(s) resubmitted as new attempts (tenant %s)",
                                len(replaced), tenant)
         return answer
+
+    def _screen(self, messages, tenant, default_priority, bad_default):
+        """The messages of a batch validated: (accepted, rejected, repeated,
+        ignored), ``accepted`` normalised and each id once (the first copy
+        stands: later ones are ``repeated``), ``rejected`` the refused with
+        their reasons, ``ignored`` the unknown fields named (at most
+        MAX_IGNORED_SHOWN messages)."""
+        resolve = _AccountResolver(set(self.core.tenant_accounts(tenant)),
+                                   self.core.config.delivery.default_account
+                                   if tenant == DEFAULT_TENANT else None)
+        endpoint = self.core.attachment_endpoint(tenant)
+        rejected, accepted, seen, repeated, ignored = [], [], set(), [], []
+        for raw in messages:
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            try:
+                if bad_default and raw.get("priority") is None:
+                    raise ValueError(bad_default)
+                if raw.get("tenant_id") not in (None, tenant):
+                    raise ValueError("tenant_id %s is not this request's tenant (%s)"
+                                     % (str(raw["tenant_id"])[:QUOTE_CHARS], tenant))
+                message = validate_message(raw, default_priority, resolve)
+                if endpoint is None and any("storage_path" in a
+                                            for a in message["attachments"]):
+                    raise ValueError("storage_path attachments need a tenant registered "
+                                     "with client_attachment_path")
+            except ValueError as exc:
+                rejected.append({"id": raw_id if isinstance(raw_id, (str, int)) else None,
+                                 "reason": str(exc)})
+                continue
+            unknown = ignored_message_fields(raw)
+            if unknown and len(ignored) < MAX_IGNORED_SHOWN:
+                ignored.append({"id": message["id"], "fields": unknown[:MAX_IGNORED_SHOWN]})
+                self._note_ignored_fields("message", message["id"], unknown)
+            if message["id"] in seen:
+                repeated.append(message["id"])
+                continue
+            seen.add(message["id"])
+            accepted += [message]
+        return accepted, rejected, repeated, ignored
 
     def _note_intake(self, tenant):
         """Count a well-formed add-messages batch.  The reporter compares the
