@@ -115,6 +115,7 @@ MAX_BATCH_MESSAGES = 1000   # SPEC: larger add-messages batches are refused
 MAX_DELETE_IDS = 10000      # bounds one delete-messages transaction
 MAX_ID_CHARS = 256
 MAX_LIST_LIMIT = 10000      # GET /messages page size ceiling
+MAX_SEARCH_CHARS = 200      # the search text of GET /messages
 MAX_IGNORED_SHOWN = 100     # unknown account fields named in one answer or log line
 MAX_SUPPRESS_DAYS = 36500   # a suppression of a hundred years is "for good" already
 REQUEST_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
@@ -427,6 +428,21 @@ SQL_LIST_BY_ID_ACCOUNT = " AND +account_id = ?"
 SQL_LIST_BY_ID_AFTER = {"oldest": " AND id > ?", "newest": " AND id < ?"}
 SQL_LIST_BY_ID_ORDER = {"oldest": " ORDER BY id LIMIT ? OFFSET ?",
                         "newest": " ORDER BY id DESC LIMIT ? OFFSET ?"}
+# A search (recipient, subject, id) looks at one window of the listing at a
+# time, SEARCH_WINDOW messages in the listing's order, and answers what
+# matched there: a page costs the same whatever the queue's size, and the
+# cursor goes on from the window's end (lower() folds ASCII letters only).
+SEARCH_WINDOW = 5000
+SQL_SEARCH = ("SELECT * FROM ({listing}) WHERE instr(lower(subject), lower(?)) > 0"
+              " OR instr(lower(recipients), lower(?)) > 0 OR instr(lower(id), lower(?)) > 0")
+SQL_SEARCH_ORDER = {("time", "oldest"): " ORDER BY created_ts, pk LIMIT ?",
+                    ("time", "newest"): " ORDER BY created_ts DESC, pk DESC LIMIT ?",
+                    ("id", "oldest"): " ORDER BY id LIMIT ?",
+                    ("id", "newest"): " ORDER BY id DESC LIMIT ?"}
+# An account's queue depth for the web page, counted in messages_account up
+# to a cap (exact counts per tenant come from tenant_counts).
+SQL_ACCOUNT_DEPTH = ("SELECT count(*) FROM (SELECT 1 FROM messages"
+                     " WHERE status = ? AND account_id = ? LIMIT ?)")
 SQL_MESSAGE_ATTEMPTS = (
     "SELECT ts, duration, relay, outcome, code, text, refused FROM attempts"
     " WHERE message_pk = (SELECT pk FROM messages WHERE id = ?) ORDER BY seq")
@@ -1967,6 +1983,35 @@ class Store:
             record["pk"] = row[0]
             records.append(record)
         return records
+
+    def search_messages(self, statuses, text, **query):
+        """A search within one SEARCH_WINDOW of the listing (``query`` as for
+        ``listing_query``): (the records whose subject, To addresses or id
+        hold ``text``, at most ``limit``; the last record of a full window,
+        where a next search goes on from, or None when the listing ended)."""
+        limit, offset = query.pop("limit", 1000), query.pop("offset", 0)
+        listing, params = self.listing_query(statuses, limit=SEARCH_WINDOW, offset=offset,
+                                             **query)
+        by = "id" if query.get("id_prefix") is not None else "time"
+        sql = (SQL_SEARCH.format(listing=listing)
+               + SQL_SEARCH_ORDER[(by, query.get("order", "oldest"))])
+        edge, edge_params = self.listing_query(statuses, limit=1,
+                                               offset=offset + SEARCH_WINDOW - 1, **query)
+        with self._connection() as conn:
+            rows = conn.execute(sql, params + [text, text, text, limit]).fetchall()
+            last = conn.execute(edge, edge_params).fetchone()
+        records = []
+        for row in rows + ([last] if last is not None else []):
+            record = self._record(row[1:])
+            record["pk"] = row[0]
+            records.append(record)
+        return records[:len(rows)], records[len(rows)] if last is not None else None
+
+    def account_depth(self, key, statuses, cap):
+        """``{status: n}`` of one account's messages, each n at most ``cap``."""
+        with self._connection() as conn:
+            return {status: conn.execute(SQL_ACCOUNT_DEPTH, (status, key, cap)).fetchone()[0]
+                    for status in statuses}
 
     def attempts(self, key):
         """The SMTP attempts recorded for a message, oldest first."""
@@ -4381,6 +4426,7 @@ class Metrics:
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._minutes = {}       # (tenant, minute) -> {outcome: n}, the last HOUR_KEPT
         self._counters = {name: {} for name, _, _ in self.COUNTERS}
         self._counters["asyncmail_bounces_total"].update({"hard": 0, "soft": 0})
         self._smtp_counts = [0] * (len(self.SMTP_BUCKETS) + 1)
@@ -4417,6 +4463,35 @@ class Metrics:
         with self._lock:
             series = self._counters[name]
             series[label] = series.get(label, 0) + amount
+
+    HOUR_KEPT = 60            # minutes of outcomes kept for the web page's chart
+    TALLIED = ("sent", "deferred", "error")
+
+    def tally(self, tenant, outcome, now):
+        """Count one delivery outcome (sent, deferred, error) in its minute."""
+        minute = int(now // 60)
+        with self._lock:
+            counts = self._minutes.get((tenant, minute))
+            if counts is None:
+                oldest = minute - self.HOUR_KEPT
+                for key in [key for key in self._minutes if key[1] <= oldest]:
+                    del self._minutes[key]
+                counts = self._minutes[(tenant, minute)] = dict.fromkeys(self.TALLIED, 0)
+            counts[outcome] = counts.get(outcome, 0) + 1
+
+    def last_hour(self, now, tenant=None):
+        """The outcomes of the last HOUR_KEPT minutes, oldest first: ``start``
+        (the epoch second the first minute begins) and a list per outcome, of
+        one tenant or (None) of all.  Kept in memory: a restart begins empty."""
+        last = int(now // 60)
+        first = last - self.HOUR_KEPT + 1
+        series = {outcome: [0] * self.HOUR_KEPT for outcome in self.TALLIED}
+        with self._lock:
+            for (name, minute), counts in self._minutes.items():
+                if minute >= first and (tenant is None or name == tenant):
+                    for outcome, n in counts.items():
+                        series[outcome][minute - first] += n
+        return dict(series, start=first * 60, minutes=self.HOUR_KEPT)
 
     def value(self, name, label=None):
         """One series' value; without ``label``, the family's total."""
@@ -4849,6 +4924,19 @@ class RateLimiter:
                 room = 0
             allowed = room if allowed is None else min(allowed, room)
         return allowed, free_at
+
+    def usage(self, account, now):
+        """``{window: [sent in it, limit]}`` for each limit the account has
+        (``minute``, ``hour``, ``day``)."""
+        limits = [(key, account.get(key) or 0, span) for key, span in self.WINDOWS]
+        limits = [(key, limit, span) for key, limit, span in limits if limit > 0]
+        if not limits:
+            return {}
+        sends = self._log(account["id"], now)
+        import bisect
+        return {key[len("limit_per_"):]: [len(sends) - bisect.bisect_right(sends, now - span),
+                                          limit]
+                for key, limit, span in limits}
 
     def record(self, account_id, ts):
         with self._lock:
@@ -5487,6 +5575,7 @@ class _Dispatcher(_Worker):
                          for a in to[:MAX_LOGGED_RECIPIENTS])
         if len(to) > MAX_LOGGED_RECIPIENTS:
             shown += ",+%d" % (len(to) - MAX_LOGGED_RECIPIENTS)
+        self.metrics.tally(_tenant_of(claim.account_id), status, now)
         text = " ".join(str(text).split())[:MAX_LOGGED_REPLY]
         delay = now - claim.created_ts if claim.created_ts is not None else 0.0
         self.log.log(logging.WARNING if status == "error" else logging.INFO,
@@ -5845,6 +5934,17 @@ class _BounceCollector(_Worker):
         self._connect = imap_connect or _imap_connect
         self._failures = 0
         self._retry_at = 0.0
+        self._polled = None        # (when, bounces found) of the last good poll
+        self._problem = None       # the last failure's text, without credentials
+
+    def state(self):
+        """For the web page: the mailbox, its last good poll, and while it
+        fails the failure (no credential in it) and the next try."""
+        polled = self._polled or (None, None)
+        return {"mailbox": "%s:%d" % (self.settings.imap_host, self.settings.imap_port),
+                "last_poll": polled[0], "last_found": polled[1],
+                "failures": self._failures, "problem": self._problem if self._failures else None,
+                "retry_at": self._retry_at if self._failures else None}
 
     def interval(self):
         return self.settings.poll_interval_seconds
@@ -5867,6 +5967,7 @@ class _BounceCollector(_Worker):
         finally:
             _imap_logout(imap)
         self._failures, self._retry_at = 0, 0.0
+        self._polled = (now, found)
         if found:
             self.on_bounce()
 
@@ -5877,6 +5978,7 @@ class _BounceCollector(_Worker):
         self._retry_at = now + delay
         text = _without_credentials(str(exc), {"user": self.settings.imap_user,
                                               "password": self.settings.imap_password})
+        self._problem = text[:QUOTE_TEXT_CHARS]
         self.log.warning("bounce mailbox %s:%d: %s; next try in %gs", self.settings.imap_host,
                          self.settings.imap_port, text[:300], delay)
 
@@ -5955,6 +6057,607 @@ class _BounceCollector(_Worker):
 
 
 # ####################################################################### #
+# #################  Web page: HTML, style and script  ################## #
+# ####################################################################### #
+
+# One page at ``/`` (issue 20): the queue, the messages, the operator's
+# actions.  It holds no data itself: its script reads the API with the token
+# the admin types, kept in the tab's sessionStorage and sent as X-API-Token
+# (a header no other site can make a browser send), so the page and its two
+# files need no token, and the browser rules (loopback Host, same Origin,
+# JSON bodies) still hold for every API request it makes without one.
+# Everything is text built with textContent, never markup from data; the CSP
+# allows this origin's files only (no inline script or style, no frames).
+
+PAGE_HTML = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>asyncmail</title>
+<link rel="stylesheet" href="/ui/app.css">
+<script src="/ui/app.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>asyncmail</h1>
+  <nav id="nav" hidden><a href="#/">Overview</a><a href="#/messages">Messages</a></nav>
+  <span id="live" class="muted"></span>
+  <button id="logout" type="button" hidden>Log out</button>
+</header>
+<div id="notice" role="status" hidden></div>
+<section id="login" hidden>
+  <form id="login-form">
+    <h2>Log in</h2>
+    <p class="muted">The admin token or a tenant's API key. It is kept in this tab only.</p>
+    <label>API token <input id="token" type="password" autocomplete="off" required></label>
+    <button type="submit">Log in</button>
+    <p id="login-error" class="error"></p>
+  </form>
+</section>
+<main id="app" hidden>
+  <section id="view-overview" hidden>
+    <div class="bar"><h2>Queue</h2><span id="daemon-state"></span>
+      <button id="run-now" type="button">Run now</button></div>
+    <div id="counts" class="cards"></div>
+    <div id="tenants"></div>
+    <h2>Last hour</h2>
+    <canvas id="chart" width="720" height="160"></canvas>
+    <div id="legend" class="legend"><span class="sent">sent</span>
+      <span class="deferred">deferred</span><span class="error">error</span></div>
+    <h2>Accounts</h2>
+    <table id="accounts"><thead><tr><th>Account</th><th>Tenant</th><th>Relay</th>
+      <th>State</th><th>Rate limit use</th><th>Pending</th><th>Deferred</th><th>Held</th>
+      <th>Sending</th><th></th></tr></thead><tbody></tbody></table>
+    <h2>Bounce mailbox</h2>
+    <p id="bounces" class="muted"></p>
+  </section>
+  <section id="view-messages" hidden>
+    <form id="filters" class="filters">
+      <label>Status <select name="status"><option value="">any</option>
+        <option>pending</option><option>deferred</option><option>held</option>
+        <option>sending</option><option>sent</option><option>error</option></select></label>
+      <label>Tenant <input name="tenant_id" size="10"></label>
+      <label>Account <input name="account_id" size="10"></label>
+      <label>Since <input name="since" type="datetime-local"></label>
+      <label>Until <input name="until" type="datetime-local"></label>
+      <label>Id prefix <input name="id_prefix" size="10"></label>
+      <label>Search <input name="search" size="16" placeholder="recipient or subject"></label>
+      <label>Order <select name="order"><option value="newest">newest</option>
+        <option value="oldest">oldest</option></select></label>
+      <button type="submit">Show</button>
+    </form>
+    <p id="list-info" class="muted"></p>
+    <table id="messages"><thead><tr><th>Id</th><th>Status</th><th>Tenant</th><th>Account</th>
+      <th>To</th><th>Subject</th><th>Created</th><th>Tries</th><th>Reason</th></tr></thead>
+      <tbody></tbody></table>
+    <div class="bar"><button id="first-page" type="button">First page</button>
+      <button id="next-page" type="button">Next page</button></div>
+  </section>
+  <section id="view-message" hidden>
+    <div class="bar"><h2 id="message-title"></h2><span id="message-actions"></span></div>
+    <table id="record" class="record"><tbody></tbody></table>
+    <h3>Attempts</h3>
+    <table id="attempts"><thead><tr><th>When</th><th>Outcome</th><th>Relay</th><th>Code</th>
+      <th>Reply</th><th>Seconds</th></tr></thead><tbody></tbody></table>
+    <h3>Bounces</h3>
+    <table id="bounce-list"><thead><tr><th>When</th><th>Recipient</th><th>Type</th>
+      <th>Status</th><th>Diagnostic</th></tr></thead><tbody></tbody></table>
+    <h3>Headers it will be sent with</h3>
+    <pre id="mime"></pre>
+  </section>
+</main>
+<div id="confirm" hidden>
+  <div class="dialog" role="dialog" aria-modal="true">
+    <p id="confirm-text"></p>
+    <button id="confirm-yes" type="button">Confirm</button>
+    <button id="confirm-no" type="button">Cancel</button>
+  </div>
+</div>
+</body>
+</html>
+"""
+
+PAGE_STYLE = r""":root { --fg: #1d232a; --muted: #66707a; --line: #d9dee3; --bg: #fff; --accent: #2160c4;
+  --sent: #2e9d57; --deferred: #d99a1c; --error: #cc3b3b; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+  color: var(--fg); background: var(--bg); }
+header { display: flex; align-items: center; gap: 1.5em; padding: .6em 1.2em;
+  border-bottom: 1px solid var(--line); }
+header h1 { font-size: 1.2em; margin: 0; }
+nav a { margin-right: 1em; color: var(--accent); text-decoration: none; }
+main, #login { padding: 0 1.2em 2em; }
+h2 { font-size: 1.05em; margin: 1.2em 0 .5em; }
+h3 { font-size: .95em; margin: 1em 0 .4em; }
+.muted { color: var(--muted); }
+.error { color: var(--error); }
+.bar { display: flex; align-items: center; gap: 1em; }
+.cards { display: flex; flex-wrap: wrap; gap: .6em; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: .5em .9em; min-width: 7.5em;
+  color: inherit; text-decoration: none; }
+.card b { display: block; font-size: 1.5em; }
+table { border-collapse: collapse; width: 100%; margin: .3em 0; }
+th, td { text-align: left; padding: .3em .5em; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { font-weight: 600; color: var(--muted); }
+td.reason { color: var(--error); max-width: 28em; overflow-wrap: anywhere; }
+.record th { width: 12em; }
+pre { background: #f5f7f9; padding: .8em; overflow-x: auto; }
+button { font: inherit; padding: .25em .8em; border: 1px solid var(--line); border-radius: 4px;
+  background: #f5f7f9; cursor: pointer; }
+button:disabled { opacity: .5; cursor: default; }
+.filters { display: flex; flex-wrap: wrap; gap: .6em; align-items: end; margin: 1em 0 .4em; }
+.filters label { display: flex; flex-direction: column; font-size: .85em; color: var(--muted); }
+input, select { font: inherit; padding: .2em .3em; }
+#notice { margin: .6em 1.2em 0; padding: .5em .8em; border-radius: 4px; background: #eef4fd; }
+#notice.failed { background: #fbeaea; color: var(--error); }
+#confirm { position: fixed; inset: 0; background: rgba(0, 0, 0, .3); display: flex;
+  align-items: center; justify-content: center; }
+.dialog { background: var(--bg); padding: 1.2em 1.5em; border-radius: 6px; max-width: 30em; }
+.legend span { margin-right: 1em; }
+.legend span::before { content: ""; display: inline-block; width: .8em; height: .8em;
+  margin-right: .3em; }
+.legend .sent::before { background: var(--sent); }
+.legend .deferred::before { background: var(--deferred); }
+.legend .error::before { background: var(--error); }
+.state-suspended { color: var(--error); }
+.state-backed-off { color: var(--deferred); }
+#login form { max-width: 26em; }
+#login label { display: block; margin: .8em 0; }
+#login input { width: 100%; }
+[hidden] { display: none !important; }
+"""
+
+PAGE_SCRIPT = r""""use strict";
+// asyncmail's web page: everything it shows comes from the API, written into
+// the page as text (never as markup); the token stays in this tab's
+// sessionStorage and goes out as X-API-Token, which no other site can set.
+(function () {
+  var TOKEN_KEY = "asyncmail-token";
+  var POLL_MS = 3000;
+  var STATUSES = ["pending", "deferred", "held", "sending", "sent", "error"];
+  var FILTERS = ["status", "tenant_id", "account_id", "id_prefix", "search", "order"];
+  var state = { scope: null, view: null, cursors: [], next: null, timer: null, busy: false };
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, text, cls) {
+    var node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (cls) node.className = cls;
+    return node;
+  }
+  function when(ts) {
+    if (ts === null || ts === undefined) return "";
+    return new Date(ts * 1000).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
+  }
+  function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+  function LoginNeeded(message) { this.message = message; }
+
+  async function api(method, path, body) {
+    var headers = { "Accept": "application/json" };
+    if (token()) headers["X-API-Token"] = token();
+    var options = { method: method, headers: headers, cache: "no-store", credentials: "omit" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    var response = await fetch(path, options);
+    var answer = {};
+    try {
+      answer = await response.json();
+    } catch (e) {
+      answer = { error: "HTTP " + response.status };
+    }
+    if (response.status === 401) {
+      throw new LoginNeeded(token() ? "The token was refused." : "");
+    }
+    if (!response.ok) throw new Error(answer.error || ("HTTP " + response.status));
+    return answer;
+  }
+
+  function showLogin(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    clearTimeout(state.timer);
+    $("app").hidden = true; $("nav").hidden = true; $("logout").hidden = true;
+    $("login").hidden = false;
+    $("login-error").textContent = message || "";
+    $("token").value = "";
+    $("token").focus();
+    document.body.dataset.view = "login";
+  }
+
+  function notice(text, failed) {
+    var box = $("notice");
+    box.hidden = !text;
+    box.textContent = text || "";
+    box.className = failed ? "failed" : "";
+  }
+
+  function failed(error) {
+    if (error instanceof LoginNeeded) { showLogin(error.message); return; }
+    notice(String(error.message || error), true);
+  }
+
+  // -- actions: confirmed first, progress while they run, the result after
+  function confirmThen(text) {
+    return new Promise(function (resolve) {
+      $("confirm-text").textContent = text;
+      $("confirm").hidden = false;
+      function done(answer) {
+        $("confirm").hidden = true;
+        $("confirm-yes").onclick = $("confirm-no").onclick = null;
+        resolve(answer);
+      }
+      $("confirm-yes").onclick = function () { done(true); };
+      $("confirm-no").onclick = function () { done(false); };
+      $("confirm-yes").focus();
+    });
+  }
+
+  function summary(answer) {
+    var parts = [];
+    Object.keys(answer).forEach(function (key) {
+      var value = answer[key];
+      if (key === "ok") return;
+      if (Array.isArray(value)) value = value.length ? value.join(", ") : "none";
+      else if (value && typeof value === "object") value = JSON.stringify(value);
+      parts.push(key.replace(/_/g, " ") + ": " + value);
+    });
+    return parts.join("; ");
+  }
+
+  async function act(label, path, body) {
+    if (state.busy || !(await confirmThen(label + "?"))) return;
+    state.busy = true;
+    var started = performance.now();
+    var buttons = document.querySelectorAll("button.action");
+    buttons.forEach(function (b) { b.disabled = true; });
+    var ticker = setInterval(function () {
+      var seconds = (performance.now() - started) / 1000;
+      notice("Working: " + label + " (" + seconds.toFixed(1) + " s)");
+    }, 100);
+    notice("Working: " + label);
+    try {
+      var answer = await api("POST", path, body);
+      clearInterval(ticker);
+      notice(label + ": done. " + summary(answer));
+    } catch (error) {
+      clearInterval(ticker);
+      failed(error);
+    } finally {
+      state.busy = false;
+      buttons.forEach(function (b) { b.disabled = false; });
+    }
+    refresh();
+  }
+
+  function actionButton(label, path, body, text) {
+    var button = el("button", label, "action");
+    button.type = "button";
+    button.dataset.action = label.toLowerCase();
+    button.onclick = function () { act(text || label, path, body); };
+    return button;
+  }
+
+  function withTenant(query, tenant) {
+    if (tenant) query.push("tenant_id=" + encodeURIComponent(tenant));
+    return query.length ? "?" + query.join("&") : "";
+  }
+
+  // -- the overview
+  function drawChart(hour) {
+    var canvas = $("chart"), ctx = canvas.getContext("2d");
+    var w = canvas.width, h = canvas.height, n = hour.minutes, top = 0, i;
+    var colors = { sent: "#2e9d57", deferred: "#d99a1c", error: "#cc3b3b" };
+    for (i = 0; i < n; i++) top = Math.max(top, hour.sent[i] + hour.deferred[i] + hour.error[i]);
+    ctx.clearRect(0, 0, w, h);
+    ctx.fillStyle = "#66707a"; ctx.font = "11px sans-serif";
+    ctx.fillText(String(top) + " per minute", 4, 11);
+    ctx.fillText("-60 min", 4, h - 2); ctx.fillText("now", w - 24, h - 2);
+    var base = h - 14, room = base - 16, bar = w / n;
+    for (i = 0; i < n; i++) {
+      var y = base;
+      ["sent", "deferred", "error"].forEach(function (kind) {
+        var height = top ? hour[kind][i] / top * room : 0;
+        ctx.fillStyle = colors[kind];
+        ctx.fillRect(i * bar + 1, y - height, bar - 2, height);
+        y -= height;
+      });
+    }
+    canvas.dataset.total = String(hour.sent.concat(hour.deferred, hour.error)
+      .reduce(function (a, b) { return a + b; }, 0));
+  }
+
+  function renderOverview(o) {
+    $("daemon-state").textContent = o.active ? "delivering" : "suspended";
+    $("daemon-state").className = o.active ? "" : "state-suspended";
+    var counts = $("counts");
+    counts.textContent = "";
+    STATUSES.forEach(function (status) {
+      var card = el("a", null, "card");
+      card.href = "#/messages?status=" + status;
+      var number = el("b", o.queue[status]);
+      number.id = "count-" + status;
+      card.appendChild(number);
+      card.appendChild(el("span", status));
+      counts.appendChild(card);
+    });
+    var backlog = el("div", null, "card");
+    var b = el("b", o.report_backlog); b.id = "count-report-backlog";
+    backlog.appendChild(b); backlog.appendChild(el("span", "reports to send"));
+    counts.appendChild(backlog);
+    var tenants = $("tenants");
+    tenants.textContent = "";
+    if (o.tenants) {
+      var table = el("table"), head = el("tr");
+      ["Tenant"].concat(STATUSES).forEach(function (t) { head.appendChild(el("th", t)); });
+      table.appendChild(head);
+      Object.keys(o.tenants).forEach(function (name) {
+        var row = el("tr");
+        row.appendChild(el("td", name));
+        STATUSES.forEach(function (s) { row.appendChild(el("td", o.tenants[name][s])); });
+        table.appendChild(row);
+      });
+      tenants.appendChild(el("h2", "By tenant"));
+      tenants.appendChild(table);
+    }
+    drawChart(o.last_hour);
+    var body = $("accounts").tBodies[0];
+    body.textContent = "";
+    o.accounts.forEach(function (a) {
+      var row = el("tr");
+      row.dataset.account = a.id;
+      row.appendChild(el("td", a.id));
+      row.appendChild(el("td", a.tenant_id));
+      row.appendChild(el("td", a.relay));
+      var text = "active", cls = "";
+      if (!a.active) { text = "suspended"; cls = "state-suspended"; } else if (a.held_back_until) {
+        text = "backed off until " + when(a.held_back_until); cls = "state-backed-off";
+      }
+      row.appendChild(el("td", text, cls));
+      row.appendChild(el("td", Object.keys(a.rate).map(function (w) {
+        return a.rate[w][0] + "/" + a.rate[w][1] + " per " + w; }).join(", ") || "no limit"));
+      ["pending", "deferred", "held", "sending"].forEach(function (s) {
+        var n = a.queue[s];
+        row.appendChild(el("td", n >= o.depth_cap ? n + "+" : n));
+      });
+      var cell = el("td"), which = { account_id: a.id, tenant_id: a.tenant_id };
+      cell.appendChild(a.active
+        ? actionButton("Suspend", "/commands/suspend", which, "Suspend account " + a.id)
+        : actionButton("Activate", "/commands/activate", which, "Activate account " + a.id));
+      row.appendChild(cell);
+      body.appendChild(row);
+    });
+    var bounces = o.bounces;
+    var said = "No bounce mailbox is configured.";
+    if (bounces && bounces.problem) {
+      said = bounces.mailbox + ": failing (" + bounces.problem + "), next try " +
+        when(bounces.retry_at);
+    } else if (bounces && bounces.last_poll) {
+      said = bounces.mailbox + ": last polled " + when(bounces.last_poll) + ", " +
+        bounces.last_found + " new bounce(s)";
+    } else if (bounces) {
+      said = bounces.mailbox + ": not polled yet";
+    }
+    $("bounces").textContent = said;
+  }
+
+  // -- messages
+  function filterQuery() {
+    var form = $("filters"), query = [];
+    FILTERS.forEach(function (name) {
+      var value = form.elements[name].value.trim();
+      if (value) query.push(name + "=" + encodeURIComponent(value));
+    });
+    ["since", "until"].forEach(function (name) {
+      var value = form.elements[name].value;
+      if (value) query.push(name + "=" + Math.floor(new Date(value).getTime() / 1000));
+    });
+    if (!form.elements.tenant_id.value.trim() && state.scope === "*") query.push("tenant_id=*");
+    return query;
+  }
+
+  function renderMessages(answer) {
+    var body = $("messages").tBodies[0];
+    body.textContent = "";
+    answer.messages.forEach(function (m) {
+      var row = el("tr");
+      row.dataset.id = m.id;
+      var link = el("a", m.id);
+      link.href = "#/message/" + encodeURIComponent(m.tenant_id) + "/" + encodeURIComponent(m.id);
+      var cell = el("td"); cell.appendChild(link); row.appendChild(cell);
+      row.appendChild(el("td", m.status, "status"));
+      row.appendChild(el("td", m.tenant_id));
+      row.appendChild(el("td", m.account_id));
+      row.appendChild(el("td", (m.to || []).join(", ")));
+      row.appendChild(el("td", m.subject));
+      row.appendChild(el("td", when(m.created_ts)));
+      row.appendChild(el("td", m.retry_count));
+      row.appendChild(el("td", m.error, "reason"));
+      body.appendChild(row);
+    });
+    state.next = answer.next;
+    $("next-page").disabled = !answer.next;
+    $("first-page").disabled = !state.cursors.length;
+    $("list-info").textContent = answer.messages.length + " message(s) on this page" +
+      (answer.searched ? " (the search looks at " + answer.searched + " messages per page)" : "") +
+      (answer.next ? "; more may follow" : "");
+  }
+
+  async function loadMessages() {
+    var query = filterQuery();
+    var after = state.cursors[state.cursors.length - 1];
+    if (after) query.push("after=" + encodeURIComponent(after));
+    query.push("limit=50");
+    renderMessages(await api("GET", "/messages?" + query.join("&")));
+  }
+
+  function row(table, label, value) {
+    var tr = el("tr");
+    tr.appendChild(el("th", label));
+    tr.appendChild(el("td", value));
+    tr.dataset.field = label;
+    table.appendChild(tr);
+  }
+
+  async function loadMessage(tenant, id) {
+    var answer = await api("GET", "/messages/" + encodeURIComponent(id) + withTenant([], tenant));
+    var m = answer.message, body = $("record").tBodies[0];
+    $("message-title").textContent = "Message " + m.id;
+    body.textContent = "";
+    row(body, "status", m.status);
+    row(body, "tenant", m.tenant_id);
+    row(body, "account", m.account_id);
+    row(body, "from", m.message.from);
+    row(body, "to", (m.message.to || []).join(", "));
+    if (m.message.cc.length) row(body, "cc", m.message.cc.join(", "));
+    if (m.message.bcc.length) row(body, "bcc", m.message.bcc.join(", "));
+    row(body, "subject", m.subject);
+    row(body, "priority", m.priority);
+    row(body, "created", when(m.created_ts));
+    row(body, "updated", when(m.updated_ts));
+    if (m.deferred_ts) row(body, "deferred until", when(m.deferred_ts));
+    if (m.sent_ts) row(body, "sent", when(m.sent_ts));
+    if (m.error) row(body, "reason", m.error);
+    row(body, "tries", m.retry_count);
+    if (m.batch_code) row(body, "batch", m.batch_code);
+    if (m.refused) row(body, "refused", JSON.stringify(m.refused));
+    var files = (m.message.attachments || []).map(function (a) { return a.filename; });
+    row(body, "attachments", files.join(", ") || "none");
+    var attempts = $("attempts").tBodies[0];
+    attempts.textContent = "";
+    m.attempts.forEach(function (a) {
+      var tr = el("tr");
+      var cells = [when(a.ts), a.outcome, a.relay, a.code, a.text, (a.duration || 0).toFixed(3)];
+      cells.forEach(function (v) { tr.appendChild(el("td", v)); });
+      attempts.appendChild(tr);
+    });
+    var bounces = $("bounce-list").tBodies[0];
+    bounces.textContent = "";
+    m.bounces.forEach(function (b) {
+      var tr = el("tr");
+      var cells = [when(b.ts), b.recipient, b.type, b.status, b.diagnostic];
+      cells.forEach(function (v) { tr.appendChild(el("td", v)); });
+      bounces.appendChild(tr);
+    });
+    $("mime").textContent = m.mime_headers || "";
+    var actions = $("message-actions"), ids = { ids: [m.id], tenant_id: m.tenant_id };
+    actions.textContent = "";
+    var named = "message " + m.id;
+    function offer(label, path, body, text) {
+      actions.appendChild(actionButton(label, path, body, text));
+    }
+    if (m.status === "deferred") {
+      offer("Retry", "/commands/retry", Object.assign({ include_scheduled: true }, ids),
+            "Retry " + named + " now");
+    }
+    if (m.status === "error") offer("Requeue", "/commands/requeue", ids, "Requeue " + named);
+    if (m.status === "pending" || m.status === "deferred") {
+      offer("Hold", "/commands/hold", ids, "Hold " + named);
+    }
+    if (m.status === "held") offer("Release", "/commands/release", ids, "Release " + named);
+    if (m.status !== "sent") offer("Delete", "/commands/delete-messages", ids, "Delete " + named);
+  }
+
+  // -- views and the live refresh
+  function show(view) {
+    ["overview", "messages", "message"].forEach(function (name) {
+      $("view-" + name).hidden = name !== view;
+    });
+    state.view = view;
+    document.body.dataset.view = view;
+  }
+
+  async function refresh() {
+    clearTimeout(state.timer);
+    var hash = location.hash.replace(/^#/, "") || "/";
+    try {
+      if (state.scope === null) {
+        var first = await api("GET", "/overview");
+        state.scope = first.scope;
+        $("login").hidden = true; $("app").hidden = false; $("nav").hidden = false;
+        $("logout").hidden = !token();
+        if (state.scope !== "*") $("filters").elements.tenant_id.closest("label").hidden = true;
+      }
+      if (hash.indexOf("/message/") === 0) {
+        var parts = hash.split("/");
+        show("message");
+        await loadMessage(decodeURIComponent(parts[2]),
+                          decodeURIComponent(parts.slice(3).join("/")));
+      } else if (hash.indexOf("/messages") === 0) {
+        show("messages");
+        await loadMessages();
+      } else {
+        show("overview");
+        renderOverview(await api("GET", "/overview"));
+      }
+      $("live").textContent = "updated " + new Date().toLocaleTimeString();
+      document.body.dataset.ready = String(performance.now());
+      if (!state.busy && $("notice").className === "failed") notice("");
+    } catch (error) {
+      failed(error);
+      if (error instanceof LoginNeeded) return;
+    }
+    state.timer = setTimeout(refresh, POLL_MS);
+  }
+
+  function start() {
+    $("login-form").addEventListener("submit", function (event) {
+      event.preventDefault();
+      sessionStorage.setItem(TOKEN_KEY, $("token").value);
+      state.scope = null;
+      refresh();
+    });
+    $("logout").onclick = function () { state.scope = null; showLogin(""); };
+    $("run-now").classList.add("action");
+    $("run-now").onclick = function () { act("Run now", "/commands/run-now", {}); };
+    $("filters").addEventListener("submit", function (event) {
+      event.preventDefault();
+      state.cursors = [];
+      var wanted = "#/messages?" + filterQuery().join("&");
+      if (location.hash === wanted) refresh(); else location.hash = wanted;
+    });
+    $("next-page").onclick = function () {
+      if (state.next) { state.cursors.push(state.next); refresh(); }
+    };
+    $("first-page").onclick = function () { state.cursors = []; refresh(); };
+    window.addEventListener("hashchange", function () {
+      var hash = location.hash;
+      if (hash.indexOf("#/messages?") === 0) {
+        var params = new URLSearchParams(hash.slice("#/messages?".length));
+        var form = $("filters");
+        FILTERS.forEach(function (name) {
+          var value = params.get(name);
+          if (value !== null && value !== "*") form.elements[name].value = value;
+        });
+      }
+      refresh();
+    });
+    window.dispatchEvent(new HashChangeEvent("hashchange"));
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+})();
+"""
+
+PAGE_FILES = {
+    "page": (PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8"),
+    "page style": (PAGE_STYLE.encode("utf-8"), "text/css; charset=utf-8"),
+    "page script": (PAGE_SCRIPT.encode("utf-8"), "text/javascript; charset=utf-8"),
+}
+PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'self'; base-uri 'none'; form-action 'none'; "
+                                "frame-ancestors 'none'; object-src 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+)
+
+
+# ####################################################################### #
 # #############################  HTTP API  ############################## #
 # ####################################################################### #
 
@@ -5970,7 +6673,7 @@ ADMIN = Caller(True, None)
 ADMIN_COMMANDS = frozenset(["add tenant", "get tenant", "list tenants", "delete tenant",
                             "metrics"])
 # Commands that, for the admin without a tenant_id, span the whole daemon.
-SPAN_COMMANDS = frozenset(["status", "run now", "suspend", "activate", "metrics"])
+SPAN_COMMANDS = frozenset(["status", "overview", "run now", "suspend", "activate", "metrics"])
 # Commands that take tenant_id=* (every tenant) from the admin.
 ALL_TENANT_COMMANDS = SPAN_COMMANDS | frozenset(["list messages", "list accounts", "retry",
                                                  "requeue", "hold", "release"])
@@ -5988,7 +6691,11 @@ class Route(collections.namedtuple("Route", "method pattern command")):
 _ROUTES = tuple(Route(*route) for route in (
     ("GET", ("health",), "health"),
     ("GET", ("status",), "status"),
+    ("GET", ("overview",), "overview"),
     ("GET", ("metrics",), "metrics"),
+    ("GET", ("",), "page"),
+    ("GET", ("ui", "app.css"), "page style"),
+    ("GET", ("ui", "app.js"), "page script"),
     ("POST", ("commands", "run-now"), "run now"),
     ("POST", ("commands", "suspend"), "suspend"),
     ("POST", ("commands", "activate"), "activate"),
@@ -6014,7 +6721,11 @@ _ROUTES = tuple(Route(*route) for route in (
 ))
 # The commands no token is needed for: a probe that touches no data.
 PUBLIC_COMMANDS = frozenset(["health"])
-COMMAND_NAMES = frozenset(route.command for route in _ROUTES)
+# The web page and its files: no token either (they hold no data), but the
+# browser rules of a daemon without api_token apply.
+PAGE_COMMANDS = frozenset(PAGE_FILES)
+COMMAND_NAMES = frozenset(route.command for route in _ROUTES
+                           if route.command not in PAGE_COMMANDS)
 
 
 def _index_routes(routes):
@@ -6438,6 +7149,13 @@ class _ApiHandler(BaseHTTPRequestHandler):
         segments = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
         matches = _match_route(segments)
         method = self.command
+        page = [m for m in matches if m[1] in PAGE_COMMANDS and m[0] == method]
+        if page:
+            self._refuse_browser_requests(parts)
+            self._discard_body()
+            body, content_type = PAGE_FILES[page[0][1]]
+            self._send(200, body, content_type, PAGE_HEADERS)
+            return
         public = [m for m in matches if m[1] in PUBLIC_COMMANDS
                   and m[0] == ("GET" if method == "HEAD" else method)]
         if public and method == "HEAD":
@@ -6712,6 +7430,19 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
 # ########  API commands: handlers, selectors, cursors, records  ######## #
 # ####################################################################### #
 
+def _mime_headers(message, now):
+    """The header block a message will be sent with (Date and, when the
+    message has none of its own, Message-ID aside: they are made at send
+    time), its attachments standing in empty; None when it cannot be built."""
+    stand_ins = [(a["filename"], a.get("mime_type") or _guess_mime_type(a["filename"]), b"")
+                 for a in message["attachments"]]
+    try:
+        data = build_mime(message, stand_ins, now)
+    except DeliveryError as exc:
+        return "(cannot be built: %s)" % str(exc)[:QUOTE_TEXT_CHARS]
+    return data.partition(b"\r\n\r\n")[0].decode("ascii", "replace")
+
+
 def _present_record(record, full):
     """A store record as the API shows it: SPEC fields plus the seed
     system's ``created_at``, ``updated_at`` and ``message``, which Genropy's
@@ -6930,6 +7661,43 @@ class _Commands:
                 "queue": {status: counts.get(status, 0) for status in STATUSES},
                 "accounts": self._account_states(tenant),
                 "report_backlog": self.core.store.event_backlog().get(tenant, 0)}
+
+    # an account's depth on the web page is counted up to this (exact totals
+    # per tenant come from the counters): an index range each, never a scan
+    OVERVIEW_DEPTH_CAP = 10000
+
+    def overview(self, payload, tenant):
+        """GET /overview, the web page's first view: /status's answer, and
+        per account its state, rate-limit use and queue depth (each count at
+        most OVERVIEW_DEPTH_CAP), the outcomes of the last hour by minute,
+        and the bounce collector's state.  No password or credential: the
+        accounts are shown as ``public_account`` shows them."""
+        answer = self.status(payload, tenant)
+        now = self.core.now()
+        held = self.core.dispatcher.held_back(now)
+        accounts = []
+        for key, account in sorted(self.core.accounts().items()):
+            if tenant != ALL_TENANTS and _tenant_of(key) != tenant:
+                continue
+            shown = public_account(account)
+            accounts.append({
+                "id": shown["id"], "tenant_id": shown["tenant_id"],
+                "relay": "%s:%d" % (account["host"], account["port"]),
+                "active": self.core.controls.account_active(key),
+                "held_back_until": held.get(key),
+                "rate": self.core.dispatcher.rate.usage(account, now),
+                "queue": self.core.store.account_depth(key, ACTIVE_STATUSES,
+                                                       self.OVERVIEW_DEPTH_CAP)})
+        bounces = self.core.bounces
+        answer.update({
+            "scope": tenant, "now": now, "accounts": accounts,
+            "depth_cap": self.OVERVIEW_DEPTH_CAP,
+            "suspended": answer["accounts"]["suspended"],
+            "last_hour": self.core.metrics.last_hour(
+                now, None if tenant == ALL_TENANTS else tenant),
+            "bounces": bounces.state() if bounces is not None and tenant in (
+                ALL_TENANTS, DEFAULT_TENANT) else None})
+        return answer
 
     def metrics(self, payload, tenant):
         return {"ok": True, "text": self.core.render_metrics()}
@@ -7291,16 +8059,31 @@ class _Commands:
                  "limit": _query_int(payload, "limit", 1000, 0, MAX_LIST_LIMIT),
                  "offset": _query_int(payload, "offset", 0, 0, 2 ** 62)}
         full = _query_bool(payload, "full")
-        records = self.core.store.list_messages(statuses, **query) if statuses else []
-        cursor = None
-        if records and len(records) == query["limit"]:
-            last = records[-1]
-            cursor = _encode_cursor(last["id"] if id_prefix is not None
-                                    else [last["created_ts"], last["pk"]])
+        search = payload.get("search") or None
+        if search is not None:
+            try:
+                search = _check_text(search, "search", max_chars=MAX_SEARCH_CHARS,
+                                     single_line=True)
+            except ValueError as exc:
+                raise ValidationError(str(exc)) from exc
+        last = None
+        if not statuses:
+            records = []
+        elif search is not None:
+            records, window_end = self.core.store.search_messages(statuses, search, **query)
+            last = records[-1] if len(records) == query["limit"] else window_end
+        else:
+            records = self.core.store.list_messages(statuses, **query)
+            last = records[-1] if records and len(records) == query["limit"] else None
+        cursor = None if last is None else _encode_cursor(
+            last["id"] if id_prefix is not None else [last["created_ts"], last["pk"]])
         for record in records:
             del record["pk"]
-        return {"ok": True, "messages": [_present_record(r, full) for r in records],
-                "next": cursor}
+        answer = {"ok": True, "messages": [_present_record(r, full) for r in records],
+                  "next": cursor}
+        if search is not None:
+            answer["searched"] = SEARCH_WINDOW   # messages looked at, at most, for this page
+        return answer
 
     def get_message(self, payload, tenant):
         """GET /messages/{id}: the record with its attempts and bounces; 404 unknown."""
@@ -7309,9 +8092,11 @@ class _Commands:
         record = self.core.store.get_message(key) if key is not None else None
         if record is None:
             raise NotFoundError("unknown message")
+        message = record["payload"]
         record = _present_record(record, full=True)
         record["attempts"] = self.core.store.attempts(key)
         record["bounces"] = self.core.store.bounces(key)
+        record["mime_headers"] = _mime_headers(message, self.core.now())
         return {"ok": True, "message": record}
 
     def list_suppressions(self, payload, tenant):

@@ -50,7 +50,9 @@ from testsupport import (  # noqa: E402  (shared with bench/ and reliability/)
     send_hostile,
     dovecot_unavailable,
     Dovecot,
-    bounce_dsn)
+    bounce_dsn,
+    browser_unavailable,
+    start_browser)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRE_PEERS = os.environ.get("ASYNCMAIL_REQUIRE_PEERS") == "1"
@@ -1233,11 +1235,13 @@ class AuthTests(CoreCase):
         self.core = self.make_core({"server": {"api_token": "s3cret-token"}})
 
     def test_every_endpoint_needs_the_token(self):
-        # every route of the table but the probe, and a path that is none
+        # every route of the table but the probe and the page's files (they
+        # hold no data: PageTests), and a path that is none
         anonymous = self.client(self.core)
         routes = [(method, "/" + "/".join("x" if part.startswith("{") else part
                                           for part in pattern))
-                  for method, pattern, _ in asyncmail._ROUTES if pattern != ("health",)]
+                  for method, pattern, command in asyncmail._ROUTES
+                  if pattern != ("health",) and command not in asyncmail.PAGE_COMMANDS]
         self.assertIn(("DELETE", "/tenant/x"), routes)
         for method, path in routes + [("GET", "/nope")]:
             with self.subTest(path=path):
@@ -6672,6 +6676,326 @@ def parse_exposition(text):
             assert buckets[-1][0] == "+Inf"
             assert family["samples"][(name + "_count", ())] == buckets[-1][1]
     return families
+
+
+class PageTests(CoreCase):
+    """The web page over plain HTTP (the browser's view: BrowserPeerTests)."""
+
+    def test_the_page_and_its_files_need_no_token_and_hold_no_data(self):
+        core = self.make_core({"server": {"api_token": "page-token"}})
+        self.add_account(core, password="pw-NEVER-SHOWN")
+        anonymous = self.client(core)
+        for path, kind in (("/", "text/html"), ("/ui/app.js", "text/javascript"),
+                           ("/ui/app.css", "text/css")):
+            with self.subTest(path=path):
+                status, data, response = anonymous.request("GET", path, raw=True)
+                self.assertEqual(status, 200)
+                self.assertTrue(response.getheader("Content-Type").startswith(kind))
+                policy = response.getheader("Content-Security-Policy")
+                self.assertIn("default-src 'self'", policy)
+                self.assertIn("frame-ancestors 'none'", policy)
+                self.assertNotIn("unsafe-inline", policy)
+                self.assertEqual(response.getheader("X-Content-Type-Options"), "nosniff")
+                self.assertNotIn(b"pw-NEVER-SHOWN", data)
+                self.assertNotIn(b"acct", data)
+        page = anonymous.request("GET", "/", raw=True)[1].decode()
+        self.assertNotRegex(page, r"<script(?![^>]*\bsrc=)")     # no inline script
+        self.assertNotIn("style=", page)                         # no inline style
+        self.assertEqual(anonymous.request("GET", "/overview")[0], 401)
+
+    def test_without_a_token_the_page_keeps_the_browser_rules(self):
+        core = self.make_core()
+        client = self.client(core)
+        self.assertEqual(client.request("GET", "/", raw=True)[0], 200)
+        # DNS rebinding: a page served under another name is refused, as the API is
+        self.assertEqual(client.request("GET", "/", headers={"Host": "evil.example:80"},
+                                        raw=True)[0], 403)
+        self.assertEqual(client.request("GET", "/overview",
+                                        headers={"Host": "evil.example:80"})[0], 403)
+        # what the page's script sends (same origin, JSON) passes; a form post does not
+        origin = "http://127.0.0.1:%d" % core.http_address[1]
+        self.assertEqual(client.request("POST", "/commands/run-now", body={}, headers={
+            "Origin": origin, "Host": origin[7:]})[0], 200)
+        self.assertEqual(client.request("POST", "/commands/run-now", body=b"{}", headers={
+            "Content-Type": "text/plain", "Host": origin[7:]})[0], 415)
+
+
+class BrowserPeerTests(CoreCase):
+    """The web page in a headless Chromium (WebDriver) against a real daemon
+    delivering to a real SMTP sink, on the real clock."""
+
+    TOKEN = "browser-admin-token"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.browser = None
+        cls.missing = browser_unavailable()
+        if cls.missing is None:
+            cls.browser = start_browser()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.browser is not None:
+            cls.browser.quit()
+
+    def setUp(self):
+        require_peer(self, self.browser, self.missing)
+        self.browser.delete_all_cookies()
+        self.smtp = self.smtp_server()
+
+    def daemon(self, token=TOKEN):
+        config = {"delivery": {"retry_delays": "3600", "max_retries": "3",
+                               "send_interval_seconds": "0.2"}}
+        if token:
+            config["server"] = {"api_token": token}
+        core = self.make_core(config, test_mode=False, clock=time.time)
+        self.add_account(core, self.smtp, password="smtp-PASSWORD-never-shown", user="u")
+        self.add_account(core, self.smtp, id="parked")
+        core.handle_command("suspend", {"account_id": "parked"})
+        self.api = self.client(core, token)
+        self.base = "http://127.0.0.1:%d" % core.http_address[1]
+        return core
+
+    def open(self, fragment="", token=TOKEN, ready=True):
+        browser = self.browser
+        browser.get(self.base + "/#" + fragment if fragment else self.base + "/")
+        browser.execute_script("sessionStorage.clear()")
+        browser.get("about:blank")
+        browser.get(self.base + "/" + ("#" + fragment if fragment else ""))
+        if token:
+            self.log_in(token)
+        if ready:
+            self.wait_for(lambda b: b.find_element("tag name", "body").get_attribute("data-ready"))
+
+    def log_in(self, token):
+        field = self.wait_for(lambda b: b.find_element("id", "token").is_displayed()
+                              and b.find_element("id", "token"))
+        field.clear()
+        field.send_keys(token)
+        self.browser.find_element("css selector", "#login-form button").click()
+
+    def wait_for(self, condition):
+        from selenium.webdriver.support.ui import WebDriverWait
+        return WebDriverWait(self.browser, WAIT, poll_frequency=0.05).until(condition)
+
+    def text(self, element_id):
+        return self.browser.find_element("id", element_id).text
+
+    def queue(self):
+        status, answer = self.api.request("GET", "/status")
+        self.assertEqual(status, 200, answer)
+        return answer["queue"]
+
+    def test_the_counts_shown_match_status_and_a_reason_is_visible(self):
+        core = self.daemon()
+        self.smtp.rcpt_replies["gone@example.org"] = "550 5.1.1 no such user here"
+        self.add(core, *[message("ok%d" % i, account_id="acct") for i in range(3)],
+                 message("bad", account_id="acct", to="gone@example.org"),
+                 message("wait1", account_id="parked"), message("wait2", account_id="parked"))
+        wait_until(lambda: self.queue()["sent"] == 3 and self.queue()["error"] == 1)
+        self.open()
+        queue = self.queue()
+        self.wait_for(lambda b: self.text("count-sent") == str(queue["sent"]))
+        for status in asyncmail.STATUSES:
+            self.assertEqual(self.text("count-" + status), str(queue[status]), status)
+        self.assertIn("parked", self.text("accounts"))
+        self.assertIn("suspended", self.text("accounts"))
+        shot = os.environ.get("ASYNCMAIL_SCREENSHOT")
+        if shot:
+            self.browser.save_screenshot(shot)
+        self.browser.get(self.base + "/#/messages?status=error")
+        row = self.wait_for(lambda b: b.find_element("css selector", 'tr[data-id="bad"]'))
+        self.assertIn("550 5.1.1 no such user here", row.find_element(
+            "css selector", "td.reason").text)
+        self.browser.find_element("link text", "bad").click()
+        self.wait_for(lambda b: "no such user here" in self.text("record"))
+        self.assertIn("Subject: subject bad", self.text("mime"))
+        self.assertNotIn("smtp-PASSWORD-never-shown", self.browser.page_source)
+        self.assertNotIn(self.TOKEN, self.browser.page_source)
+        # the search by recipient finds it too
+        self.browser.get(self.base + "/#/messages?search=GONE@example")
+        self.wait_for(lambda b: b.find_elements("css selector", 'tr[data-id="bad"]'))
+        self.assertEqual(len(self.browser.find_elements("css selector", "#messages tbody tr")), 1)
+
+    def test_clicking_retry_on_a_deferred_message_delivers_it(self):
+        core = self.daemon()
+        self.smtp.rcpt_replies["later@example.org"] = "451 4.3.0 try again later"
+        self.add(core, message("late", account_id="acct", to="later@example.org"))
+        wait_until(lambda: self.queue()["deferred"] == 1)
+        self.open("/message/default/late")
+        self.wait_for(lambda b: "try again later" in self.text("attempts"))
+        del self.smtp.rcpt_replies["later@example.org"]
+        self.browser.find_element("css selector", 'button[data-action="retry"]').click()
+        self.wait_for(lambda b: b.find_element("id", "confirm").is_displayed())
+        self.assertIn("Retry message late", self.text("confirm-text"))
+        self.browser.find_element("id", "confirm-yes").click()
+        self.wait_for(lambda b: "done" in self.text("notice"))
+        wait_until(lambda: self.queue()["sent"] == 1)
+        self.assertEqual([parse_mail(m["data"])["Subject"] for m in self.smtp.messages],
+                         ["subject late"])
+        self.wait_for(lambda b: self.text("record").startswith("status sent"))
+
+    def test_a_wrong_token_shows_the_login_again(self):
+        self.daemon()
+        self.open(token="not-the-token", ready=False)
+        self.wait_for(lambda b: "The token was refused" in self.text("login-error"))
+        self.assertFalse(self.browser.find_element("id", "app").is_displayed())
+        self.log_in(self.TOKEN)
+        self.wait_for(lambda b: b.find_element("id", "app").is_displayed())
+        # a token that stops working (rotated) sends the page back to the login
+        self.browser.execute_script("sessionStorage.setItem('asyncmail-token', 'rotated')")
+        self.wait_for(lambda b: b.find_element("id", "login").is_displayed())
+        self.assertIn("The token was refused", self.text("login-error"))
+
+    def test_a_page_from_another_origin_cannot_act(self):
+        for token in (None, self.TOKEN):
+            with self.subTest(token=token):
+                core = self.daemon(token)
+                self.add(core, message("keep1", account_id="parked"),
+                         message("keep2", account_id="parked"))
+                attacker = serve_locally(self._attacker_handler(self.base))
+                self.addCleanup(attacker.server_close)
+                self.addCleanup(attacker.shutdown)
+                self.browser.get("http://127.0.0.1:%d/" % attacker.server_address[1])
+                self.wait_for(lambda b: b.title == "tried")
+                attempts = json.loads(self.browser.find_element("id", "result").text)
+                self.assertEqual(len(attempts), 4, attempts)
+                queue = self.queue()
+                self.assertEqual(queue["pending"], 2, (attempts, queue))
+                self.assertTrue(core.controls.account_active("acct"))
+                self.assertFalse(core.controls.account_active("parked"))
+
+    @staticmethod
+    def _attacker_handler(target):
+        page = ("""<!DOCTYPE html><html><head><title>attacker</title></head><body>
+<pre id="result"></pre>
+<iframe name="sink"></iframe>
+<form id="form" method="POST" target="sink" enctype="text/plain"
+      action="%(t)s/commands/delete-messages"><input name='{"x":"' value='"}'></form>
+<script>
+var results = [];
+function note(what) { return function (r) { results.push(what + ": " + (r.status || r)); }; }
+document.getElementById("form").submit();
+Promise.all([
+  fetch("%(t)s/commands/delete-messages", {method: "POST", mode: "no-cors", body: "{}",
+        headers: {"Content-Type": "text/plain"}}).then(note("no-cors"), note("no-cors")),
+  fetch("%(t)s/commands/delete-messages", {method: "POST", body: "{}",
+        headers: {"Content-Type": "application/json"}}).then(note("json"), note("json")),
+  fetch("%(t)s/commands/suspend", {method: "POST", body: "{}",
+        headers: {"Content-Type": "application/json", "X-API-Token": "guess"}})
+    .then(note("token"), note("token")),
+  fetch("%(t)s/messages?tenant_id=*").then(function (r) { return r.text(); })
+    .then(note("read"), note("read"))
+]).then(function () {
+  setTimeout(function () {
+    document.getElementById("result").textContent = JSON.stringify(results);
+    document.title = "tried";
+  }, 500);
+});
+</script></body></html>""" % {"t": target}).encode()
+
+        class Attacker(QuietHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def do_POST(self):
+                self.send_response(204)
+                self.end_headers()
+        return Attacker
+
+
+class OverviewApiTests(CoreCase):
+    """What the web page reads: GET /overview, the search of GET /messages
+    and the MIME headers of GET /messages/{id}."""
+
+    def test_overview_counts_states_and_the_last_hour(self):
+        smtp = self.smtp_server()
+        core = self.make_core({"delivery": {"retry_delays": "60", "max_retries": "3"}})
+        self.add_account(core, smtp, limit_per_hour=100, password="pw-NEVER-SHOWN")
+        self.add_account(core, smtp, id="quiet")
+        core.handle_command("suspend", {"account_id": "quiet"})
+        smtp.rcpt_replies["later@example.com"] = "451 4.3.0 try later"
+        self.add(core, message("ok1", account_id="acct"), message("ok2", account_id="acct"),
+                 message("soon", account_id="acct", to="later@example.com"),
+                 message("q", account_id="quiet"))
+        self.run_now(core)
+        status, answer = self.client(core).request("GET", "/overview")
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["scope"], "*")
+        self.assertEqual(answer["queue"]["sent"], 2)
+        self.assertEqual(answer["queue"]["deferred"], 1)
+        self.assertEqual(answer["queue"]["pending"], 1)
+        accounts = {a["id"]: a for a in answer["accounts"]}
+        self.assertEqual(accounts["acct"]["rate"], {"hour": [2, 100]})
+        self.assertEqual(accounts["acct"]["queue"]["deferred"], 1)
+        self.assertFalse(accounts["quiet"]["active"])
+        self.assertEqual(accounts["quiet"]["queue"]["pending"], 1)
+        self.assertEqual(answer["suspended"], ["quiet"])
+        hour = answer["last_hour"]
+        self.assertEqual(hour["minutes"], 60)
+        self.assertEqual((hour["sent"][-1], hour["deferred"][-1], hour["error"][-1]), (2, 1, 0))
+        self.assertEqual(sum(hour["sent"]), 2)
+        self.assertNotIn("pw-NEVER-SHOWN", json.dumps(answer))
+        self.clock.advance(3600)     # an hour on, the minute has left the chart
+        _, later = self.client(core).request("GET", "/overview")
+        self.assertEqual(sum(later["last_hour"]["sent"]), 0)
+
+    def test_an_account_depth_is_counted_up_to_the_cap(self):
+        core = self.make_core()
+        self.add_account(core)
+        core.handle_command("suspend", {"account_id": "acct"})
+        self.add(core, *[message("m%d" % i) for i in range(5)])
+        original = asyncmail._Commands.OVERVIEW_DEPTH_CAP
+        asyncmail._Commands.OVERVIEW_DEPTH_CAP = 3
+        self.addCleanup(setattr, asyncmail._Commands, "OVERVIEW_DEPTH_CAP", original)
+        answer = core.handle_command("overview")
+        self.assertEqual(answer["accounts"][0]["queue"]["pending"], 3)
+        self.assertEqual(answer["depth_cap"], 3)
+        self.assertEqual(answer["queue"]["pending"], 5)     # the counters stay exact
+
+    def test_search_finds_recipient_subject_and_id_window_by_window(self):
+        core = self.make_core()
+        self.add_account(core)
+        core.handle_command("suspend", {"account_id": "acct"})
+        self.add(core, message("a1", to="Alice <alice@example.com>"),
+                 message("b1", subject="Invoice 42"), message("c1"))
+        found = core.handle_command("list messages", {"search": "ALICE"})
+        self.assertEqual([m["id"] for m in found["messages"]], ["a1"])
+        self.assertEqual(core.handle_command("list messages", {"search": "invoice"})
+                         ["messages"][0]["id"], "b1")
+        self.assertEqual([m["id"] for m in core.handle_command(
+            "list messages", {"search": "c1"})["messages"]], ["c1"])
+        self.assertIsNone(found["next"])
+        bad = self.client(core).request("GET", "/messages?search=" + "x" * 201)
+        self.assertEqual(bad[0], 400)
+        # a window at a time: with a window of 2, a page looks at two
+        # messages and the cursor goes on from the second
+        original = asyncmail.SEARCH_WINDOW
+        asyncmail.SEARCH_WINDOW = 2
+        self.addCleanup(setattr, asyncmail, "SEARCH_WINDOW", original)
+        first = core.handle_command("list messages", {"search": "c1"})
+        self.assertEqual(first["messages"], [])
+        self.assertIsNotNone(first["next"])
+        second = core.handle_command("list messages", {"search": "c1", "after": first["next"]})
+        self.assertEqual([m["id"] for m in second["messages"]], ["c1"])
+        self.assertIsNone(second["next"])
+
+    def test_a_message_shows_the_headers_it_will_be_sent_with(self):
+        core = self.make_core()
+        self.add_account(core)
+        core.handle_command("suspend", {"account_id": "acct"})
+        self.add(core, message("h1", subject="Hello", bcc="hidden@example.com",
+                               headers={"X-Campaign": "7"},
+                               attachments=[{"filename": "a.pdf", "content": "AAAA"}]))
+        headers = self.record(core, "h1")["mime_headers"]
+        self.assertIn("Subject: Hello", headers)
+        self.assertIn("X-Campaign: 7", headers)
+        self.assertIn("multipart/mixed", headers)
+        self.assertNotIn("hidden@example.com", headers)
 
 
 class MetricsTests(CoreCase):

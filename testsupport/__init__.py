@@ -664,3 +664,35 @@ def bounce_dsn(recipients, verp=None, original=None, to="shop@example.com"):
             "%s\n%s--b0--\n" % ("Delivered-To: %s\n" % verp if verp else "", to, blocks,
                                 returned))
     return text.replace("\n", "\r\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------
+# A headless Chromium driven through WebDriver (selenium), for the web page
+# --------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def browser_unavailable():
+    """Why a headless Chromium cannot be driven here, or None when it can."""
+    try:
+        import selenium.webdriver   # noqa: F401 (only its presence is asked)
+    except ImportError:
+        return "selenium (pip install selenium)"
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        return "chromium and chromedriver (apt-get install chromium chromium-driver)"
+    return None
+
+
+def start_browser(width=1280, height=1000):
+    """A headless Chromium (its own throw-away profile); quit() it after."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=%d,%d" % (width, height),
+                     "--no-first-run", "--disable-extensions"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
