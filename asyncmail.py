@@ -6103,8 +6103,8 @@ PAGE_HTML = r"""<!DOCTYPE html>
     <div id="tenants"></div>
     <h2>Last hour</h2>
     <canvas id="chart" width="720" height="160"></canvas>
-    <div id="legend" class="legend"><span class="sent">sent</span>
-      <span class="deferred">deferred</span><span class="error">error</span></div>
+    <div id="legend" class="legend"><span class="key-sent">sent</span>
+      <span class="key-deferred">deferred</span><span class="key-error">error</span></div>
     <h2>Accounts</h2>
     <table id="accounts"><thead><tr><th>Account</th><th>Tenant</th><th>Relay</th>
       <th>State</th><th>Rate limit use</th><th>Pending</th><th>Deferred</th><th>Held</th>
@@ -6143,7 +6143,7 @@ PAGE_HTML = r"""<!DOCTYPE html>
     <h3>Bounces</h3>
     <table id="bounce-list"><thead><tr><th>When</th><th>Recipient</th><th>Type</th>
       <th>Status</th><th>Diagnostic</th></tr></thead><tbody></tbody></table>
-    <h3>Headers it will be sent with</h3>
+    <h3>MIME headers, as built for sending (Date is set when it is sent)</h3>
     <pre id="mime"></pre>
   </section>
 </main>
@@ -6198,9 +6198,9 @@ input, select { font: inherit; padding: .2em .3em; }
 .legend span { margin-right: 1em; }
 .legend span::before { content: ""; display: inline-block; width: .8em; height: .8em;
   margin-right: .3em; }
-.legend .sent::before { background: var(--sent); }
-.legend .deferred::before { background: var(--deferred); }
-.legend .error::before { background: var(--error); }
+.legend .key-sent::before { background: var(--sent); }
+.legend .key-deferred::before { background: var(--deferred); }
+.legend .key-error::before { background: var(--error); }
 .state-suspended { color: var(--error); }
 .state-backed-off { color: var(--deferred); }
 #login form { max-width: 26em; }
@@ -6517,7 +6517,7 @@ PAGE_SCRIPT = r""""use strict";
     row(body, "subject", m.subject);
     row(body, "priority", m.priority);
     row(body, "created", when(m.created_ts));
-    row(body, "updated", when(m.updated_ts));
+    row(body, "updated", m.updated_at);
     if (m.deferred_ts) row(body, "deferred until", when(m.deferred_ts));
     if (m.sent_ts) row(body, "sent", when(m.sent_ts));
     if (m.error) row(body, "reason", m.error);

@@ -59,7 +59,7 @@ DAEMON = os.path.join(ROOT, "asyncmail.py")
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 SCENARIOS = ("intake", "single", "dispatch", "latency", "scale", "footprint", "reports",
-             "pull", "tenants", "bounces")
+             "pull", "tenants", "bounces", "page")
 
 # ---------------------------------------------------------------------------
 # sizes: (quick, full)
@@ -82,6 +82,8 @@ SIZES = {
     "tenants_intake_rounds": (5, 9),     # the median of the rounds' ratios is judged
     "bounces_n": (1000, 1000),          # one poll reads at most 1,000 (MAX_PER_CYCLE)
     "bounces_rounds": (5, 9),           # daemon and raw IMAP loop take turns
+    "page_big": (100000, 1000000),      # the web page at 1,000 queued, then at this
+    "page_rounds": (5, 7),              # page loads per view and size; the median counts
 }
 PICK = 0  # 0 quick, 1 full; set in main()
 
@@ -2122,11 +2124,82 @@ def scenario_bounces(ctx):
     return {"rows": rows, "raw": raw}
 
 
+# ---------------------------------------------------------------------------
+# page: the web page in headless Chromium at 1,000 and at 1,000,000 queued
+# ---------------------------------------------------------------------------
+PAGE_RATIO = 2.0    # a view at the big queue within 2x its time at 1,000
+PAGE_VIEWS = (("first paint (overview)", "/"),
+              ("filtered page (status + account)", "/#/messages?status=deferred&account_id=bulk"),
+              ("search, no match in a window", "/#/messages?search=nobody-matches-this"))
+
+
+def load_page(browser, url):
+    """Load ``url`` fresh; the page's own milliseconds from navigation to
+    its first render of data (``data-ready``, set after the API answered
+    and the view was drawn)."""
+    browser.get("about:blank")
+    browser.get(url)
+    deadline = time.perf_counter() + 60.0
+    while time.perf_counter() < deadline:
+        ready = browser.execute_script("return document.body && document.body.dataset.ready")
+        if ready:
+            return float(ready)
+        time.sleep(0.01)
+    raise RuntimeError("the page at %s did not render within 60 s" % url)
+
+
+def scenario_page(ctx):
+    tests = test_fixtures()
+    missing = tests.browser_unavailable()
+    if missing:
+        return {"rows": [("page", "SKIPPED: %s" % missing, "-", "SKIP")],
+                "raw": {"missing": missing}}
+    big, rounds = size("page_big"), size("page_rounds")
+    far = int(time.time()) + 10 * 365 * 86400
+    raw = {"sizes": [1000, big], "rounds": rounds, "backlog": "deferred_ts +10 years, one account",
+           "browser": "headless Chromium via WebDriver", "measure": "data-ready (ms from "
+           "navigation start to the first render of data, as the page reports it)"}
+    browser = tests.start_browser()
+    try:
+        with ctx.daemon("page", SUSPENDED) as daemon:
+            api = daemon.api()
+            add_account(api, "bulk", 9)
+            base = "http://127.0.0.1:%d" % daemon.port
+            loaded = 0
+            for queued in (1000, big):
+                batches = (queued - loaded) // 1000
+                post_batches(daemon.port, batches, 4,
+                             make=lambda i: batch_bytes(1000, deferred_ts=far),
+                             timeout=max(600.0, batches * 2.0))
+                loaded = queued
+                step = {}
+                for label, path in PAGE_VIEWS:
+                    load_page(browser, base + path)      # warm: the first load is not counted
+                    samples = [load_page(browser, base + path) for _ in range(rounds)]
+                    step[label] = {"median_ms": statistics.median(samples), "samples": samples}
+                raw[str(queued)] = step
+                print("  %s queued: %s" % (fmt(queued), ", ".join(
+                    "%s %.1f ms" % (label.split(" (")[0], step[label]["median_ms"])
+                    for label, _ in PAGE_VIEWS)))
+            api.close()
+    finally:
+        browser.quit()
+    rows = []
+    for label, _ in PAGE_VIEWS:
+        small, large = raw["1000"][label]["median_ms"], raw[str(big)][label]["median_ms"]
+        ratio = large / small
+        raw.setdefault("ratios", {})[label] = ratio
+        rows.append(("page, " + label, "%.1f ms at %s vs %.1f ms at 1k; %.2fx" % (
+            large, fmt(big), small, ratio), "<= %gx the 1k time" % PAGE_RATIO,
+            verdict(ratio <= PAGE_RATIO)))
+    return {"rows": rows, "raw": raw}
+
+
 RUNNERS = {"intake": scenario_intake, "single": scenario_single,
            "dispatch": scenario_dispatch, "latency": scenario_latency,
            "scale": scenario_scale, "footprint": scenario_footprint,
            "reports": scenario_reports, "pull": scenario_pull, "tenants": scenario_tenants,
-           "bounces": scenario_bounces}
+           "bounces": scenario_bounces, "page": scenario_page}
 
 
 # ---------------------------------------------------------------------------
