@@ -1069,7 +1069,9 @@ class _FramingFuzzer:
             (b"http://[::1/status", 400), (b"*", 400), (b"http://127.0.0.1/status", 200),
             (b"HTTP://127.0.0.1/status", 200), (b"http://localhost:99999/status", 400),
             (b"http://evil.example/status", other), (b"https://127.0.0.1/status", 200),
-            (b"http://127.0.0.1", 404), (b"http://127.0.0.1:80@evil.example/status", other),
+            (b"http://127.0.0.1", 200),     # the path "/" is the web page
+            (b"http://127.0.0.1:80@evil.example/status", other), (b"/ui/app.js", 200),
+            (b"http://evil.example/", other), (b"/ui/app.js/", 200), (b"/ui/nope.js", 404),
             (b"http://evil.example@127.0.0.1/status", 200), (b"http://[::1]/status", 200),
             (b"http://[::1]:8/status", 200), (b"/status#frag", 200), (b"/status?x=%00", 200),
             (b"/sta%00tus", 404), (b"/status?" + b"a" * 60000, 200), (b"/" + b"a" * 70000, 414),
