@@ -6847,6 +6847,23 @@ class BrowserPeerTests(CoreCase):
         self.wait_for(lambda b: b.find_element("id", "login").is_displayed())
         self.assertIn("The token was refused", self.text("login-error"))
 
+    def test_a_tenant_key_sees_its_own_tenant_only(self):
+        core = self.daemon()
+        key = core.handle_command("add tenant", {"id": "shop",
+                                                 "client_base_url": "http://127.0.0.1:9"})["api_key"]
+        core.handle_command("add account", {"id": "orders", "host": "127.0.0.1",
+                                            "port": self.smtp.port, "tenant_id": "shop"})
+        core.handle_command("suspend", {"account_id": "orders", "tenant_id": "shop"})
+        self.add(core, message("mine", account_id="orders"), tenant_id="shop")
+        self.add(core, message("theirs", account_id="parked"))
+        self.open("/messages", token=key)
+        self.wait_for(lambda b: b.find_elements("css selector", 'tr[data-id="mine"]'))
+        self.assertFalse(self.browser.find_elements("css selector", 'tr[data-id="theirs"]'))
+        self.browser.get(self.base + "/#/")
+        self.wait_for(lambda b: b.find_elements("css selector", 'tr[data-account="orders"]'))
+        self.assertFalse(self.browser.find_elements("css selector", 'tr[data-account="parked"]'))
+        self.assertEqual(self.text("count-pending"), "1")
+
     def test_a_page_from_another_origin_cannot_act(self):
         for token in (None, self.TOKEN):
             with self.subTest(token=token):
