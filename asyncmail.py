@@ -6232,6 +6232,11 @@ PAGE_SCRIPT = r""""use strict";
     return new Date(ts * 1000).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
   }
   function token() { return sessionStorage.getItem(TOKEN_KEY); }
+  function localInput(ts) {     // epoch seconds as a datetime-local value
+    var d = new Date(ts * 1000), pad = function (n) { return String(n).padStart(2, "0"); };
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" +
+      pad(d.getHours()) + ":" + pad(d.getMinutes());
+  }
 
   function LoginNeeded(message) { this.message = message; }
 
@@ -6455,7 +6460,11 @@ PAGE_SCRIPT = r""""use strict";
       var value = form.elements[name].value;
       if (value) query.push(name + "=" + Math.floor(new Date(value).getTime() / 1000));
     });
-    if (!form.elements.tenant_id.value.trim() && state.scope === "*") query.push("tenant_id=*");
+    // every tenant, unless an account or id prefix names one (the default, left empty)
+    var named = form.elements.account_id.value.trim() || form.elements.id_prefix.value.trim();
+    if (!form.elements.tenant_id.value.trim() && state.scope === "*" && !named) {
+      query.push("tenant_id=*");
+    }
     return query;
   }
 
@@ -6628,10 +6637,16 @@ PAGE_SCRIPT = r""""use strict";
       if (hash.indexOf("#/messages?") === 0) {
         var params = new URLSearchParams(hash.slice("#/messages?".length));
         var form = $("filters");
-        FILTERS.forEach(function (name) {
+        FILTERS.forEach(function (name) {   // the link says the whole filter
           var value = params.get(name);
-          if (value !== null && value !== "*") form.elements[name].value = value;
+          form.elements[name].value = value === null || value === "*" ? "" : value;
         });
+        if (!form.elements.order.value) form.elements.order.value = "newest";
+        ["since", "until"].forEach(function (name) {
+          var value = params.get(name);
+          form.elements[name].value = value ? localInput(Number(value)) : "";
+        });
+        state.cursors = [];
       }
       refresh();
     });

@@ -6812,6 +6812,12 @@ class BrowserPeerTests(CoreCase):
         self.assertIn("Subject: subject bad", self.text("mime"))
         self.assertNotIn("smtp-PASSWORD-never-shown", self.browser.page_source)
         self.assertNotIn(self.TOKEN, self.browser.page_source)
+        # a filter by account (the admin's listing spans the tenants: an
+        # account names one, the default here)
+        self.browser.get(self.base + "/#/messages?account_id=parked")
+        self.wait_for(lambda b: len(b.find_elements("css selector", "#messages tbody tr")) == 2)
+        self.assertEqual(sorted(r.get_attribute("data-id") for r in self.browser.find_elements(
+            "css selector", "#messages tbody tr")), ["wait1", "wait2"])
         # the search by recipient finds it too
         self.browser.get(self.base + "/#/messages?search=GONE@example")
         self.wait_for(lambda b: b.find_elements("css selector", 'tr[data-id="bad"]'))
