@@ -1157,6 +1157,7 @@ _EPOCH_TEXT = _seconds(0, LATEST_TS)             # ... or, in a query, its text
 
 
 def _check_timestamp(value, field):
+    """An epoch timestamp field (a JSON number, 0..LATEST_TS) or None."""
     if value is None:
         return None
     try:
@@ -1175,6 +1176,7 @@ def _conf_str(value):
 
 
 def _conf_delays(value):
+    """retry_delays: a comma list (or a list) of seconds, at least one."""
     if isinstance(value, (list, tuple)):
         items = list(value)
     else:
@@ -1764,6 +1766,7 @@ class Store:
             self._slots.release()
 
     def _open_connection(self):
+        """A new pooled connection: WAL, the busy timeout, FULL sync (the intake's)."""
         conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000.0,
                                isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = %d" % SQLITE_BUSY_TIMEOUT_MS)
@@ -2602,6 +2605,7 @@ class Store:
             self._event(conn, claim, "error", error_ts=outcome.ts, error=outcome.error)
 
     def _apply_deferred(self, conn, outcome):
+        """A deferral, written (with its report event) only while the claim stands."""
         claim = outcome.claim
         if conn.execute(SQL_DEFER_MESSAGE, {
                 "now": outcome.ts, "until": outcome.until, "error": outcome.error,
@@ -2828,6 +2832,7 @@ MAX_STORAGE_PATH = 1024
 
 
 def _attachment_filename(value, field):
+    """A bare file name (no path), single-line, at most MAX_FILENAME_CHARS."""
     filename = _check_text(value, field, required=True, max_chars=MAX_FILENAME_CHARS,
                            single_line=True)
     if not filename.strip() or _CONTROL_CHARS.search(filename):
@@ -2838,6 +2843,7 @@ def _attachment_filename(value, field):
 
 
 def _attachment_mime_type(value, field):
+    """type/subtype, lower-cased; None: guessed from the filename at send time."""
     if value is None:
         return None
     if (not isinstance(value, str) or len(value) > MAX_MIME_TYPE_CHARS
@@ -2902,12 +2908,14 @@ def _storage_source(value, field):
 
 
 def _endpoint_fetch_mode(value, field):
+    """``endpoint``, the only mode of a storage_path (not stored)."""
     if value is not None and value != "endpoint":
         raise ValueError("%s must be endpoint, with storage_path" % field)
     return None     # the only mode: not stored
 
 
 def _content_md5(value, field):
+    """The MD5 (hex) the tenant gives for a storage_path file, lower-cased."""
     if value is None:
         return None
     if not isinstance(value, str) or not _MD5_HEX.fullmatch(value):
@@ -3282,6 +3290,8 @@ class AttachmentFetcher:
         return data, _content_type(response_headers)
 
     def _remember(self, tenant, md5, data):
+        """Cache verified bytes by (tenant, MD5), oldest out first; a file over a
+        quarter of the cache is not kept."""
         if len(data) > MAX_CACHED_ATTACHMENT_BYTES // 4:
             return   # one file must not flush the whole cache
         with self._cache_lock:
@@ -3410,10 +3420,12 @@ _MESSAGE_ID_TEXT = re.compile(r"[!-~]+")   # printable ASCII, no space
 
 
 def _account_id_field(value, field):
+    """An account id, or None for the batch's default account."""
     return None if value is None else _check_identifier(value, field)
 
 
 def _sender_field(value, field):
+    """The From address as [name, address] (required)."""
     if value is None:
         raise ValueError("%s is required" % field)
     if not isinstance(value, str):
@@ -3427,6 +3439,7 @@ def _address_list_field(value, field):
 
 
 def _recipient_field(value, field):
+    """To: at least one [name, address]."""
     recipients = _address_list_field(value, field)
     if not recipients:
         raise ValueError("%s must name at least one recipient" % field)
@@ -3434,6 +3447,7 @@ def _recipient_field(value, field):
 
 
 def _return_path_field(value, field):
+    """The envelope sender's bare address, or None (From's, or VERP's)."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -3442,12 +3456,14 @@ def _return_path_field(value, field):
 
 
 def _text_field(required=False, single_line=False):
+    """A parser of a text field (see _check_text)."""
     def parse(value, field):
         return _check_text(value, field, required=required, single_line=single_line)
     return parse
 
 
 def _content_type_field(value, field):
+    """``plain`` (the default) or ``html``; text/plain and text/html are taken too."""
     if value is None:
         return "plain"
     if not isinstance(value, str) or value.lower() not in (
@@ -3493,10 +3509,12 @@ def _rfc_message_id_field(value, field):
 
 
 def _priority_field(value, field):
+    """0-3 (see _parse_priority), or None for the batch's default."""
     return None if value is None else _parse_priority(value)   # None: the batch's default
 
 
 def _batch_code_field(value, field):
+    """A campaign code: an id of at most MAX_BATCH_CODE characters, or None."""
     if value is None:
         return None
     _check_identifier(value, field)
@@ -3506,6 +3524,7 @@ def _batch_code_field(value, field):
 
 
 def _attachments_field(value, field):
+    """The list of attachments, each checked by _check_attachment."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -3604,6 +3623,8 @@ def message_view(message, retry_count, full=True):
 
 
 def _address_objects(pairs):
+    """(name, address) pairs as the email package's Address objects (a quoted
+    local part unquoted, as Address quotes it again)."""
     from email.headerregistry import Address
     objects = []
     for name, addr in pairs:
@@ -3783,6 +3804,7 @@ _VERP_TOKEN = re.compile(r"[a-z2-7]{%d}[0-9a-z]{1,13}" % VERP_MAC_CHARS)
 
 
 def _base36(number):
+    """A non-negative integer in base 36 (digits, then lower-case letters)."""
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     text = ""
     while True:
@@ -4822,6 +4844,8 @@ class SmtpRelay:
                 self.close()
 
     def _reset(self):
+        """RSET on the open connection after a failed transaction; a connection
+        that cannot even do that is closed."""
         if self._conn is None:
             return
         import smtplib
@@ -5085,6 +5109,7 @@ class _Controls:
             return tenant not in self._tenants
 
     def hold_batch(self, tenant, batch_code, held=True):
+        """Hold (or release) one campaign of a tenant: the claim skips its messages."""
         with self._lock:
             codes = self._batches.setdefault(tenant, set())
             if held:
@@ -5408,6 +5433,7 @@ class _Dispatcher(_Worker):
         return jobs
 
     def _close_idle_relays(self):
+        """Close the relays idle past their account's ``ttl`` (none in use is touched)."""
         with self._lock:
             idle = [(k, r) for k, r in self._relays.items()
                     if k not in self._busy and (r.idle_for() or 0) > r.account["ttl"]]
@@ -5779,6 +5805,9 @@ class _Reporter(_Worker):
         return jobs
 
     def _due(self, upstream, now):
+        """Whether a tenant's upstream gets a POST this cycle: not while paced or
+        backing off, at once when forced or more events wait, else when
+        events exist or its heartbeat is due."""
         if now < upstream.not_before:
             return False
         if upstream.forced or upstream.more:
@@ -5972,6 +6001,8 @@ class _BounceCollector(_Worker):
             self.on_bounce()
 
     def _failed(self, exc, now):
+        """A failed poll: back off (doubling up to BACKOFF_MAX) and log it
+        without a credential."""
         self._failures += 1
         delay = min(self.BACKOFF_MAX, self.settings.poll_interval_seconds
                     * 2 ** (self._failures - 1))
@@ -6069,7 +6100,8 @@ class _BounceCollector(_Worker):
 # Everything is text built with textContent, never markup from data; the CSP
 # allows this origin's files only (no inline script or style, no frames).
 
-PAGE_HTML = r"""<!DOCTYPE html>
+PAGE_HTML = r"""
+<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -6158,7 +6190,8 @@ PAGE_HTML = r"""<!DOCTYPE html>
 </html>
 """
 
-PAGE_STYLE = r""":root { --fg: #1d232a; --muted: #66707a; --line: #d9dee3; --bg: #fff; --accent: #2160c4;
+PAGE_STYLE = r"""
+:root { --fg: #1d232a; --muted: #66707a; --line: #d9dee3; --bg: #fff; --accent: #2160c4;
   --sent: #2e9d57; --deferred: #d99a1c; --error: #cc3b3b; }
 * { box-sizing: border-box; }
 body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
@@ -6209,7 +6242,8 @@ input, select { font: inherit; padding: .2em .3em; }
 [hidden] { display: none !important; }
 """
 
-PAGE_SCRIPT = r""""use strict";
+PAGE_SCRIPT = r"""
+"use strict";
 // asyncmail's web page: everything it shows comes from the API, written into
 // the page as text (never as markup); the token stays in this tab's
 // sessionStorage and goes out as X-API-Token, which no other site can set.
@@ -7004,6 +7038,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return int(value)
 
     def handle_expect_100(self):
+        """Answer ``Expect: 100-continue`` with 400/413 at once for a body that
+        is malformed or too large, before the client sends it."""
         length = self._content_length()
         if length == -1:
             self.send_error(400, "invalid Content-Length")
@@ -7427,6 +7463,8 @@ class _ApiServer(socketserver.ThreadingMixIn, HTTPServer):
         super().shutdown_request(request)
 
     def service_actions(self):
+        """Run by the accept loop: once a second, shut down the connections past
+        their request deadline."""
         now = time.monotonic()
         if now - self._last_reap < 1.0:
             return
@@ -7572,6 +7610,8 @@ class _AccountResolver:
         self.default = default_account or (next(iter(accounts)) if len(accounts) == 1 else None)
 
     def __call__(self, account_id):
+        """The account a message goes out through: the one named, else the
+        default; ValueError for none or an unknown one."""
         if account_id is None:
             if self.default is None:
                 raise ValueError("no account_id and no default account")
