@@ -5592,7 +5592,12 @@ class _Dispatcher(_Worker):
     def _log_outcome(self, claim, status, now, text, attempt=None, until=None, refused=None):
         """The one line every outcome gets, Postfix's way (``id= to= relay=
         delay= dsn= status= (reply)``): sent and deferred at INFO, failed
-        for good at WARNING."""
+        for good at WARNING.  Also counts the outcome in its minute (the web
+        page's chart)."""
+        self.metrics.tally(_tenant_of(claim.account_id), status, now)
+        level = logging.WARNING if status == "error" else logging.INFO
+        if not self.log.isEnabledFor(level):
+            return   # [logging] level = WARNING: the sent and deferred lines cost nothing
         try:
             to = json.loads(claim.recipients or "[]")
         except ValueError:
@@ -5601,11 +5606,9 @@ class _Dispatcher(_Worker):
                          for a in to[:MAX_LOGGED_RECIPIENTS])
         if len(to) > MAX_LOGGED_RECIPIENTS:
             shown += ",+%d" % (len(to) - MAX_LOGGED_RECIPIENTS)
-        self.metrics.tally(_tenant_of(claim.account_id), status, now)
         text = " ".join(str(text).split())[:MAX_LOGGED_REPLY]
         delay = now - claim.created_ts if claim.created_ts is not None else 0.0
-        self.log.log(logging.WARNING if status == "error" else logging.INFO,
-                     "id=%s to=%s relay=%s delay=%s dsn=%s status=%s (%s)%s%s",
+        self.log.log(level, "id=%s to=%s relay=%s delay=%s dsn=%s status=%s (%s)%s%s",
                      _shown_key(claim.ref), shown or "<>",
                      attempt.relay if attempt is not None else "none",
                      "%.2f" % delay if delay < 10 else "%d" % delay,
