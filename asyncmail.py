@@ -408,7 +408,8 @@ SQL_GET_MESSAGE = "SELECT " + SQL_RECORD_COLUMNS + " FROM messages WHERE id = ?"
 # messages_age (status, created_ts) or messages_account (status, account_id,
 # created_ts), merged by SQLite's UNION ALL merge: no sort, no scan, and a
 # page reads about as many rows as it returns, whatever the queue's size.
-SQL_LIST_ARM = "SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages WHERE status = ?"
+SQL_LIST_COLUMNS = "pk, " + SQL_RECORD_COLUMNS
+SQL_LIST_ARM = "SELECT {columns} FROM messages WHERE status = ?"
 SQL_LIST_TENANT = " AND tenant = ?"
 SQL_LIST_ACCOUNT = " AND account_id = ?"
 SQL_LIST_BATCH = " AND +batch_code = ?"
@@ -421,7 +422,7 @@ SQL_LIST_ORDER = {"oldest": " ORDER BY created_ts, pk LIMIT ? OFFSET ?",
 # With id_prefix the range of the unique id index drives, in id order (the
 # other filters are checked on each row; ``+status`` keeps the planner off
 # the status indexes, which would need a sort).
-SQL_LIST_BY_ID = ("SELECT pk, " + SQL_RECORD_COLUMNS + " FROM messages"
+SQL_LIST_BY_ID = ("SELECT {columns} FROM messages"
                   " WHERE id >= ? AND id < ? AND +status IN ({marks})")
 SQL_LIST_BY_ID_TENANT = " AND +tenant = ?"
 SQL_LIST_BY_ID_ACCOUNT = " AND +account_id = ?"
@@ -433,8 +434,10 @@ SQL_LIST_BY_ID_ORDER = {"oldest": " ORDER BY id LIMIT ? OFFSET ?",
 # matched there: a page costs the same whatever the queue's size, and the
 # cursor goes on from the window's end (lower() folds ASCII letters only).
 SEARCH_WINDOW = 5000
-SQL_SEARCH = ("SELECT * FROM ({listing}) WHERE instr(lower(subject), lower(?)) > 0"
+SQL_SEARCH_COLUMNS = "pk, id, created_ts, subject, recipients"   # never the payload
+SQL_SEARCH = ("SELECT pk FROM ({listing}) WHERE instr(lower(subject), lower(?)) > 0"
               " OR instr(lower(recipients), lower(?)) > 0 OR instr(lower(id), lower(?)) > 0")
+SQL_RECORDS_BY_PK = "SELECT " + SQL_LIST_COLUMNS + " FROM messages WHERE pk IN ({marks})"
 SQL_SEARCH_ORDER = {("time", "oldest"): " ORDER BY created_ts, pk LIMIT ?",
                     ("time", "newest"): " ORDER BY created_ts DESC, pk DESC LIMIT ?",
                     ("id", "oldest"): " ORDER BY id LIMIT ?",
@@ -1936,18 +1939,20 @@ class Store:
     @staticmethod
     def listing_query(statuses, account_id=None, since=None, until=None, id_prefix=None,
                       order="oldest", after=None, limit=1000, offset=0, tenant=None,
-                      batch_code=None):
+                      batch_code=None, columns=SQL_LIST_COLUMNS):
         """(sql, parameters) of one page of GET /messages: the messages in
         ``statuses`` (created in [since, until)) in (created_ts, pk) order,
         or in id order with ``id_prefix``; ``after`` is the keyset cursor
         (created_ts, pk), or an id with ``id_prefix``.  ``tenant`` (None:
         every tenant) narrows to one tenant; ``account_id`` and ``id_prefix``
         are store keys, so they name a tenant already.  Every combination is
-        served from an index (the store tests pin the plans)."""
+        served from an index (the store tests pin the plans).  ``columns``:
+        what each row holds (a search reads only SQL_SEARCH_COLUMNS)."""
         if account_id is not None:
             tenant = None    # the account's key holds its tenant
         if id_prefix is not None:
-            sql = SQL_LIST_BY_ID.format(marks=",".join("?" * len(statuses)))
+            marks = ",".join("?" * len(statuses))
+            sql = SQL_LIST_BY_ID.format(columns=columns, marks=marks)
             params = [id_prefix, _prefix_end(id_prefix)] + list(statuses)
             for clause, value in ((SQL_LIST_BY_ID_TENANT, tenant),
                                   (SQL_LIST_BY_ID_ACCOUNT, account_id),
@@ -1960,7 +1965,7 @@ class Store:
             return sql + SQL_LIST_BY_ID_ORDER[order], params + [limit, offset]
         arms, params = [], []
         for status in statuses:
-            arm, arm_params = SQL_LIST_ARM, [status]
+            arm, arm_params = SQL_LIST_ARM.format(columns=columns), [status]
             for clause, value in ((SQL_LIST_TENANT, tenant), (SQL_LIST_ACCOUNT, account_id),
                                   (SQL_LIST_BATCH, batch_code), (SQL_LIST_SINCE, since),
                                   (SQL_LIST_UNTIL, until)):
@@ -1994,21 +1999,30 @@ class Store:
         where a next search goes on from, or None when the listing ended)."""
         limit, offset = query.pop("limit", 1000), query.pop("offset", 0)
         listing, params = self.listing_query(statuses, limit=SEARCH_WINDOW, offset=offset,
-                                             **query)
+                                             columns=SQL_SEARCH_COLUMNS, **query)
         by = "id" if query.get("id_prefix") is not None else "time"
         sql = (SQL_SEARCH.format(listing=listing)
                + SQL_SEARCH_ORDER[(by, query.get("order", "oldest"))])
         edge, edge_params = self.listing_query(statuses, limit=1,
-                                               offset=offset + SEARCH_WINDOW - 1, **query)
+                                               offset=offset + SEARCH_WINDOW - 1,
+                                               columns=SQL_SEARCH_COLUMNS, **query)
         with self._connection() as conn:
-            rows = conn.execute(sql, params + [text, text, text, limit]).fetchall()
+            found = [row[0] for row in conn.execute(sql, params + [text, text, text, limit])]
             last = conn.execute(edge, edge_params).fetchone()
+            rows = {}
+            for start in range(0, len(found), 500):   # within any SQLite's 999 variables
+                part = found[start:start + 500]
+                rows.update((row[0], row) for row in conn.execute(
+                    SQL_RECORDS_BY_PK.format(marks=",".join("?" * len(part))), part))
         records = []
-        for row in rows + ([last] if last is not None else []):
-            record = self._record(row[1:])
-            record["pk"] = row[0]
-            records.append(record)
-        return records[:len(rows)], records[len(rows)] if last is not None else None
+        for pk in found:
+            if pk in rows:     # (deleted between the two reads: left out)
+                record = self._record(rows[pk][1:])
+                record["pk"] = pk
+                records.append(record)
+        edge_record = None if last is None else {"pk": last[0], "id": last[1],
+                                                 "created_ts": last[2]}
+        return records, edge_record
 
     def account_depth(self, key, statuses, cap):
         """``{status: n}`` of one account's messages, each n at most ``cap``."""
@@ -4472,8 +4486,10 @@ class Metrics:
                 self._counters[name].setdefault(tenant, 0)
 
     def forget_tenant(self, tenant):
-        """Drop the series of a deleted tenant."""
+        """Drop the series of a deleted tenant (its chart's minutes too)."""
         with self._lock:
+            self._minutes = {key: counts for key, counts in self._minutes.items()
+                             if key[0] != tenant}
             for name, _, label in self.COUNTERS:
                 if label == "account":
                     self._counters[name] = {k: v for k, v in self._counters[name].items()
@@ -4510,7 +4526,7 @@ class Metrics:
         series = {outcome: [0] * self.HOUR_KEPT for outcome in self.TALLIED}
         with self._lock:
             for (name, minute), counts in self._minutes.items():
-                if minute >= first and (tenant is None or name == tenant):
+                if first <= minute <= last and (tenant is None or name == tenant):
                     for outcome, n in counts.items():
                         series[outcome][minute - first] += n
         return dict(series, start=first * 60, minutes=self.HOUR_KEPT)
@@ -6255,7 +6271,9 @@ PAGE_SCRIPT = r"""
   var POLL_MS = 3000;
   var STATUSES = ["pending", "deferred", "held", "sending", "sent", "error"];
   var FILTERS = ["status", "tenant_id", "account_id", "id_prefix", "search", "order"];
-  var state = { scope: null, view: null, cursors: [], next: null, timer: null, busy: false };
+  var REQUEST_MS = 15000;      // a request that has not answered by then is given up
+  var state = { scope: null, view: null, cursors: [], next: null, timer: null, busy: false,
+                seq: 0, stale: false };
 
   function $(id) { return document.getElementById(id); }
   function el(tag, text, cls) {
@@ -6280,17 +6298,27 @@ PAGE_SCRIPT = r"""
   async function api(method, path, body) {
     var headers = { "Accept": "application/json" };
     if (token()) headers["X-API-Token"] = token();
-    var options = { method: method, headers: headers, cache: "no-store", credentials: "omit" };
+    var abort = new AbortController();
+    var timer = setTimeout(function () { abort.abort(); }, REQUEST_MS);
+    var options = { method: method, headers: headers, cache: "no-store", credentials: "omit",
+                    signal: abort.signal };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       options.body = JSON.stringify(body);
     }
-    var response = await fetch(path, options);
-    var answer = {};
+    var response, answer = {};
     try {
-      answer = await response.json();
+      response = await fetch(path, options);
+      try {
+        answer = await response.json();
+      } catch (e) {
+        answer = { error: "HTTP " + response.status };
+      }
     } catch (e) {
-      answer = { error: "HTTP " + response.status };
+      throw new Error(e.name === "AbortError" ? "no answer within " + REQUEST_MS / 1000 + " s"
+                      : "the daemon cannot be reached");
+    } finally {
+      clearTimeout(timer);
     }
     if (response.status === 401) {
       throw new LoginNeeded(token() ? "The token was refused." : "");
@@ -6304,6 +6332,10 @@ PAGE_SCRIPT = r"""
     clearTimeout(state.timer);
     $("app").hidden = true; $("nav").hidden = true; $("logout").hidden = true;
     $("login").hidden = false;
+    state.scope = null;
+    state.seq++;               // what is still on its way is not drawn
+    state.cursors = [];
+    $("filters").reset();      // nothing of one session's filters reaches the next
     $("login-error").textContent = message || "";
     $("token").value = "";
     $("token").focus();
@@ -6315,11 +6347,14 @@ PAGE_SCRIPT = r"""
     box.hidden = !text;
     box.textContent = text || "";
     box.className = failed ? "failed" : "";
+    state.stale = false;
   }
 
-  function failed(error) {
+  // an action's failure stays until the next action; a refresh's goes once one succeeds
+  function failed(error, refreshing) {
     if (error instanceof LoginNeeded) { showLogin(error.message); return; }
     notice(String(error.message || error), true);
+    state.stale = Boolean(refreshing);
   }
 
   // -- actions: confirmed first, progress while they run, the result after
@@ -6383,9 +6418,14 @@ PAGE_SCRIPT = r"""
     return button;
   }
 
-  function withTenant(query, tenant) {
-    if (tenant) query.push("tenant_id=" + encodeURIComponent(tenant));
+  function withTenant(query, tenant) {     // a tenant key acts in its own tenant only
+    if (tenant && state.scope === "*") query.push("tenant_id=" + encodeURIComponent(tenant));
     return query.length ? "?" + query.join("&") : "";
+  }
+
+  function scoped(body, tenant) {
+    if (state.scope === "*") body.tenant_id = tenant;
+    return body;
   }
 
   // -- the overview
@@ -6465,7 +6505,7 @@ PAGE_SCRIPT = r"""
         var n = a.queue[s];
         row.appendChild(el("td", n >= o.depth_cap ? n + "+" : n));
       });
-      var cell = el("td"), which = { account_id: a.id, tenant_id: a.tenant_id };
+      var cell = el("td"), which = scoped({ account_id: a.id }, a.tenant_id);
       cell.appendChild(a.active
         ? actionButton("Suspend", "/commands/suspend", which, "Suspend account " + a.id)
         : actionButton("Activate", "/commands/activate", which, "Activate account " + a.id));
@@ -6497,9 +6537,24 @@ PAGE_SCRIPT = r"""
       var value = form.elements[name].value;
       if (value) query.push(name + "=" + Math.floor(new Date(value).getTime() / 1000));
     });
-    // every tenant, unless an account or id prefix names one (the default, left empty)
-    var named = form.elements.account_id.value.trim() || form.elements.id_prefix.value.trim();
-    if (!form.elements.tenant_id.value.trim() && state.scope === "*" && !named) {
+    return query;
+  }
+
+  // The filter in force is the one in the address (#/messages?...), set by
+  // Show or a link: what is being typed in the form waits for Show.
+  function appliedQuery() {
+    var hash = location.hash, at = hash.indexOf("?");
+    var params = new URLSearchParams(at < 0 ? "" : hash.slice(at + 1)), query = [];
+    if (state.scope !== "*") params.delete("tenant_id");
+    params.forEach(function (value, name) {
+      if (FILTERS.indexOf(name) >= 0 || name === "since" || name === "until") {
+        query.push(name + "=" + encodeURIComponent(value));
+      }
+    });
+    // the admin lists every tenant, unless an account or id prefix names one
+    // (the default tenant's, when no tenant is given)
+    if (state.scope === "*" && !params.get("tenant_id") && !params.get("account_id") &&
+        !params.get("id_prefix")) {
       query.push("tenant_id=*");
     }
     return query;
@@ -6532,12 +6587,12 @@ PAGE_SCRIPT = r"""
       (answer.next ? "; more may follow" : "");
   }
 
-  async function loadMessages() {
-    var query = filterQuery();
+  function messagesPath() {
+    var query = appliedQuery();
     var after = state.cursors[state.cursors.length - 1];
     if (after) query.push("after=" + encodeURIComponent(after));
     query.push("limit=50");
-    renderMessages(await api("GET", "/messages?" + query.join("&")));
+    return "/messages?" + query.join("&");
   }
 
   function row(table, label, value) {
@@ -6548,8 +6603,11 @@ PAGE_SCRIPT = r"""
     table.appendChild(tr);
   }
 
-  async function loadMessage(tenant, id) {
-    var answer = await api("GET", "/messages/" + encodeURIComponent(id) + withTenant([], tenant));
+  function messagePath(tenant, id) {
+    return "/messages/" + encodeURIComponent(id) + withTenant([], tenant);
+  }
+
+  function renderMessage(answer) {
     var m = answer.message, body = $("record").tBodies[0];
     $("message-title").textContent = "Message " + m.id;
     body.textContent = "";
@@ -6589,7 +6647,7 @@ PAGE_SCRIPT = r"""
       bounces.appendChild(tr);
     });
     $("mime").textContent = m.mime_headers || "";
-    var actions = $("message-actions"), ids = { ids: [m.id], tenant_id: m.tenant_id };
+    var actions = $("message-actions"), ids = scoped({ ids: [m.id] }, m.tenant_id);
     actions.textContent = "";
     var named = "message " + m.id;
     function offer(label, path, body, text) {
@@ -6616,34 +6674,42 @@ PAGE_SCRIPT = r"""
     document.body.dataset.view = view;
   }
 
+  // One refresh at a time counts: each has a number, and a refresh that a
+  // newer one has overtaken (a click, a poll) draws nothing and plans nothing.
   async function refresh() {
     clearTimeout(state.timer);
+    var mine = ++state.seq;
     var hash = location.hash.replace(/^#/, "") || "/";
     try {
       if (state.scope === null) {
         var first = await api("GET", "/overview");
+        if (mine !== state.seq) return;
         state.scope = first.scope;
         $("login").hidden = true; $("app").hidden = false; $("nav").hidden = false;
         $("logout").hidden = !token();
-        if (state.scope !== "*") $("filters").elements.tenant_id.closest("label").hidden = true;
+        $("filters").elements.tenant_id.closest("label").hidden = state.scope !== "*";
       }
+      var view, path, render;
       if (hash.indexOf("/message/") === 0) {
         var parts = hash.split("/");
-        show("message");
-        await loadMessage(decodeURIComponent(parts[2]),
-                          decodeURIComponent(parts.slice(3).join("/")));
+        view = "message"; render = renderMessage;
+        path = messagePath(decodeURIComponent(parts[2]),
+                           decodeURIComponent(parts.slice(3).join("/")));
       } else if (hash.indexOf("/messages") === 0) {
-        show("messages");
-        await loadMessages();
+        view = "messages"; render = renderMessages; path = messagesPath();
       } else {
-        show("overview");
-        renderOverview(await api("GET", "/overview"));
+        view = "overview"; render = renderOverview; path = "/overview";
       }
+      var answer = await api("GET", path);
+      if (mine !== state.seq) return;
+      show(view);
+      render(answer);
       $("live").textContent = "updated " + new Date().toLocaleTimeString();
       document.body.dataset.ready = String(performance.now());
-      if (!state.busy && $("notice").className === "failed") notice("");
+      if (state.stale) notice("");
     } catch (error) {
-      failed(error);
+      if (mine !== state.seq) return;
+      failed(error, true);
       if (error instanceof LoginNeeded) return;
     }
     state.timer = setTimeout(refresh, POLL_MS);
@@ -6656,7 +6722,7 @@ PAGE_SCRIPT = r"""
       state.scope = null;
       refresh();
     });
-    $("logout").onclick = function () { state.scope = null; showLogin(""); };
+    $("logout").onclick = function () { showLogin(""); };
     $("run-now").classList.add("action");
     $("run-now").onclick = function () { act("Run now", "/commands/run-now", {}); };
     $("filters").addEventListener("submit", function (event) {
@@ -6671,8 +6737,9 @@ PAGE_SCRIPT = r"""
     $("first-page").onclick = function () { state.cursors = []; refresh(); };
     window.addEventListener("hashchange", function () {
       var hash = location.hash;
-      if (hash.indexOf("#/messages?") === 0) {
-        var params = new URLSearchParams(hash.slice("#/messages?".length));
+      if (hash.indexOf("#/messages") === 0) {
+        var at = hash.indexOf("?");
+        var params = new URLSearchParams(at < 0 ? "" : hash.slice(at + 1));
         var form = $("filters");
         FILTERS.forEach(function (name) {   // the link says the whole filter
           var value = params.get(name);
@@ -8129,7 +8196,7 @@ class _Commands:
             records = []
         elif search is not None:
             records, window_end = self.core.store.search_messages(statuses, search, **query)
-            last = records[-1] if len(records) == query["limit"] else window_end
+            last = records[-1] if records and len(records) == query["limit"] else window_end
         else:
             records = self.core.store.list_messages(statuses, **query)
             last = records[-1] if records and len(records) == query["limit"] else None

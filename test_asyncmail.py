@@ -6870,6 +6870,56 @@ class BrowserPeerTests(CoreCase):
         self.assertFalse(self.browser.find_elements("css selector", 'tr[data-account="parked"]'))
         self.assertEqual(self.text("count-pending"), "1")
 
+    def poll_passes(self):
+        """Wait for the page's next refresh to finish (its data-ready mark moves)."""
+        body = self.browser.find_element("tag name", "body")
+        before = body.get_attribute("data-ready")
+        self.wait_for(lambda b: body.get_attribute("data-ready") != before)
+
+    def test_a_failed_action_stays_shown_and_typing_waits_for_show(self):
+        core = self.daemon()
+        self.add(core, message("p1", account_id="parked"))
+        self.open()
+        self.wait_for(lambda b: b.find_elements("css selector", 'tr[data-account="parked"]'))
+        core.handle_command("delete account", {"id": "parked", "force": True})
+        self.browser.find_element(
+            "css selector", 'tr[data-account="parked"] button[data-action="activate"]').click()
+        self.browser.find_element("id", "confirm-yes").click()
+        self.wait_for(lambda b: "unknown account" in self.text("notice"))
+        self.poll_passes()
+        self.poll_passes()
+        self.assertIn("unknown account", self.text("notice"))
+        # a filter being typed is not applied by the polls (only by Show)
+        self.browser.get(self.base + "/#/messages?status=error")
+        self.wait_for(lambda b: b.find_elements("css selector", 'tr[data-id="p1"]'))
+        field = self.browser.find_element("css selector", '#filters input[name="id_prefix"]')
+        field.send_keys("half-typ")
+        self.poll_passes()
+        self.poll_passes()
+        self.assertTrue(self.browser.find_elements("css selector", 'tr[data-id="p1"]'))
+
+    def test_log_out_and_in_again_starts_clean(self):
+        core = self.daemon()
+        key = core.handle_command("add tenant", {"id": "shop",
+                                                 "client_base_url": "http://127.0.0.1:9"})["api_key"]
+        self.open("/messages", token=key)
+        tenant_field = self.browser.find_element("css selector", '#filters input[name="tenant_id"]')
+        self.assertFalse(tenant_field.is_displayed())
+        self.browser.find_element("id", "logout").click()
+        self.wait_for(lambda b: b.find_element("id", "login").is_displayed())
+        self.log_in(self.TOKEN)
+        self.wait_for(lambda b: b.find_element("id", "app").is_displayed())
+        self.assertTrue(tenant_field.is_displayed())
+        # the admin's tenant filter does not follow into a tenant's session
+        tenant_field.send_keys("other")
+        self.browser.find_element("css selector", "#filters button").click()
+        self.wait_for(lambda b: "tenant_id=other" in b.current_url)
+        self.browser.find_element("id", "logout").click()
+        self.log_in(key)
+        self.poll_passes()
+        self.assertTrue(self.browser.find_element("id", "app").is_displayed())
+        self.assertEqual(self.text("login-error"), "")
+
     def test_a_page_from_another_origin_cannot_act(self):
         for token in (None, self.TOKEN):
             with self.subTest(token=token):
@@ -7006,6 +7056,31 @@ class OverviewApiTests(CoreCase):
         second = core.handle_command("list messages", {"search": "c1", "after": first["next"]})
         self.assertEqual([m["id"] for m in second["messages"]], ["c1"])
         self.assertIsNone(second["next"])
+
+    def test_the_chart_takes_no_minute_after_now_and_forgets_a_deleted_tenant(self):
+        metrics = asyncmail.Metrics()
+        now = 60059.9
+        metrics.tally("default", "sent", now)
+        metrics.tally("default", "sent", now + 0.2)   # the next minute, counted meanwhile
+        metrics.tally("shop", "error", now)
+        hour = metrics.last_hour(now)
+        self.assertEqual((sum(hour["sent"]), sum(hour["error"])), (1, 1))
+        metrics.forget_tenant("shop")
+        self.assertEqual(sum(metrics.last_hour(now)["error"]), 0)
+
+    def test_search_with_limit_zero_and_search_reads_no_payload(self):
+        core = self.make_core()
+        self.add_account(core)
+        core.handle_command("suspend", {"account_id": "acct"})
+        self.add(core, message("s1", subject="needle"))
+        status, answer = self.client(core).request("GET", "/messages?search=needle&limit=0")
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["messages"], [])
+        sql, _ = asyncmail.Store.listing_query(["pending"], limit=1,
+                                               columns=asyncmail.SQL_SEARCH_COLUMNS)
+        self.assertNotIn("payload", sql)
+        found = core.handle_command("list messages", {"search": "needle", "full": "true"})
+        self.assertEqual(found["messages"][0]["message"]["body"], "body of s1")
 
     def test_a_message_shows_the_headers_it_will_be_sent_with(self):
         core = self.make_core()
