@@ -4944,18 +4944,23 @@ class RateLimiter:
                 del sends[:drop]
             return list(sends)
 
+    def _windows(self, account, now):
+        """For each limit the account has: (window key, limit, span, the
+        account's recent sends, the index of the first one inside the span)."""
+        limits = [(key, account.get(key) or 0, span) for key, span in self.WINDOWS]
+        limits = [(key, limit, span) for key, limit, span in limits if limit > 0]
+        if not limits:
+            return []
+        sends = self._log(account["id"], now)
+        import bisect
+        return [(key, limit, span, sends, bisect.bisect_right(sends, now - span))
+                for key, limit, span in limits]
+
     def allowance(self, account, now):
         """(messages that may be sent now or None for unlimited, instant the
         next slot frees when none may)."""
-        limits = [(account.get(key) or 0, span) for key, span in self.WINDOWS]
-        limits = [(limit, span) for limit, span in limits if limit > 0]
-        if not limits:
-            return None, None
-        sends = self._log(account["id"], now)
         allowed, free_at = None, None
-        import bisect
-        for limit, span in limits:
-            start = bisect.bisect_right(sends, now - span)
+        for _, limit, span, sends, start in self._windows(account, now):
             used = len(sends) - start
             room = limit - used
             if room <= 0:
@@ -4968,15 +4973,8 @@ class RateLimiter:
     def usage(self, account, now):
         """``{window: [sent in it, limit]}`` for each limit the account has
         (``minute``, ``hour``, ``day``)."""
-        limits = [(key, account.get(key) or 0, span) for key, span in self.WINDOWS]
-        limits = [(key, limit, span) for key, limit, span in limits if limit > 0]
-        if not limits:
-            return {}
-        sends = self._log(account["id"], now)
-        import bisect
-        return {key[len("limit_per_"):]: [len(sends) - bisect.bisect_right(sends, now - span),
-                                          limit]
-                for key, limit, span in limits}
+        return {key[len("limit_per_"):]: [len(sends) - start, limit]
+                for key, limit, _, sends, start in self._windows(account, now)}
 
     def record(self, account_id, ts):
         with self._lock:
@@ -5522,7 +5520,7 @@ class _Dispatcher(_Worker):
                 if self._stop.is_set() or not self.controls.may_send(account["id"]):
                     break
                 outcome = self._attempt(relay, account, claim)
-                outcomes += [outcome]
+                outcomes.append(outcome)
                 if outcome.account_down:
                     break
         finally:
@@ -8001,7 +7999,7 @@ class _Commands:
                 repeated.append(message["id"])
                 continue
             seen.add(message["id"])
-            accepted += [message]
+            accepted.append(message)
         return accepted, rejected, repeated, ignored
 
     def _note_intake(self, tenant):
