@@ -6486,7 +6486,7 @@ PAGE_SCRIPT = r"""
     drawChart(o.last_hour);
     var body = $("accounts").tBodies[0];
     body.textContent = "";
-    o.accounts.forEach(function (a) {
+    o.by_account.forEach(function (a) {
       var row = el("tr");
       row.dataset.account = a.id;
       row.appendChild(el("td", a.id));
@@ -6602,7 +6602,7 @@ PAGE_SCRIPT = r"""
   }
 
   function messagePath(tenant, id) {
-    return "/messages/" + encodeURIComponent(id) + withTenant([], tenant);
+    return "/messages/" + encodeURIComponent(id) + withTenant(["mime=true"], tenant);
   }
 
   function renderMessage(answer) {
@@ -7793,18 +7793,17 @@ class _Commands:
         """GET /overview, the web page's first view: /status's answer, and
         per account its state, rate-limit use and queue depth (each count at
         most OVERVIEW_DEPTH_CAP), the outcomes of the last hour by minute,
-        and the bounce collector's state.  No password or credential: the
-        accounts are shown as ``public_account`` shows them."""
+        and the bounce collector's state.  No password or credential: of an
+        account only its id, tenant and relay (host:port) are shown."""
         answer = self.status(payload, tenant)
         now = self.core.now()
         held = self.core.dispatcher.held_back(now)
-        accounts = []
+        by_account = []
         for key, account in sorted(self.core.accounts().items()):
             if tenant != ALL_TENANTS and _tenant_of(key) != tenant:
                 continue
-            shown = public_account(account)
-            accounts.append({
-                "id": shown["id"], "tenant_id": shown["tenant_id"],
+            by_account.append({
+                "id": _name_of(key), "tenant_id": _tenant_of(key),
                 "relay": "%s:%d" % (account["host"], account["port"]),
                 "active": self.core.controls.account_active(key),
                 "held_back_until": held.get(key),
@@ -7813,9 +7812,8 @@ class _Commands:
                                                        self.OVERVIEW_DEPTH_CAP)})
         bounces = self.core.bounces
         answer.update({
-            "scope": tenant, "now": now, "accounts": accounts,
+            "scope": tenant, "now": now, "by_account": by_account,
             "depth_cap": self.OVERVIEW_DEPTH_CAP,
-            "suspended": answer["accounts"]["suspended"],
             "last_hour": self.core.metrics.last_hour(
                 now, None if tenant == ALL_TENANTS else tenant),
             "bounces": bounces.state() if bounces is not None and tenant in (
@@ -8209,7 +8207,9 @@ class _Commands:
         return answer
 
     def get_message(self, payload, tenant):
-        """GET /messages/{id}: the record with its attempts and bounces; 404 unknown."""
+        """GET /messages/{id}: the record with its attempts and bounces, and
+        with ``mime=true`` the headers it is built with (the web page asks;
+        building the message is work no other caller needs); 404 unknown."""
         ref = payload.get("id")
         key = _scoped(tenant, ref) if isinstance(ref, str) else None
         record = self.core.store.get_message(key) if key is not None else None
@@ -8219,7 +8219,8 @@ class _Commands:
         record = _present_record(record, full=True)
         record["attempts"] = self.core.store.attempts(key)
         record["bounces"] = self.core.store.bounces(key)
-        record["mime_headers"] = _mime_headers(message, self.core.now())
+        if _query_bool(payload, "mime"):
+            record["mime_headers"] = _mime_headers(message, self.core.now())
         return {"ok": True, "message": record}
 
     def list_suppressions(self, payload, tenant):

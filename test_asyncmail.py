@@ -7002,12 +7002,12 @@ class OverviewApiTests(CoreCase):
         self.assertEqual(answer["queue"]["sent"], 2)
         self.assertEqual(answer["queue"]["deferred"], 1)
         self.assertEqual(answer["queue"]["pending"], 1)
-        accounts = {a["id"]: a for a in answer["accounts"]}
+        accounts = {a["id"]: a for a in answer["by_account"]}
         self.assertEqual(accounts["acct"]["rate"], {"hour": [2, 100]})
         self.assertEqual(accounts["acct"]["queue"]["deferred"], 1)
         self.assertFalse(accounts["quiet"]["active"])
         self.assertEqual(accounts["quiet"]["queue"]["pending"], 1)
-        self.assertEqual(answer["suspended"], ["quiet"])
+        self.assertEqual(answer["accounts"]["suspended"], ["quiet"])   # as /status says
         hour = answer["last_hour"]
         self.assertEqual(hour["minutes"], 60)
         self.assertEqual((hour["sent"][-1], hour["deferred"][-1], hour["error"][-1]), (2, 1, 0))
@@ -7026,7 +7026,7 @@ class OverviewApiTests(CoreCase):
         asyncmail._Commands.OVERVIEW_DEPTH_CAP = 3
         self.addCleanup(setattr, asyncmail._Commands, "OVERVIEW_DEPTH_CAP", original)
         answer = core.handle_command("overview")
-        self.assertEqual(answer["accounts"][0]["queue"]["pending"], 3)
+        self.assertEqual(answer["by_account"][0]["queue"]["pending"], 3)
         self.assertEqual(answer["depth_cap"], 3)
         self.assertEqual(answer["queue"]["pending"], 5)     # the counters stay exact
 
@@ -7089,7 +7089,9 @@ class OverviewApiTests(CoreCase):
         self.add(core, message("h1", subject="Hello", bcc="hidden@example.com",
                                headers={"X-Campaign": "7"},
                                attachments=[{"filename": "a.pdf", "content": "AAAA"}]))
-        headers = self.record(core, "h1")["mime_headers"]
+        self.assertNotIn("mime_headers", self.record(core, "h1"))   # only when asked
+        headers = core.handle_command("get message", {"id": "h1", "mime": "true"}
+                                      )["message"]["mime_headers"]
         self.assertIn("Subject: Hello", headers)
         self.assertIn("X-Campaign: 7", headers)
         self.assertIn("multipart/mixed", headers)
